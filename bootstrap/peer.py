@@ -1,0 +1,97 @@
+"""The bootstrap peer: a meeting point with a persistent identity that publishes the swarm manifest.
+
+It holds v0 and the model files so that a contributor without the model can download them, and it
+re-publishes the manifest; it takes no part in averaging, and rounds go on without it once the
+peers know each other.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+from coldfusion_p2p import model as M
+from coldfusion_p2p.config import SwarmManifest
+from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.store import VersionInfo, VersionStore
+
+ANNOUNCE_SECONDS = 5.0
+
+
+def complete_manifest(manifest: SwarmManifest, cache_dir: Path) -> tuple[SwarmManifest, Path, M.BodyState]:
+    """Fill in the model's v0 hash and file hashes from the local model."""
+    folder = M.resolve_model_source(manifest.model.source, cache_dir=cache_dir)
+    body = M.body_state(M.load_body_module(folder))
+    v0 = M.hash_body(body)
+    if manifest.model.v0_hash and manifest.model.v0_hash != v0:
+        raise UserError(f"the config names v0 {manifest.model.v0_hash[:12]}, but {manifest.model.source} hashes to {v0[:12]}")
+    manifest.model.v0_hash = v0
+    manifest.model.files = M.model_file_hashes(folder)
+    return manifest, folder, body
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_bootstrap(
+    config: str,
+    host_maddrs: list[str],
+    identity: str | None,
+    maddrs_file: str | None,
+    store_dir: str,
+    announce_maddrs: list[str] | None = None,
+    log: Callable[[str], None] = print,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set, Ctrl+C or SIGTERM."""
+    from coldfusion_p2p.swarm import SwarmRecords, make_averager, quiet_hivemind, start_dht, visible_maddrs
+
+    manifest = SwarmManifest.from_toml(config)
+    if identity and not Path(identity).parent.exists():
+        raise UserError(f"the folder for --identity does not exist: {Path(identity).parent}")
+    store = VersionStore(store_dir)
+    manifest, folder, body = complete_manifest(manifest, store.root / "cache")
+    store.model_dir.mkdir(exist_ok=True)
+    for name in manifest.model.files:
+        shutil.copy(folder / name, store.model_dir / name)
+    store.save(body, VersionInfo(0, manifest.model.v0_hash, parent=None))
+    quiet_hivemind()
+    stop = stop or threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    dht = averager = None
+    try:
+        dht = start_dht([], host_maddrs, identity_path=identity, announce_maddrs=announce_maddrs)
+        names = M.averaged_names(body)
+        averager = make_averager(  # serves v0 and the model files; never steps, so never averages
+            dht, manifest.name, [body[n].float() for n in names], store.root, "none", 5.0, 60.0, 2
+        )
+        records = SwarmRecords(dht, manifest.name)
+        records.publish_manifest(manifest.to_dict())
+        records.announce_base(0, manifest.model.v0_hash, wait=True)
+        maddrs = visible_maddrs(dht)
+        if maddrs_file:
+            _write_atomically(Path(maddrs_file), " ".join(maddrs) + "\n")
+        log(f"bootstrap peer of swarm {manifest.name!r} is up (model {manifest.model.source}, v0 {manifest.model.v0_hash[:12]})")
+        log("hand this to contributors:  --initial-peers " + " --initial-peers ".join(maddrs))
+        beats = 0
+        while not stop.wait(ANNOUNCE_SECONDS):
+            beats += 1
+            records.announce_base(0, manifest.model.v0_hash)
+            if beats % 12 == 0:
+                records.publish_manifest(manifest.to_dict())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if averager is not None:
+            averager.shutdown()
+        if dht is not None:
+            dht.shutdown()
+        log("bootstrap peer stopped")

@@ -1,0 +1,1 @@
+"""The cfp2p command line (Typer + Rich)."""

@@ -1,0 +1,151 @@
+"""The swarm manifest: what every peer of a swarm must agree on, validated.
+
+A lab writes it as TOML (see ``bootstrap/swarm.toml``); the bootstrap peer completes it with the
+model's v0 hash and file hashes and publishes it in the DHT, where every joining peer reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coldfusion_p2p.errors import UserError
+
+SWARM_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
+
+
+@dataclass
+class ModelSpec:
+    source: str = "all-MiniLM-L6-v2"  # a built-in name (all-MiniLM-L6-v2, tiny-bert) or a Hugging Face folder
+    v0_hash: str = ""  # sha256 of the pretrained body's tensors, filled in by the bootstrap peer
+    files: dict[str, str] = field(default_factory=dict)  # config/tokenizer file name -> sha256
+
+
+@dataclass
+class TokenizerSpec:
+    max_length: int = 128
+
+
+@dataclass
+class TrainingSpec:
+    lr: float = 5e-5
+    batch_size: int = 32
+    examples_per_round: int = 2000  # each contributor trains one pass over this many examples a round
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class FusionSpec:
+    outer_lr: float = 1.0  # 1.0 with no momentum is exactly ColD Fusion's average
+    weighting: str = "uniform"  # uniform (the paper's) or examples
+    compression: str = "none"  # none or float16, for the all-reduce of deltas
+    max_delta_norm: float = 1e3  # an averaged delta with a larger L2 norm is rejected (poisoned round)
+
+
+@dataclass
+class RoundSpec:
+    min_group_size: int = 2  # a peer alone waits instead of forking a private history
+    round_window: float = 120.0  # seconds the ready peers wait for peers still training on the same base
+    matchmaking_time: float = 5.0  # seconds a leader gathers followers before the all-reduce
+    allreduce_timeout: float = 180.0
+    verify_timeout: float = 30.0  # seconds to wait for the group's result hashes
+    max_attempts: int = 3  # all-reduce attempts on the same deltas before keeping B[v]
+
+
+@dataclass
+class SwarmManifest:
+    name: str = "coldfusion"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    fusion: FusionSpec = field(default_factory=FusionSpec)
+    round: RoundSpec = field(default_factory=RoundSpec)
+
+    def validate(self) -> "SwarmManifest":
+        problems = []
+        if not SWARM_NAME_RE.match(self.name):
+            problems.append(f"swarm name {self.name!r} must be 1-48 letters, digits, '_' or '-'")
+        if self.tokenizer.max_length < 8 or self.tokenizer.max_length > 4096:
+            problems.append("tokenizer.max_length must be within 8..4096")
+        t = self.training
+        if not (0 < t.lr < 1):
+            problems.append("training.lr must be within (0, 1)")
+        if t.batch_size < 1 or t.examples_per_round < 1:
+            problems.append("training.batch_size and training.examples_per_round must be positive")
+        f = self.fusion
+        if not (0 < f.outer_lr <= 2):
+            problems.append("fusion.outer_lr must be within (0, 2]")
+        if f.weighting not in ("uniform", "examples"):
+            problems.append("fusion.weighting must be 'uniform' or 'examples'")
+        if f.compression not in ("none", "float16"):
+            problems.append("fusion.compression must be 'none' or 'float16'")
+        if not f.max_delta_norm > 0:
+            problems.append("fusion.max_delta_norm must be positive")
+        r = self.round
+        if r.min_group_size < 2:
+            problems.append("round.min_group_size must be at least 2")
+        if r.max_attempts < 1:
+            problems.append("round.max_attempts must be at least 1")
+        for name in ("round_window", "matchmaking_time", "allreduce_timeout", "verify_timeout"):
+            if getattr(r, name) <= 0:
+                problems.append(f"round.{name} must be positive (seconds)")
+        if problems:
+            raise UserError("invalid swarm manifest: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "manifest") -> "SwarmManifest":
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a table of settings")
+        sections = {
+            "model": ModelSpec,
+            "tokenizer": TokenizerSpec,
+            "training": TrainingSpec,
+            "fusion": FusionSpec,
+            "round": RoundSpec,
+        }
+        unknown = set(data) - set(sections) - {"name", "swarm"}
+        if unknown:
+            raise UserError(f"{where}: unknown section(s) {', '.join(sorted(unknown))}")
+        swarm_table = data.get("swarm", {})  # TOML writes the name under [swarm], the DHT record at top level
+        if not isinstance(swarm_table, dict) or set(swarm_table) - {"name"}:
+            raise UserError(f"{where}: [swarm] takes only a name")
+        kwargs: dict[str, Any] = {"name": swarm_table.get("name", data.get("name", cls.name))}
+        for key, spec_type in sections.items():
+            values = data.get(key, {})
+            if not isinstance(values, dict):
+                raise UserError(f"{where}: [{key}] must be a table")
+            allowed = {f.name: f for f in dataclasses.fields(spec_type)}
+            bad = set(values) - set(allowed)
+            if bad:
+                raise UserError(f"{where}: unknown setting(s) in [{key}]: {', '.join(sorted(bad))}")
+            converted = {}
+            for k, v in values.items():
+                default = getattr(spec_type(), k)
+                if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
+                    v = float(v)  # TOML writes 1 for 1.0
+                if type(v) is not type(default):
+                    raise UserError(f"{where}: [{key}] {k} = {v!r} has the wrong type (want {type(default).__name__})")
+                converted[k] = v
+            kwargs[key] = spec_type(**converted)
+        return cls(**kwargs).validate()
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "SwarmManifest":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"swarm config not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"swarm config {path} is not valid TOML: {e}") from None
+        return cls.from_dict(data, where=str(path))

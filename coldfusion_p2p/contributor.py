@@ -1,0 +1,521 @@
+"""A contributor: join a swarm, then round after round finetune the base and fuse it with the peers.
+
+One round on base ``(v, hash)``:
+
+1. sync: if a peer announces a newer base, download it (verified by hash) and start from there;
+2. train: finetune body and private head on the local data (``state=training`` is announced);
+3. gather: announce ``state=ready`` and wait until every peer still training on the same base is
+   ready too, or until the round window closes; alone, wait visibly (min group size);
+4. all-reduce the body deltas (heads never leave the peer) in a group keyed by ``(v, hash)``;
+5. verify: publish ``(result hash, clean)``; commit ``B[v+1]`` only when every member that answered
+   is clean and agrees; otherwise redo the all-reduce among the survivors from the same deltas,
+   and after ``max_attempts`` keep ``B[v]``;
+6. store ``B[v+1]`` atomically and announce it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from coldfusion_p2p import model as M
+from coldfusion_p2p.config import SwarmManifest
+from coldfusion_p2p.data import PrivateData, load_private_data
+from coldfusion_p2p.errors import UserError, WorkError
+from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, weight_for
+from coldfusion_p2p.store import VersionInfo, VersionStore
+from coldfusion_p2p.training import LocalTrainer, pick_device
+
+HEARTBEAT_SECONDS = 4.0
+
+
+@dataclass
+class JoinOptions:
+    """What ``cfp2p join`` takes; everything else comes from the swarm manifest."""
+
+    initial_peers: list[str]
+    data: str
+    store: str = "cfp2p-store"
+    text_column: str = "text"
+    label_column: str = "label"
+    rounds: int | None = None  # None: until Ctrl+C
+    swarm: str | None = None  # which swarm, when a DHT announces several
+    model: str | None = None  # a local model folder or built-in name; else the manifest's, else from peers
+    device: str = "auto"
+    weighting: str | None = None  # overrides the manifest's default
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
+    announce_maddrs: list[str] | None = None
+    threads: int | None = None
+    keep_finetuned: bool = False  # also store each round's finetuned body (for checks and debugging)
+    events: str | None = None  # append JSON lines of progress events to this file
+    max_wait: float | None = None  # give up after waiting this long for peers (None: wait forever)
+
+
+@dataclass
+class Base:
+    version: int
+    hash: str
+    body: M.BodyState
+
+
+class Events:
+    """Progress for people (log lines) and programs (JSON lines)."""
+
+    def __init__(self, path: str | None, log: Callable[[str], None]):
+        self._file = open(path, "a", buffering=1) if path else None
+        self.log = log
+
+    def emit(self, kind: str, message: str | None = None, **fields) -> None:
+        if message:
+            self.log(message)
+        if self._file:
+            self._file.write(json.dumps({"t": time.time(), "event": kind, **fields}) + "\n")
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+def _raise_terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _store_identity(store: VersionStore, manifest: SwarmManifest) -> None:
+    """A store belongs to one swarm history: refuse to mix bases of another model or swarm."""
+    path = store.root / "swarm.json"
+    mine = {"swarm": manifest.name, "v0_hash": manifest.model.v0_hash}
+    if path.is_file():
+        try:
+            theirs = json.loads(path.read_text())
+        except ValueError:
+            theirs = None
+        if theirs != mine:
+            raise UserError(f"store {store.root} belongs to another swarm or model ({theirs}); use another --store")
+    else:
+        path.write_text(json.dumps(mine))
+
+
+class Contributor:
+    def __init__(self, opts: JoinOptions, log: Callable[[str], None] = print):
+        self.opts, self.log = opts, log
+        self.events = Events(opts.events, log)
+        self.dht = self.averager = self.records = None
+        self._stop_heartbeat = threading.Event()
+        self._phase = {"state": None}
+        self.base: Base | None = None
+
+    # ---------------------------------------------------------------- setup
+    def _fetch_manifest(self, records, timeout: float = 30.0) -> SwarmManifest:
+        deadline = time.monotonic() + timeout
+        while True:
+            manifests = records.fetch_manifests()
+            if self.opts.swarm:
+                manifests = {k: v for k, v in manifests.items() if k == self.opts.swarm}
+            if len(manifests) == 1:
+                name, data = next(iter(manifests.items()))
+                return SwarmManifest.from_dict(data, where=f"swarm manifest {name!r} from the DHT")
+            if len(manifests) > 1:
+                raise UserError(f"this DHT hosts several swarms ({', '.join(sorted(manifests))}); pick one with --swarm")
+            if time.monotonic() > deadline:
+                which = f"swarm {self.opts.swarm!r}" if self.opts.swarm else "any swarm manifest"
+                raise WorkError(f"found no {which} in the DHT within {timeout:.0f}s; is the bootstrap peer's swarm running?")
+            time.sleep(1.0)
+
+    def _download_verified(self, name: str, dest: Path, check: Callable[[Path], str | None], holders: list[str]) -> None:
+        """Fetch ``name`` from the first holder whose bytes pass ``check`` (None = good, else a reason)."""
+        from coldfusion_p2p.swarm import BlobError, fetch_blob
+
+        problems = []
+        for peer in holders:
+            tmp = dest.with_name(f".part-{dest.name}-{os.getpid()}")
+            try:
+                fetch_blob(self.dht, self.manifest.name, peer, name, tmp)
+                reason = check(tmp)
+                if reason is None:
+                    os.replace(tmp, dest)
+                    return
+                problems.append(f"{peer[:12]}: {reason}")
+                self.log(f"holder {peer[:12]} served a bad {name} ({reason}); trying another")
+            except BlobError as e:
+                problems.append(str(e))
+            finally:
+                tmp.unlink(missing_ok=True)
+        raise WorkError(f"no peer served a valid {name} ({'; '.join(problems) or 'no holders'})")
+
+    def _prepare_model(self) -> tuple[Path, M.BodyState | None]:
+        """Local model files in the store; the local v0 body when this peer has the model itself."""
+        manifest, store = self.manifest, self.store
+        wanted = manifest.model.files
+        store.model_dir.mkdir(parents=True, exist_ok=True)
+        if wanted and M.model_file_hashes(store.model_dir) == wanted and self.store.list():
+            return store.model_dir, None
+        source = self.opts.model or manifest.model.source
+        local = None
+        try:
+            local = M.resolve_model_source(source, cache_dir=store.root / "cache")
+        except UserError:
+            if self.opts.model:
+                raise
+        if local is not None:
+            body = M.body_state(M.load_body_module(local))
+            got = M.hash_body(body)
+            if got != manifest.model.v0_hash:
+                raise UserError(
+                    f"local model {source} does not match the swarm's v0 (hash {got[:12]} != {manifest.model.v0_hash[:12]}); "
+                    "drop --model to download the swarm's model from peers"
+                )
+            for name in M.MODEL_FILE_NAMES:
+                if (local / name).is_file():
+                    shutil.copy(local / name, store.model_dir / name)
+            return store.model_dir, body
+        holders = [h.peer for h in self.records.holders() if h.peer != self.records.peer_id]
+        self.events.emit("download", f"downloading the model files from {len(holders)} peer(s)", what="model")
+        for name, digest in wanted.items():
+            from coldfusion_p2p.swarm import sha256_file
+
+            self._download_verified(
+                f"model/{name}", store.model_dir / name,
+                lambda p, d=digest: None if sha256_file(p) == d else "sha256 mismatch", holders,
+            )
+        return store.model_dir, None
+
+    def _download_base(self, version: int, body_hash: str, holders: list[str]) -> Base:
+        self.events.emit("download", f"downloading base v{version} ({body_hash[:12]}) from {len(holders)} holder(s)", what="base", version=version)
+        tmpdir = Path(tempfile.mkdtemp(dir=self.store.root, prefix=".dl-"))
+        try:
+            dest = tmpdir / "body.safetensors"
+            loaded = {}
+
+            def check(path: Path) -> str | None:
+                try:
+                    body = M.load_tensors(path)
+                except UserError as e:
+                    return str(e)
+                got = M.hash_body(body)
+                if got != body_hash:
+                    return f"hash {got[:12]} != {body_hash[:12]}"
+                loaded["body"] = body
+                return None
+
+            self._download_verified(f"version/{version}", dest, check, holders)
+            info = VersionInfo(version, body_hash, parent=None)
+            info_path = tmpdir / "info.json"
+            try:
+                self._download_verified(f"info/{version}", info_path, lambda p: None if json.loads(p.read_text()).get("hash") == body_hash else "info names another hash", holders)
+                info = VersionInfo(**json.loads(info_path.read_text()))
+            except (WorkError, ValueError, TypeError):
+                pass  # the body is verified; its history record is a courtesy
+            self.store.save(loaded["body"], info)
+            return Base(version, body_hash, loaded["body"])
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _initial_base(self, local_v0: M.BodyState | None) -> Base:
+        found = self.store.latest_valid(log=self.log)
+        if found is not None:
+            body, info = found
+            self.events.emit("resume", f"resuming from v{info.version} ({info.hash[:12]}) in {self.store.root}", version=info.version)
+            return Base(info.version, info.hash, body)
+        if local_v0 is not None:
+            self.store.save(local_v0, VersionInfo(0, self.manifest.model.v0_hash, parent=None))
+            return Base(0, self.manifest.model.v0_hash, local_v0)
+        newest = self.records.newest_base()
+        if newest is None:
+            raise WorkError("no peer announces a base to download, and this peer has no local copy of the model; pass --model")
+        return self._download_base(*newest)
+
+    def _sync(self) -> bool:
+        """Move to the newest base that peers announce; True when the base changed."""
+        newest = self.records.newest_base()
+        if newest is None or newest[0] <= self.base.version:
+            return False
+        self._set_phase("syncing")
+        self.base = self._download_base(*newest)
+        self.records.announce_base(self.base.version, self.base.hash)
+        self.events.emit("synced", f"synced to v{self.base.version} ({self.base.hash[:12]})", version=self.base.version, hash=self.base.hash)
+        return True
+
+    # ---------------------------------------------------------------- heartbeat
+    def _set_phase(self, state: str, examples: int = 0) -> None:
+        self._phase = {"state": state, "examples": examples, "version": self.base.version, "hash": self.base.hash}
+        if state in ("training", "ready"):
+            self.records.set_progress(self.base.version, self.base.hash, state, examples)
+        self.events.emit("phase", None, state=state, version=self.base.version)
+
+    def _heartbeat(self) -> None:
+        last_manifest = 0.0
+        while not self._stop_heartbeat.wait(HEARTBEAT_SECONDS):
+            try:
+                base, phase = self.base, dict(self._phase)
+                if base is not None:
+                    self.records.announce_base(base.version, base.hash)
+                if phase.get("state") in ("training", "ready"):
+                    self.records.set_progress(phase["version"], phase["hash"], phase["state"], phase["examples"])
+                if time.monotonic() - last_manifest > 60:
+                    self.records.publish_manifest(self.manifest.to_dict())
+                    last_manifest = time.monotonic()
+            except Exception:  # noqa: BLE001 - a missed heartbeat is retried on the next beat
+                pass
+
+    # ---------------------------------------------------------------- the round
+    def _wait_for_group(self) -> list[str] | None:
+        """Wait until this base's round can start; the ready peers, or None if a newer base appeared."""
+        r = self.manifest.round
+        started, last_note = time.monotonic(), 0.0
+        while True:
+            if self._newer_base_exists():
+                return None
+            progress = self.records.progress(self.base.version, self.base.hash)
+            ready = {p: s for p, s in progress.items() if isinstance(s, dict) and s.get("state") == "ready"}
+            training = [p for p, s in progress.items() if isinstance(s, dict) and s.get("state") == "training"]
+            ready.setdefault(self.records.peer_id, {"t": time.time()})
+            first_ready = min(float(s.get("t", 0)) for s in ready.values())
+            from coldfusion_p2p.swarm import dht_time
+
+            window_closed = dht_time() - first_ready > r.round_window
+            if len(ready) >= r.min_group_size and (not training or window_closed):
+                return sorted(ready)
+            now = time.monotonic()
+            if now - last_note > 10:
+                if len(ready) < r.min_group_size and not training:
+                    note = f"waiting for peers: {len(ready)} ready on v{self.base.version}, the swarm needs {r.min_group_size}"
+                else:
+                    note = f"waiting for {len(training)} peer(s) still training on v{self.base.version} ({len(ready)} ready)"
+                self.events.emit("waiting", note, ready=len(ready), training=len(training))
+                last_note = now
+            if self.opts.max_wait is not None and now - started > self.opts.max_wait:
+                raise WorkError(f"waited {self.opts.max_wait:.0f}s for a group on v{self.base.version}; giving up (B[v] is kept in the store)")
+            time.sleep(1.0)
+
+    def _newer_base_exists(self) -> bool:
+        newest = self.records.newest_base()
+        return newest is not None and newest[0] > self.base.version
+
+    def _await_verdicts(self, attempt: int, group: list[str], group_id: str) -> dict[str, dict]:
+        deadline = time.monotonic() + self.manifest.round.verify_timeout
+        while True:
+            verdicts = self.records.verdicts(self.base.version, self.base.hash, attempt)
+            answered = {p: v for p, v in verdicts.items() if p in group and isinstance(v, dict) and v.get("group_id") == group_id}
+            if len(answered) == len(group) or time.monotonic() > deadline:
+                return answered
+            time.sleep(0.25)
+
+    def _fuse(self, delta: list[torch.Tensor], examples: int) -> str:
+        """Average this peer's delta with the group's; 'committed', 'superseded' or 'kept'."""
+        from coldfusion_p2p.swarm import averager_prefix
+
+        r, f = self.manifest.round, self.manifest.fusion
+        names, base = self.names, self.base
+        weight = weight_for(self.opts.weighting or f.weighting, examples)
+        rule = OuterStep(f.outer_lr)
+        t0 = time.perf_counter()
+        expected = self._wait_for_group()
+        if expected is None:
+            return "superseded"
+        t_gather = time.perf_counter() - t0
+        for attempt in range(1, r.max_attempts + 1):
+            self._set_phase("averaging", examples)
+            group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_a{attempt}"
+            self.averager.set_round(group_prefix, target_group_size=len(expected), min_group_size=r.min_group_size)
+            with self.averager.get_tensors() as tensors:
+                for t, d in zip(tensors, delta):
+                    t.copy_(d)
+            self.events.emit("averaging", f"round on v{base.version}: averaging with {len(expected)} ready peer(s), attempt {attempt}", attempt=attempt, expected=len(expected))
+            result, t_match, t_allreduce, error = self.averager.run_step(
+                weight, {"examples": examples}, timeout=r.matchmaking_time * 4 + 15
+            )
+            if result is None:
+                if self._newer_base_exists():
+                    return "superseded"
+                self.events.emit("retry", f"attempt {attempt} found no group ({error or 'timeout'})", attempt=attempt)
+                continue
+            t1 = time.perf_counter()
+            with self.averager.get_tensors() as tensors:
+                averaged = [t.clone() for t in tensors]
+            check = check_delta(averaged, f.max_delta_norm)
+            new_body = rule.apply(base.body, names, averaged) if check.ok else None
+            new_hash = M.hash_body(new_body) if check.ok else ""
+            clean = bool(result["clean"]) and check.ok
+            group, group_id = result["group"], result["group_id"]
+            verdict = {"hash": new_hash, "clean": clean, "group_id": group_id, "reason": check.reason or ("" if result["clean"] else f"incomplete all-reduce (failed {result['failed_size']}, banned {len(result['banned'])})")}
+            self.records.publish_verdict(base.version, base.hash, attempt, verdict)
+            answered = self._await_verdicts(attempt, group, group_id)
+            t_verify = time.perf_counter() - t1
+            agree = clean and all(v.get("clean") and v.get("hash") == new_hash for v in answered.values())
+            if agree:
+                t2 = time.perf_counter()
+                info = VersionInfo(
+                    base.version + 1, new_hash, parent=base.hash, contributors=sorted(group),
+                    averaged_tensors=list(names),
+                    round_stats={
+                        "group_size": len(group), "answered": len(answered), "attempt": attempt,
+                        "gather_s": round(t_gather, 3), "matchmaking_s": round(t_match, 3),
+                        "allreduce_s": round(t_allreduce, 3), "verify_s": round(t_verify, 3),
+                        "delta_norm": round(check.norm, 6),
+                        "examples": {p: g.get("examples") for p, g in result["gathered"].items() if isinstance(g, dict)},
+                    },
+                )
+                self._set_phase("storing")
+                self.store.save(new_body, info)
+                info.round_stats["store_s"] = round(time.perf_counter() - t2, 3)
+                self.base = Base(info.version, new_hash, new_body)
+                self.records.announce_base(self.base.version, self.base.hash, wait=True)
+                self.events.emit(
+                    "committed",
+                    f"committed v{info.version} ({new_hash[:12]}) with {len(group)} contributor(s): matchmaking {t_match:.1f}s, "
+                    f"all-reduce {t_allreduce:.1f}s, verify {t_verify:.1f}s, store {info.round_stats['store_s']:.1f}s",
+                    version=info.version, hash=new_hash, contributors=sorted(group), stats=info.round_stats,
+                )
+                return "committed"
+            reasons = sorted({v.get("reason") or ("hash differs" if v.get("hash") != new_hash else "") for v in answered.values()} - {""})
+            missing = len(group) - len(answered)
+            self.events.emit(
+                "unverified",
+                f"round on v{base.version} attempt {attempt} not verified ({'; '.join(reasons) or 'disagreement'}"
+                f"{f', {missing} member(s) silent' if missing else ''}); keeping v{base.version}",
+                attempt=attempt, reasons=reasons, missing=missing,
+            )
+            if not check.ok:
+                return "kept"  # a poisoned average: the same deltas would give it again, so keep B[v]
+            expected = sorted(answered) or expected
+            if len(expected) < r.min_group_size:
+                break
+        return "kept"
+
+    # ---------------------------------------------------------------- main loop
+    def run(self) -> int:
+        """Join and contribute; returns the number of rounds this peer committed."""
+        opts = self.opts
+        data = load_private_data(opts.data, opts.text_column, opts.label_column)  # bad data fails before the network
+        device = pick_device(opts.device)
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        if opts.weighting not in (None, "uniform", "examples"):
+            raise UserError(f"--weight must be uniform or examples, not {opts.weighting!r}")
+        self.events.emit("data", f"data: {len(data.train_texts)} training and {len(data.eval_texts)} held-out examples, {data.num_labels} classes ({', '.join(data.labels[:6])})", train=len(data.train_texts), labels=data.labels)
+        self.store = VersionStore(opts.store)
+        from coldfusion_p2p.swarm import SwarmRecords, make_averager, quiet_hivemind, start_dht
+
+        quiet_hivemind()
+        previous = signal.signal(signal.SIGTERM, _raise_terminate)
+        try:
+            self.dht = start_dht(opts.initial_peers, opts.host_maddrs, client_mode=False, announce_maddrs=opts.announce_maddrs)
+            self.records = SwarmRecords(self.dht)
+            self.manifest = self._fetch_manifest(self.records)
+            self.records = SwarmRecords(self.dht, self.manifest.name)
+            _store_identity(self.store, self.manifest)
+            self.events.emit("joined", f"joined swarm {self.manifest.name!r} as {self.records.peer_id[:12]}… (model {self.manifest.model.source}, v0 {self.manifest.model.v0_hash[:12]})", peer=self.records.peer_id, swarm=self.manifest.name)
+            model_dir, local_v0 = self._prepare_model()
+            self.base = self._initial_base(local_v0)
+            self.names = M.averaged_names(self.base.body)
+            self._sync()
+            self.averager = make_averager(
+                self.dht, self.manifest.name, [torch.zeros_like(self.base.body[n], dtype=torch.float32) for n in self.names],
+                self.store.root, self.manifest.fusion.compression, self.manifest.round.matchmaking_time,
+                self.manifest.round.allreduce_timeout, self.manifest.round.min_group_size,
+            )
+            self.records.announce_base(self.base.version, self.base.hash, wait=True)
+            heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
+            heartbeat.start()
+            return self._rounds(data, device, model_dir)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.shutdown()
+
+    def _rounds(self, data: PrivateData, device: torch.device, model_dir: Path) -> int:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        head = self._load_head(data, model_dir)
+        trainer = LocalTrainer(tokenizer, data, head, self.manifest.training, self.manifest.tokenizer.max_length, device)
+        data_seed = int.from_bytes(hashlib.sha1(data.name.encode()).digest()[:4], "little")
+        committed = 0
+        while self.opts.rounds is None or committed < self.opts.rounds:
+            self._sync()
+            base = self.base
+            self._set_phase("training")
+            body = M.load_body_module(model_dir, base.body)
+            seed = self.manifest.training.seed * 1_000_003 + base.version * 7919 + data_seed
+            last = [0.0]
+
+            def progress(step, total, loss):
+                if time.monotonic() - last[0] > 5 or step == total:
+                    last[0] = time.monotonic()
+                    self.events.emit("train_step", f"training on v{base.version}: step {step}/{total}, loss {loss:.4f}", step=step, total=total, loss=loss, version=base.version)
+
+            result = trainer.train(body, seed, progress)
+            finetuned = M.body_state(body)
+            del body
+            self._save_head(head, data)
+            if self.opts.keep_finetuned:
+                dest = self.store.root / "finetuned"
+                dest.mkdir(exist_ok=True)
+                M.save_tensors(finetuned, dest / f"from_v{base.version:06d}.safetensors")
+            acc = f", held-out accuracy {result.eval_accuracy:.3f}" if result.eval_accuracy is not None else ""
+            self.events.emit("trained", f"trained on v{base.version}: {result.steps} steps in {result.seconds:.1f}s, loss {result.loss_first:.4f} -> {result.loss_last:.4f}{acc}", version=base.version, **asdict(result))
+            delta = body_delta(base.body, finetuned, self.names)
+            if not check_delta(delta, float("inf")).ok:
+                raise WorkError("the local delta has NaN/Inf values; not sharing it")
+            self._set_phase("ready", result.examples)
+            outcome = self._fuse(delta, result.examples)
+            if outcome == "committed":
+                committed += 1
+            elif outcome == "superseded":
+                self.events.emit("stale", f"the swarm moved past v{base.version} before this peer's delta was fused; dropping it and syncing")
+            self._set_phase("idle")
+        self.events.emit("done", f"done: {committed} round(s) committed, newest base v{self.base.version} ({self.base.hash[:12]})", committed=committed, version=self.base.version, hash=self.base.hash)
+        return committed
+
+    def _head_paths(self) -> tuple[Path, Path]:
+        return self.store.root / "head.safetensors", self.store.root / "head.json"
+
+    def _load_head(self, data: PrivateData, model_dir: Path) -> M.ClassifierHead:
+        torch.manual_seed(0)
+        head = M.ClassifierHead(M.hidden_size_of(model_dir), data.num_labels)
+        weights, meta = self._head_paths()
+        if weights.is_file() and meta.is_file():
+            try:
+                if json.loads(meta.read_text()).get("labels") == data.labels:
+                    head.load_state_dict(M.load_tensors(weights))
+                    self.log("loaded this contributor's head from the store")
+            except (UserError, ValueError, RuntimeError) as e:
+                self.log(f"ignoring the stored head ({str(e)[:80]}); starting a new one")
+        return head
+
+    def _save_head(self, head: M.ClassifierHead, data: PrivateData) -> None:
+        weights, meta = self._head_paths()
+        tmp = weights.with_suffix(".tmp")
+        M.save_tensors({k: v.detach().cpu() for k, v in head.state_dict().items()}, tmp)
+        os.replace(tmp, weights)
+        meta.write_text(json.dumps({"labels": data.labels, "data": data.name}))
+
+    def shutdown(self) -> None:
+        self._stop_heartbeat.set()
+        if self.averager is not None:
+            try:
+                self.averager.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            if self.averager.is_alive():
+                self.averager.kill()
+            self.averager = None
+        if self.dht is not None:
+            try:
+                self.dht.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            if self.dht.is_alive():
+                self.dht.kill()
+            self.dht = None
+        self.events.close()

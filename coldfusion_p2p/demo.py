@@ -1,0 +1,206 @@
+"""``cfp2p demo``: a whole swarm on this machine, offline, on real data and the real encoder.
+
+A bootstrap peer and three contributors, each a separate ``cfp2p`` process with its own bundled
+dataset (see ``demo_data/ATTRIBUTION.md``), run ColD Fusion rounds over real hivemind peers on
+localhost; a live table shows their progress and a summary shows what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from coldfusion_p2p.errors import WorkError
+from coldfusion_p2p.procs import Children, cli_command
+
+DEMO_DATA = Path(__file__).with_name("demo_data")
+DEMO_PEERS = (("ada", "sms_spam"), ("ben", "rotten_tomatoes"), ("cy", "trec6"))
+
+
+def demo_manifest(model: str, examples_per_round: int) -> str:
+    return f"""# written by cfp2p demo
+[swarm]
+name = "demo"
+[model]
+source = "{model}"
+[tokenizer]
+max_length = 64
+[training]
+lr = 1e-4
+batch_size = 16
+examples_per_round = {examples_per_round}
+[fusion]
+outer_lr = 1.0
+weighting = "uniform"
+[round]
+min_group_size = 2
+round_window = 120.0
+matchmaking_time = 3.0
+verify_timeout = 20.0
+"""
+
+
+@dataclass
+class PeerView:
+    name: str
+    dataset: str
+    events_path: Path
+    phase: str = "starting"
+    version: int | None = None
+    step: str = ""
+    loss: float | None = None
+    accuracy: list[float] = field(default_factory=list)
+    committed: list[dict] = field(default_factory=list)
+    trained: list[dict] = field(default_factory=list)
+    done: dict | None = None
+    _offset: int = 0
+
+    def refresh(self) -> None:
+        if not self.events_path.is_file():
+            return
+        with open(self.events_path) as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self._offset += len(complete.encode())
+        for line in complete.splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            kind = ev.get("event")
+            if kind == "phase":
+                self.phase, self.version = ev["state"], ev.get("version", self.version)
+            elif kind == "train_step":
+                self.step, self.loss = f"{ev['step']}/{ev['total']}", ev["loss"]
+            elif kind == "trained":
+                self.trained.append(ev)
+                if ev.get("eval_accuracy") is not None:
+                    self.accuracy.append(ev["eval_accuracy"])
+            elif kind == "committed":
+                self.committed.append(ev)
+                self.version = ev["version"]
+            elif kind == "waiting":
+                self.phase = "waiting"
+            elif kind == "done":
+                self.done, self.phase = ev, "done"
+
+
+def _live_table(peers: list[PeerView], started: float) -> Table:
+    table = Table(title=f"cfp2p demo: local swarm, {time.monotonic() - started:.0f}s", expand=False)
+    for col in ("peer", "private data", "phase", "base", "step", "loss", "held-out acc."):
+        table.add_column(col)
+    for p in peers:
+        table.add_row(
+            p.name, p.dataset, p.phase, f"v{p.version}" if p.version is not None else "-", p.step or "-",
+            f"{p.loss:.3f}" if p.loss is not None else "-", " → ".join(f"{a:.2f}" for a in p.accuracy) or "-",
+        )
+    return table
+
+
+def _wait_for_file(path: Path, proc, log: Path, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().split()[0]
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+            raise WorkError(f"the bootstrap peer exited early ({' '.join(tail) or 'no output'})")
+        time.sleep(0.2)
+    raise WorkError(f"the bootstrap peer did not start listening within {timeout:.0f}s")
+
+
+def run_demo(workdir: Path | None, rounds: int, model: str, examples_per_round: int, console: Console, timeout: float = 900) -> bool:
+    """Run the demo swarm to the end; True when every peer committed every round and all agree."""
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="cfp2p-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    config = work / "swarm.toml"
+    config.write_text(demo_manifest(model, examples_per_round))
+    console.print(f"[bold]cfp2p demo[/bold]: bootstrap + {len(DEMO_PEERS)} contributors on localhost, model {model}, {rounds} round(s); files in {work}")
+    started = time.monotonic()
+    with Children() as children:
+        maddrs_file = work / "bootstrap.maddrs"
+        maddrs_file.unlink(missing_ok=True)
+        boot = children.start(
+            cli_command("bootstrap", "--config", str(config), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                        "--identity", str(work / "bootstrap.key"), "--maddrs-file", str(maddrs_file),
+                        "--store", str(work / "bootstrap")),
+            work / "bootstrap.log",
+        )
+        initial_peer = _wait_for_file(maddrs_file, boot, work / "bootstrap.log", timeout=180)
+        console.print(f"bootstrap peer is up: [cyan]{initial_peer}[/cyan]")
+        peers, procs = [], []
+        for name, dataset in DEMO_PEERS:
+            store = work / f"peer-{name}"
+            store.mkdir(exist_ok=True)
+            events = store / "events.jsonl"
+            events.unlink(missing_ok=True)
+            peers.append(PeerView(name, dataset, events))
+            procs.append(children.start(
+                cli_command("join", "--initial-peers", initial_peer, "--data", str(DEMO_DATA / f"{dataset}.jsonl"),
+                            "--rounds", str(rounds), "--store", str(store), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                            "--threads", "1", "--events", str(events), "--name", name),
+                store / "join.log",
+            ))
+        deadline = time.monotonic() + timeout
+        with Live(_live_table(peers, started), console=console, refresh_per_second=2, transient=False) as live:
+            while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+                for view in peers:
+                    view.refresh()
+                live.update(_live_table(peers, started))
+                time.sleep(0.5)
+            for view in peers:
+                view.refresh()
+            live.update(_live_table(peers, started))
+        timed_out = any(p.poll() is None for p in procs)
+    codes = [p.returncode for p in procs]
+    return _summary(console, peers, codes, work, rounds, time.monotonic() - started, timed_out)
+
+
+def _summary(console: Console, peers: list[PeerView], codes: list[int], work: Path, rounds: int, seconds: float, timed_out: bool) -> bool:
+    breakdown = Table(title="where the time went, per round (seconds, mean over peers)")
+    for col in ("version", "contributors", "finetune", "wait for group", "matchmaking", "all-reduce", "verify", "store", "hash"):
+        breakdown.add_column(col)
+    hashes_by_version: dict[int, set[str]] = {}
+    for p in peers:
+        for c in p.committed:
+            hashes_by_version.setdefault(c["version"], set()).add(c["hash"])
+    for version in sorted(hashes_by_version):
+        stats = [c["stats"] for p in peers for c in p.committed if c["version"] == version]
+        trains = [t["seconds"] for p in peers for t in p.trained if t.get("version") == version - 1]
+
+        def mean(xs):
+            return f"{sum(xs) / len(xs):.1f}" if xs else "-"
+
+        hashes = hashes_by_version[version]
+        breakdown.add_row(
+            f"v{version}", str(max(s["group_size"] for s in stats)), mean(trains),
+            mean([s["gather_s"] for s in stats]), mean([s["matchmaking_s"] for s in stats]), mean([s["allreduce_s"] for s in stats]),
+            mean([s["verify_s"] for s in stats]), mean([s.get("store_s", 0) for s in stats]),
+            next(iter(hashes))[:16] if len(hashes) == 1 else f"[red]{len(hashes)} different![/red]",
+        )
+    accuracy = Table(title="each contributor's held-out accuracy after its local finetune, by base it started from")
+    accuracy.add_column("peer")
+    accuracy.add_column("private data")
+    for v in range(rounds):
+        accuracy.add_column(f"from v{v}")
+    for p in peers:
+        accuracy.add_row(p.name, p.dataset, *[f"{a:.3f}" for a in p.accuracy[:rounds]])
+    console.print(breakdown)
+    console.print(accuracy)
+    finals = {p.done["hash"] for p in peers if p.done}
+    ok = (not timed_out and all(c == 0 for c in codes) and all(len(p.committed) == rounds for p in peers)
+          and len(finals) == 1 and all(len(h) == 1 for h in hashes_by_version.values()))
+    if ok:
+        console.print(f"[bold green]done[/bold green] in {seconds:.0f}s: all {len(peers)} peers hold v{rounds} with one hash {next(iter(finals))[:16]}; "
+                      f"stores and logs in {work}")
+    else:
+        console.print(f"[bold red]the demo did not complete[/bold red] (exit codes {codes}{', timed out' if timed_out else ''}); logs in {work}")
+    return ok

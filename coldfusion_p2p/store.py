@@ -1,0 +1,128 @@
+"""Versioned bases on disk.
+
+Layout of a store folder::
+
+    model/                      config and tokenizer files of the swarm's model
+    versions/v000003/           body.safetensors + manifest.json, one folder per base version
+    head.safetensors, head.json this contributor's private head and label names
+
+A version is written into a hidden temporary folder, fsynced, and renamed into place, so a
+crash never leaves a half-written version under a valid name. On load the body's hash is checked
+against the manifest; a version that fails is skipped (and reported), never used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.model import BodyState, hash_body, load_tensors, save_tensors
+
+BODY_FILE = "body.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass
+class VersionInfo:
+    version: int
+    hash: str
+    parent: str | None
+    contributors: list[str] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    averaged_tensors: list[str] = field(default_factory=list)  # names of the body tensors that were fused
+    round_stats: dict = field(default_factory=dict)  # timings, group size, attempts
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class VersionStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        self.versions_dir = self.root / "versions"
+        self.model_dir = self.root / "model"
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self._clean_leftovers()
+
+    def _clean_leftovers(self) -> None:
+        for tmp in self.versions_dir.glob(".tmp-*"):  # an interrupted write: never a valid version
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def version_dir(self, version: int) -> Path:
+        return self.versions_dir / f"v{version:06d}"
+
+    def save(self, body: BodyState, info: VersionInfo) -> Path:
+        """Write a version atomically; an existing identical version is kept as it is."""
+        target = self.version_dir(info.version)
+        if target.exists():
+            existing = self.read_info(info.version)
+            if existing is not None and existing.hash == info.hash:
+                return target
+            raise UserError(f"store {self.root} already holds a different v{info.version} ({existing.hash[:12] if existing else 'unreadable'})")
+        tmp = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".tmp-"))
+        try:
+            save_tensors(body, tmp / BODY_FILE, metadata={"version": str(info.version), "hash": info.hash})
+            (tmp / MANIFEST_FILE).write_text(json.dumps(asdict(info), indent=1))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            tmp.rename(target)
+            _fsync_dir(self.versions_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    def read_info(self, version: int) -> VersionInfo | None:
+        try:
+            data = json.loads((self.version_dir(version) / MANIFEST_FILE).read_text())
+            return VersionInfo(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def list(self) -> list[VersionInfo]:
+        """Every version with a readable manifest, oldest first (bodies are not hashed here)."""
+        infos = []
+        for d in sorted(self.versions_dir.glob("v[0-9]*")):
+            try:
+                info = self.read_info(int(d.name[1:]))
+            except ValueError:
+                continue
+            if info is not None:
+                infos.append(info)
+        return infos
+
+    def load(self, version: int) -> tuple[BodyState, VersionInfo]:
+        """Load a version and check its body against the recorded hash."""
+        info = self.read_info(version)
+        if info is None:
+            raise UserError(f"v{version} in {self.root} has no readable manifest")
+        body = load_tensors(self.version_dir(version) / BODY_FILE)
+        actual = hash_body(body)
+        if actual != info.hash:
+            raise UserError(f"v{version} in {self.root} is corrupted: body hash {actual[:12]} != recorded {info.hash[:12]}")
+        return body, info
+
+    def latest_valid(self, log=None) -> tuple[BodyState, VersionInfo] | None:
+        """The newest version whose body matches its hash; corrupted ones are reported and skipped."""
+        for info in reversed(self.list()):
+            try:
+                return self.load(info.version)
+            except UserError as e:
+                if log:
+                    log(f"skipping {e}")
+        return None
+
+    def body_path(self, version: int) -> Path:
+        return self.version_dir(version) / BODY_FILE

@@ -1,0 +1,438 @@
+"""Everything that touches hivemind: the DHT, the swarm's records, the verifying averager, transfers.
+
+No other room imports hivemind, so the method stays testable without a network and the engine
+stays replaceable.
+
+DHT records (``P`` is ``cfp2p.<swarm name>``):
+
+- ``cfp2p.manifests`` subkey swarm name: the swarm manifest, re-published by every peer that holds it.
+- ``P.bases`` subkey peer id: ``{v, hash}``, the newest base a peer holds and serves.
+- ``P.r<v>.<hash16>.progress`` subkey peer id: ``{state: training|ready, examples, t}`` for the round on
+  that base; it expires unless refreshed, so a dead trainer stops holding the round back.
+- ``P.r<v>.<hash16>.a<k>.verify`` subkey peer id: ``{hash, clean, group}`` after all-reduce attempt k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+import torch
+
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+
+from hivemind.averaging import DecentralizedAverager  # noqa: E402
+from hivemind.averaging.allreduce import AllReduceRunner  # noqa: E402
+from hivemind.averaging.control import AveragingStage  # noqa: E402
+from hivemind.compression import Float16Compression, NoCompression, deserialize_torch_tensor, serialize_torch_tensor  # noqa: E402
+from hivemind.averaging.partition import BannedException  # noqa: E402
+from hivemind.dht import DHT  # noqa: E402
+from hivemind.p2p import P2PContext, PeerID  # noqa: E402
+from hivemind.proto import averaging_pb2, runtime_pb2  # noqa: E402
+from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip  # noqa: E402
+from hivemind.utils.mpfuture import MPFuture  # noqa: E402
+from hivemind.utils.timed_storage import get_dht_time  # noqa: E402
+
+from coldfusion_p2p.errors import UserError, WorkError  # noqa: E402
+from coldfusion_p2p.model import MODEL_FILE_NAMES  # noqa: E402
+from coldfusion_p2p.store import BODY_FILE, MANIFEST_FILE  # noqa: E402
+
+CHUNK_BYTES = 1 << 20
+RECORD_TTL = 20.0  # seconds a progress/holder record lives without a refresh
+MANIFEST_TTL = 600.0
+
+
+def quiet_hivemind() -> None:
+    """hivemind logs every retried RPC at WARNING; a user needs our one-line summaries instead."""
+    for name in ("hivemind", "hivemind.averaging", "hivemind.dht", "hivemind.p2p"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def swarm_prefix(name: str) -> str:
+    return f"cfp2p.{name}"
+
+
+def peer_str(peer_id: PeerID) -> str:
+    return peer_id.to_base58()
+
+
+def dht_time() -> float:
+    return get_dht_time()
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    identity_path: str | None = None,
+    client_mode: bool = False,
+    announce_maddrs: Sequence[str] | None = None,
+) -> DHT:
+    """Start a DHT node (a child process plus its p2pd); one-line errors for bad or dead addresses."""
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for addr in list(initial_peers) + list(host_maddrs):
+        try:
+            Multiaddr(addr)
+        except Exception as e:
+            raise UserError(f"not a multiaddress: {addr!r} ({e}); expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...") from None
+    try:
+        return DHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs),
+            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+            identity_path=identity_path,
+            client_mode=client_mode,
+            start=True,
+            await_ready=True,
+        )
+    except RuntimeError as e:
+        if "bootstrap failed" in str(e):
+            raise WorkError(
+                f"none of the initial peers answered ({', '.join(initial_peers)}); check the address and that the bootstrap peer is running"
+            ) from None
+        raise WorkError(f"could not start the DHT node: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise WorkError(f"could not start the DHT node: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    return [str(a) for a in dht.get_visible_maddrs()]
+
+
+@dataclass
+class Holder:
+    peer: str
+    version: int
+    hash: str
+
+
+MANIFEST_KEY = "cfp2p.manifests"  # subkey: swarm name; one DHT may host several swarms
+
+
+class SwarmRecords:
+    """The swarm's DHT records. Thread-safe: hivemind's DHT pipe is not, so every send holds a lock."""
+
+    def __init__(self, dht: DHT, swarm_name: str = ""):
+        self.dht, self.prefix = dht, swarm_prefix(swarm_name)
+        self.peer_id = peer_str(dht.peer_id)
+        self._lock = threading.Lock()
+
+    def _store(self, key: str, value: Any, ttl: float, subkey: str | None = None, wait: bool = True) -> bool:
+        with self._lock:
+            future = self.dht.store(key, value, expiration_time=dht_time() + ttl, subkey=subkey, return_future=True)
+        return bool(future.result()) if wait else True
+
+    def _get_dict(self, key: str) -> dict[str, Any]:
+        with self._lock:
+            future = self.dht.get(key, latest=True, return_future=True)
+        found = future.result()
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        return {sub: item.value for sub, item in found.value.items()}
+
+    # --- manifest -------------------------------------------------------------------------
+    def publish_manifest(self, manifest: dict[str, Any]) -> bool:
+        return self._store(MANIFEST_KEY, manifest, MANIFEST_TTL, subkey=manifest["name"])
+
+    def fetch_manifests(self) -> dict[str, dict[str, Any]]:
+        """Every swarm manifest announced in this DHT, by swarm name."""
+        return {name: m for name, m in self._get_dict(MANIFEST_KEY).items() if isinstance(m, dict)}
+
+    # --- holders of bases -----------------------------------------------------------------
+    def announce_base(self, version: int, body_hash: str, wait: bool = False) -> None:
+        self._store(f"{self.prefix}.bases", {"v": version, "hash": body_hash}, RECORD_TTL, subkey=self.peer_id, wait=wait)
+
+    def holders(self) -> list[Holder]:
+        out = []
+        for peer, value in self._get_dict(f"{self.prefix}.bases").items():
+            if isinstance(value, dict) and isinstance(value.get("v"), int) and isinstance(value.get("hash"), str):
+                out.append(Holder(str(peer), value["v"], value["hash"]))
+        return out
+
+    def newest_base(self) -> tuple[int, str, list[str]] | None:
+        """The newest version announced, its hash (the one most holders agree on) and its holders."""
+        holders = [h for h in self.holders() if h.peer != self.peer_id]
+        if not holders:
+            return None
+        newest = max(h.version for h in holders)
+        votes: dict[str, list[str]] = {}
+        for h in holders:
+            if h.version == newest:
+                votes.setdefault(h.hash, []).append(h.peer)
+        best = max(votes, key=lambda k: len(votes[k]))
+        return newest, best, votes[best]
+
+    # --- rounds -----------------------------------------------------------------------------
+    @staticmethod
+    def round_key(version: int, body_hash: str) -> str:
+        return f"r{version}.{body_hash[:16]}"
+
+    def set_progress(self, version: int, body_hash: str, state: str, examples: int = 0, wait: bool = False) -> None:
+        value = {"state": state, "examples": examples, "t": dht_time()}
+        self._store(f"{self.prefix}.{self.round_key(version, body_hash)}.progress", value, RECORD_TTL, subkey=self.peer_id, wait=wait)
+
+    def progress(self, version: int, body_hash: str) -> dict[str, dict]:
+        return self._get_dict(f"{self.prefix}.{self.round_key(version, body_hash)}.progress")
+
+    def publish_verdict(self, version: int, body_hash: str, attempt: int, verdict: dict) -> None:
+        key = f"{self.prefix}.{self.round_key(version, body_hash)}.a{attempt}.verify"
+        self._store(key, verdict, 120.0, subkey=self.peer_id)
+
+    def verdicts(self, version: int, body_hash: str, attempt: int) -> dict[str, dict]:
+        return self._get_dict(f"{self.prefix}.{self.round_key(version, body_hash)}.a{attempt}.verify")
+
+
+class CanonicalAllReduceRunner(AllReduceRunner):
+    """Butterfly all-reduce whose result is bit-identical on every member.
+
+    hivemind's runner has each reducer send back ``average - sender_part`` and each sender compute
+    ``local + (average - local)``, which in floating point differs from ``average`` in the last bits,
+    differently on each peer: even a clean round leaves members with different hashes. Here a
+    reducer sends the average itself (compressed once, the same bytes to every sender, its own copy
+    round-tripped through the same compression) and members copy it in place. A part whose reducer
+    failed keeps the local values, as before, and is counted in ``failed_size``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tensor_part_container.return_deltas = False  # failed parts then hold local values, not zeros
+
+    def _canonical(self, averaged_part: torch.Tensor) -> torch.Tensor:
+        compression = self.tensor_part_container.compression
+        if isinstance(compression, NoCompression):
+            return averaged_part.clone()
+        return deserialize_torch_tensor(serialize_torch_tensor(averaged_part, compression.compression_type))
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)  # registers what the reducer sent: the average
+        sender_index = self.sender_peer_ids.index(peer_id)
+        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            averaged_part = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=self.weight)
+            self.tensor_part_container.register_processed_part(peer_index, part_index, self._canonical(averaged_part))
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        part_index = 0
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, weight, part_compression in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+                    part_index += 1
+                except BannedException:
+                    break  # this sender was banned: its part is no longer aggregated
+                serialized = await loop.run_in_executor(None, lambda: serialize_torch_tensor(averaged_part, part_compression))
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class FusionAverager(DecentralizedAverager):
+    """A DecentralizedAverager that (1) reports whether its own view of each all-reduce was clean,
+    (2) moves to a per-round matchmaking key, and (3) serves the peer's bases and model files.
+
+    hivemind 1.1.12 reports success even when a member died mid all-reduce: a dead *reducer* leaves
+    its slice at each survivor's local values (``failed_size != 0``), a dead *sender* leaves a mixed
+    average (``banned_senders``). Both are caught here and returned with the step's result.
+    """
+
+    def __init__(self, *args, store_root: str, **kwargs):
+        self._store_root = str(store_root)
+        self._runners: dict[bytes, Any] = {}
+        super().__init__(*args, **kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """The base class's all-reduce (hivemind 1.1.12) with the canonical runner, kept so its view can be checked."""
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = CanonicalAllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        self._runners[group_id] = runner
+        async for tensor, averaged in azip(as_aiter(*tensors), runner):
+            tensor.copy_(averaged)
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
+
+    async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
+        self._runners.pop(group_info.group_id, None)
+        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        runner = self._runners.pop(group_info.group_id, None)
+        failed = runner.tensor_part_container.failed_size if runner is not None else -1
+        banned = sorted(peer_str(p) for p in runner.banned_senders) if runner is not None else []
+        return {
+            "gathered": {peer_str(p): v for p, v in gathered.items()},
+            "group": [peer_str(p) for p in group_info.peer_ids],
+            "group_id": group_info.group_id.hex(),
+            "clean": runner is not None and failed == 0 and not banned,
+            "failed_size": failed,
+            "banned": banned,
+        }
+
+    def run_step(self, weight: float, gather: dict, timeout: float) -> tuple[dict | None, float, float, str]:
+        """One all-reduce: (result or None, matchmaking seconds, all-reduce seconds, error text)."""
+        start = time.perf_counter()
+        t_allreduce = None
+        try:
+            control = self.step(weight=weight, gather=gather, timeout=timeout, allow_retries=True, wait=False)
+            while not control.done():
+                if t_allreduce is None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
+                    t_allreduce = time.perf_counter()
+                time.sleep(0.02)
+            result, error = control.result(), ""
+        except Exception as e:  # noqa: BLE001 - hivemind raises many kinds; each means "no result this time"
+            result, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        end = time.perf_counter()
+        t_allreduce = t_allreduce or end
+        return result, t_allreduce - start, end - t_allreduce, error
+
+    # --- per-round settings, called through the control pipe ------------------------------------
+    def set_round(self, group_prefix: str, target_group_size: int | None, min_group_size: int) -> None:
+        future = MPFuture()
+        self._outer_pipe.send(("_set_round", [], dict(group_prefix=group_prefix, target=target_group_size, min_size=min_group_size, future=future)))
+        future.result()
+
+    async def _set_round(self, group_prefix: str, target: int | None, min_size: int, future: MPFuture):
+        mm = self._matchmaking
+        mm.group_key_manager.prefix = group_prefix
+        mm.target_group_size = mm.potential_leaders.target_group_size = target
+        mm.group_key_manager.target_group_size = target
+        mm.min_group_size = min_size
+        future.set_result(None)
+
+    # --- serving bases and model files --------------------------------------------------------
+    def _blob_path(self, name: str) -> Path | None:
+        root = Path(self._store_root)
+        kind, _, rest = name.partition("/")
+        if kind == "model" and rest in MODEL_FILE_NAMES:
+            return root / "model" / rest
+        if kind == "version" and rest.isdigit():
+            return root / "versions" / f"v{int(rest):06d}" / BODY_FILE
+        if kind == "info" and rest.isdigit():
+            return root / "versions" / f"v{int(rest):06d}" / MANIFEST_FILE
+        return None
+
+    async def rpc_fetch_blob(
+        self, request: averaging_pb2.DownloadData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """Stream a stored file: first message carries its size, the rest carry 1 MiB chunks."""
+        name = request.metadata.decode("utf-8", errors="replace")
+        path = self._blob_path(name)
+        if path is None or not path.is_file():
+            yield averaging_pb2.DownloadData(metadata=b"missing")
+            return
+        size = path.stat().st_size
+        yield averaging_pb2.DownloadData(metadata=f"size:{size}".encode())
+        with open(path, "rb") as f:
+            while chunk := await asyncio.get_event_loop().run_in_executor(None, f.read, CHUNK_BYTES):
+                yield averaging_pb2.DownloadData(tensor_part=runtime_pb2.Tensor(buffer=chunk))
+
+
+def make_averager(
+    dht: DHT, swarm_name: str, tensors: list[torch.Tensor], store_root: Path, compression: str,
+    matchmaking_time: float, allreduce_timeout: float, min_group_size: int,
+) -> FusionAverager:
+    """Start the averager process on the main thread (hivemind needs fork and installs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("the averager must be created on the main thread")
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        return FusionAverager(
+            tensors,
+            dht,
+            prefix=averager_prefix(swarm_name),
+            store_root=str(store_root),
+            start=True,
+            target_group_size=None,
+            min_group_size=min_group_size,
+            min_matchmaking_time=matchmaking_time,
+            request_timeout=min(3.0, matchmaking_time / 2),
+            allreduce_timeout=allreduce_timeout,
+            next_chunk_timeout=max(10.0, allreduce_timeout / 6),
+            compression=Float16Compression() if compression == "float16" else NoCompression(),
+            allow_state_sharing=False,
+            shutdown_timeout=5,
+        )
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # hivemind sets SIGINT to ignored in the parent: give Ctrl+C back
+
+
+def averager_prefix(swarm_name: str) -> str:
+    return "cfp2p_" + swarm_name.replace(".", "_")
+
+
+class BlobError(Exception):
+    pass
+
+
+async def _fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Path, timeout: float) -> None:
+    p2p = await dht.replicate_p2p()
+    try:
+        stub = FusionAverager.get_stub(p2p, PeerID.from_base58(peer), namespace=averager_prefix(swarm_name))
+        stream = await stub.rpc_fetch_blob(averaging_pb2.DownloadData(metadata=name.encode()), timeout=timeout)
+        size, written = None, 0
+        with open(dest, "wb") as f:
+            async for msg in stream:
+                if size is None:
+                    head = msg.metadata.decode(errors="replace")
+                    if not head.startswith("size:"):
+                        raise BlobError(f"peer {peer[:12]} does not have {name}")
+                    size = int(head[5:])
+                    continue
+                f.write(msg.tensor_part.buffer)
+                written += len(msg.tensor_part.buffer)
+        if size is None or written != size:
+            raise BlobError(f"peer {peer[:12]} sent {written} of {size} bytes of {name}")
+    finally:
+        await p2p.shutdown()
+
+
+def fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Path, timeout: float = 120.0) -> None:
+    """Download one file (``model/<file>`` or ``version/<v>``) from one peer into ``dest``."""
+    try:
+        asyncio.run(asyncio.wait_for(_fetch_blob(dht, swarm_name, peer, name, dest, timeout), timeout))
+    except BlobError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transport errors of many kinds; the caller tries another holder
+        raise BlobError(f"download of {name} from {peer[:12]} failed: {type(e).__name__}: {str(e)[:120]}") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def running(*closers):
+    """Run the given shutdown callables on exit, in reverse order, whatever happens."""
+    try:
+        yield
+    finally:
+        for close in reversed(closers):
+            with contextlib.suppress(Exception):
+                close()
