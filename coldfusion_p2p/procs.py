@@ -74,18 +74,3 @@ class Children:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the group still exists (zombies count as gone)."""
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit():
-            continue
-        try:
-            stat = (pid_dir / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False

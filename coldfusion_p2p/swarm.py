@@ -94,14 +94,13 @@ def start_dht(
             start=True,
             await_ready=True,
         )
-    except RuntimeError as e:
-        if "bootstrap failed" in str(e):
+    except Exception as e:  # noqa: BLE001 - p2pd and the DHT report a dead peer in several ways
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "bootstrap failed" in text or "failed to connect to bootstrap peers" in text:
             raise WorkError(
                 f"none of the initial peers answered ({', '.join(initial_peers)}); check the address and that the bootstrap peer is running"
             ) from None
-        raise WorkError(f"could not start the DHT node: {str(e).splitlines()[0]}") from None
-    except Exception as e:
-        raise WorkError(f"could not start the DHT node: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise WorkError(f"could not start the DHT node: {type(e).__name__}: {text}") from None
 
 
 def visible_maddrs(dht: DHT) -> list[str]:
@@ -391,7 +390,7 @@ async def _fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Pat
     p2p = await dht.replicate_p2p()
     try:
         stub = FusionAverager.get_stub(p2p, PeerID.from_base58(peer), namespace=averager_prefix(swarm_name))
-        stream = await stub.rpc_fetch_blob(averaging_pb2.DownloadData(metadata=name.encode()), timeout=timeout)
+        stream = await stub.rpc_fetch_blob(averaging_pb2.DownloadData(metadata=name.encode()))
         size, written = None, 0
         with open(dest, "wb") as f:
             async for msg in stream:

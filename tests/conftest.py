@@ -1,0 +1,153 @@
+"""Real local swarms for tests: a bootstrap peer and contributors as real ``cfp2p`` processes.
+
+Every process is started in its own process group and the whole group is killed at teardown,
+so no p2pd, DHT or averager process outlives a test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from coldfusion_p2p import model as M
+from coldfusion_p2p.demo import DEMO_DATA
+from coldfusion_p2p.procs import Children, cli_command
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEST_MANIFEST = """
+[swarm]
+name = "{name}"
+[model]
+source = "{source}"
+[tokenizer]
+max_length = 32
+[training]
+lr = 1e-3
+batch_size = 16
+examples_per_round = 48
+[round]
+min_group_size = 2
+round_window = 60.0
+matchmaking_time = 2.0
+verify_timeout = 15.0
+"""
+
+
+class LocalSwarm:
+    def __init__(self, root: Path, children: Children):
+        self.root, self.children = root, children
+        self.boot = None
+        self.initial_peer = None
+        self.peers: dict[str, subprocess.Popen] = {}
+
+    def start_bootstrap(self, source: str, name: str = "test", timeout: float = 90) -> str:
+        config = self.root / "swarm.toml"
+        config.write_text(TEST_MANIFEST.format(name=name, source=source))
+        maddrs = self.root / "bootstrap.maddrs"
+        self.boot = self.children.start(
+            cli_command("bootstrap", "--config", str(config), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                        "--identity", str(self.root / "boot.key"), "--maddrs-file", str(maddrs), "--store", str(self.root / "boot")),
+            self.root / "bootstrap.log",
+        )
+        deadline = time.monotonic() + timeout
+        while not (maddrs.is_file() and maddrs.read_text().strip()):
+            assert self.boot.poll() is None, f"bootstrap exited: {self.log('bootstrap')}"
+            assert time.monotonic() < deadline, "bootstrap did not come up"
+            time.sleep(0.2)
+        self.initial_peer = maddrs.read_text().split()[0]
+        return self.initial_peer
+
+    def join(self, name: str, dataset: str = "sms_spam", *extra: str, rounds: int = 2) -> subprocess.Popen:
+        store = self.root / name
+        store.mkdir(exist_ok=True)
+        cmd = cli_command("join", "--initial-peers", self.initial_peer, "--data", str(DEMO_DATA / f"{dataset}.jsonl"),
+                          "--rounds", str(rounds), "--store", str(store), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                          "--threads", "1", "--events", str(store / "events.jsonl"), "--name", name, *extra)
+        proc = self.children.start(cmd, self.root / f"{name}.log")
+        self.peers[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace")[-3000:] if path.is_file() else ""
+
+    def events(self, name: str) -> list[dict]:
+        path = self.root / name / "events.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def wait(self, proc: subprocess.Popen, name: str, timeout: float) -> int:
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name} did not finish within {timeout}s:\n{self.log(name)}")
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            failed = [n for n, p in self.peers.items() if p.poll() not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                why = f"{', '.join(failed)} exited with an error" if failed else "timed out"
+                pytest.fail(f"{why} waiting for {what}:\n" + "\n".join(f"--- {n}\n{self.log(n)}" for n in self.peers))
+            time.sleep(0.3)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (a test's folder, say)."""
+    found = []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+            continue
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(cmdline)
+    return found
+
+
+def live_p2pd() -> set[int]:
+    pids = set()
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            comm = (pid_dir / "comm").read_text().strip()
+            state = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if comm == "p2pd" and state != "Z":
+            pids.add(int(pid_dir.name))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_p2pd():
+    """Every p2pd daemon a test starts (through any peer) must be gone when it ends."""
+    before = live_p2pd()
+    yield
+    deadline = time.monotonic() + 15
+    while (left := live_p2pd() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"p2pd processes outlived the test: {sorted(left)}"
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    with Children() as children:
+        yield LocalSwarm(tmp_path, children)
+    assert not processes_mentioning(str(tmp_path)), "a process of this test outlived it"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return M.resolve_model_source(M.BUILTIN_TINY, cache_dir=tmp_path_factory.mktemp("models"))

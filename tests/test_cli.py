@@ -1,0 +1,72 @@
+"""The command line as a user meets it: one-line errors, exit codes, help with examples."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from coldfusion_p2p.demo import DEMO_DATA
+from coldfusion_p2p.procs import child_env, cli_command
+
+DEAD_PEER = "/ip4/127.0.0.1/tcp/9/p2p/QmdUxedkSNCqhiKRmgCk4QDd2v33S84SGooxRKhabdzhXy"
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    # a new session: if anything is left running, the test's own timeout kills the whole group
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, env=child_env(), timeout=timeout, start_new_session=True)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, fragment: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "content, extra, fragment",
+    [
+        (None, [], "data file not found"),
+        (b"", [], "is empty"),
+        (b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', [], "single class"),
+        (b'{"text": "a", "label": "x"}\n', ["--text-column", "sentence"], "text column 'sentence' not found"),
+        (b'{"text": "a", "label": "x"}\n', ["--label-column", "y"], "label column 'y' not found"),
+        (b'{"text": "\xff\xfe", "label": "x"}\n', [], "not valid UTF-8"),
+    ],
+)
+def test_join_with_bad_data_fails_before_the_network(tmp_path, content, extra, fragment):
+    data = tmp_path / "mine.jsonl"
+    if content is not None:
+        data.write_bytes(content)
+    proc = run_cli("join", "--initial-peers", DEAD_PEER, "--data", str(data), "--store", str(tmp_path / "s"), *extra)
+    assert_one_line_error(proc, 2, fragment)
+
+
+def test_join_with_unreachable_peer(tmp_path):
+    proc = run_cli("join", "--initial-peers", DEAD_PEER, "--data", str(DEMO_DATA / "sms_spam.jsonl"),
+                   "--store", str(tmp_path / "s"), "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+    assert_one_line_error(proc, 1, "none of the initial peers answered")
+
+
+def test_join_with_malformed_address(tmp_path):
+    proc = run_cli("join", "--initial-peers", "localhost:31337", "--data", str(DEMO_DATA / "sms_spam.jsonl"),
+                   "--store", str(tmp_path / "s"))
+    assert_one_line_error(proc, 2, "not a multiaddress")
+
+
+def test_bootstrap_with_bad_config(tmp_path):
+    config = tmp_path / "swarm.toml"
+    config.write_text("[fusion]\nweighting = 'loudest'\n")
+    proc = run_cli("bootstrap", "--config", str(config), "--store", str(tmp_path / "b"))
+    assert_one_line_error(proc, 2, "fusion.weighting")
+
+
+def test_versions_of_missing_store(tmp_path):
+    assert_one_line_error(run_cli("versions", "--store", str(tmp_path / "none")), 2, "no store")
+
+
+def test_help_shows_examples():
+    for command in ("join", "bootstrap"):
+        proc = run_cli(command, "--help")
+        assert proc.returncode == 0 and "Example:" in proc.stdout

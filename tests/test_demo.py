@@ -1,0 +1,36 @@
+"""The README's main job: ``cfp2p demo`` with the real encoder on the bundled real data."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from coldfusion_p2p.procs import child_env, cli_command
+from coldfusion_p2p.store import VersionStore
+
+from .conftest import processes_mentioning
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_on_the_real_encoder(tmp_path):
+    work = tmp_path / "demo"
+    proc = subprocess.Popen(cli_command("demo", "--workdir", str(work)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=child_env({"COLUMNS": "160"}), start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-4000:]
+    assert "all 3 peers hold v2 with one hash" in output
+    hashes = set()
+    for peer in ("ada", "ben", "cy"):
+        store = VersionStore(work / f"peer-{peer}")
+        assert [i.version for i in store.list()] == [0, 1, 2]
+        hashes.add(store.list()[-1].hash)
+        assert store.list()[1].round_stats["group_size"] == 3
+    assert len(hashes) == 1
+    assert not processes_mentioning(str(work)), "a process of the demo outlived it"

@@ -1,0 +1,46 @@
+import math
+
+import torch
+
+from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, delta_norm, weight_for
+
+
+def _bodies(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = {"a.weight": torch.randn(4, 3, generator=g), "b.bias": torch.randn(5, generator=g), "ids": torch.arange(3)}
+    tuned = [{k: (v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in base.items()} for _ in range(n)]
+    return base, tuned
+
+
+def test_outer_step_of_mean_delta_is_the_mean_of_bodies():
+    base, tuned = _bodies()
+    names = ["a.weight", "b.bias"]
+    deltas = [body_delta(base, t, names) for t in tuned]
+    mean_delta = [torch.stack([d[i] for d in deltas]).mean(0) for i in range(len(names))]
+    new = OuterStep(1.0).apply(base, names, mean_delta)
+    for n in names:
+        expected = torch.stack([t[n] for t in tuned]).mean(0)
+        assert torch.allclose(new[n], expected, atol=1e-6)
+    assert torch.equal(new["ids"], base["ids"])  # integer buffers are not fused
+
+
+def test_outer_lr_scales_the_step():
+    base, tuned = _bodies(1)
+    names = ["a.weight"]
+    d = body_delta(base, tuned[0], names)
+    half = OuterStep(0.5).apply(base, names, d)
+    assert torch.allclose(half["a.weight"], base["a.weight"] + 0.5 * d[0])
+
+
+def test_check_delta_rejects_nan_inf_and_large_norm():
+    ok = [torch.ones(4)]
+    assert check_delta(ok, 10).ok and math.isclose(delta_norm(ok), 2.0)
+    assert not check_delta([torch.tensor([1.0, float("nan")])], 10).ok
+    assert "NaN or Inf" in check_delta([torch.tensor([float("inf")])], 10).reason
+    big = check_delta([torch.full((4,), 100.0)], 10)
+    assert not big.ok and "exceeds" in big.reason
+
+
+def test_weights():
+    assert weight_for("uniform", 500) == 1.0
+    assert weight_for("examples", 500) == 500.0

@@ -1,0 +1,87 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from coldfusion_p2p import model as M
+from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.store import VersionInfo, VersionStore
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = M.resolve_model_source(M.BUILTIN_TINY, cache_dir=tmp_path_factory.mktemp("models"))
+    return folder, M.body_state(M.load_body_module(folder))
+
+
+def test_tiny_model_is_deterministic_and_hash_is_sensitive(tiny, tmp_path):
+    folder, body = tiny
+    other = M.resolve_model_source(M.BUILTIN_TINY, cache_dir=tmp_path)  # built again, elsewhere
+    assert M.hash_body(M.body_state(M.load_body_module(other))) == M.hash_body(body)
+    changed = dict(body)
+    name = M.averaged_names(body)[0]
+    changed[name] = body[name].clone()
+    changed[name].view(-1)[0] += 1e-7
+    assert M.hash_body(changed) != M.hash_body(body)
+    assert not any(k.startswith(("out.", "head")) for k in body)  # the body has no classifier
+
+
+def test_store_round_trip_and_listing(tiny, tmp_path):
+    _, body = tiny
+    store = VersionStore(tmp_path / "s")
+    h = M.hash_body(body)
+    store.save(body, VersionInfo(0, h, None))
+    store.save(body, VersionInfo(0, h, None))  # idempotent for the same content
+    loaded, info = store.load(0)
+    assert info.hash == h and M.hash_body(loaded) == h
+    with pytest.raises(UserError, match="different v0"):
+        store.save(body, VersionInfo(0, "f" * 64, None))
+    assert [i.version for i in store.list()] == [0]
+
+
+def test_corrupted_version_is_skipped(tiny, tmp_path):
+    _, body = tiny
+    store = VersionStore(tmp_path / "s")
+    h = M.hash_body(body)
+    store.save(body, VersionInfo(0, h, None))
+    body1 = {k: (v + 1 if v.is_floating_point() else v) for k, v in body.items()}
+    store.save(body1, VersionInfo(1, M.hash_body(body1), h))
+    path = store.body_path(1)
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF  # flip bits in the last tensor's data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="corrupted"):
+        store.load(1)
+    notes = []
+    found = store.latest_valid(log=notes.append)
+    assert found is not None and found[1].version == 0 and "corrupted" in notes[0]
+
+
+def test_kill_during_write_leaves_no_valid_version(tiny, tmp_path):
+    """SIGKILL a process in the middle of saving: the store still lists only complete versions."""
+    folder, body = tiny
+    store_dir = tmp_path / "s"
+    script = textwrap.dedent(f"""
+        import os, signal, sys, torch
+        from coldfusion_p2p import store as S
+        from coldfusion_p2p.model import save_tensors as real_save
+        def slow_save(tensors, path, metadata=None):
+            real_save(tensors, path, metadata)
+            print("written", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # die after the body is written, before the rename
+        S.save_tensors = slow_save
+        st = S.VersionStore({str(store_dir)!r})
+        st.save({{"w": torch.ones(3)}}, S.VersionInfo(5, "x" * 64, None))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert "written" in proc.stdout
+    leftovers = list((store_dir / "versions").glob(".tmp-*"))
+    assert leftovers, "the interrupted write should have left its temporary folder"
+    store = VersionStore(store_dir)  # reopening cleans interrupted writes up
+    assert store.list() == [] and not list((store_dir / "versions").glob(".tmp-*"))
+    assert not os.path.exists(store.version_dir(5))
