@@ -191,6 +191,15 @@ class Contributor:
         return store.model_dir, None
 
     def _download_base(self, version: int, body_hash: str, holders: list[str]) -> Base:
+        existing = self.store.read_info(version)
+        if existing is not None:
+            try:
+                body, info = self.store.load(version)
+                if info.hash == body_hash:
+                    return Base(version, body_hash, body)  # already here and intact
+            except UserError as e:
+                self.log(f"{e}; downloading it again")
+            self.log(f"retired our v{version} ({existing.hash[:12]}) to {self.store.retire(version)}")
         self.events.emit("download", f"downloading base v{version} ({body_hash[:12]}) from {len(holders)} holder(s)", what="base", version=version)
         tmpdir = Path(tempfile.mkdtemp(dir=self.store.root, prefix=".dl-"))
         try:
@@ -230,18 +239,20 @@ class Contributor:
         if local_v0 is not None:
             self.store.save(local_v0, VersionInfo(0, self.manifest.model.v0_hash, parent=None))
             return Base(0, self.manifest.model.v0_hash, local_v0)
-        newest = self.records.newest_base()
-        if newest is None:
+        best = self.records.best_base()
+        if best is None or not best[2]:
             raise WorkError("no peer announces a base to download, and this peer has no local copy of the model; pass --model")
-        return self._download_base(*newest)
+        return self._download_base(*best)
 
     def _sync(self) -> bool:
-        """Move to the newest base that peers announce; True when the base changed."""
-        newest = self.records.newest_base()
-        if newest is None or newest[0] <= self.base.version:
+        """Move to the swarm's base (``SwarmRecords.best_base``) if it is not ours; True when it changed."""
+        best = self._better_base()
+        if best is None:
             return False
         self._set_phase("syncing")
-        self.base = self._download_base(*newest)
+        if best[0] == self.base.version:
+            self.events.emit("fork", f"the swarm settled on another v{best[0]} ({best[1][:12]}, {len(best[2])} holder(s)) than ours ({self.base.hash[:12]}); switching")
+        self.base = self._download_base(*best)
         self.records.announce_base(self.base.version, self.base.hash)
         self.events.emit("synced", f"synced to v{self.base.version} ({self.base.hash[:12]})", version=self.base.version, hash=self.base.hash)
         return True
@@ -298,47 +309,59 @@ class Contributor:
                 raise WorkError(f"waited {self.opts.max_wait:.0f}s for a group on v{self.base.version}; giving up (B[v] is kept in the store)")
             time.sleep(1.0)
 
-    def _newer_base_exists(self) -> bool:
-        newest = self.records.newest_base()
-        return newest is not None and newest[0] > self.base.version
+    def _better_base(self) -> tuple[int, str, list[str]] | None:
+        best = self.records.best_base()
+        if best is None or not best[2] or (best[0], best[1]) == (self.base.version, self.base.hash):
+            return None
+        return best if best[0] >= self.base.version else None
 
-    def _await_verdicts(self, attempt: int, group: list[str], group_id: str) -> dict[str, dict]:
+    def _newer_base_exists(self) -> bool:
+        best = self.records.best_base()
+        return best is not None and best[0] > self.base.version
+
+    def _await_verdicts(self, redo: int, group: list[str], group_id: str) -> dict[str, dict]:
         deadline = time.monotonic() + self.manifest.round.verify_timeout
         while True:
-            verdicts = self.records.verdicts(self.base.version, self.base.hash, attempt)
+            verdicts = self.records.verdicts(self.base.version, self.base.hash, redo)
             answered = {p: v for p, v in verdicts.items() if p in group and isinstance(v, dict) and v.get("group_id") == group_id}
             if len(answered) == len(group) or time.monotonic() > deadline:
                 return answered
             time.sleep(0.25)
 
     def _fuse(self, delta: list[torch.Tensor], examples: int) -> str:
-        """Average this peer's delta with the group's; 'committed', 'superseded' or 'kept'."""
+        """Average this peer's delta with the group's; 'committed', 'superseded' or 'kept'.
+
+        The matchmaking key carries the base and a redo counter. Only a group that ran an
+        all-reduce and could not verify it moves on to the next redo key, all of its members
+        together; a peer that found no group simply tries the same key again.
+        """
         from coldfusion_p2p.swarm import averager_prefix
 
         r, f = self.manifest.round, self.manifest.fusion
         names, base = self.names, self.base
         weight = weight_for(self.opts.weighting or f.weighting, examples)
         rule = OuterStep(f.outer_lr)
+        redo = 0
         t0 = time.perf_counter()
-        expected = self._wait_for_group()
-        if expected is None:
-            return "superseded"
-        t_gather = time.perf_counter() - t0
-        for attempt in range(1, r.max_attempts + 1):
+        while redo < r.max_attempts:
+            expected = self._wait_for_group()
+            if expected is None:
+                return "superseded"
+            t_gather = time.perf_counter() - t0
             self._set_phase("averaging", examples)
-            group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_a{attempt}"
+            group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_x{redo}"
             self.averager.set_round(group_prefix, target_group_size=len(expected), min_group_size=r.min_group_size)
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
                     t.copy_(d)
-            self.events.emit("averaging", f"round on v{base.version}: averaging with {len(expected)} ready peer(s), attempt {attempt}", attempt=attempt, expected=len(expected))
+            self.events.emit("averaging", f"round on v{base.version}: averaging with up to {len(expected)} ready peer(s)"
+                             + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
             result, t_match, t_allreduce, error = self.averager.run_step(
-                weight, {"examples": examples}, timeout=r.matchmaking_time * 4 + 15
-            )
+                weight, {"examples": examples}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15
+            )  # long enough to still be looking when peers that waited out the last verdicts arrive
             if result is None:
-                if self._newer_base_exists():
-                    return "superseded"
-                self.events.emit("retry", f"attempt {attempt} found no group ({error or 'timeout'})", attempt=attempt)
+                self.events.emit("retry", f"no group formed on v{base.version} ({error or 'timeout'}); trying again", redo=redo)
+                self._set_phase("ready", examples)
                 continue
             t1 = time.perf_counter()
             with self.averager.get_tensors() as tensors:
@@ -348,50 +371,50 @@ class Contributor:
             new_hash = M.hash_body(new_body) if check.ok else ""
             clean = bool(result["clean"]) and check.ok
             group, group_id = result["group"], result["group_id"]
-            verdict = {"hash": new_hash, "clean": clean, "group_id": group_id, "reason": check.reason or ("" if result["clean"] else f"incomplete all-reduce (failed {result['failed_size']}, banned {len(result['banned'])})")}
-            self.records.publish_verdict(base.version, base.hash, attempt, verdict)
-            answered = self._await_verdicts(attempt, group, group_id)
+            why_unclean = result.get("error") or f"incomplete all-reduce (failed {result['failed_size']} values, banned {len(result['banned'])} sender(s))"
+            verdict = {"hash": new_hash, "clean": clean, "group_id": group_id, "reason": check.reason or ("" if result["clean"] else why_unclean)}
+            self.records.publish_verdict(base.version, base.hash, redo, verdict)
+            answered = self._await_verdicts(redo, group, group_id)
             t_verify = time.perf_counter() - t1
-            agree = clean and all(v.get("clean") and v.get("hash") == new_hash for v in answered.values())
-            if agree:
-                t2 = time.perf_counter()
-                info = VersionInfo(
-                    base.version + 1, new_hash, parent=base.hash, contributors=sorted(group),
-                    averaged_tensors=list(names),
-                    round_stats={
-                        "group_size": len(group), "answered": len(answered), "attempt": attempt,
-                        "gather_s": round(t_gather, 3), "matchmaking_s": round(t_match, 3),
-                        "allreduce_s": round(t_allreduce, 3), "verify_s": round(t_verify, 3),
-                        "delta_norm": round(check.norm, 6),
-                        "examples": {p: g.get("examples") for p, g in result["gathered"].items() if isinstance(g, dict)},
-                    },
-                )
-                self._set_phase("storing")
-                self.store.save(new_body, info)
-                info.round_stats["store_s"] = round(time.perf_counter() - t2, 3)
-                self.base = Base(info.version, new_hash, new_body)
-                self.records.announce_base(self.base.version, self.base.hash, wait=True)
-                self.events.emit(
-                    "committed",
-                    f"committed v{info.version} ({new_hash[:12]}) with {len(group)} contributor(s): matchmaking {t_match:.1f}s, "
-                    f"all-reduce {t_allreduce:.1f}s, verify {t_verify:.1f}s, store {info.round_stats['store_s']:.1f}s",
-                    version=info.version, hash=new_hash, contributors=sorted(group), stats=info.round_stats,
-                )
+            if clean and all(v.get("clean") and v.get("hash") == new_hash for v in answered.values()):
+                self._commit(new_body, new_hash, group, answered, redo, result, check.norm,
+                             {"gather_s": t_gather, "matchmaking_s": t_match, "allreduce_s": t_allreduce, "verify_s": t_verify})
                 return "committed"
             reasons = sorted({v.get("reason") or ("hash differs" if v.get("hash") != new_hash else "") for v in answered.values()} - {""})
             missing = len(group) - len(answered)
             self.events.emit(
                 "unverified",
-                f"round on v{base.version} attempt {attempt} not verified ({'; '.join(reasons) or 'disagreement'}"
+                f"round on v{base.version} not verified ({'; '.join(reasons) or 'disagreement'}"
                 f"{f', {missing} member(s) silent' if missing else ''}); keeping v{base.version}",
-                attempt=attempt, reasons=reasons, missing=missing,
+                redo=redo, reasons=reasons, missing=missing,
             )
             if not check.ok:
                 return "kept"  # a poisoned average: the same deltas would give it again, so keep B[v]
-            expected = sorted(answered) or expected
-            if len(expected) < r.min_group_size:
-                break
+            redo += 1
+            self._set_phase("ready", examples)
         return "kept"
+
+    def _commit(self, new_body, new_hash, group, answered, redo, result, norm, timings) -> None:
+        t_store = time.perf_counter()
+        base = self.base
+        stats = {k: round(v, 3) for k, v in timings.items()}
+        stats.update({
+            "group_size": len(group), "answered": len(answered), "redo": redo, "delta_norm": round(norm, 6),
+            "examples": {p: g.get("examples") for p, g in result["gathered"].items() if isinstance(g, dict)},
+        })
+        info = VersionInfo(base.version + 1, new_hash, parent=base.hash, contributors=sorted(group),
+                           averaged_tensors=list(self.names), round_stats=stats)
+        self._set_phase("storing")
+        self.store.save(new_body, info)
+        stats["store_s"] = round(time.perf_counter() - t_store, 3)
+        self.base = Base(info.version, new_hash, new_body)
+        self.records.announce_base(self.base.version, self.base.hash, wait=True)
+        self.events.emit(
+            "committed",
+            f"committed v{info.version} ({new_hash[:12]}) with {len(group)} contributor(s): matchmaking {stats['matchmaking_s']:.1f}s, "
+            f"all-reduce {stats['allreduce_s']:.1f}s, verify {stats['verify_s']:.1f}s, store {stats['store_s']:.1f}s",
+            version=info.version, hash=new_hash, contributors=sorted(group), stats=stats,
+        )
 
     # ---------------------------------------------------------------- main loop
     def run(self) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from coldfusion_p2p.errors import UserError
@@ -122,8 +122,13 @@ def save_tensors(tensors: BodyState, path: Path, metadata: dict[str, str] | None
 
 
 def load_tensors(path: Path) -> BodyState:
+    """Tensors from a safetensors file, in memory of their own.
+
+    ``safetensors.torch.load_file`` memory-maps the file: a base loaded that way changes under a
+    running peer when its file is damaged on disk, and its next round no longer matches the swarm.
+    """
     try:
-        return load_file(str(path))
+        return load(Path(path).read_bytes())
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"cannot read tensors from {path}: {e}") from None
 

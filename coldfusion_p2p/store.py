@@ -84,6 +84,16 @@ class VersionStore:
             raise
         return target
 
+    def retire(self, version: int) -> Path | None:
+        """Move a version that lost a fork out of the history (kept on disk, never loaded again)."""
+        info, src = self.read_info(version), self.version_dir(version)
+        if not src.exists():
+            return None
+        dest = self.root / "retired" / f"v{version:06d}-{(info.hash if info else 'unreadable')[:12]}-{int(time.time())}"
+        dest.parent.mkdir(exist_ok=True)
+        src.rename(dest)
+        return dest
+
     def read_info(self, version: int) -> VersionInfo | None:
         try:
             data = json.loads((self.version_dir(version) / MANIFEST_FILE).read_text())

@@ -9,7 +9,7 @@ DHT records (``P`` is ``cfp2p.<swarm name>``):
 - ``P.bases`` subkey peer id: ``{v, hash}``, the newest base a peer holds and serves.
 - ``P.r<v>.<hash16>.progress`` subkey peer id: ``{state: training|ready, examples, t}`` for the round on
   that base; it expires unless refreshed, so a dead trainer stops holding the round back.
-- ``P.r<v>.<hash16>.a<k>.verify`` subkey peer id: ``{hash, clean, group}`` after all-reduce attempt k.
+- ``P.r<v>.<hash16>.x<k>.verify`` subkey peer id: ``{hash, clean, group_id, reason}`` after the k-th redo.
 """
 
 from __future__ import annotations
@@ -117,6 +117,10 @@ class Holder:
 MANIFEST_KEY = "cfp2p.manifests"  # subkey: swarm name; one DHT may host several swarms
 
 
+def _neg(text: str) -> tuple[int, ...]:
+    return tuple(-ord(c) for c in text)  # so that max() prefers the smaller string
+
+
 class SwarmRecords:
     """The swarm's DHT records. Thread-safe: hivemind's DHT pipe is not, so every send holds a lock."""
 
@@ -157,18 +161,19 @@ class SwarmRecords:
                 out.append(Holder(str(peer), value["v"], value["hash"]))
         return out
 
-    def newest_base(self) -> tuple[int, str, list[str]] | None:
-        """The newest version announced, its hash (the one most holders agree on) and its holders."""
-        holders = [h for h in self.holders() if h.peer != self.peer_id]
-        if not holders:
+    def best_base(self) -> tuple[int, str, list[str]] | None:
+        """The base the swarm should be on, with the other peers that hold it (sorted by peer id).
+
+        The rule that ends any fork: the highest version wins; at the same version, the hash held by
+        the most peers; at a tie, the smaller hash. Every peer applies it to the same records.
+        """
+        votes: dict[tuple[int, str], list[str]] = {}
+        for h in self.holders():
+            votes.setdefault((h.version, h.hash), []).append(h.peer)
+        if not votes:
             return None
-        newest = max(h.version for h in holders)
-        votes: dict[str, list[str]] = {}
-        for h in holders:
-            if h.version == newest:
-                votes.setdefault(h.hash, []).append(h.peer)
-        best = max(votes, key=lambda k: len(votes[k]))
-        return newest, best, votes[best]
+        (version, body_hash), peers = max(votes.items(), key=lambda kv: (kv[0][0], len(kv[1]), _neg(kv[0][1])))
+        return version, body_hash, sorted(p for p in peers if p != self.peer_id)
 
     # --- rounds -----------------------------------------------------------------------------
     @staticmethod
@@ -182,12 +187,12 @@ class SwarmRecords:
     def progress(self, version: int, body_hash: str) -> dict[str, dict]:
         return self._get_dict(f"{self.prefix}.{self.round_key(version, body_hash)}.progress")
 
-    def publish_verdict(self, version: int, body_hash: str, attempt: int, verdict: dict) -> None:
-        key = f"{self.prefix}.{self.round_key(version, body_hash)}.a{attempt}.verify"
+    def publish_verdict(self, version: int, body_hash: str, redo: int, verdict: dict) -> None:
+        key = f"{self.prefix}.{self.round_key(version, body_hash)}.x{redo}.verify"
         self._store(key, verdict, 120.0, subkey=self.peer_id)
 
-    def verdicts(self, version: int, body_hash: str, attempt: int) -> dict[str, dict]:
-        return self._get_dict(f"{self.prefix}.{self.round_key(version, body_hash)}.a{attempt}.verify")
+    def verdicts(self, version: int, body_hash: str, redo: int) -> dict[str, dict]:
+        return self._get_dict(f"{self.prefix}.{self.round_key(version, body_hash)}.x{redo}.verify")
 
 
 class CanonicalAllReduceRunner(AllReduceRunner):
@@ -253,7 +258,18 @@ class FusionAverager(DecentralizedAverager):
     def __init__(self, *args, store_root: str, **kwargs):
         self._store_root = str(store_root)
         self._runners: dict[bytes, Any] = {}
+        self._step_inputs: list[torch.Tensor] | None = None
         super().__init__(*args, **kwargs)
+
+    async def _step(self, *, step, future_for_init):
+        # hivemind retries a failed all-reduce within the same step, on tensors that the failed try
+        # already overwrote in part: keep this step's inputs so that every try starts from them
+        with self.get_tensors() as tensors:
+            self._step_inputs = [t.clone() for t in tensors]
+        try:
+            await super()._step(step=step, future_for_init=future_for_init)
+        finally:
+            self._step_inputs = None
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """The base class's all-reduce (hivemind 1.1.12) with the canonical runner, kept so its view can be checked."""
@@ -276,8 +292,21 @@ class FusionAverager(DecentralizedAverager):
             self._state_updated.set()
 
     async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
+        """Run the all-reduce and return the gathered data with this member's verdict on it.
+
+        A failed all-reduce is returned as an unclean result rather than raised: hivemind would
+        otherwise retry it on the same key while other members of the group move on to verify.
+        """
         self._runners.pop(group_info.group_id, None)
-        gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        if self._step_inputs is not None:
+            with self.get_tensors() as tensors:
+                for tensor, original in zip(tensors, self._step_inputs):
+                    tensor.copy_(original)
+        error = ""
+        try:
+            gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure of the all-reduce makes this view unclean
+            gathered, error = {}, f"{type(e).__name__}: {str(e)[:160]}"
         runner = self._runners.pop(group_info.group_id, None)
         failed = runner.tensor_part_container.failed_size if runner is not None else -1
         banned = sorted(peer_str(p) for p in runner.banned_senders) if runner is not None else []
@@ -285,9 +314,10 @@ class FusionAverager(DecentralizedAverager):
             "gathered": {peer_str(p): v for p, v in gathered.items()},
             "group": [peer_str(p) for p in group_info.peer_ids],
             "group_id": group_info.group_id.hex(),
-            "clean": runner is not None and failed == 0 and not banned,
+            "clean": runner is not None and not error and failed == 0 and not banned,
             "failed_size": failed,
             "banned": banned,
+            "error": error,
         }
 
     def run_step(self, weight: float, gather: dict, timeout: float) -> tuple[dict | None, float, float, str]:

@@ -32,7 +32,7 @@ lr = 1e-3
 batch_size = 16
 examples_per_round = 48
 [round]
-min_group_size = 2
+min_group_size = {min_group_size}
 round_window = 60.0
 matchmaking_time = 2.0
 verify_timeout = 15.0
@@ -46,9 +46,9 @@ class LocalSwarm:
         self.initial_peer = None
         self.peers: dict[str, subprocess.Popen] = {}
 
-    def start_bootstrap(self, source: str, name: str = "test", timeout: float = 90) -> str:
+    def start_bootstrap(self, source: str, name: str = "test", min_group_size: int = 2, timeout: float = 90) -> str:
         config = self.root / "swarm.toml"
-        config.write_text(TEST_MANIFEST.format(name=name, source=source))
+        config.write_text(TEST_MANIFEST.format(name=name, source=source, min_group_size=min_group_size))
         maddrs = self.root / "bootstrap.maddrs"
         self.boot = self.children.start(
             cli_command("bootstrap", "--config", str(config), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",

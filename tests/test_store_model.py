@@ -85,3 +85,15 @@ def test_kill_during_write_leaves_no_valid_version(tiny, tmp_path):
     store = VersionStore(store_dir)  # reopening cleans interrupted writes up
     assert store.list() == [] and not list((store_dir / "versions").glob(".tmp-*"))
     assert not os.path.exists(store.version_dir(5))
+
+
+def test_a_loaded_base_does_not_change_when_its_file_is_damaged(tmp_path):
+    """safetensors' load_file memory-maps; a running peer's base must not follow its file on disk."""
+    path = tmp_path / "b.safetensors"
+    M.save_tensors({"w": torch.zeros(1000)}, path)
+    body = M.load_tensors(path)
+    with open(path, "r+b") as f:  # damage the file in place, as a failing disk or a careless user would
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\x80\x3f")
+    assert body["w"].abs().sum().item() == 0.0
+    assert M.load_tensors(path)["w"][-1].item() == 1.0
