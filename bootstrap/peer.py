@@ -51,7 +51,7 @@ def run_bootstrap(
     stop: threading.Event | None = None,
 ) -> None:
     """Serve until ``stop`` is set, Ctrl+C or SIGTERM."""
-    from coldfusion_p2p.swarm import SwarmRecords, make_averager, quiet_hivemind, start_dht, visible_maddrs
+    from coldfusion_p2p.swarm import SwarmRecords, make_averager, quiet_hivemind, start_dht, stop_process, visible_maddrs
 
     manifest = SwarmManifest.from_toml(config)
     if identity and not Path(identity).parent.exists():
@@ -90,8 +90,6 @@ def run_bootstrap(
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if averager is not None:
-            averager.shutdown()
-        if dht is not None:
-            dht.shutdown()
+        stop_process(averager)
+        stop_process(dht)
         log("bootstrap peer stopped")

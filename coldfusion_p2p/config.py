@@ -54,6 +54,7 @@ class RoundSpec:
     round_window: float = 120.0  # seconds the ready peers wait for peers still training on the same base
     matchmaking_time: float = 5.0  # seconds a leader gathers followers before the all-reduce
     allreduce_timeout: float = 180.0
+    chunk_timeout: float = 10.0  # seconds without data before a sender is dropped from an all-reduce (2x for a reducer)
     verify_timeout: float = 30.0  # seconds to wait for the group's result hashes
     max_attempts: int = 3  # all-reduce attempts on the same deltas before keeping B[v]
 
@@ -92,7 +93,7 @@ class SwarmManifest:
             problems.append("round.min_group_size must be at least 2")
         if r.max_attempts < 1:
             problems.append("round.max_attempts must be at least 1")
-        for name in ("round_window", "matchmaking_time", "allreduce_timeout", "verify_timeout"):
+        for name in ("round_window", "matchmaking_time", "allreduce_timeout", "verify_timeout", "chunk_timeout"):
             if getattr(r, name) <= 0:
                 problems.append(f"round.{name} must be positive (seconds)")
         if problems:

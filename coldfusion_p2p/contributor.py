@@ -341,12 +341,15 @@ class Contributor:
         names, base = self.names, self.base
         weight = weight_for(self.opts.weighting or f.weighting, examples)
         rule = OuterStep(f.outer_lr)
-        redo = 0
+        redo, failures = 0, 0
         t0 = time.perf_counter()
-        while redo < r.max_attempts:
+        while failures < r.max_attempts:
             expected = self._wait_for_group()
             if expected is None:
                 return "superseded"
+            # a peer that arrives while the group redoes an unverified all-reduce joins it at its redo level
+            while self.records.verdicts(base.version, base.hash, redo):
+                redo += 1
             t_gather = time.perf_counter() - t0
             self._set_phase("averaging", examples)
             group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_x{redo}"
@@ -357,9 +360,12 @@ class Contributor:
             self.events.emit("averaging", f"round on v{base.version}: averaging with up to {len(expected)} ready peer(s)"
                              + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
             result, t_match, t_allreduce, error = self.averager.run_step(
-                weight, {"examples": examples}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15
+                weight, {"examples": examples}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
+                give_up=self._newer_base_exists,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             if result is None:
+                if self._newer_base_exists():
+                    return "superseded"
                 self.events.emit("retry", f"no group formed on v{base.version} ({error or 'timeout'}); trying again", redo=redo)
                 self._set_phase("ready", examples)
                 continue
@@ -391,6 +397,7 @@ class Contributor:
             if not check.ok:
                 return "kept"  # a poisoned average: the same deltas would give it again, so keep B[v]
             redo += 1
+            failures += 1
             self._set_phase("ready", examples)
         return "kept"
 
@@ -446,7 +453,7 @@ class Contributor:
             self.averager = make_averager(
                 self.dht, self.manifest.name, [torch.zeros_like(self.base.body[n], dtype=torch.float32) for n in self.names],
                 self.store.root, self.manifest.fusion.compression, self.manifest.round.matchmaking_time,
-                self.manifest.round.allreduce_timeout, self.manifest.round.min_group_size,
+                self.manifest.round.allreduce_timeout, self.manifest.round.min_group_size, self.manifest.round.chunk_timeout,
             )
             self.records.announce_base(self.base.version, self.base.hash, wait=True)
             heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
@@ -524,21 +531,10 @@ class Contributor:
         meta.write_text(json.dumps({"labels": data.labels, "data": data.name}))
 
     def shutdown(self) -> None:
+        from coldfusion_p2p.swarm import stop_process
+
         self._stop_heartbeat.set()
-        if self.averager is not None:
-            try:
-                self.averager.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
-            if self.averager.is_alive():
-                self.averager.kill()
-            self.averager = None
-        if self.dht is not None:
-            try:
-                self.dht.shutdown()
-            except Exception:  # noqa: BLE001
-                pass
-            if self.dht.is_alive():
-                self.dht.kill()
-            self.dht = None
+        stop_process(self.averager)
+        stop_process(self.dht)
+        self.averager = self.dht = None
         self.events.close()

@@ -54,8 +54,10 @@ class Children:
             pass
 
     def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM each leader (it shuts its own children down), then SIGKILL whatever is left of each group."""
         for proc in self.procs:
-            self.signal_group(proc, signal.SIGTERM)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.procs:
             try:

@@ -28,7 +28,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import torch
 
-os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "CRITICAL")  # we report hivemind's failures in our own one-liners
 
 from hivemind.averaging import DecentralizedAverager  # noqa: E402
 from hivemind.averaging.allreduce import AllReduceRunner  # noqa: E402
@@ -52,9 +52,21 @@ MANIFEST_TTL = 600.0
 
 
 def quiet_hivemind() -> None:
-    """hivemind logs every retried RPC at WARNING; a user needs our one-line summaries instead."""
+    """hivemind logs expected outcomes (no group this time, a peer gone) with tracebacks; a user
+    needs our one-line summaries instead. HIVEMIND_LOGLEVEL=INFO brings them back for debugging."""
+    level = os.environ.get("HIVEMIND_LOGLEVEL", "CRITICAL")
     for name in ("hivemind", "hivemind.averaging", "hivemind.dht", "hivemind.p2p"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(level)
+
+
+def _children_keep_default_sigterm() -> None:
+    # hivemind forks its DHT and averager processes from ours: they must not inherit the handler
+    # that turns SIGTERM into KeyboardInterrupt, or a group-wide SIGTERM prints their tracebacks
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_children_keep_default_sigterm)
 
 
 def swarm_prefix(name: str) -> str:
@@ -320,15 +332,23 @@ class FusionAverager(DecentralizedAverager):
             "error": error,
         }
 
-    def run_step(self, weight: float, gather: dict, timeout: float) -> tuple[dict | None, float, float, str]:
-        """One all-reduce: (result or None, matchmaking seconds, all-reduce seconds, error text)."""
+    def run_step(self, weight: float, gather: dict, timeout: float, give_up=None) -> tuple[dict | None, float, float, str]:
+        """One all-reduce: (result or None, matchmaking seconds, all-reduce seconds, error text).
+
+        ``give_up()`` is asked every couple of seconds while still matchmaking; True cancels the step.
+        """
         start = time.perf_counter()
         t_allreduce = None
+        last_check = start
         try:
             control = self.step(weight=weight, gather=gather, timeout=timeout, allow_retries=True, wait=False)
             while not control.done():
                 if t_allreduce is None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
                     t_allreduce = time.perf_counter()
+                if give_up is not None and t_allreduce is None and time.perf_counter() - last_check > 2.0:
+                    last_check = time.perf_counter()
+                    if control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up():
+                        control.cancel()
                 time.sleep(0.02)
             result, error = control.result(), ""
         except Exception as e:  # noqa: BLE001 - hivemind raises many kinds; each means "no result this time"
@@ -381,7 +401,7 @@ class FusionAverager(DecentralizedAverager):
 
 def make_averager(
     dht: DHT, swarm_name: str, tensors: list[torch.Tensor], store_root: Path, compression: str,
-    matchmaking_time: float, allreduce_timeout: float, min_group_size: int,
+    matchmaking_time: float, allreduce_timeout: float, min_group_size: int, chunk_timeout: float = 10.0,
 ) -> FusionAverager:
     """Start the averager process on the main thread (hivemind needs fork and installs signal handlers)."""
     if threading.current_thread() is not threading.main_thread():
@@ -399,7 +419,7 @@ def make_averager(
             min_matchmaking_time=matchmaking_time,
             request_timeout=min(3.0, matchmaking_time / 2),
             allreduce_timeout=allreduce_timeout,
-            next_chunk_timeout=max(10.0, allreduce_timeout / 6),
+            next_chunk_timeout=chunk_timeout,  # a member silent this long is dropped (2x for a reducer)
             compression=Float16Compression() if compression == "float16" else NoCompression(),
             allow_state_sharing=False,
             shutdown_timeout=5,
@@ -456,12 +476,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def running(*closers):
-    """Run the given shutdown callables on exit, in reverse order, whatever happens."""
-    try:
-        yield
-    finally:
-        for close in reversed(closers):
-            with contextlib.suppress(Exception):
-                close()
+def stop_process(proc) -> None:
+    """Shut a hivemind DHT or averager process down gracefully, or kill it; never raises."""
+    if proc is None:
+        return
+    with contextlib.suppress(Exception):
+        proc.shutdown()
+    with contextlib.suppress(Exception):
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)

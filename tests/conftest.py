@@ -30,12 +30,14 @@ max_length = 32
 [training]
 lr = 1e-3
 batch_size = 16
-examples_per_round = 48
+examples_per_round = {examples_per_round}
 [round]
 min_group_size = {min_group_size}
-round_window = 60.0
+round_window = {round_window}
 matchmaking_time = 2.0
 verify_timeout = 15.0
+chunk_timeout = 5.0
+allreduce_timeout = 60.0
 """
 
 
@@ -46,9 +48,11 @@ class LocalSwarm:
         self.initial_peer = None
         self.peers: dict[str, subprocess.Popen] = {}
 
-    def start_bootstrap(self, source: str, name: str = "test", min_group_size: int = 2, timeout: float = 90) -> str:
+    def start_bootstrap(self, source: str, name: str = "test", min_group_size: int = 2, round_window: float = 60.0,
+                        examples_per_round: int = 48, timeout: float = 90) -> str:
         config = self.root / "swarm.toml"
-        config.write_text(TEST_MANIFEST.format(name=name, source=source, min_group_size=min_group_size))
+        config.write_text(TEST_MANIFEST.format(name=name, source=source, min_group_size=min_group_size,
+                                               round_window=round_window, examples_per_round=examples_per_round))
         maddrs = self.root / "bootstrap.maddrs"
         self.boot = self.children.start(
             cli_command("bootstrap", "--config", str(config), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",

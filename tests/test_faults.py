@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 import signal
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from coldfusion_p2p.demo import DEMO_DATA
 from coldfusion_p2p.procs import child_env
@@ -71,17 +77,17 @@ def test_alone_peer_waits_visibly_and_forks_nothing(swarm, tmp_path):
     del swarm.peers["solo"]
 
 
-def _start_liar(swarm, tmp_path, mode: str):
-    store = tmp_path / "liar"
+def start_faulty(swarm, tmp_path, fault: str, name: str = "faulty"):
+    store = tmp_path / name
     store.mkdir()
     opts = {"initial_peers": [swarm.initial_peer], "data": str(DEMO_DATA / "trec6.jsonl"), "store": str(store), "rounds": 1,
-            "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "model": "tiny-bert", "threads": 1}
-    return swarm.children.start([sys.executable, "-m", "tests.liar", mode, json.dumps(opts)], tmp_path / "liar.log", env=child_env())
+            "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "model": "tiny-bert", "threads": 1, "events": str(store / "events.jsonl")}
+    return swarm.children.start([sys.executable, "-m", "tests.fault_peers", fault, json.dumps(opts)], tmp_path / f"{name}.log", env=child_env())
 
 
 def _poisoned_round(swarm, tmp_path, mode: str, reason: str):
     swarm.start_bootstrap("tiny-bert", min_group_size=3)  # the liar must be in the group, however late it starts
-    _start_liar(swarm, tmp_path, mode)
+    start_faulty(swarm, tmp_path, mode, "liar")
     swarm.join("ann", "sms_spam", rounds=1)
     swarm.join("bob", "rotten_tomatoes", rounds=1)
 
@@ -100,3 +106,153 @@ def test_nan_delta_is_rejected_by_every_honest_peer(swarm, tmp_path):
 
 def test_delta_beyond_the_norm_bound_is_rejected(swarm, tmp_path):
     _poisoned_round(swarm, tmp_path, "huge", "exceeds the bound")
+
+
+def test_straggler_does_not_stall_the_round_and_drops_its_stale_work(swarm, tmp_path):
+    """cy is frozen (SIGSTOP) mid-training past the round window: ann and bob fuse v1 without it;
+    thawed, cy finds v1, drops its stale delta, syncs, and contributes to v2."""
+    swarm.start_bootstrap("tiny-bert", round_window=6.0, examples_per_round=480)
+    ann, bob = swarm.join("ann", "sms_spam"), swarm.join("bob", "rotten_tomatoes")
+    cy = swarm.join("cy", "trec6")
+    swarm.wait_for(lambda: any(e["event"] == "phase" and e["state"] == "training" for e in swarm.events("cy")), 90, "cy to train")
+    os.kill(cy.pid, signal.SIGSTOP)  # only its main process: its DHT and p2pd keep answering
+    swarm.wait_for(lambda: VersionStore(tmp_path / "ann").read_info(1) is not None, 90, "v1 without cy")
+    os.kill(cy.pid, signal.SIGCONT)
+    for name, proc in (("ann", ann), ("bob", bob), ("cy", cy)):
+        assert swarm.wait(proc, name, 180) == 0, swarm.log(name)
+    v1 = VersionStore(tmp_path / "ann").read_info(1)
+    assert len(v1.contributors) == 2 and _peer_id(swarm, "cy") not in v1.contributors
+    assert any(e["event"] == "stale" for e in swarm.events("cy"))
+    assert any(e["event"] == "synced" and e["version"] == 1 for e in swarm.events("cy"))
+    assert VersionStore(tmp_path / "cy").read_info(1).hash == v1.hash
+    versions = {n: [i.version for i in VersionStore(tmp_path / n).list()] for n in ("ann", "bob", "cy")}
+    top = max(max(v) for v in versions.values())
+    assert top >= 2 and len(_hashes(tmp_path, ("ann", "bob", "cy"), top)) == 1
+    assert any(_peer_id(swarm, "cy") in VersionStore(tmp_path / n).read_info(v).contributors
+               for n in ("ann", "bob", "cy") for v in range(2, top + 1) if VersionStore(tmp_path / n).read_info(v))
+
+
+def _group_size(pgid: int) -> int:
+    count = 0
+    for pid_dir in Path("/proc").iterdir():
+        if pid_dir.name.isdigit():
+            try:
+                fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                count += 1
+    return count
+
+
+def _stop_and_count(proc, sig: int, whole_group: bool) -> tuple[int, float]:
+    before = _group_size(proc.pid)
+    start = time.monotonic()
+    if whole_group:  # Ctrl+C in a terminal signals the whole foreground process group
+        os.killpg(proc.pid, sig)
+    else:  # `kill PID`: only the main process hears it and must end its children
+        os.kill(proc.pid, sig)
+    while _group_size(proc.pid) and time.monotonic() - start < 10:
+        time.sleep(0.1)
+    return before, time.monotonic() - start
+
+
+def test_signals_in_every_phase_end_every_child_process(swarm, tmp_path):
+    swarm.start_bootstrap("tiny-bert", min_group_size=2, examples_per_round=200000)
+    # training: a budget far beyond the test; SIGINT to the group as Ctrl+C does
+    trainer = swarm.join("trainer", "sms_spam")
+    swarm.wait_for(lambda: any(e["event"] == "train_step" for e in swarm.events("trainer")), 90, "training")
+    before, took = _stop_and_count(trainer, signal.SIGINT, whole_group=True)
+    assert before >= 4 and _group_size(trainer.pid) == 0, f"{before} processes, {_group_size(trainer.pid)} left after {took:.1f}s"
+    assert trainer.wait(5) == 130 and "Traceback" not in swarm.log("trainer")
+    del swarm.peers["trainer"]
+
+
+def test_signals_while_waiting_and_matchmaking(swarm, tmp_path):
+    swarm.start_bootstrap("tiny-bert", min_group_size=2)
+    # a frozen peer is ready but never averages: the other one waits in matchmaking for it
+    start_faulty(swarm, tmp_path, "hang", "frozen")
+    swarm.wait_for(lambda: any(e["event"] == "hanging" for e in swarm.events("frozen")), 90, "the frozen peer")
+    matcher = swarm.join("matcher", "sms_spam")
+    swarm.wait_for(lambda: any(e["event"] == "averaging" for e in swarm.events("matcher")), 90, "matchmaking")
+    time.sleep(1.0)
+    before, took = _stop_and_count(matcher, signal.SIGTERM, whole_group=False)
+    assert before >= 4 and _group_size(matcher.pid) == 0, f"{before} processes, {_group_size(matcher.pid)} left after {took:.1f}s"
+    assert "Traceback" not in swarm.log("matcher")
+    del swarm.peers["matcher"]
+    # alone and waiting for a group: SIGTERM
+    waiter = swarm.join("waiter", "rotten_tomatoes")
+    swarm.wait_for(lambda: any(e["event"] in ("waiting", "averaging") for e in swarm.events("waiter")), 90, "waiting")
+    before, took = _stop_and_count(waiter, signal.SIGTERM, whole_group=False)
+    assert before >= 4 and _group_size(waiter.pid) == 0, f"{before} processes, {_group_size(waiter.pid)} left after {took:.1f}s"
+    del swarm.peers["waiter"]
+
+
+@pytest.mark.slow
+def test_member_killed_mid_allreduce_never_splits_the_swarm(swarm, tmp_path):
+    """Four peers on the real encoder; five times, one is SIGKILLed at a random moment of its
+    averaging phase and restarted on its store. Survivors must all commit one B[v+1] or all keep
+    B[v]; no two stores may ever hold different bases under one version number."""
+    swarm.start_bootstrap("all-MiniLM-L6-v2", round_window=30.0, examples_per_round=16)
+    names = ["ann", "bob", "cy", "dee"]
+    datasets = dict(zip(names, ["sms_spam", "rotten_tomatoes", "trec6", "sms_spam"]))
+    for n in names:
+        swarm.join(n, datasets[n], rounds=1000)
+    rng = random.Random(2026)
+    outcomes = []
+    for rep in range(5):
+        victim = names[rep % len(names)]
+        seen = sum(e["event"] == "averaging" for e in swarm.events(victim))
+        swarm.wait_for(lambda: sum(e["event"] == "averaging" for e in swarm.events(victim)) > seen, 180, f"{victim} to average")
+        time.sleep(rng.uniform(0.2, 3.0))
+        killed_at = time.time()
+        swarm.children.signal_group(swarm.peers[victim], signal.SIGKILL)
+        swarm.peers[victim].wait(10)
+        del swarm.peers[victim]
+        survivors = [n for n in names if n != victim]
+        victim_id = _peer_id(swarm, victim)
+
+        def first_outcome(name):
+            for e in swarm.events(name):
+                if e["t"] >= killed_at and e["event"] in ("committed", "unverified"):
+                    return e
+            return None
+
+        swarm.wait_for(lambda: all(first_outcome(n) for n in survivors), 150, "the survivors' outcome")
+        firsts = {n: first_outcome(n) for n in survivors}
+        # members of the victim's group: they failed to verify, or committed a version the victim contributed to
+        members = {n: e for n, e in firsts.items() if e["event"] == "unverified" or victim_id in e.get("contributors", [])}
+        kinds = {e["event"] for e in members.values()}
+        if not members:
+            what = "killed outside an all-reduce group (no survivor shared its round)"
+        elif kinds == {"committed"}:
+            e = next(iter(members.values()))
+            what = f"{len(members)} survivor(s) committed v{e['version']} with it (group {e['stats']['group_size']}, {e['stats']['answered']} answered)"
+        elif kinds == {"unverified"}:
+            reasons = sorted({r.split(":")[0] for e in members.values() for r in e["reasons"]})
+            what = f"{len(members)} survivor(s) kept B[v] and redid without it ({'; '.join(reasons)[:100]})"
+        else:
+            what = "MIXED: " + ", ".join(f"{n}:{e['event']}" for n, e in members.items())
+        outcomes.append((rep + 1, victim, what))
+        swarm.join(victim, datasets[victim], rounds=1000)  # restart on the same store
+    swarm.wait_for(lambda: all(any(e["event"] == "committed" and e["t"] > killed_at for e in swarm.events(n)) for n in names),
+                   240, "a round with everyone after the last restart")
+    # SIGTERM (not KILL) inside the all-reduce phase: the peer must end every child within 10 s
+    target = names[0]
+    seen = sum(e["event"] == "averaging" for e in swarm.events(target))
+    swarm.wait_for(lambda: sum(e["event"] == "averaging" for e in swarm.events(target)) > seen, 180, f"{target} to average")
+    time.sleep(1.0)
+    before, took = _stop_and_count(swarm.peers[target], signal.SIGTERM, whole_group=False)
+    assert before >= 4 and _group_size(swarm.peers[target].pid) == 0, f"{before} processes, some left after {took:.1f}s"
+    print(f"\nSIGTERM during the all-reduce phase: {before} processes ended in {took:.1f}s")
+    del swarm.peers[target]
+    print("\nrepetition | killed | outcome")
+    for row in outcomes:
+        print(" | ".join(map(str, row)))
+    by_version: dict[int, set[str]] = {}
+    for n in names:
+        for info in VersionStore(tmp_path / n).list():
+            by_version.setdefault(info.version, set()).add(info.hash)
+    split = {v: h for v, h in by_version.items() if len(h) > 1}
+    assert not split, f"stores hold different bases under one version: {split}; outcomes {outcomes}"
+    assert not any("MIXED" in o[2] for o in outcomes), outcomes
