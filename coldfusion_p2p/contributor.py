@@ -67,6 +67,7 @@ class Base:
     version: int
     hash: str
     body: M.BodyState
+    contributors: list[str] = field(default_factory=list)  # who made it: expected in the next round
 
 
 class Events:
@@ -196,7 +197,7 @@ class Contributor:
             try:
                 body, info = self.store.load(version)
                 if info.hash == body_hash:
-                    return Base(version, body_hash, body)  # already here and intact
+                    return Base(version, body_hash, body, info.contributors)  # already here and intact
             except UserError as e:
                 self.log(f"{e}; downloading it again")
             self.log(f"retired our v{version} ({existing.hash[:12]}) to {self.store.retire(version)}")
@@ -226,7 +227,7 @@ class Contributor:
             except (WorkError, ValueError, TypeError):
                 pass  # the body is verified; its history record is a courtesy
             self.store.save(loaded["body"], info)
-            return Base(version, body_hash, loaded["body"])
+            return Base(version, body_hash, loaded["body"], info.contributors)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
 
@@ -235,7 +236,7 @@ class Contributor:
         if found is not None:
             body, info = found
             self.events.emit("resume", f"resuming from v{info.version} ({info.hash[:12]}) in {self.store.root}", version=info.version)
-            return Base(info.version, info.hash, body)
+            return Base(info.version, info.hash, body, info.contributors)
         if local_v0 is not None:
             self.store.save(local_v0, VersionInfo(0, self.manifest.model.v0_hash, parent=None))
             return Base(0, self.manifest.model.v0_hash, local_v0)
@@ -259,9 +260,12 @@ class Contributor:
 
     # ---------------------------------------------------------------- heartbeat
     def _set_phase(self, state: str, examples: int = 0) -> None:
-        self._phase = {"state": state, "examples": examples, "version": self.base.version, "hash": self.base.hash}
+        from coldfusion_p2p.swarm import dht_time
+
+        # "since" stays fixed while the heartbeat refreshes the record: the round window counts from it
+        self._phase = {"state": state, "examples": examples, "version": self.base.version, "hash": self.base.hash, "since": dht_time()}
         if state in ("training", "ready"):
-            self.records.set_progress(self.base.version, self.base.hash, state, examples)
+            self.records.set_progress(self.base.version, self.base.hash, state, examples, since=self._phase["since"])
         self.events.emit("phase", None, state=state, version=self.base.version)
 
     def _heartbeat(self) -> None:
@@ -272,7 +276,7 @@ class Contributor:
                 if base is not None:
                     self.records.announce_base(base.version, base.hash)
                 if phase.get("state") in ("training", "ready"):
-                    self.records.set_progress(phase["version"], phase["hash"], phase["state"], phase["examples"])
+                    self.records.set_progress(phase["version"], phase["hash"], phase["state"], phase["examples"], since=phase["since"])
                 if time.monotonic() - last_manifest > 60:
                     self.records.publish_manifest(self.manifest.to_dict())
                     last_manifest = time.monotonic()
@@ -281,32 +285,42 @@ class Contributor:
 
     # ---------------------------------------------------------------- the round
     def _wait_for_group(self) -> list[str] | None:
-        """Wait until this base's round can start; the ready peers, or None if a newer base appeared."""
-        r = self.manifest.round
+        """Wait until this base's round can start; the ready peers, or None if a newer base appeared.
+
+        Expected in the round: every peer that announces ``training`` on this base, and every peer
+        that made this base and still holds it (its records may not have reached us yet). The round
+        starts when all of them are ready, or when the round window closes; never below the
+        manifest's minimum group size.
+        """
+        from coldfusion_p2p.swarm import dht_time
+
+        r, base, me = self.manifest.round, self.base, self.records.peer_id
         started, last_note = time.monotonic(), 0.0
         while True:
             if self._newer_base_exists():
                 return None
-            progress = self.records.progress(self.base.version, self.base.hash)
-            ready = {p: s for p, s in progress.items() if isinstance(s, dict) and s.get("state") == "ready"}
-            training = [p for p, s in progress.items() if isinstance(s, dict) and s.get("state") == "training"]
-            ready.setdefault(self.records.peer_id, {"t": time.time()})
+            progress = {p: s for p, s in self.records.progress(base.version, base.hash).items() if isinstance(s, dict)}
+            ready = {p: s for p, s in progress.items() if s.get("state") == "ready"}
+            ready.setdefault(me, {"t": dht_time()})
+            left = {p for p, s in progress.items() if s.get("state") == "left"}
+            holding = {h.peer for h in self.records.holders() if (h.version, h.hash) == (base.version, base.hash)}
+            expected = {p for p, s in progress.items() if s.get("state") == "training"}
+            expected |= (set(base.contributors) & holding) - left
+            missing = expected - set(ready)
             first_ready = min(float(s.get("t", 0)) for s in ready.values())
-            from coldfusion_p2p.swarm import dht_time
-
             window_closed = dht_time() - first_ready > r.round_window
-            if len(ready) >= r.min_group_size and (not training or window_closed):
+            if len(ready) >= r.min_group_size and (not missing or window_closed):
                 return sorted(ready)
             now = time.monotonic()
             if now - last_note > 10:
-                if len(ready) < r.min_group_size and not training:
-                    note = f"waiting for peers: {len(ready)} ready on v{self.base.version}, the swarm needs {r.min_group_size}"
+                if len(ready) < r.min_group_size and not missing:
+                    note = f"waiting for peers: {len(ready)} ready on v{base.version}, the swarm needs {r.min_group_size}"
                 else:
-                    note = f"waiting for {len(training)} peer(s) still training on v{self.base.version} ({len(ready)} ready)"
-                self.events.emit("waiting", note, ready=len(ready), training=len(training))
+                    note = f"waiting for {len(missing)} peer(s) still training on v{base.version} ({len(ready)} ready)"
+                self.events.emit("waiting", note, ready=len(ready), training=len(missing))
                 last_note = now
             if self.opts.max_wait is not None and now - started > self.opts.max_wait:
-                raise WorkError(f"waited {self.opts.max_wait:.0f}s for a group on v{self.base.version}; giving up (B[v] is kept in the store)")
+                raise WorkError(f"waited {self.opts.max_wait:.0f}s for a group on v{base.version}; giving up (B[v] is kept in the store)")
             time.sleep(1.0)
 
     def _better_base(self) -> tuple[int, str, list[str]] | None:
@@ -414,7 +428,7 @@ class Contributor:
         self._set_phase("storing")
         self.store.save(new_body, info)
         stats["store_s"] = round(time.perf_counter() - t_store, 3)
-        self.base = Base(info.version, new_hash, new_body)
+        self.base = Base(info.version, new_hash, new_body, info.contributors)
         self.records.announce_base(self.base.version, self.base.hash, wait=True)
         self.events.emit(
             "committed",
@@ -504,6 +518,8 @@ class Contributor:
             elif outcome == "superseded":
                 self.events.emit("stale", f"the swarm moved past v{base.version} before this peer's delta was fused; dropping it and syncing")
             self._set_phase("idle")
+        self.records.set_progress(self.base.version, self.base.hash, "left", wait=True)  # nobody waits for us now
+        self._phase = {"state": "left"}
         self.events.emit("done", f"done: {committed} round(s) committed, newest base v{self.base.version} ({self.base.hash[:12]})", committed=committed, version=self.base.version, hash=self.base.hash)
         return committed
 

@@ -192,8 +192,9 @@ class SwarmRecords:
     def round_key(version: int, body_hash: str) -> str:
         return f"r{version}.{body_hash[:16]}"
 
-    def set_progress(self, version: int, body_hash: str, state: str, examples: int = 0, wait: bool = False) -> None:
-        value = {"state": state, "examples": examples, "t": dht_time()}
+    def set_progress(self, version: int, body_hash: str, state: str, examples: int = 0, wait: bool = False,
+                     since: float | None = None) -> None:
+        value = {"state": state, "examples": examples, "t": since if since is not None else dht_time()}
         self._store(f"{self.prefix}.{self.round_key(version, body_hash)}.progress", value, RECORD_TTL, subkey=self.peer_id, wait=wait)
 
     def progress(self, version: int, body_hash: str) -> dict[str, dict]:

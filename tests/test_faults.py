@@ -113,7 +113,7 @@ def test_straggler_does_not_stall_the_round_and_drops_its_stale_work(swarm, tmp_
     thawed, cy finds v1, drops its stale delta, syncs, and contributes to v2."""
     swarm.start_bootstrap("tiny-bert", round_window=6.0, examples_per_round=480)
     ann, bob = swarm.join("ann", "sms_spam"), swarm.join("bob", "rotten_tomatoes")
-    cy = swarm.join("cy", "trec6")
+    cy = swarm.join("cy", "trec6", rounds=1)  # its first round is stale by design: it contributes to v2
     swarm.wait_for(lambda: any(e["event"] == "phase" and e["state"] == "training" for e in swarm.events("cy")), 90, "cy to train")
     os.kill(cy.pid, signal.SIGSTOP)  # only its main process: its DHT and p2pd keep answering
     swarm.wait_for(lambda: VersionStore(tmp_path / "ann").read_info(1) is not None, 90, "v1 without cy")
@@ -122,6 +122,10 @@ def test_straggler_does_not_stall_the_round_and_drops_its_stale_work(swarm, tmp_
         assert swarm.wait(proc, name, 180) == 0, swarm.log(name)
     v1 = VersionStore(tmp_path / "ann").read_info(1)
     assert len(v1.contributors) == 2 and _peer_id(swarm, "cy") not in v1.contributors
+    # the window closed 6 s after the first peer was ready, while cy's training record was still alive
+    ready_at = min(e["t"] for n in ("ann", "bob") for e in swarm.events(n) if e["event"] == "phase" and e["state"] == "ready")
+    averaging_at = min(e["t"] for n in ("ann", "bob") for e in swarm.events(n) if e["event"] == "averaging")
+    assert 5.0 < averaging_at - ready_at < 15.0, averaging_at - ready_at
     assert any(e["event"] == "stale" for e in swarm.events("cy"))
     assert any(e["event"] == "synced" and e["version"] == 1 for e in swarm.events("cy"))
     assert VersionStore(tmp_path / "cy").read_info(1).hash == v1.hash
