@@ -38,6 +38,7 @@ from coldfusion_p2p.store import VersionInfo, VersionStore
 from coldfusion_p2p.training import LocalTrainer, pick_device
 
 HEARTBEAT_SECONDS = 4.0
+SETTLE_SECONDS = 1.0  # a second look before a round starts, so that peers' views of the records agree
 
 
 @dataclass
@@ -295,7 +296,7 @@ class Contributor:
         from coldfusion_p2p.swarm import dht_time
 
         r, base, me = self.manifest.round, self.base, self.records.peer_id
-        started, last_note = time.monotonic(), 0.0
+        started, last_note, settled = time.monotonic(), 0.0, False
         while True:
             if self._newer_base_exists():
                 return None
@@ -310,7 +311,12 @@ class Contributor:
             first_ready = min(float(s.get("t", 0)) for s in ready.values())
             window_closed = dht_time() - first_ready > r.round_window
             if len(ready) >= r.min_group_size and (not missing or window_closed):
-                return sorted(ready)
+                if settled or window_closed:
+                    return sorted(ready)
+                settled = True  # look once more after a moment: another peer's records may be on their way
+                time.sleep(SETTLE_SECONDS)
+                continue
+            settled = False
             now = time.monotonic()
             if now - last_note > 10:
                 if len(ready) < r.min_group_size and not missing:
@@ -321,7 +327,7 @@ class Contributor:
                 last_note = now
             if self.opts.max_wait is not None and now - started > self.opts.max_wait:
                 raise WorkError(f"waited {self.opts.max_wait:.0f}s for a group on v{base.version}; giving up (B[v] is kept in the store)")
-            time.sleep(1.0)
+            time.sleep(0.5)
 
     def _better_base(self) -> tuple[int, str, list[str]] | None:
         best = self.records.best_base()
@@ -367,7 +373,10 @@ class Contributor:
             t_gather = time.perf_counter() - t0
             self._set_phase("averaging", examples)
             group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_x{redo}"
-            self.averager.set_round(group_prefix, target_group_size=len(expected), min_group_size=r.min_group_size)
+            # no target size: a count of ready peers can be short of the truth, and a leader that
+            # reaches it closes the group on a peer that arrives a moment later; gather for the
+            # whole matchmaking time instead (every ready peer gets there within about a second)
+            self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size)
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
                     t.copy_(d)

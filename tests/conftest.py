@@ -34,7 +34,7 @@ examples_per_round = {examples_per_round}
 [round]
 min_group_size = {min_group_size}
 round_window = {round_window}
-matchmaking_time = 2.0
+matchmaking_time = 3.0
 verify_timeout = 15.0
 chunk_timeout = 5.0
 allreduce_timeout = 60.0

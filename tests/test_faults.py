@@ -112,8 +112,9 @@ def test_straggler_does_not_stall_the_round_and_drops_its_stale_work(swarm, tmp_
     """cy is frozen (SIGSTOP) mid-training past the round window: ann and bob fuse v1 without it;
     thawed, cy finds v1, drops its stale delta, syncs, and contributes to v2."""
     swarm.start_bootstrap("tiny-bert", round_window=6.0, examples_per_round=480)
-    ann, bob = swarm.join("ann", "sms_spam"), swarm.join("bob", "rotten_tomatoes")
-    cy = swarm.join("cy", "trec6", rounds=1)  # its first round is stale by design: it contributes to v2
+    # three rounds for ann and bob, so that a holder of every version is still up when anyone needs it
+    ann, bob = swarm.join("ann", "sms_spam", rounds=3), swarm.join("bob", "rotten_tomatoes", rounds=3)
+    cy = swarm.join("cy", "trec6", rounds=1)  # its first round is stale by design: it contributes later
     swarm.wait_for(lambda: any(e["event"] == "phase" and e["state"] == "training" for e in swarm.events("cy")), 90, "cy to train")
     os.kill(cy.pid, signal.SIGSTOP)  # only its main process: its DHT and p2pd keep answering
     swarm.wait_for(lambda: VersionStore(tmp_path / "ann").read_info(1) is not None, 90, "v1 without cy")
