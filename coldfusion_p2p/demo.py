@@ -193,6 +193,7 @@ def _summary(console: Console, peers: list[PeerView], codes: list[int], work: Pa
         accuracy.add_column(f"from v{v}")
     for p in peers:
         accuracy.add_row(p.name, p.dataset, *[f"{a:.3f}" for a in p.accuracy[:rounds]])
+    console.print()
     console.print(breakdown)
     console.print(accuracy)
     finals = {p.done["hash"] for p in peers if p.done}
