@@ -120,7 +120,7 @@ def join(
         _fail(e)
     except KeyboardInterrupt:
         err.print("interrupted: every finished version is in the store")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -177,7 +177,7 @@ def demo(
         _fail(e)
     except KeyboardInterrupt:
         err.print("interrupted: every process of the demo was stopped")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     raise typer.Exit(0 if ok else 1)
 
 

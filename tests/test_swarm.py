@@ -50,7 +50,7 @@ def test_three_peers_two_rounds_survive_bootstrap_loss(swarm, tiny_model_dir, tm
     body_keys = set(v0)
     assert set(info1.averaged_tensors) == {k for k in body_keys if v0[k].is_floating_point()}
     heads = {n: M.load_tensors(tmp_path / n / "head.safetensors") for n in names}
-    for n, head in heads.items():  # heads stayed local and are not part of the body
+    for head in heads.values():  # heads stayed local and are not part of the body
         assert not set(head) & body_keys
         assert not any(k in info1.averaged_tensors for k in head)
     assert heads["cy"]["out.weight"].shape[0] == 6 and heads["ada"]["out.weight"].shape[0] == 2
