@@ -39,6 +39,21 @@ class VersionInfo:
     round_stats: dict = field(default_factory=dict)  # timings, group size, attempts
 
 
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) is not writing anything
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -56,7 +71,17 @@ class VersionStore:
         self._clean_leftovers()
 
     def _clean_leftovers(self) -> None:
-        for tmp in self.versions_dir.glob(".tmp-*"):  # an interrupted write: never a valid version
+        """Remove the temporary folders of interrupted writes: those whose writing process is gone.
+
+        A live writer's folder is left alone: any reader (``cfp2p versions``, a test) opens stores.
+        """
+        for tmp in self.versions_dir.glob(".tmp-*"):
+            try:
+                pid = int(tmp.name.split("-")[1])
+            except (IndexError, ValueError):
+                pid = None
+            if pid is not None and _alive(pid):
+                continue
             shutil.rmtree(tmp, ignore_errors=True)
 
     def version_dir(self, version: int) -> Path:
@@ -70,7 +95,7 @@ class VersionStore:
             if existing is not None and existing.hash == info.hash:
                 return target
             raise UserError(f"store {self.root} already holds a different v{info.version} ({existing.hash[:12] if existing else 'unreadable'})")
-        tmp = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=".tmp-"))
+        tmp = Path(tempfile.mkdtemp(dir=self.versions_dir, prefix=f".tmp-{os.getpid()}-"))
         try:
             save_tensors(body, tmp / BODY_FILE, metadata={"version": str(info.version), "hash": info.hash})
             (tmp / MANIFEST_FILE).write_text(json.dumps(asdict(info), indent=1))

@@ -97,3 +97,14 @@ def test_a_loaded_base_does_not_change_when_its_file_is_damaged(tmp_path):
         f.write(b"\x00\x00\x80\x3f")
     assert body["w"].abs().sum().item() == 0.0
     assert M.load_tensors(path)["w"][-1].item() == 1.0
+
+
+def test_opening_a_store_leaves_a_live_writers_temporary_folder_alone(tiny, tmp_path):
+    """A reader (cfp2p versions, a monitor) opening a store must not break a write in progress."""
+    store = VersionStore(tmp_path / "s")
+    live = store.versions_dir / f".tmp-{os.getpid()}-abc"
+    live.mkdir()
+    dead = store.versions_dir / ".tmp-999999999-abc"  # no such process
+    dead.mkdir()
+    VersionStore(tmp_path / "s")
+    assert live.exists() and not dead.exists()
