@@ -298,13 +298,14 @@ class Contributor:
         r, base, me = self.manifest.round, self.base, self.records.peer_id
         started, last_note, settled = time.monotonic(), 0.0, False
         while True:
-            if self._newer_base_exists():
+            holders = self.records.holders()
+            if self._newer_base_exists(holders):
                 return None
             progress = {p: s for p, s in self.records.progress(base.version, base.hash).items() if isinstance(s, dict)}
             ready = {p: s for p, s in progress.items() if s.get("state") == "ready"}
             ready.setdefault(me, {"t": dht_time()})
             left = {p for p, s in progress.items() if s.get("state") == "left"}
-            holding = {h.peer for h in self.records.holders() if (h.version, h.hash) == (base.version, base.hash)}
+            holding = {h.peer for h in holders if (h.version, h.hash) == (base.version, base.hash)}
             expected = {p for p, s in progress.items() if s.get("state") == "training"}
             expected |= (set(base.contributors) & holding) - left
             missing = expected - set(ready)
@@ -335,8 +336,8 @@ class Contributor:
             return None
         return best if best[0] >= self.base.version else None
 
-    def _newer_base_exists(self) -> bool:
-        best = self.records.best_base()
+    def _newer_base_exists(self, holders=None) -> bool:
+        best = self.records.best_base(holders)
         return best is not None and best[0] > self.base.version
 
     def _await_verdicts(self, redo: int, group: list[str], group_id: str) -> dict[str, dict]:

@@ -173,14 +173,15 @@ class SwarmRecords:
                 out.append(Holder(str(peer), value["v"], value["hash"]))
         return out
 
-    def best_base(self) -> tuple[int, str, list[str]] | None:
+    def best_base(self, holders: list[Holder] | None = None) -> tuple[int, str, list[str]] | None:
         """The base the swarm should be on, with the other peers that hold it (sorted by peer id).
 
         The rule that ends any fork: the highest version wins; at the same version, the hash held by
         the most peers; at a tie, the smaller hash. Every peer applies it to the same records.
+        ``holders``: records already fetched with ``holders()``, to spare a lookup.
         """
         votes: dict[tuple[int, str], list[str]] = {}
-        for h in self.holders():
+        for h in self.holders() if holders is None else holders:
             votes.setdefault((h.version, h.hash), []).append(h.peer)
         if not votes:
             return None

@@ -103,35 +103,39 @@ class LocalSwarm:
             time.sleep(0.3)
 
 
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that mention ``text`` (a test's folder, say)."""
-    found = []
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
-            continue
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append(cmdline)
-    return found
-
-
-def live_p2pd() -> set[int]:
-    pids = set()
+def live_processes():
+    """(pid, process group, /proc folder) of every process that is not a zombie."""
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
             continue
         try:
-            comm = (pid_dir / "comm").read_text().strip()
-            state = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if comm == "p2pd" and state != "Z":
-            pids.add(int(pid_dir.name))
-    return pids
+        if fields[0] != "Z":
+            yield int(pid_dir.name), int(fields[2]), pid_dir
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (a test's folder, say)."""
+    cmdlines = (_read(d / "cmdline") for pid, _, d in live_processes() if pid != os.getpid())
+    return [c for c in cmdlines if text in c]
+
+
+def live_p2pd() -> set[int]:
+    return {pid for pid, _, d in live_processes() if _read(d / "comm") == "p2pd"}
+
+
+def group_size(pgid: int) -> int:
+    """How many live processes a process group has."""
+    return sum(1 for _, group, _ in live_processes() if group == pgid)
 
 
 @pytest.fixture(autouse=True)

@@ -9,13 +9,14 @@ import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from coldfusion_p2p.demo import DEMO_DATA
 from coldfusion_p2p.procs import child_env
 from coldfusion_p2p.store import VersionStore
+
+from .conftest import group_size
 
 
 def _peer_id(swarm, name: str) -> str:
@@ -137,27 +138,14 @@ def test_straggler_does_not_stall_the_round_and_drops_its_stale_work(swarm, tmp_
                for n in ("ann", "bob", "cy") for v in range(2, top + 1) if VersionStore(tmp_path / n).read_info(v))
 
 
-def _group_size(pgid: int) -> int:
-    count = 0
-    for pid_dir in Path("/proc").iterdir():
-        if pid_dir.name.isdigit():
-            try:
-                fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                count += 1
-    return count
-
-
 def _stop_and_count(proc, sig: int, whole_group: bool) -> tuple[int, float]:
-    before = _group_size(proc.pid)
+    before = group_size(proc.pid)
     start = time.monotonic()
     if whole_group:  # Ctrl+C in a terminal signals the whole foreground process group
         os.killpg(proc.pid, sig)
     else:  # `kill PID`: only the main process hears it and must end its children
         os.kill(proc.pid, sig)
-    while _group_size(proc.pid) and time.monotonic() - start < 10:
+    while group_size(proc.pid) and time.monotonic() - start < 10:
         time.sleep(0.1)
     return before, time.monotonic() - start
 
@@ -168,7 +156,7 @@ def test_signals_in_every_phase_end_every_child_process(swarm, tmp_path):
     trainer = swarm.join("trainer", "sms_spam")
     swarm.wait_for(lambda: any(e["event"] == "train_step" for e in swarm.events("trainer")), 90, "training")
     before, took = _stop_and_count(trainer, signal.SIGINT, whole_group=True)
-    assert before >= 4 and _group_size(trainer.pid) == 0, f"{before} processes, {_group_size(trainer.pid)} left after {took:.1f}s"
+    assert before >= 4 and group_size(trainer.pid) == 0, f"{before} processes, {group_size(trainer.pid)} left after {took:.1f}s"
     assert trainer.wait(5) == 130 and "Traceback" not in swarm.log("trainer")
     del swarm.peers["trainer"]
 
@@ -182,14 +170,14 @@ def test_signals_while_waiting_and_matchmaking(swarm, tmp_path):
     swarm.wait_for(lambda: any(e["event"] == "averaging" for e in swarm.events("matcher")), 90, "matchmaking")
     time.sleep(1.0)
     before, took = _stop_and_count(matcher, signal.SIGTERM, whole_group=False)
-    assert before >= 4 and _group_size(matcher.pid) == 0, f"{before} processes, {_group_size(matcher.pid)} left after {took:.1f}s"
+    assert before >= 4 and group_size(matcher.pid) == 0, f"{before} processes, {group_size(matcher.pid)} left after {took:.1f}s"
     assert "Traceback" not in swarm.log("matcher")
     del swarm.peers["matcher"]
     # alone and waiting for a group: SIGTERM
     waiter = swarm.join("waiter", "rotten_tomatoes")
     swarm.wait_for(lambda: any(e["event"] in ("waiting", "averaging") for e in swarm.events("waiter")), 90, "waiting")
     before, took = _stop_and_count(waiter, signal.SIGTERM, whole_group=False)
-    assert before >= 4 and _group_size(waiter.pid) == 0, f"{before} processes, {_group_size(waiter.pid)} left after {took:.1f}s"
+    assert before >= 4 and group_size(waiter.pid) == 0, f"{before} processes, {group_size(waiter.pid)} left after {took:.1f}s"
     del swarm.peers["waiter"]
 
 
@@ -248,7 +236,7 @@ def test_member_killed_mid_allreduce_never_splits_the_swarm(swarm, tmp_path):
     swarm.wait_for(lambda: sum(e["event"] == "averaging" for e in swarm.events(target)) > seen, 180, f"{target} to average")
     time.sleep(1.0)
     before, took = _stop_and_count(swarm.peers[target], signal.SIGTERM, whole_group=False)
-    assert before >= 4 and _group_size(swarm.peers[target].pid) == 0, f"{before} processes, some left after {took:.1f}s"
+    assert before >= 4 and group_size(swarm.peers[target].pid) == 0, f"{before} processes, some left after {took:.1f}s"
     print(f"\nSIGTERM during the all-reduce phase: {before} processes ended in {took:.1f}s")
     del swarm.peers[target]
     print("\nrepetition | killed | outcome")
