@@ -69,6 +69,37 @@ def _children_keep_default_sigterm() -> None:
 os.register_at_fork(after_in_child=_children_keep_default_sigterm)
 
 
+class _SturdyPipe:
+    """The DHT process's end of its request pipe, for requests whose sender died.
+
+    A request carries an MPFuture, and unpickling it fetches a pipe handle from the *sending*
+    process. If that process exited in between (an averager shut down right after it declared
+    itself for matchmaking), ``recv`` raises EOFError, which hivemind 1.1.12's DHT loop does not
+    catch: the whole DHT process died with a traceback. As an OSError the loop drops the request
+    and carries on.
+    """
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def recv(self):
+        try:
+            return self._conn.recv()
+        except EOFError as e:
+            raise ConnectionError(f"a DHT request's sender exited before it was read: {e!r}") from None
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class SwarmDHT(DHT):
+    """hivemind's DHT, but a request from a process that has since exited cannot kill it."""
+
+    def run(self) -> None:
+        self._inner_pipe = _SturdyPipe(self._inner_pipe)
+        super().run()
+
+
 def swarm_prefix(name: str) -> str:
     return f"cfp2p.{name}"
 
@@ -97,7 +128,7 @@ def start_dht(
         except Exception as e:
             raise UserError(f"not a multiaddress: {addr!r} ({e}); expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...") from None
     try:
-        return DHT(
+        return SwarmDHT(
             initial_peers=list(initial_peers),
             host_maddrs=list(host_maddrs),
             announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
