@@ -11,6 +11,7 @@ import os
 import signal
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -51,7 +52,7 @@ def run_bootstrap(
     stop: threading.Event | None = None,
 ) -> None:
     """Serve until ``stop`` is set, Ctrl+C or SIGTERM."""
-    from coldfusion_p2p.swarm import SwarmRecords, make_averager, quiet_hivemind, start_dht, stop_process, visible_maddrs
+    from coldfusion_p2p.swarm import SwarmRecords, dht_time, make_averager, quiet_hivemind, start_dht, stop_process, visible_maddrs
 
     manifest = SwarmManifest.from_toml(config)
     if identity and not Path(identity).parent.exists():
@@ -80,10 +81,20 @@ def run_bootstrap(
             _write_atomically(Path(maddrs_file), " ".join(maddrs) + "\n")
         log(f"bootstrap peer of swarm {manifest.name!r} is up (model {manifest.model.source}, v0 {manifest.model.v0_hash[:12]})")
         log("hand this to contributors:  --initial-peers " + " --initial-peers ".join(maddrs))
+        started = time.monotonic()
+
+        def metrics() -> dict:  # PeerMetrics: a bootstrap peer serves v0 and never trains
+            return {"swarm": manifest.name, "peer": records.peer_id, "name": "bootstrap", "role": "bootstrap", "version": 0,
+                    "hash": manifest.model.v0_hash, "phase": "serving", "step": 0, "total": 0, "loss": None,
+                    "examples_per_second": None, "device": "-", "uptime": float(time.monotonic() - started),
+                    "last_round_seconds": None, "rounds": 0, "t": float(dht_time())}
+
+        records.publish_metrics(metrics())
         beats = 0
         while not stop.wait(ANNOUNCE_SECONDS):
             beats += 1
             records.announce_base(0, manifest.model.v0_hash)
+            records.publish_metrics(metrics())
             if beats % 12 == 0:
                 records.publish_manifest(manifest.to_dict())
     except KeyboardInterrupt:

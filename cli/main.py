@@ -99,7 +99,8 @@ def join(
     max_wait: Optional[float] = typer.Option(None, "--max-wait", help="give up after waiting this many seconds for peers"),
     events: Optional[Path] = typer.Option(None, "--events", help="append JSON progress events to this file"),
     keep_finetuned: bool = typer.Option(False, "--keep-finetuned", help="also store each round's finetuned body"),
-    name: Optional[str] = typer.Option(None, "--name", help="display name in logs"),
+    name: Optional[str] = typer.Option(None, "--name", help="display name in logs and in `cfp2p status` (public)"),
+    plain: bool = typer.Option(False, "--plain", help="log lines instead of progress bars, also on a terminal"),
 ):
     """Join a swarm as a contributor: finetune on private data, fuse with peers, repeat.
 
@@ -112,15 +113,62 @@ def join(
         initial_peers=initial_peers, data=str(data), store=str(store), text_column=text_column, label_column=label_column,
         rounds=rounds, swarm=swarm, model=model, device=device, weighting=weight, host_maddrs=host_maddrs,
         announce_maddrs=announce_maddrs, threads=threads, keep_finetuned=keep_finetuned,
-        events=str(events) if events else None, max_wait=max_wait,
+        events=str(events) if events else None, max_wait=max_wait, name=name,
     )
     try:
-        Contributor(opts, log=_log_to_stderr(f"[{name}] " if name else "")).run()
+        if err.is_terminal and not plain:
+            from cli.progress import JoinProgress
+
+            with JoinProgress(err) as bars:
+                Contributor(opts, log=bars.log, listener=bars).run()
+        else:
+            Contributor(opts, log=_log_to_stderr(f"[{name}] " if name else "")).run()
     except (UserError, WorkError) as e:
         _fail(e)
     except KeyboardInterrupt:
         err.print("interrupted: every finished version is in the store")
         raise typer.Exit(130) from None
+
+
+@app.command()
+def status(
+    initial_peers: List[str] = typer.Option(..., "--initial-peers", help="multiaddress of any peer in the swarm (repeatable)"),
+    swarm: Optional[str] = typer.Option(None, "--swarm", help="which swarm, when the DHT hosts several"),
+    once: bool = typer.Option(False, "--once", help="print one snapshot and exit"),
+    as_json: bool = typer.Option(False, "--json", help="print the snapshot as JSON for scripts (implies --once)"),
+    interval: float = typer.Option(2.0, "--interval", min=0.5, help="seconds between refreshes of the live view"),
+):
+    """Watch a swarm: newest base, peers and their progress, recent rounds. Joins as a DHT client; never averages.
+
+    Example: cfp2p status --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/Qm...
+    """
+    from coldfusion_p2p.status import render, snapshot
+    from coldfusion_p2p.swarm import SwarmRecords, quiet_hivemind, start_dht, stop_process
+
+    quiet_hivemind()
+    signal.signal(signal.SIGTERM, _interrupt)
+    dht = None
+    try:
+        dht = start_dht(initial_peers, client_mode=True)
+        records = SwarmRecords(dht)
+        if as_json:
+            print(json.dumps(snapshot(records, swarm), indent=1))
+        elif once or not out.is_terminal:
+            # off a terminal Rich assumes 80 columns, too narrow for the peers table
+            (out if out.is_terminal else Console(width=int(os.environ.get("COLUMNS", 160)))).print(render(snapshot(records, swarm)))
+        else:
+            from rich.live import Live
+
+            with Live(render(snapshot(records, swarm)), console=out, refresh_per_second=4, screen=False) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(render(snapshot(records, swarm)))
+    except (UserError, WorkError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+    finally:
+        stop_process(dht)
 
 
 @app.command()
@@ -158,6 +206,124 @@ def versions(
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])), *((("yes" if r["valid"] else "[red]NO[/red]"),) if verify else ()),
         )
     out.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    data: List[Path] = typer.Option(..., "--data", help="a labelled dataset to evaluate on (repeatable)"),
+    store: Path = typer.Option(Path("cfp2p-store"), "--store", help="a peer's store (versions and model files)"),
+    base: str = typer.Option("latest", "--base", help="version number, 'latest', or a path (version folder, body file, exported folder)"),
+    against: str = typer.Option("0", "--against", help="the reference base, side by side (default v0)"),
+    text_column: str = typer.Option("text", "--text-column"),
+    label_column: str = typer.Option("label", "--label-column"),
+    probe: bool = typer.Option(True, "--probe/--no-probe", help="linear probe on the frozen body"),
+    finetune: bool = typer.Option(True, "--finetune/--no-finetune", help="full finetuning of body and a new head"),
+    lr: float = typer.Option(5e-5, "--lr", help="finetuning learning rate"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    epochs: float = typer.Option(1.0, "--epochs", min=0.01, help="finetuning passes over the training split"),
+    max_examples: int = typer.Option(2000, "--max-examples", min=16, help="cap on training examples (probe and finetune)"),
+    max_length: int = typer.Option(128, "--max-length", min=8),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1),
+    as_json: bool = typer.Option(False, "--json", help="print JSON for scripts"),
+):
+    """Evaluate a base against v0 on labelled data: linear probe and finetuning, side by side.
+
+    Example: cfp2p eval --store cfp2p-store --base latest --data mine.csv --data other.jsonl
+    """
+    import torch
+
+    from coldfusion_p2p.config import TrainingSpec
+    from coldfusion_p2p.data import load_private_data
+    from coldfusion_p2p.evaluate import EvalSettings, evaluate, resolve_base
+    from coldfusion_p2p.store import VersionStore
+    from coldfusion_p2p.training import pick_device
+
+    _quiet_libraries()
+    try:
+        if not probe and not finetune:
+            raise UserError("nothing to do: both --no-probe and --no-finetune")
+        if threads:
+            torch.set_num_threads(threads)
+        datasets = [load_private_data(d, text_column, label_column) for d in data]
+        if not store.is_dir():
+            raise UserError(f"no store at {store}")
+        vs = VersionStore(store)
+        label_b, body_b, model_dir = resolve_base(vs, base)
+        label_a, body_a, _ = resolve_base(vs, against)
+        if label_a == label_b:
+            label_a = f"{label_a} (reference)"
+        settings = EvalSettings(
+            max_length=max_length, probe_train_limit=max_examples, device=str(pick_device(device)),
+            finetune=TrainingSpec(lr=lr, batch_size=batch_size, examples_per_round=max_examples, warmup_ratio=0.06, seed=0),
+            finetune_epochs=epochs,
+        )
+        log = _log_to_stderr()
+        rows = evaluate(model_dir, {label_a: body_a, label_b: body_b}, datasets, settings, probe=probe, finetune=finetune, log=log)
+    except (UserError, WorkError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    if as_json:
+        print(json.dumps({"reference": label_a, "base": label_b, "rows": rows}, indent=1))
+        return
+    out.print(eval_table(rows, label_a, label_b, probe, finetune))
+
+
+def eval_table(rows: list[dict], label_a: str, label_b: str, probe: bool, finetune: bool) -> Table:
+    table = Table(title=f"{label_b} against {label_a} (held-out accuracy)")
+    table.add_column("dataset")
+    kinds = [k for k, on in (("probe", probe), ("finetune", finetune)) if on]
+    for k in kinds:
+        table.add_column(f"{k} {label_a}", justify="right")
+        table.add_column(f"{k} {label_b}", justify="right")
+        table.add_column("change", justify="right")
+    by = {(r["dataset"], r["base"]): r for r in rows}
+    names = list(dict.fromkeys(r["dataset"] for r in rows))
+    sums = {k: [0.0, 0.0] for k in kinds}
+    for name in names:
+        cells = []
+        for k in kinds:
+            a, b = by[(name, label_a)][k], by[(name, label_b)][k]
+            sums[k][0] += a
+            sums[k][1] += b
+            cells += [f"{a:.3f}", f"{b:.3f}", _signed(b - a)]
+        table.add_row(name, *cells)
+    if len(names) > 1:
+        cells = []
+        for k in kinds:
+            a, b = sums[k][0] / len(names), sums[k][1] / len(names)
+            cells += [f"{a:.3f}", f"{b:.3f}", _signed(b - a)]
+        table.add_row("[bold]mean[/bold]", *cells)
+    return table
+
+
+def _signed(x: float) -> str:
+    points = 100 * x
+    color = "green" if points > 0.05 else "red" if points < -0.05 else "dim"
+    return f"[{color}]{points:+.1f} pt[/{color}]"
+
+
+@app.command()
+def export(
+    version: str = typer.Option("latest", "--version", help="version number or 'latest'"),
+    out_dir: Path = typer.Option(..., "--out", help="a new folder for the Hugging Face model"),
+    store: Path = typer.Option(Path("cfp2p-store"), "--store"),
+):
+    """Export a base as a Hugging Face folder: AutoModel.from_pretrained(DIR) loads it offline.
+
+    Example: cfp2p export --store cfp2p-store --version 5 --out my-base-v5
+    """
+    from coldfusion_p2p.evaluate import export_version
+    from coldfusion_p2p.store import VersionStore
+
+    try:
+        if not store.is_dir():
+            raise UserError(f"no store at {store}")
+        meta = export_version(VersionStore(store), version, out_dir)
+    except (UserError, WorkError) as e:
+        _fail(e)
+    out.print(f"exported {meta['version']} ({meta['hash'][:12]}) to {out_dir}: load it with AutoModel.from_pretrained({str(out_dir)!r})")
 
 
 @app.command()

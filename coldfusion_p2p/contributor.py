@@ -15,7 +15,7 @@ One round on base ``(v, hash)``:
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import shutil
@@ -35,7 +35,7 @@ from coldfusion_p2p.data import PrivateData, load_private_data
 from coldfusion_p2p.errors import UserError, WorkError
 from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, weight_for
 from coldfusion_p2p.store import VersionInfo, VersionStore
-from coldfusion_p2p.training import LocalTrainer, pick_device
+from coldfusion_p2p.training import LocalTrainer, pick_device, round_seed
 
 HEARTBEAT_SECONDS = 4.0
 SETTLE_SECONDS = 1.0  # a second look before a round starts, so that peers' views of the records agree
@@ -61,6 +61,7 @@ class JoinOptions:
     keep_finetuned: bool = False  # also store each round's finetuned body (for checks and debugging)
     events: str | None = None  # append JSON lines of progress events to this file
     max_wait: float | None = None  # give up after waiting this long for peers (None: wait forever)
+    name: str | None = None  # a display name for `cfp2p status`; public, unlike the data
 
 
 @dataclass
@@ -72,21 +73,35 @@ class Base:
 
 
 class Events:
-    """Progress for people (log lines) and programs (JSON lines)."""
+    """Progress for people (log lines, or a live view) and programs (JSON lines)."""
 
-    def __init__(self, path: str | None, log: Callable[[str], None]):
+    def __init__(self, path: str | None, log: Callable[[str], None], listener: Callable[..., None] | None = None):
         self._file = open(path, "a", buffering=1) if path else None
         self.log = log
+        self.listener = listener  # e.g. cli.progress.JoinProgress: every event, and live() updates
 
     def emit(self, kind: str, message: str | None = None, **fields) -> None:
         if message:
             self.log(message)
         if self._file:
             self._file.write(json.dumps({"t": time.time(), "event": kind, **fields}) + "\n")
+        if self.listener is not None:
+            self.listener(kind, **fields)
+
+    def live(self, kind: str, **fields) -> None:
+        """A frequent update (a training step, downloaded bytes) for the live view only."""
+        if self.listener is not None:
+            self.listener(kind, **fields)
 
     def close(self) -> None:
         if self._file:
             self._file.close()
+
+
+def _history_entry(info: VersionInfo) -> dict:
+    stats = info.round_stats or {}
+    return {"v": int(info.version), "hash": info.hash, "parent": info.parent or "", "contributors": len(info.contributors),
+            "time": float(info.created), "round_s": float(stats.get("round_s") or 0.0)}
 
 
 def _raise_terminate(signum, frame):
@@ -109,13 +124,18 @@ def _store_identity(store: VersionStore, manifest: SwarmManifest) -> None:
 
 
 class Contributor:
-    def __init__(self, opts: JoinOptions, log: Callable[[str], None] = print):
+    def __init__(self, opts: JoinOptions, log: Callable[[str], None] = print, listener: Callable[..., None] | None = None):
         self.opts, self.log = opts, log
-        self.events = Events(opts.events, log)
+        self.events = Events(opts.events, log, listener)
         self.dht = self.averager = self.records = None
         self._stop_heartbeat = threading.Event()
         self._phase = {"state": None}
         self.base: Base | None = None
+        self._started = time.monotonic()
+        # what `cfp2p status` shows: PeerMetrics without the identity fields
+        self._metrics = {"phase": "syncing", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
+                         "last_round_seconds": None, "rounds": 0}
+        self._device = "cpu"
 
     # ---------------------------------------------------------------- setup
     def _fetch_manifest(self, records, timeout: float = 30.0) -> SwarmManifest:
@@ -142,7 +162,9 @@ class Contributor:
         for peer in holders:
             tmp = dest.with_name(f".part-{dest.name}-{os.getpid()}")
             try:
-                fetch_blob(self.dht, self.manifest.name, peer, name, tmp)
+                self._metrics["phase"] = "syncing"
+                fetch_blob(self.dht, self.manifest.name, peer, name, tmp,
+                           on_bytes=lambda done, total: self.events.live("download_bytes", name=name, done=done, total=total))
                 reason = check(tmp)
                 if reason is None:
                     os.replace(tmp, dest)
@@ -260,6 +282,8 @@ class Contributor:
         return True
 
     # ---------------------------------------------------------------- heartbeat
+    _PUBLIC_PHASE = {"training": "training", "ready": "matchmaking", "averaging": "matchmaking", "storing": "averaging", "idle": "idle"}
+
     def _set_phase(self, state: str, examples: int = 0) -> None:
         from coldfusion_p2p.swarm import dht_time
 
@@ -267,7 +291,42 @@ class Contributor:
         self._phase = {"state": state, "examples": examples, "version": self.base.version, "hash": self.base.hash, "since": dht_time()}
         if state in ("training", "ready"):
             self.records.set_progress(self.base.version, self.base.hash, state, examples, since=self._phase["since"])
+        self._metrics["phase"] = self._PUBLIC_PHASE.get(state, self._metrics["phase"])
+        self._publish_metrics()
         self.events.emit("phase", None, state=state, version=self.base.version)
+
+    def _metrics_record(self) -> dict:
+        """This peer's PeerMetrics (swarm.py): every field present, with the exact types the schema wants."""
+        from coldfusion_p2p.swarm import dht_time
+
+        m, base = self._metrics, self.base
+
+        def real(x):
+            return None if x is None else float(x)
+
+        return {
+            "swarm": self.manifest.name, "peer": self.records.peer_id, "name": (self.opts.name or None) and self.opts.name[:40],
+            "role": "contributor", "version": int(base.version), "hash": base.hash, "phase": m["phase"],
+            "step": int(m["step"]), "total": int(m["total"]), "loss": real(m["loss"]),
+            "examples_per_second": real(m["examples_per_second"]), "device": self._device[:80],
+            "uptime": float(time.monotonic() - self._started), "last_round_seconds": real(m["last_round_seconds"]),
+            "rounds": int(m["rounds"]), "t": float(dht_time()),
+        }
+
+    def _publish_metrics(self) -> None:
+        if self.records is None or self.base is None or getattr(self.dht, "owner_subkey", None) is None:
+            return
+        try:
+            self.records.publish_metrics(self._metrics_record())
+        except Exception:  # noqa: BLE001 - metrics are best effort; the next heartbeat tries again
+            pass
+
+    def _publish_history(self) -> None:
+        """Re-publish the newest versions of this store for `cfp2p status` (they expire otherwise)."""
+        for info in self.store.list()[-10:]:
+            if info.version == 0:
+                continue
+            self.records.publish_history(_history_entry(info))
 
     def _heartbeat(self) -> None:
         last_manifest = 0.0
@@ -278,8 +337,11 @@ class Contributor:
                     self.records.announce_base(base.version, base.hash)
                 if phase.get("state") in ("training", "ready"):
                     self.records.set_progress(phase["version"], phase["hash"], phase["state"], phase["examples"], since=phase["since"])
+                if phase.get("state") != "left":
+                    self._publish_metrics()
                 if time.monotonic() - last_manifest > 60:
                     self.records.publish_manifest(self.manifest.to_dict())
+                    self._publish_history()
                     last_manifest = time.monotonic()
             except Exception:  # noqa: BLE001 - a missed heartbeat is retried on the next beat
                 pass
@@ -385,7 +447,7 @@ class Contributor:
                              + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
             result, t_match, t_allreduce, error = self.averager.run_step(
                 weight, {"examples": examples}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
-                give_up=self._newer_base_exists,
+                give_up=self._newer_base_exists, on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             if result is None:
                 if self._newer_base_exists():
@@ -425,6 +487,11 @@ class Contributor:
             self._set_phase("ready", examples)
         return "kept"
 
+    def _allreduce_started(self) -> None:
+        self._metrics["phase"] = "averaging"
+        self.events.live("allreduce")
+        self._publish_metrics()
+
     def _commit(self, new_body, new_hash, group, answered, redo, result, norm, timings) -> None:
         t_store = time.perf_counter()
         base = self.base
@@ -438,6 +505,10 @@ class Contributor:
         self._set_phase("storing")
         self.store.save(new_body, info)
         stats["store_s"] = round(time.perf_counter() - t_store, 3)
+        round_s = time.monotonic() - getattr(self, "_round_started", time.monotonic())
+        self._metrics.update(rounds=self._metrics["rounds"] + 1, last_round_seconds=round_s)
+        with contextlib.suppress(Exception):  # the history is a courtesy for `cfp2p status`
+            self.records.publish_history(dict(_history_entry(info), round_s=float(round_s)))
         self.base = Base(info.version, new_hash, new_body, info.contributors)
         self.records.announce_base(self.base.version, self.base.hash, wait=True)
         self.events.emit(
@@ -453,6 +524,7 @@ class Contributor:
         opts = self.opts
         data = load_private_data(opts.data, opts.text_column, opts.label_column)  # bad data fails before the network
         device = pick_device(opts.device)
+        self._device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if opts.threads:
             torch.set_num_threads(opts.threads)
         if opts.weighting not in (None, "uniform", "examples"):
@@ -493,17 +565,24 @@ class Contributor:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         head = self._load_head(data, model_dir)
         trainer = LocalTrainer(tokenizer, data, head, self.manifest.training, self.manifest.tokenizer.max_length, device)
-        data_seed = int.from_bytes(hashlib.sha1(data.name.encode()).digest()[:4], "little")
         committed = 0
         while self.opts.rounds is None or committed < self.opts.rounds:
             self._sync()
             base = self.base
+            self._round_started = time.monotonic()
+            self._metrics.update(step=0, total=0, loss=None, examples_per_second=None)
             self._set_phase("training")
             body = M.load_body_module(model_dir, base.body)
-            seed = self.manifest.training.seed * 1_000_003 + base.version * 7919 + data_seed
+            seed = round_seed(self.manifest.training.seed, base.version, data.name)
             last = [0.0]
 
+            t_train = time.monotonic()
+            batch = self.manifest.training.batch_size
+
             def progress(step, total, loss):
+                elapsed = max(time.monotonic() - t_train, 1e-6)
+                self._metrics.update(step=step, total=total, loss=loss, examples_per_second=step * batch / elapsed)
+                self.events.live("train_step", step=step, total=total, loss=loss, version=base.version)
                 if time.monotonic() - last[0] > 5 or step == total:
                     last[0] = time.monotonic()
                     self.events.emit("train_step", f"training on v{base.version}: step {step}/{total}, loss {loss:.4f}", step=step, total=total, loss=loss, version=base.version)

@@ -24,7 +24,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Dict, Optional, Sequence
+
+import pydantic.v1 as pydantic  # hivemind's schema validation speaks pydantic v1
 
 import torch
 
@@ -36,6 +38,10 @@ from hivemind.averaging.control import AveragingStage  # noqa: E402
 from hivemind.compression import Float16Compression, NoCompression, deserialize_torch_tensor, serialize_torch_tensor  # noqa: E402
 from hivemind.averaging.partition import BannedException  # noqa: E402
 from hivemind.dht import DHT  # noqa: E402
+from hivemind.dht.crypto import RSASignatureValidator  # noqa: E402
+from hivemind.dht.routing import DHTID  # noqa: E402
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator  # noqa: E402
+from hivemind.utils.serializer import MSGPackSerializer  # noqa: E402
 from hivemind.p2p import P2PContext, PeerID  # noqa: E402
 from hivemind.proto import averaging_pb2, runtime_pb2  # noqa: E402
 from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip  # noqa: E402
@@ -49,6 +55,7 @@ from coldfusion_p2p.store import BODY_FILE, MANIFEST_FILE  # noqa: E402
 CHUNK_BYTES = 1 << 20
 RECORD_TTL = 20.0  # seconds a progress/holder record lives without a refresh
 MANIFEST_TTL = 600.0
+HISTORY_TTL = 3600.0  # committed versions, re-published by their holders while they run
 
 
 def quiet_hivemind() -> None:
@@ -119,7 +126,12 @@ def start_dht(
     client_mode: bool = False,
     announce_maddrs: Sequence[str] | None = None,
 ) -> DHT:
-    """Start a DHT node (a child process plus its p2pd); one-line errors for bad or dead addresses."""
+    """Start a DHT node (a child process plus its p2pd); one-line errors for bad or dead addresses.
+
+    The node's libp2p identity is an RSA key that this process also holds: it signs the peer's
+    metrics records, and a reader checks that the signing key hashes to the peer id the record
+    claims (``MetricsValidator``). Without ``identity_path`` a fresh key is made for this run.
+    """
     from hivemind.utils.multiaddr import Multiaddr
 
     for addr in list(initial_peers) + list(host_maddrs):
@@ -127,16 +139,26 @@ def start_dht(
             Multiaddr(addr)
         except Exception as e:
             raise UserError(f"not a multiaddress: {addr!r} ({e}); expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...") from None
+    fresh = None
+    if identity_path is None or not os.path.isfile(identity_path):
+        fresh = _new_identity_file(identity_path)
+    key = _load_identity(identity_path or fresh)
+    extra = {} if identity_path else {"check_if_identity_free": False}  # a key made a moment ago is nobody's
+    signer = RSASignatureValidator(key)
     try:
-        return SwarmDHT(
+        dht = SwarmDHT(
             initial_peers=list(initial_peers),
             host_maddrs=list(host_maddrs),
             announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
-            identity_path=identity_path,
+            identity_path=identity_path or fresh,
             client_mode=client_mode,
+            record_validators=[signer, MetricsValidator()],
             start=True,
             await_ready=True,
+            **extra,
         )
+        dht.owner_subkey = signer.local_public_key  # records under this subkey are signed by our key
+        return dht
     except Exception as e:  # noqa: BLE001 - p2pd and the DHT report a dead peer in several ways
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "bootstrap failed" in text or "failed to connect to bootstrap peers" in text:
@@ -144,6 +166,118 @@ def start_dht(
                 f"none of the initial peers answered ({', '.join(initial_peers)}); check the address and that the bootstrap peer is running"
             ) from None
         raise WorkError(f"could not start the DHT node: {type(e).__name__}: {text}") from None
+    finally:
+        if fresh and not identity_path:
+            os.unlink(fresh)  # p2pd has read it; this run's key lives on in memory only
+
+
+def _new_identity_file(path: str | None) -> str:
+    """An RSA identity in libp2p's protobuf format, at ``path`` or in a private temporary file."""
+    import tempfile
+
+    from hivemind.proto import crypto_pb2
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    blob = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes()).SerializeToString()
+    if path is None:
+        fd, path = tempfile.mkstemp(prefix="cfp2p-identity-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+    else:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400), "wb") as f:
+            f.write(blob)
+    return path
+
+
+def _load_identity(path: str):
+    from hivemind.proto import crypto_pb2
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    try:
+        with open(path, "rb") as f:
+            proto = crypto_pb2.PrivateKey.FromString(f.read())
+        if proto.key_type != crypto_pb2.KeyType.RSA:
+            raise ValueError("not an RSA key")
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        key.__setstate__({"_private_key": proto.data})
+        return key
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign key file
+        raise UserError(f"identity file {path} is not a libp2p RSA private key ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def peer_id_of_public_key(ssh_public_key: bytes) -> str:
+    """The libp2p peer id (base58) of an RSA public key in OpenSSH form, as in hivemind's PeerID.from_identity."""
+    import multihash
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.proto import crypto_pb2
+
+    der = serialization.load_ssh_public_key(ssh_public_key).public_bytes(
+        encoding=serialization.Encoding.DER, format=serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    return PeerID(multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))).to_base58()
+
+
+# --- signed metrics -------------------------------------------------------------------------
+METRICS_KEY = "cfp2p_metrics"  # subkey: "[owner:<ssh-rsa public key>]"; value: PeerMetrics
+METRICS_TTL = 12.0  # a peer that stops publishing (every HEARTBEAT seconds) disappears after this
+PHASES = ("syncing", "training", "matchmaking", "averaging", "idle", "serving")
+PHASE_RE = "^(" + "|".join(PHASES) + ")$"
+
+
+class PeerMetrics(pydantic.BaseModel):
+    """One peer's live metrics. Strict types: hivemind's SchemaValidator forbids conversions."""
+
+    swarm: pydantic.constr(strict=True, min_length=1, max_length=100)
+    peer: pydantic.constr(strict=True, regex=r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
+    name: Optional[pydantic.constr(strict=True, max_length=40)] = None
+    role: pydantic.constr(strict=True, regex=r"^(contributor|bootstrap)$")
+    version: pydantic.conint(strict=True, ge=0)
+    hash: pydantic.constr(strict=True, regex=r"^[0-9a-f]{64}$")
+    phase: pydantic.constr(strict=True, regex=PHASE_RE)
+    step: pydantic.conint(strict=True, ge=0)
+    total: pydantic.conint(strict=True, ge=0)
+    loss: Optional[pydantic.confloat(strict=True, allow_inf_nan=False)] = None
+    examples_per_second: Optional[pydantic.confloat(strict=True, ge=0, allow_inf_nan=False)] = None
+    device: pydantic.constr(strict=True, max_length=80)
+    uptime: pydantic.confloat(strict=True, ge=0, allow_inf_nan=False)
+    last_round_seconds: Optional[pydantic.confloat(strict=True, ge=0, allow_inf_nan=False)] = None
+    rounds: pydantic.conint(strict=True, ge=0)
+    t: pydantic.confloat(strict=True, allow_inf_nan=False)
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+class MetricsSchema(pydantic.BaseModel):
+    metrics: Dict[BytesWithPublicKey, PeerMetrics]  # the DHT key "cfp2p_metrics" (prefix "cfp2p")
+
+
+class MetricsValidator(SchemaValidator):
+    """The metrics schema, plus: the record's signing key must hash to the peer id it claims.
+
+    ``RSASignatureValidator`` (run first) proves the writer holds the subkey's private key; this
+    ties that key to ``peer``, so nobody can publish metrics under another peer's id.
+    """
+
+    def __init__(self):
+        super().__init__(MetricsSchema, allow_extra_keys=True, prefix="cfp2p")
+        self._metrics_key = DHTID.generate(source=METRICS_KEY).to_bytes()
+
+    def validate(self, record) -> bool:
+        if not super().validate(record):
+            return False
+        if record.key != self._metrics_key:
+            return True
+        try:
+            owner = RSASignatureValidator._PUBLIC_KEY_RE.search(record.subkey).group(1)
+            claimed = MSGPackSerializer.loads(record.value)["peer"]
+            return peer_id_of_public_key(owner) == claimed
+        except Exception:  # noqa: BLE001 - anything malformed is simply not a valid record
+            return False
+
+    def merge_with(self, other) -> bool:
+        return False  # keep the peer-id check; SchemaValidator would fold us into a plain one
 
 
 def visible_maddrs(dht: DHT) -> list[str]:
@@ -192,6 +326,23 @@ class SwarmRecords:
     def fetch_manifests(self) -> dict[str, dict[str, Any]]:
         """Every swarm manifest announced in this DHT, by swarm name."""
         return {name: m for name, m in self._get_dict(MANIFEST_KEY).items() if isinstance(m, dict)}
+
+    # --- signed metrics and the version history -----------------------------------------------
+    def publish_metrics(self, metrics: dict[str, Any], wait: bool = False) -> bool:
+        """Sign and publish this peer's metrics (every field of PeerMetrics, strict types)."""
+        return self._store(METRICS_KEY, metrics, METRICS_TTL, subkey=self.dht.owner_subkey, wait=wait)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Every live, validly signed metrics record in this DHT (all swarms)."""
+        return [m for m in self._get_dict(METRICS_KEY).values() if isinstance(m, dict)]
+
+    def publish_history(self, entry: dict[str, Any], wait: bool = False) -> bool:
+        """A committed version, for ``cfp2p status``: {v, hash, parent, contributors, time, round_s}."""
+        return self._store(f"{self.prefix}.history", entry, HISTORY_TTL, subkey=f"v{entry['v']}.{entry['hash'][:16]}", wait=wait)
+
+    def history(self) -> list[dict[str, Any]]:
+        return [e for e in self._get_dict(f"{self.prefix}.history").values()
+                if isinstance(e, dict) and isinstance(e.get("v"), int) and isinstance(e.get("hash"), str)]
 
     # --- holders of bases -----------------------------------------------------------------
     def announce_base(self, version: int, body_hash: str, wait: bool = False) -> None:
@@ -365,10 +516,11 @@ class FusionAverager(DecentralizedAverager):
             "error": error,
         }
 
-    def run_step(self, weight: float, gather: dict, timeout: float, give_up=None) -> tuple[dict | None, float, float, str]:
+    def run_step(self, weight: float, gather: dict, timeout: float, give_up=None, on_allreduce=None) -> tuple[dict | None, float, float, str]:
         """One all-reduce: (result or None, matchmaking seconds, all-reduce seconds, error text).
 
         ``give_up()`` is asked every couple of seconds while still matchmaking; True cancels the step.
+        ``on_allreduce()`` is called once when the group is formed and the all-reduce begins.
         """
         start = time.perf_counter()
         t_allreduce = None
@@ -378,6 +530,8 @@ class FusionAverager(DecentralizedAverager):
             while not control.done():
                 if t_allreduce is None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
                     t_allreduce = time.perf_counter()
+                    if on_allreduce is not None:
+                        on_allreduce()
                 if give_up is not None and t_allreduce is None and time.perf_counter() - last_check > 2.0:
                     last_check = time.perf_counter()
                     if control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up():
@@ -469,7 +623,7 @@ class BlobError(Exception):
     pass
 
 
-async def _fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Path, timeout: float) -> None:
+async def _fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Path, timeout: float, on_bytes=None) -> None:
     p2p = await dht.replicate_p2p()
     try:
         stub = FusionAverager.get_stub(p2p, PeerID.from_base58(peer), namespace=averager_prefix(swarm_name))
@@ -485,16 +639,20 @@ async def _fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Pat
                     continue
                 f.write(msg.tensor_part.buffer)
                 written += len(msg.tensor_part.buffer)
+                if on_bytes is not None:
+                    on_bytes(written, size)
         if size is None or written != size:
             raise BlobError(f"peer {peer[:12]} sent {written} of {size} bytes of {name}")
     finally:
         await p2p.shutdown()
 
 
-def fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Path, timeout: float = 120.0) -> None:
-    """Download one file (``model/<file>`` or ``version/<v>``) from one peer into ``dest``."""
+def fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Path, timeout: float = 120.0, on_bytes=None) -> None:
+    """Download one file (``model/<file>`` or ``version/<v>``) from one peer into ``dest``.
+
+    ``on_bytes(written, size)`` follows the transfer, for a progress bar."""
     try:
-        asyncio.run(asyncio.wait_for(_fetch_blob(dht, swarm_name, peer, name, dest, timeout), timeout))
+        asyncio.run(asyncio.wait_for(_fetch_blob(dht, swarm_name, peer, name, dest, timeout, on_bytes), timeout))
     except BlobError:
         raise
     except Exception as e:  # noqa: BLE001 - transport errors of many kinds; the caller tries another holder

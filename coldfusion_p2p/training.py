@@ -7,6 +7,7 @@ with bf16/fp16 autocast on CUDA.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -30,6 +31,16 @@ def pick_device(choice: str) -> torch.device:
     if choice not in ("cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, not {choice!r}")
     return torch.device(choice)
+
+
+def round_seed(training_seed: int, version: int, data_name: str) -> int:
+    """The seed of a contributor's finetune on base ``version``: the swarm's seed, the round, its data.
+
+    ``cfp2p join`` and the central simulation in ``bench/quality.py`` both use it, so the same data
+    on the same base gives the same finetune in either.
+    """
+    data_seed = int.from_bytes(hashlib.sha1(data_name.encode()).digest()[:4], "little")
+    return training_seed * 1_000_003 + version * 7919 + data_seed
 
 
 @dataclass

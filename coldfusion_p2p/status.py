@@ -1,0 +1,161 @@
+"""``cfp2p status``: what a swarm looks like from the DHT, as data (``snapshot``) and as a Rich view (``render``).
+
+Everything here is read from the DHT by a client node that never averages: the swarm manifest,
+the bases peers announce, their signed metrics records (``swarm.PeerMetrics``; a peer that stops
+publishing drops out when its record expires) and the versions they committed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from coldfusion_p2p.errors import WorkError
+
+PHASE_STYLE = {"training": "cyan", "matchmaking": "yellow", "averaging": "magenta", "syncing": "blue", "idle": "dim", "serving": "green"}
+HISTORY_ROWS = 10
+
+
+def pick_swarm(manifests: dict[str, dict], wanted: str | None) -> tuple[str, dict] | None:
+    if wanted is not None:
+        return (wanted, manifests[wanted]) if wanted in manifests else None
+    if len(manifests) == 1:
+        return next(iter(manifests.items()))
+    if len(manifests) > 1:
+        raise WorkError(f"this DHT hosts several swarms ({', '.join(sorted(manifests))}); pick one with --swarm")
+    return None
+
+
+def snapshot(records, swarm: str | None = None, wait: float = 15.0) -> dict[str, Any]:
+    """One consistent-enough look at the swarm, as plain JSON-able data.
+
+    ``records`` is a ``swarm.SwarmRecords`` on any DHT node; waits up to ``wait`` seconds for a manifest.
+    """
+    from coldfusion_p2p.swarm import SwarmRecords, dht_time
+
+    deadline = time.monotonic() + wait
+    while (found := pick_swarm(records.fetch_manifests(), swarm)) is None:
+        if time.monotonic() > deadline:
+            which = f"swarm {swarm!r}" if swarm else "any swarm manifest"
+            raise WorkError(f"found no {which} in the DHT within {wait:.0f}s; is the swarm's bootstrap peer running?")
+        time.sleep(1.0)
+    name, manifest = found
+    rec = SwarmRecords(records.dht, name)
+    now = dht_time()
+    holders = rec.holders()
+    best = rec.best_base(holders)
+
+    peers = []
+    for m in rec.metrics():
+        if m.get("swarm") != name:
+            continue
+        peers.append({**m, "age_s": round(max(0.0, now - m["t"]), 1)})
+    peers.sort(key=lambda p: (p["role"] != "bootstrap", p.get("name") or "", p["peer"]))
+
+    by_key: dict[tuple[int, str], dict] = {}
+    for e in rec.history():
+        by_key[(e["v"], e["hash"])] = e
+    times = {h: e.get("time") for (_, h), e in by_key.items()}
+    rounds = []
+    for (v, h), e in sorted(by_key.items(), key=lambda kv: (-kv[0][0], kv[0][1]))[:HISTORY_ROWS]:
+        parent_time = times.get(e.get("parent"))
+        rounds.append({
+            "version": v, "hash": h, "parent": e.get("parent") or None, "contributors": e.get("contributors"),
+            "time": e.get("time"), "round_s": e.get("round_s") or None,
+            "interval_s": round(e["time"] - parent_time, 1) if isinstance(parent_time, (int, float)) and isinstance(e.get("time"), (int, float)) else None,
+        })
+    # the newest base: the one online peers announce, or a newer committed one whose makers all left
+    top = (best[0], best[1]) if best is not None else None
+    if rounds and (top is None or rounds[0]["version"] > top[0]):
+        top = (rounds[0]["version"], rounds[0]["hash"])
+    newest = None
+    if top is not None:
+        online = {p["peer"] for p in peers}  # base records outlive metrics by a few seconds
+        newest = {"version": top[0], "hash": top[1], "holders": sum(1 for h in holders if (h.version, h.hash) == top and h.peer in online)}
+    return {
+        "swarm": name,
+        "model": (manifest.get("model") or {}).get("source"),
+        "v0_hash": (manifest.get("model") or {}).get("v0_hash"),
+        "min_group_size": (manifest.get("round") or {}).get("min_group_size"),
+        "time": now,
+        "newest": newest,
+        "rounds_completed": newest["version"] if newest else 0,
+        "peers_online": len(peers),
+        "contributors_online": sum(1 for p in peers if p["role"] == "contributor"),
+        "peers": peers,
+        "rounds": rounds,
+    }
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = float(seconds)
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _progress_cell(p: dict) -> Any:
+    if p["phase"] == "training" and p["total"]:
+        bar = ProgressBar(total=p["total"], completed=min(p["step"], p["total"]), width=14)
+        grid = Table.grid(padding=(0, 1))
+        grid.add_row(bar, Text(f"{p['step']}/{p['total']}"))
+        return grid
+    return Text("-", style="dim")
+
+
+def render(snap: dict[str, Any]) -> Group:
+    """The live view: a header, the peers, the version history."""
+    newest = snap.get("newest")
+    head = Text()
+    head.append(f"swarm {snap['swarm']!r}", style="bold")
+    head.append(f"  model {snap.get('model')}  v0 {str(snap.get('v0_hash'))[:12]}\n", style="dim")
+    if newest:
+        head.append("newest base ")
+        head.append(f"v{newest['version']}", style="bold green")
+        head.append(f" ({newest['hash'][:12]}) held by {newest['holders']} online peer(s)   ")
+    else:
+        head.append("no base announced yet   ", style="yellow")
+    head.append(f"{snap['peers_online']} peer(s) online ({snap['contributors_online']} contributing)   ")
+    head.append(f"{snap['rounds_completed']} round(s) completed")
+    contributors = snap["contributors_online"]
+    if snap.get("min_group_size") and contributors < snap["min_group_size"]:
+        head.append(f"\nfewer contributors online than the minimum group size ({snap['min_group_size']}): rounds wait", style="yellow")
+
+    peers = Table(title="peers", title_justify="left", expand=False, pad_edge=False)
+    for col, kw in (("name", {}), ("peer", {"style": "dim"}), ("phase", {}), ("base", {}), ("progress", {}), ("loss", {"justify": "right"}),
+                    ("ex/s", {"justify": "right"}), ("device", {}), ("uptime", {"justify": "right"}), ("last round", {"justify": "right"})):
+        peers.add_column(col, **kw)
+    for p in snap["peers"]:
+        stale = newest is not None and p["version"] < newest["version"]
+        peers.add_row(
+            p.get("name") or "-", p["peer"][:12], Text(p["phase"], style=PHASE_STYLE.get(p["phase"], "")),
+            Text(f"v{p['version']}", style="yellow" if stale else ""), _progress_cell(p),
+            f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
+            f"{p['examples_per_second']:.1f}" if p.get("examples_per_second") is not None else "-",
+            p["device"], _duration(p["uptime"]), _duration(p.get("last_round_seconds")),
+        )
+    if not snap["peers"]:
+        peers.add_row("(no peer is publishing metrics)", *[""] * 9)
+
+    history = Table(title="versions", title_justify="left", pad_edge=False)
+    for col in ("version", "hash", "contributors", "round", "since parent", "committed"):
+        history.add_column(col)
+    for r in snap["rounds"]:
+        history.add_row(
+            f"v{r['version']}", r["hash"][:12], str(r["contributors"] if r["contributors"] is not None else "-"),
+            _duration(r.get("round_s")), _duration(r.get("interval_s")),
+            time.strftime("%H:%M:%S", time.localtime(r["time"])) if r.get("time") else "-",
+        )
+    if not snap["rounds"]:
+        history.add_row("(no round committed yet)", "", "", "", "", "")
+    return Group(Panel(head, title="cfp2p status", title_align="left"), peers, history)
