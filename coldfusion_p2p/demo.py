@@ -161,7 +161,40 @@ def run_demo(workdir: Path | None, rounds: int, model: str, examples_per_round: 
             live.update(_live_table(peers, started))
         timed_out = any(p.poll() is None for p in procs)
     codes = [p.returncode for p in procs]
-    return _summary(console, peers, codes, work, rounds, time.monotonic() - started, timed_out)
+    ok = _summary(console, peers, codes, work, rounds, time.monotonic() - started, timed_out)
+    if ok:
+        _before_after(console, work / f"peer-{DEMO_PEERS[0][0]}", work)
+    return ok
+
+
+def _before_after(console: Console, store_dir: Path, work: Path) -> None:
+    """Linear probe of every version on the three datasets' held-out splits; a table and a PNG."""
+    from coldfusion_p2p.data import load_private_data
+    from coldfusion_p2p.evaluate import EvalSettings, evaluate
+    from coldfusion_p2p.plots import plot_lines
+    from coldfusion_p2p.store import VersionStore
+
+    console.print("\nlinear probe of each version (frozen body, logistic regression on held-out splits)...")
+    store = VersionStore(store_dir)
+    bases = {f"v{info.version}": store.load(info.version)[0] for info in store.list()}
+    datasets = [load_private_data(DEMO_DATA / f"{d}.jsonl") for _, d in DEMO_PEERS]
+    rows = evaluate(store.model_dir, bases, datasets, EvalSettings(max_length=64), probe=True, finetune=False)
+    first, last = next(iter(bases)), list(bases)[-1]
+    acc = {(r["dataset"], r["base"]): r["probe"] for r in rows}
+    table = Table(title=f"before and after: linear-probe accuracy, {first} against {last}")
+    for col in ("dataset", first, last, "change"):
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for data in datasets:
+        a, b = acc[(data.name, first)], acc[(data.name, last)]
+        table.add_row(data.name, f"{a:.3f}", f"{b:.3f}", f"{100 * (b - a):+.1f} pt")
+    mean = {v: sum(acc[(d.name, v)] for d in datasets) / len(datasets) for v in (first, last)}
+    table.add_row("mean", f"{mean[first]:.3f}", f"{mean[last]:.3f}", f"{100 * (mean[last] - mean[first]):+.1f} pt")
+    console.print(table)
+    versions = [int(v[1:]) for v in bases]
+    series = {d.name: [acc[(d.name, v)] for v in bases] for d in datasets}
+    png = plot_lines(work / "accuracy.png", versions, series, "linear-probe accuracy per base version (cfp2p demo)", "base version", "held-out accuracy")
+    (work / "accuracy.json").write_text(json.dumps(rows, indent=1))
+    console.print(f"plot: {png}")
 
 
 def _summary(console: Console, peers: list[PeerView], codes: list[int], work: Path, rounds: int, seconds: float, timed_out: bool) -> bool:

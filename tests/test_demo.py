@@ -33,4 +33,10 @@ def test_demo_runs_offline_on_the_real_encoder(tmp_path):
         hashes.add(store.list()[-1].hash)
         assert store.list()[1].round_stats["group_size"] == 3
     assert len(hashes) == 1
+    assert "before and after: linear-probe accuracy, v0 against v2" in output
+    assert (work / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import json
+
+    rows = json.loads((work / "accuracy.json").read_text())
+    assert {(r["dataset"], r["base"]) for r in rows} == {(d, f"v{v}") for d in ("sms_spam", "rotten_tomatoes", "trec6") for v in range(3)}
     assert not processes_mentioning(str(work)), "a process of the demo outlived it"
