@@ -13,6 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 
 class JoinProgress:
+    shows = frozenset({"train_step"})  # events whose log line the bars replace
+
     def __init__(self, console: Console):
         self.progress = Progress(
             SpinnerColumn(),
@@ -60,6 +62,8 @@ class JoinProgress:
                 task = self._task("train", f"train on v{self._version}", f["total"])
             p.update(task, completed=f["step"], info=f"loss {f['loss']:.4f}")
         elif kind == "phase" and f.get("state") == "ready":
+            if "avg" in self._tasks:  # a new task: reset() would keep the last round's total
+                p.remove_task(self._tasks.pop("avg"))
             self._task("avg", f"matchmaking on v{f.get('version')}", None)
             p.update(self._tasks["avg"], info="waiting for the round's peers")
         elif kind == "waiting" and "avg" in self._tasks:

@@ -81,7 +81,7 @@ class Events:
         self.listener = listener  # e.g. cli.progress.JoinProgress: every event, and live() updates
 
     def emit(self, kind: str, message: str | None = None, **fields) -> None:
-        if message:
+        if message and kind not in getattr(self.listener, "shows", ()):  # a bar already says it
             self.log(message)
         if self._file:
             self._file.write(json.dumps({"t": time.time(), "event": kind, **fields}) + "\n")

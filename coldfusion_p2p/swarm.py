@@ -545,6 +545,18 @@ class FusionAverager(DecentralizedAverager):
         return result, t_allreduce - start, end - t_allreduce, error
 
     # --- per-round settings, called through the control pipe ------------------------------------
+    async def _shutdown(self, timeout: float | None) -> None:
+        # Ctrl+C in a terminal reaches p2pd too, and it may be gone before we unregister our
+        # handlers: hivemind's _shutdown then dies with a traceback. Nothing is left to unregister.
+        with contextlib.suppress(Exception):
+            if not self.client_mode:
+                await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        remaining = set()
+        for group in self._running_groups.values():
+            remaining.update(group.finalize(cancel=True))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*remaining), timeout)
+
     def set_round(self, group_prefix: str, target_group_size: int | None, min_group_size: int) -> None:
         future = MPFuture()
         self._outer_pipe.send(("_set_round", [], dict(group_prefix=group_prefix, target=target_group_size, min_size=min_group_size, future=future)))

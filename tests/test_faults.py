@@ -249,3 +249,14 @@ def test_member_killed_mid_allreduce_never_splits_the_swarm(swarm, tmp_path):
     split = {v: h for v, h in by_version.items() if len(h) > 1}
     assert not split, f"stores hold different bases under one version: {split}; outcomes {outcomes}"
     assert not any("MIXED" in o[2] for o in outcomes), outcomes
+
+
+def test_ctrl_c_on_the_bootstrap_peer_ends_it_without_a_traceback(swarm):
+    # Ctrl+C in a terminal signals the whole group, p2pd included: the averager's shutdown must
+    # not trip over a p2pd that is already gone (it printed a traceback before)
+    swarm.start_bootstrap("tiny-bert")
+    boot = swarm.boot
+    time.sleep(2.0)
+    before, took = _stop_and_count(boot, signal.SIGINT, whole_group=True)
+    assert before >= 4 and group_size(boot.pid) == 0, f"{before} processes, {group_size(boot.pid)} left after {took:.1f}s"
+    assert "Traceback" not in swarm.log("bootstrap") and "bootstrap peer stopped" in swarm.log("bootstrap"), swarm.log("bootstrap")
