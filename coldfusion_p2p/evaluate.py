@@ -13,6 +13,7 @@ reported accuracy and this one are measured on the same examples.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,15 +79,25 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, num_labels: int, l2:
     return linear
 
 
+def subset(texts: list[str], labels: list[int], limit: int) -> tuple[list[str], list[int]]:
+    """At most ``limit`` examples, drawn with a fixed seed: files are often sorted by label, and
+    their first rows would be a single class."""
+    if len(texts) <= limit:
+        return texts, labels
+    picked = sorted(random.Random(0).sample(range(len(texts)), limit))
+    return [texts[i] for i in picked], [labels[i] for i in picked]
+
+
 def linear_probe(body: nn.Module, tokenizer, data: PrivateData, settings: EvalSettings) -> float:
     device = torch.device(settings.device)
-    n = settings.probe_train_limit
-    x_tr = embed(body, tokenizer, data.train_texts[:n], settings.max_length, device)
-    x_te = embed(body, tokenizer, data.eval_texts[: settings.eval_limit], settings.max_length, device)
-    probe = fit_probe(x_tr, torch.tensor(data.train_labels[:n]), data.num_labels)
+    train_x, train_y = subset(data.train_texts, data.train_labels, settings.probe_train_limit)
+    eval_x, eval_y = subset(data.eval_texts, data.eval_labels, settings.eval_limit)
+    x_tr = embed(body, tokenizer, train_x, settings.max_length, device)
+    x_te = embed(body, tokenizer, eval_x, settings.max_length, device)
+    probe = fit_probe(x_tr, torch.tensor(train_y), data.num_labels)
     with torch.no_grad():
         pred = probe(x_te.double()).argmax(-1)
-    return (pred == torch.tensor(data.eval_labels[: settings.eval_limit])).float().mean().item()
+    return (pred == torch.tensor(eval_y)).float().mean().item()
 
 
 def finetune_accuracy(model_dir: Path, body_state: M.BodyState, tokenizer, data: PrivateData, settings: EvalSettings) -> float:
@@ -97,8 +108,10 @@ def finetune_accuracy(model_dir: Path, body_state: M.BodyState, tokenizer, data:
     head = M.ClassifierHead(M.hidden_size_of(model_dir), data.num_labels)
     trainer = LocalTrainer(tokenizer, data, head, spec, settings.max_length, torch.device(settings.device))
     body = M.load_body_module(model_dir, body_state)
-    trainer.train(body, spec.seed)
-    return trainer.evaluate(body, limit=settings.eval_limit)
+    trainer.train(body, spec.seed)  # its examples are a seeded shuffle of the whole training split
+    eval_x, eval_y = subset(data.eval_texts, data.eval_labels, settings.eval_limit)
+    scored = PrivateData(data.name, data.labels, data.train_texts, data.train_labels, eval_x, eval_y)
+    return LocalTrainer(tokenizer, scored, trainer.head, spec, settings.max_length, trainer.device).evaluate(body, limit=len(eval_x))
 
 
 def evaluate(model_dir: Path, bases: dict[str, M.BodyState], datasets: list[PrivateData], settings: EvalSettings,

@@ -62,3 +62,17 @@ class OuterStep:
 def weight_for(weighting: str, examples: int) -> float:
     """A contributor's weight in the average: 1 (uniform, the paper's) or its example count."""
     return float(examples) if weighting == "examples" else 1.0
+
+
+def mean_delta(deltas: list[list[torch.Tensor]], weights: list[float] | None = None) -> list[torch.Tensor]:
+    """The weighted average of several peers' deltas, as the swarm's all-reduce computes it:
+    a float64 sum (exact in practice, so independent of order) divided by the total weight, in float32."""
+    weights = weights or [1.0] * len(deltas)
+    total = float(sum(weights))
+    out = []
+    for parts in zip(*deltas):
+        acc = torch.zeros(parts[0].shape, dtype=torch.float64)
+        for w, t in zip(weights, parts):
+            acc.add_(t, alpha=w)
+        out.append((acc / total).float())
+    return out

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, delta_norm, weight_for
+from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, delta_norm, mean_delta, weight_for
 
 
 def _bodies(n=3, seed=0):
@@ -44,3 +44,17 @@ def test_check_delta_rejects_nan_inf_and_large_norm():
 def test_weights():
     assert weight_for("uniform", 500) == 1.0
     assert weight_for("examples", 500) == 500.0
+
+
+def test_mean_delta_does_not_depend_on_the_order_of_the_peers():
+    import itertools
+
+    g = torch.Generator().manual_seed(3)
+    deltas = [[torch.randn(5000, generator=g) * scale] for scale in (1e-6, 1.0, 3e2, 7e-3)]
+    results = [mean_delta(list(p))[0] for p in itertools.permutations(deltas)]
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    naive = {torch.stack([d[0] for d in p]).sum(0).div(4).numpy().tobytes() for p in itertools.permutations(deltas)}
+    assert len(naive) > 1  # a float32 sum in arrival order does depend on it: what the swarm used to do
+    weighted = mean_delta(deltas, [1.0, 2.0, 3.0, 4.0])[0]
+    expected = sum(w * d[0].double() for w, d in zip((1.0, 2.0, 3.0, 4.0), deltas)) / 10.0
+    assert torch.equal(weighted, expected.float())
