@@ -181,7 +181,7 @@ def _before_after(console: Console, store_dir: Path, work: Path) -> None:
     rows = evaluate(store.model_dir, bases, datasets, EvalSettings(max_length=64), probe=True, finetune=False)
     first, last = next(iter(bases)), list(bases)[-1]
     acc = {(r["dataset"], r["base"]): r["probe"] for r in rows}
-    table = Table(title=f"before and after: linear-probe accuracy, {first} against {last}")
+    table = Table(title=f"before and after ({first} -> {last}), linear probe")
     for col in ("dataset", first, last, "change"):
         table.add_column(col, justify="left" if col == "dataset" else "right")
     for data in datasets:

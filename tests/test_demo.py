@@ -33,7 +33,7 @@ def test_demo_runs_offline_on_the_real_encoder(tmp_path):
         hashes.add(store.list()[-1].hash)
         assert store.list()[1].round_stats["group_size"] == 3
     assert len(hashes) == 1
-    assert "before and after: linear-probe accuracy, v0 against v2" in output
+    assert "before and after (v0 -> v2), linear probe" in output and "accuracy.png" in output
     assert (work / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import json
 
