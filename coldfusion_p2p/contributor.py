@@ -131,7 +131,7 @@ class Contributor:
         self._stop_heartbeat = threading.Event()
         self._phase = {"state": None}
         self.base: Base | None = None
-        self._started = time.monotonic()
+        self._started = self._round_started = time.monotonic()
         # what `cfp2p status` shows: PeerMetrics without the identity fields
         self._metrics = {"phase": "syncing", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
                          "last_round_seconds": None, "rounds": 0}
@@ -499,16 +499,17 @@ class Contributor:
         stats.update({
             "group_size": len(group), "answered": len(answered), "redo": redo, "delta_norm": round(norm, 6),
             "examples": {p: g.get("examples") for p, g in result["gathered"].items() if isinstance(g, dict)},
+            # from the start of training to the commit; stored, so that re-published history keeps it
+            "round_s": round(time.monotonic() - self._round_started, 3),
         })
         info = VersionInfo(base.version + 1, new_hash, parent=base.hash, contributors=sorted(group),
                            averaged_tensors=list(self.names), round_stats=stats)
         self._set_phase("storing")
         self.store.save(new_body, info)
         stats["store_s"] = round(time.perf_counter() - t_store, 3)
-        round_s = time.monotonic() - getattr(self, "_round_started", time.monotonic())
-        self._metrics.update(rounds=self._metrics["rounds"] + 1, last_round_seconds=round_s)
+        self._metrics.update(rounds=self._metrics["rounds"] + 1, last_round_seconds=stats["round_s"])
         with contextlib.suppress(Exception):  # the history is a courtesy for `cfp2p status`
-            self.records.publish_history(dict(_history_entry(info), round_s=float(round_s)))
+            self.records.publish_history(_history_entry(info))
         self.base = Base(info.version, new_hash, new_body, info.contributors)
         self.records.announce_base(self.base.version, self.base.hash, wait=True)
         self.events.emit(

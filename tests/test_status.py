@@ -52,6 +52,8 @@ def test_status_reads_a_live_four_peer_swarm_and_forgets_peers_that_left(swarm, 
                VersionStore(tmp_path / n).read_info(newest["version"]).hash == newest["hash"] for n in names)
     v1 = next(r for r in snap["rounds"] if r["version"] == 1)
     assert v1["hash"] == VersionStore(tmp_path / "ann").read_info(1).hash and v1["contributors"] == 3 and v1["round_s"] > 0
+    # the heartbeat re-publishes the history from the stores: the round's duration must be kept there
+    assert all(VersionStore(tmp_path / n).read_info(1).round_stats["round_s"] > 0 for n in names)
 
     for n, proc in procs.items():
         assert swarm.wait(proc, n, 180) == 0, swarm.log(n)
