@@ -106,8 +106,7 @@ def central(args, model_dir: Path, datasets: list[PrivateData]) -> list[M.BodySt
     spec, device = spec_of(args), torch.device(args.device)
     trainers = []
     for d in datasets:  # persistent private heads, initialised as cfp2p join does
-        torch.manual_seed(0)
-        trainers.append(LocalTrainer(tokenizer, d, M.ClassifierHead(M.hidden_size_of(model_dir), d.num_labels), spec, args.max_length, device))
+        trainers.append(LocalTrainer(tokenizer, d, M.new_head(model_dir, d.num_labels), spec, args.max_length, device))
     bases = [M.body_state(M.load_body_module(model_dir))]
     names = M.averaged_names(bases[0])
     for v in range(args.rounds):

@@ -52,7 +52,7 @@ def run_bootstrap(
     stop: threading.Event | None = None,
 ) -> None:
     """Serve until ``stop`` is set, Ctrl+C or SIGTERM."""
-    from coldfusion_p2p.swarm import SwarmRecords, dht_time, make_averager, quiet_hivemind, start_dht, stop_process, visible_maddrs
+    from coldfusion_p2p.swarm import SwarmRecords, make_averager, metrics_record, quiet_hivemind, start_dht, stop_process, visible_maddrs
 
     manifest = SwarmManifest.from_toml(config)
     if identity and not Path(identity).parent.exists():
@@ -83,11 +83,9 @@ def run_bootstrap(
         log("hand this to contributors:  --initial-peers " + " --initial-peers ".join(maddrs))
         started = time.monotonic()
 
-        def metrics() -> dict:  # PeerMetrics: a bootstrap peer serves v0 and never trains
-            return {"swarm": manifest.name, "peer": records.peer_id, "name": "bootstrap", "role": "bootstrap", "version": 0,
-                    "hash": manifest.model.v0_hash, "phase": "serving", "step": 0, "total": 0, "loss": None,
-                    "examples_per_second": None, "device": "-", "uptime": float(time.monotonic() - started),
-                    "last_round_seconds": None, "rounds": 0, "t": float(dht_time())}
+        def metrics() -> dict:  # a bootstrap peer serves v0 and never trains
+            return metrics_record(swarm=manifest.name, peer=records.peer_id, name="bootstrap", role="bootstrap", version=0,
+                                  hash=manifest.model.v0_hash, phase="serving", uptime=time.monotonic() - started)
 
         records.publish_metrics(metrics())
         beats = 0

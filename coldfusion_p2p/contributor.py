@@ -132,37 +132,25 @@ class Contributor:
         self._phase = {"state": None}
         self.base: Base | None = None
         self._started = self._round_started = time.monotonic()
-        # what `cfp2p status` shows: PeerMetrics without the identity fields
+        # what `cfp2p status` shows: swarm.metrics_record's fields that change as the peer works
         self._metrics = {"phase": "syncing", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
                          "last_round_seconds": None, "rounds": 0}
         self._device = "cpu"
 
     # ---------------------------------------------------------------- setup
     def _fetch_manifest(self, records, timeout: float = 30.0) -> SwarmManifest:
-        deadline = time.monotonic() + timeout
-        while True:
-            manifests = records.fetch_manifests()
-            if self.opts.swarm:
-                manifests = {k: v for k, v in manifests.items() if k == self.opts.swarm}
-            if len(manifests) == 1:
-                name, data = next(iter(manifests.items()))
-                return SwarmManifest.from_dict(data, where=f"swarm manifest {name!r} from the DHT")
-            if len(manifests) > 1:
-                raise UserError(f"this DHT hosts several swarms ({', '.join(sorted(manifests))}); pick one with --swarm")
-            if time.monotonic() > deadline:
-                which = f"swarm {self.opts.swarm!r}" if self.opts.swarm else "any swarm manifest"
-                raise WorkError(f"found no {which} in the DHT within {timeout:.0f}s; is the bootstrap peer's swarm running?")
-            time.sleep(1.0)
+        name, data = records.wait_for_manifest(self.opts.swarm, timeout)
+        return SwarmManifest.from_dict(data, where=f"swarm manifest {name!r} from the DHT")
 
     def _download_verified(self, name: str, dest: Path, check: Callable[[Path], str | None], holders: list[str]) -> None:
         """Fetch ``name`` from the first holder whose bytes pass ``check`` (None = good, else a reason)."""
         from coldfusion_p2p.swarm import BlobError, fetch_blob
 
         problems = []
+        self._metrics["phase"] = "syncing"
         for peer in holders:
             tmp = dest.with_name(f".part-{dest.name}-{os.getpid()}")
             try:
-                self._metrics["phase"] = "syncing"
                 fetch_blob(self.dht, self.manifest.name, peer, name, tmp,
                            on_bytes=lambda done, total: self.events.live("download_bytes", name=name, done=done, total=total))
                 reason = check(tmp)
@@ -295,29 +283,17 @@ class Contributor:
         self._publish_metrics()
         self.events.emit("phase", None, state=state, version=self.base.version)
 
-    def _metrics_record(self) -> dict:
-        """This peer's PeerMetrics (swarm.py): every field present, with the exact types the schema wants."""
-        from coldfusion_p2p.swarm import dht_time
-
-        m, base = self._metrics, self.base
-
-        def real(x):
-            return None if x is None else float(x)
-
-        return {
-            "swarm": self.manifest.name, "peer": self.records.peer_id, "name": (self.opts.name or None) and self.opts.name[:40],
-            "role": "contributor", "version": int(base.version), "hash": base.hash, "phase": m["phase"],
-            "step": int(m["step"]), "total": int(m["total"]), "loss": real(m["loss"]),
-            "examples_per_second": real(m["examples_per_second"]), "device": self._device[:80],
-            "uptime": float(time.monotonic() - self._started), "last_round_seconds": real(m["last_round_seconds"]),
-            "rounds": int(m["rounds"]), "t": float(dht_time()),
-        }
-
     def _publish_metrics(self) -> None:
-        if self.records is None or self.base is None or getattr(self.dht, "owner_subkey", None) is None:
+        from coldfusion_p2p.swarm import metrics_record
+
+        if self.records is None or self.base is None:
             return
         try:
-            self.records.publish_metrics(self._metrics_record())
+            self.records.publish_metrics(metrics_record(
+                swarm=self.manifest.name, peer=self.records.peer_id, role="contributor", name=self.opts.name,
+                version=self.base.version, hash=self.base.hash, device=self._device,
+                uptime=time.monotonic() - self._started, **self._metrics,
+            ))
         except Exception:  # noqa: BLE001 - metrics are best effort; the next heartbeat tries again
             pass
 
@@ -617,8 +593,7 @@ class Contributor:
         return self.store.root / "head.safetensors", self.store.root / "head.json"
 
     def _load_head(self, data: PrivateData, model_dir: Path) -> M.ClassifierHead:
-        torch.manual_seed(0)
-        head = M.ClassifierHead(M.hidden_size_of(model_dir), data.num_labels)
+        head = M.new_head(model_dir, data.num_labels)
         weights, meta = self._head_paths()
         if weights.is_file() and meta.is_file():
             try:

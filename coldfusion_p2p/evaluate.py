@@ -104,14 +104,13 @@ def finetune_accuracy(model_dir: Path, body_state: M.BodyState, tokenizer, data:
     spec = settings.finetune
     examples = min(spec.examples_per_round, max(spec.batch_size, int(len(data.train_texts) * settings.finetune_epochs)))
     spec = TrainingSpec(**{**spec.__dict__, "examples_per_round": examples})
-    torch.manual_seed(spec.seed)
-    head = M.ClassifierHead(M.hidden_size_of(model_dir), data.num_labels)
-    trainer = LocalTrainer(tokenizer, data, head, spec, settings.max_length, torch.device(settings.device))
-    body = M.load_body_module(model_dir, body_state)
-    trainer.train(body, spec.seed)  # its examples are a seeded shuffle of the whole training split
     eval_x, eval_y = subset(data.eval_texts, data.eval_labels, settings.eval_limit)
     scored = PrivateData(data.name, data.labels, data.train_texts, data.train_labels, eval_x, eval_y)
-    return LocalTrainer(tokenizer, scored, trainer.head, spec, settings.max_length, trainer.device).evaluate(body, limit=len(eval_x))
+    head = M.new_head(model_dir, data.num_labels, seed=spec.seed)
+    trainer = LocalTrainer(tokenizer, scored, head, spec, settings.max_length, torch.device(settings.device))
+    body = M.load_body_module(model_dir, body_state)
+    trainer.train(body, spec.seed)  # its examples are a seeded shuffle of the whole training split
+    return trainer.evaluate(body, limit=len(eval_x))
 
 
 def evaluate(model_dir: Path, bases: dict[str, M.BodyState], datasets: list[PrivateData], settings: EvalSettings,

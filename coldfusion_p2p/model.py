@@ -150,3 +150,9 @@ class ClassifierHead(nn.Module):
 def hidden_size_of(folder: Path) -> int:
     config = json.loads((folder / "config.json").read_text())
     return int(config.get("hidden_size") or config["dim"])
+
+
+def new_head(folder: Path, num_labels: int, seed: int = 0) -> ClassifierHead:
+    """A fresh head, seeded: `cfp2p join`, `cfp2p eval` and the bench's central loop start from the same one."""
+    torch.manual_seed(seed)
+    return ClassifierHead(hidden_size_of(folder), num_labels)

@@ -16,20 +16,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from coldfusion_p2p.errors import WorkError
-
 PHASE_STYLE = {"training": "cyan", "matchmaking": "yellow", "averaging": "magenta", "syncing": "blue", "idle": "dim", "serving": "green"}
 HISTORY_ROWS = 10
-
-
-def pick_swarm(manifests: dict[str, dict], wanted: str | None) -> tuple[str, dict] | None:
-    if wanted is not None:
-        return (wanted, manifests[wanted]) if wanted in manifests else None
-    if len(manifests) == 1:
-        return next(iter(manifests.items()))
-    if len(manifests) > 1:
-        raise WorkError(f"this DHT hosts several swarms ({', '.join(sorted(manifests))}); pick one with --swarm")
-    return None
 
 
 def snapshot(records, swarm: str | None = None, wait: float = 15.0) -> dict[str, Any]:
@@ -39,13 +27,7 @@ def snapshot(records, swarm: str | None = None, wait: float = 15.0) -> dict[str,
     """
     from coldfusion_p2p.swarm import SwarmRecords, dht_time
 
-    deadline = time.monotonic() + wait
-    while (found := pick_swarm(records.fetch_manifests(), swarm)) is None:
-        if time.monotonic() > deadline:
-            which = f"swarm {swarm!r}" if swarm else "any swarm manifest"
-            raise WorkError(f"found no {which} in the DHT within {wait:.0f}s; is the swarm's bootstrap peer running?")
-        time.sleep(1.0)
-    name, manifest = found
+    name, manifest = records.wait_for_manifest(swarm, wait)
     rec = SwarmRecords(records.dht, name)
     now = dht_time()
     holders = rec.holders()

@@ -249,6 +249,22 @@ class PeerMetrics(pydantic.BaseModel):
         extra = pydantic.Extra.forbid
 
 
+def metrics_record(*, swarm: str, peer: str, role: str, version: int, hash: str, phase: str, uptime: float,
+                   name: str | None = None, device: str = "-", step: int = 0, total: int = 0, loss: float | None = None,
+                   examples_per_second: float | None = None, last_round_seconds: float | None = None, rounds: int = 0) -> dict:
+    """A PeerMetrics record with every field present and the exact types the schema wants (no conversions)."""
+
+    def real(x):
+        return None if x is None else float(x)
+
+    return {
+        "swarm": swarm, "peer": peer, "name": name[:40] if name else None, "role": role, "version": int(version), "hash": hash,
+        "phase": phase, "step": int(step), "total": int(total), "loss": real(loss), "examples_per_second": real(examples_per_second),
+        "device": device[:80], "uptime": float(uptime), "last_round_seconds": real(last_round_seconds), "rounds": int(rounds),
+        "t": float(dht_time()),
+    }
+
+
 class MetricsSchema(pydantic.BaseModel):
     metrics: Dict[BytesWithPublicKey, PeerMetrics]  # the DHT key "cfp2p_metrics" (prefix "cfp2p")
 
@@ -326,6 +342,22 @@ class SwarmRecords:
     def fetch_manifests(self) -> dict[str, dict[str, Any]]:
         """Every swarm manifest announced in this DHT, by swarm name."""
         return {name: m for name, m in self._get_dict(MANIFEST_KEY).items() if isinstance(m, dict)}
+
+    def wait_for_manifest(self, wanted: str | None, timeout: float) -> tuple[str, dict[str, Any]]:
+        """(name, manifest) of swarm ``wanted``, or of the only swarm in this DHT; waits up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            manifests = self.fetch_manifests()
+            if wanted is not None:
+                manifests = {k: v for k, v in manifests.items() if k == wanted}
+            if len(manifests) == 1:
+                return next(iter(manifests.items()))
+            if len(manifests) > 1:
+                raise UserError(f"this DHT hosts several swarms ({', '.join(sorted(manifests))}); pick one with --swarm")
+            if time.monotonic() > deadline:
+                which = f"swarm {wanted!r}" if wanted else "any swarm manifest"
+                raise WorkError(f"found no {which} in the DHT within {timeout:.0f}s; is the bootstrap peer's swarm running?")
+            time.sleep(1.0)
 
     # --- signed metrics and the version history -----------------------------------------------
     def publish_metrics(self, metrics: dict[str, Any], wait: bool = False) -> bool:
