@@ -7,6 +7,7 @@ peers know each other.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import shutil
@@ -35,6 +36,20 @@ def complete_manifest(manifest: SwarmManifest, cache_dir: Path) -> tuple[SwarmMa
     return manifest, folder, body
 
 
+def manifest_serial(store_root: Path, manifest: dict) -> int:
+    """The manifest's serial: the same as last time for the same settings, one more when they changed.
+
+    Peers keep the highest serial the authority signed, so a changed manifest must never go back."""
+    path = store_root / "published-manifest.json"
+    try:
+        last = json.loads(path.read_text())
+        serial = int(last["serial"]) + (last["manifest"] != manifest)
+    except (OSError, ValueError, KeyError, TypeError):
+        serial = 1
+    _write_atomically(path, json.dumps({"serial": serial, "manifest": manifest}, sort_keys=True))
+    return serial
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -52,7 +67,9 @@ def run_bootstrap(
     stop: threading.Event | None = None,
 ) -> None:
     """Serve until ``stop`` is set, Ctrl+C or SIGTERM."""
-    from coldfusion_p2p.swarm import SwarmRecords, make_averager, metrics_record, quiet_hivemind, start_dht, stop_process, visible_maddrs
+    from coldfusion_p2p.swarm import (
+        SwarmRecords, make_averager, metrics_record, quiet_hivemind, sign_manifest, start_dht, stop_process, visible_maddrs,
+    )
 
     manifest = SwarmManifest.from_toml(config)
     if identity and not Path(identity).parent.exists():
@@ -74,12 +91,15 @@ def run_bootstrap(
             dht, manifest.name, [body[n].float() for n in names], store.root, "none", 5.0, 60.0, 2
         )
         records = SwarmRecords(dht, manifest.name)
-        records.publish_manifest(manifest.to_dict())
+        # signed with this peer's identity key: the swarm's authority, which `/p2p/<id>` in --initial-peers pins
+        signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
+        records.publish_manifest(signed)
         records.announce_base(0, manifest.model.v0_hash, wait=True)
         maddrs = visible_maddrs(dht)
         if maddrs_file:
             _write_atomically(Path(maddrs_file), " ".join(maddrs) + "\n")
-        log(f"bootstrap peer of swarm {manifest.name!r} is up (model {manifest.model.source}, v0 {manifest.model.v0_hash[:12]})")
+        log(f"bootstrap peer of swarm {manifest.name!r} is up (model {manifest.model.source}, v0 {manifest.model.v0_hash[:12]}, "
+            f"manifest serial {signed['serial']}, signed by this peer: {records.peer_id})")
         log("hand this to contributors:  --initial-peers " + " --initial-peers ".join(maddrs))
         started = time.monotonic()
 
@@ -94,7 +114,7 @@ def run_bootstrap(
             records.announce_base(0, manifest.model.v0_hash)
             records.publish_metrics(metrics())
             if beats % 12 == 0:
-                records.publish_manifest(manifest.to_dict())
+                records.publish_manifest(signed)
     except KeyboardInterrupt:
         pass
     finally:

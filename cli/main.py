@@ -92,7 +92,10 @@ def join(
     swarm: Optional[str] = typer.Option(None, "--swarm", help="swarm name, when the DHT hosts several"),
     model: Optional[str] = typer.Option(None, "--model", help="local model folder or built-in name (default: the swarm's; downloaded from peers if missing)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
-    weight: Optional[str] = typer.Option(None, "--weight", help="uniform (the paper's) or examples; default: the swarm's"),
+    weight: Optional[str] = typer.Option(None, "--weight", help="the swarm's manifest sets the weighting rule and every reducer enforces it; "
+                                         "a value other than the manifest's is refused"),
+    authority: Optional[str] = typer.Option(None, "--authority", help="peer id whose signature the swarm manifest must carry "
+                                            "(default: the /p2p/ id of the first --initial-peers)"),
     host_maddrs: List[str] = typer.Option(["/ip4/0.0.0.0/tcp/0"], "--host-maddrs", help="where to listen (repeatable)"),
     announce_maddrs: Optional[List[str]] = typer.Option(None, "--announce-maddrs"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for training"),
@@ -113,7 +116,7 @@ def join(
         initial_peers=initial_peers, data=str(data), store=str(store), text_column=text_column, label_column=label_column,
         rounds=rounds, swarm=swarm, model=model, device=device, weighting=weight, host_maddrs=host_maddrs,
         announce_maddrs=announce_maddrs, threads=threads, keep_finetuned=keep_finetuned,
-        events=str(events) if events else None, max_wait=max_wait, name=name,
+        events=str(events) if events else None, max_wait=max_wait, name=name, authority=authority,
     )
     try:
         if err.is_terminal and not plain:
@@ -137,38 +140,63 @@ def status(
     once: bool = typer.Option(False, "--once", help="print one snapshot and exit"),
     as_json: bool = typer.Option(False, "--json", help="print the snapshot as JSON for scripts (implies --once)"),
     interval: float = typer.Option(2.0, "--interval", min=0.5, help="seconds between refreshes of the live view"),
+    authority: Optional[str] = typer.Option(None, "--authority", help="peer id whose signature the swarm manifest must carry "
+                                            "(default: the /p2p/ id of the first --initial-peers)"),
 ):
     """Watch a swarm: newest base, peers and their progress, recent rounds. Joins as a DHT client; never averages.
 
     Example: cfp2p status --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/Qm...
     """
-    from coldfusion_p2p.status import render, snapshot
-    from coldfusion_p2p.swarm import SwarmRecords, quiet_hivemind, start_dht, stop_process
+    from coldfusion_p2p.status import StatusView, render
+    from coldfusion_p2p.swarm import SwarmRecords, authority_of, quiet_hivemind, start_dht, stop_process
 
     quiet_hivemind()
     signal.signal(signal.SIGTERM, _interrupt)
-    dht = None
+    dht = view = None
     try:
+        who = authority_of(initial_peers, authority)
+        if who is None:
+            raise UserError("cannot tell whose signature the swarm manifest needs: give --initial-peers with a /p2p/ part, or --authority PEER_ID")
         dht = start_dht(initial_peers, client_mode=True)
-        records = SwarmRecords(dht)
+        view = StatusView(SwarmRecords(dht), swarm, who)
         if as_json:
-            print(json.dumps(snapshot(records, swarm), indent=1))
+            print(json.dumps(view.snapshot(), indent=1))
         elif once or not out.is_terminal:
             # off a terminal Rich assumes 80 columns, too narrow for the peers table
-            (out if out.is_terminal else Console(width=int(os.environ.get("COLUMNS", 160)))).print(render(snapshot(records, swarm)))
+            (out if out.is_terminal else Console(width=int(os.environ.get("COLUMNS", 160)))).print(render(view.snapshot()))
         else:
             from rich.live import Live
 
-            with Live(render(snapshot(records, swarm)), console=out, refresh_per_second=4, screen=False) as live:
+            with Live(render(view.snapshot()), console=out, refresh_per_second=4, screen=False) as live:
                 while True:
                     time.sleep(interval)
-                    live.update(render(snapshot(records, swarm)))
+                    live.update(render(view.snapshot()))
     except (UserError, WorkError) as e:
         _fail(e)
     except KeyboardInterrupt:
         raise typer.Exit(0) from None
     finally:
+        if view is not None:
+            view.close()
         stop_process(dht)
+
+
+def _store_chain(vs):
+    """The store's certificate chain from v0, checked signature by signature; None if the store has no swarm identity."""
+    from coldfusion_p2p.certs import Certificate, CertChain
+
+    try:
+        ident = json.loads((vs.root / "swarm.json").read_text())
+        chain = CertChain(ident["swarm"], ident["v0_hash"], int(ident.get("min_group_size", 2)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for raw in vs.certificates():
+        try:
+            if chain.add(Certificate.from_dict(raw)) is not None:
+                break
+        except ValueError:
+            break
+    return chain
 
 
 @app.command()
@@ -183,6 +211,7 @@ def versions(
     if not store.is_dir():
         _fail(UserError(f"no store at {store}"))
     vs = VersionStore(store)
+    chain = _store_chain(vs) if verify else None
     rows = []
     for info in vs.list():
         row = {"version": info.version, "hash": info.hash, "parent": info.parent, "contributors": info.contributors,
@@ -190,7 +219,7 @@ def versions(
         if verify:
             try:
                 vs.load(info.version)
-                row["valid"] = True
+                row["valid"] = chain is not None and chain.accepts(info.version, info.hash)
             except UserError:
                 row["valid"] = False
         rows.append(row)

@@ -7,10 +7,13 @@ One round on base ``(v, hash)``:
 3. gather: announce ``state=ready`` and wait until every peer still training on the same base is
    ready too, or until the round window closes; alone, wait visibly (min group size);
 4. all-reduce the body deltas (heads never leave the peer) in a group keyed by ``(v, hash)``;
-5. verify: publish ``(result hash, clean)``; commit ``B[v+1]`` only when every member that answered
-   is clean and agrees; otherwise redo the all-reduce among the survivors from the same deltas,
-   and after ``max_attempts`` keep ``B[v]``;
-6. store ``B[v+1]`` atomically and announce it.
+5. verify: publish ``(result hash, clean, signature on the certificate)``; commit ``B[v+1]`` when
+   this peer's view is clean and enough members sign the same result (``protocol.decide_commit``);
+   otherwise redo the all-reduce without the members caught breaking the rules, from the same
+   deltas, and after ``max_attempts`` keep ``B[v]``;
+6. store ``B[v+1]`` and its certificate atomically and announce it.
+
+Everything read from other peers is parsed and checked first (``records``, ``certs``, ``sync``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,8 +35,11 @@ from coldfusion_p2p import model as M
 from coldfusion_p2p.config import SwarmManifest
 from coldfusion_p2p.data import PrivateData, load_private_data
 from coldfusion_p2p.errors import UserError, WorkError
-from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, weight_for
+from coldfusion_p2p.certs import Certificate, CertChain, check_certificate, sign_certificate, verify_signature
+from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, clip_to_norm, delta_norm, round_bound, weight_for, weight_limits
+from coldfusion_p2p.protocol import CommitDecision, NoShows, RoundView, VerdictView, decide_commit, round_start
 from coldfusion_p2p.store import VersionInfo, VersionStore
+from coldfusion_p2p.sync import Held, HistorySync
 from coldfusion_p2p.training import LocalTrainer, pick_device, round_seed
 
 HEARTBEAT_SECONDS = 4.0
@@ -54,7 +59,7 @@ class JoinOptions:
     swarm: str | None = None  # which swarm, when a DHT announces several
     model: str | None = None  # a local model folder or built-in name; else the manifest's, else from peers
     device: str = "auto"
-    weighting: str | None = None  # overrides the manifest's default
+    weighting: str | None = None  # must match the manifest's rule (kept so that a mismatch is a clear error)
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce_maddrs: list[str] | None = None
     threads: int | None = None
@@ -62,14 +67,10 @@ class JoinOptions:
     events: str | None = None  # append JSON lines of progress events to this file
     max_wait: float | None = None  # give up after waiting this long for peers (None: wait forever)
     name: str | None = None  # a display name for `cfp2p status`; public, unlike the data
+    authority: str | None = None  # the peer id that must sign the manifest; default: the first initial peer's
 
 
-@dataclass
-class Base:
-    version: int
-    hash: str
-    body: M.BodyState
-    contributors: list[str] = field(default_factory=list)  # who made it: expected in the next round
+Base = Held  # (version, hash, body, contributors): the members who made it are expected in the next round
 
 
 class Events:
@@ -108,15 +109,21 @@ def _raise_terminate(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _store_identity(store: VersionStore, manifest: SwarmManifest) -> None:
-    """A store belongs to one swarm history: refuse to mix bases of another model or swarm."""
+def _store_identity(store: VersionStore, manifest: SwarmManifest, authority: str | None) -> None:
+    """A store belongs to one swarm history: refuse to mix bases of another model, swarm or authority."""
     path = store.root / "swarm.json"
-    mine = {"swarm": manifest.name, "v0_hash": manifest.model.v0_hash}
+    mine = {"swarm": manifest.name, "v0_hash": manifest.model.v0_hash, "authority": authority,
+            "min_group_size": manifest.round.min_group_size}  # the last one for `cfp2p versions --verify`
     if path.is_file():
         try:
             theirs = json.loads(path.read_text())
         except ValueError:
             theirs = None
+        if isinstance(theirs, dict) and not {"authority", "min_group_size"} <= set(theirs):  # a store from before certificates
+            theirs = {"authority": authority, "min_group_size": manifest.round.min_group_size, **theirs}
+            path.write_text(json.dumps(theirs))
+        if isinstance(theirs, dict):
+            theirs["min_group_size"] = mine["min_group_size"]  # the manifest may change it; the history stays
         if theirs != mine:
             raise UserError(f"store {store.root} belongs to another swarm or model ({theirs}); use another --store")
     else:
@@ -136,23 +143,40 @@ class Contributor:
         self._metrics = {"phase": "syncing", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
                          "last_round_seconds": None, "rounds": 0}
         self._device = "cpu"
+        self.no_shows = NoShows()
+        self.offenders: dict[str, str] = {}  # peers this peer caught breaking the round's rules -> why
+        self.signed_manifest: dict | None = None  # the authority's signed record, re-published by this peer
+        self.authority: str | None = None
+        self.history: HistorySync | None = None
+        self._base_norm: tuple[str, float] | None = None
 
     # ---------------------------------------------------------------- setup
     def _fetch_manifest(self, records, timeout: float = 30.0) -> SwarmManifest:
-        name, data = records.wait_for_manifest(self.opts.swarm, timeout)
+        from coldfusion_p2p.swarm import authority_of
+
+        self.authority = authority_of(self.opts.initial_peers, self.opts.authority)
+        if self.authority is None:
+            raise UserError("cannot tell whose signature the swarm manifest needs: give --initial-peers with a /p2p/ part, or --authority PEER_ID")
+        name, serial, data, signed = records.wait_for_manifest(self.opts.swarm, self.authority, timeout)
+        self.signed_manifest, self.manifest_serial = signed, serial
         return SwarmManifest.from_dict(data, where=f"swarm manifest {name!r} from the DHT")
+
+    def _fetch(self, peer: str, name: str, dest: Path, max_bytes: int, timeout: float = 120.0, on_bytes=None) -> None:
+        from coldfusion_p2p.swarm import fetch_blob
+
+        fetch_blob(self.dht, self.manifest.name, peer, name, dest, timeout=timeout, max_bytes=max_bytes, on_bytes=on_bytes)
 
     def _download_verified(self, name: str, dest: Path, check: Callable[[Path], str | None], holders: list[str]) -> None:
         """Fetch ``name`` from the first holder whose bytes pass ``check`` (None = good, else a reason)."""
-        from coldfusion_p2p.swarm import BlobError, fetch_blob
+        from coldfusion_p2p.swarm import BlobError
 
         problems = []
         self._metrics["phase"] = "syncing"
         for peer in holders:
             tmp = dest.with_name(f".part-{dest.name}-{os.getpid()}")
             try:
-                fetch_blob(self.dht, self.manifest.name, peer, name, tmp,
-                           on_bytes=lambda done, total: self.events.live("download_bytes", name=name, done=done, total=total))
+                self._fetch(peer, name, tmp, max_bytes=4 << 30,
+                            on_bytes=lambda done, total: self.events.live("download_bytes", name=name, done=done, total=total))
                 reason = check(tmp)
                 if reason is None:
                     os.replace(tmp, dest)
@@ -191,80 +215,58 @@ class Contributor:
                 if (local / name).is_file():
                     shutil.copy(local / name, store.model_dir / name)
             return store.model_dir, body
-        holders = [h.peer for h in self.records.holders() if h.peer != self.records.peer_id]
+        # the bootstrap peer serves the model files first: the authority is the one peer we already trust a little
+        holders = sorted(set(self.records.announced()) - {self.records.peer_id}, key=lambda p: (p != self.authority, p))
         self.events.emit("download", f"downloading the model files from {len(holders)} peer(s)", what="model")
-        for name, digest in wanted.items():
-            from coldfusion_p2p.swarm import sha256_file
+        from coldfusion_p2p.swarm import sha256_file
 
+        for name, digest in wanted.items():
             self._download_verified(
                 f"model/{name}", store.model_dir / name,
                 lambda p, d=digest: None if sha256_file(p) == d else "sha256 mismatch", holders,
             )
         return store.model_dir, None
 
-    def _download_base(self, version: int, body_hash: str, holders: list[str]) -> Base:
-        existing = self.store.read_info(version)
-        if existing is not None:
-            try:
-                body, info = self.store.load(version)
-                if info.hash == body_hash:
-                    return Base(version, body_hash, body, info.contributors)  # already here and intact
-            except UserError as e:
-                self.log(f"{e}; downloading it again")
-            self.log(f"retired our v{version} ({existing.hash[:12]}) to {self.store.retire(version)}")
-        self.events.emit("download", f"downloading base v{version} ({body_hash[:12]}) from {len(holders)} holder(s)", what="base", version=version)
-        tmpdir = Path(tempfile.mkdtemp(dir=self.store.root, prefix=".dl-"))
-        try:
-            dest = tmpdir / "body.safetensors"
-            loaded = {}
-
-            def check(path: Path) -> str | None:
-                try:
-                    body = M.load_tensors(path)
-                except UserError as e:
-                    return str(e)
-                got = M.hash_body(body)
-                if got != body_hash:
-                    return f"hash {got[:12]} != {body_hash[:12]}"
-                loaded["body"] = body
-                return None
-
-            self._download_verified(f"version/{version}", dest, check, holders)
-            info = VersionInfo(version, body_hash, parent=None)
-            info_path = tmpdir / "info.json"
-            try:
-                self._download_verified(f"info/{version}", info_path, lambda p: None if json.loads(p.read_text()).get("hash") == body_hash else "info names another hash", holders)
-                info = VersionInfo(**json.loads(info_path.read_text()))
-            except (WorkError, ValueError, TypeError):
-                pass  # the body is verified; its history record is a courtesy
-            self.store.save(loaded["body"], info)
-            return Base(version, body_hash, loaded["body"], info.contributors)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-
     def _initial_base(self, local_v0: M.BodyState | None) -> Base:
-        found = self.store.latest_valid(log=self.log)
+        found = self.history.latest_local()
         if found is not None:
-            body, info = found
-            self.events.emit("resume", f"resuming from v{info.version} ({info.hash[:12]}) in {self.store.root}", version=info.version)
-            return Base(info.version, info.hash, body, info.contributors)
+            self.events.emit("resume", f"resuming from v{found.version} ({found.hash[:12]}) in {self.store.root}", version=found.version)
+            return found
         if local_v0 is not None:
             self.store.save(local_v0, VersionInfo(0, self.manifest.model.v0_hash, parent=None))
             return Base(0, self.manifest.model.v0_hash, local_v0)
-        best = self.records.best_base()
-        if best is None or not best[2]:
-            raise WorkError("no peer announces a base to download, and this peer has no local copy of the model; pass --model")
-        return self._download_base(*best)
+        deadline = time.monotonic() + 60.0
+        while True:  # no base at all yet: take the best certified one that a holder serves correctly
+            choice = self.history.look(None)
+            if choice is not None and choice.holders:
+                self.events.emit("download", f"downloading base v{choice.version} ({choice.hash[:12]}) from {len(choice.holders)} holder(s)",
+                                 what="base", version=choice.version)
+                got = self.history.acquire(choice, None, on_bytes=self._download_progress(f"version/{choice.version}"))
+                if got is not None:
+                    return got
+            if time.monotonic() > deadline:
+                raise WorkError("no peer served a certified base within 60s, and this peer has no local copy of the model; pass --model")
+            time.sleep(2.0)
+
+    def _download_progress(self, name: str):
+        return lambda done, total: self.events.live("download_bytes", name=name, done=done, total=total)
 
     def _sync(self) -> bool:
-        """Move to the swarm's base (``SwarmRecords.best_base``) if it is not ours; True when it changed."""
-        best = self._better_base()
-        if best is None:
+        """Move to the base the fork rule picks over certified versions, if it is not ours; True when moved."""
+        choice = self.history.look((self.base.version, self.base.hash))
+        if choice is None:
             return False
         self._set_phase("syncing")
-        if best[0] == self.base.version:
-            self.events.emit("fork", f"the swarm settled on another v{best[0]} ({best[1][:12]}, {len(best[2])} holder(s)) than ours ({self.base.hash[:12]}); switching")
-        self.base = self._download_base(*best)
+        if choice.version == self.base.version:
+            self.events.emit("fork", f"the swarm settled on another v{choice.version} ({choice.hash[:12]}, {choice.signers} signer(s)) "
+                             f"than ours ({self.base.hash[:12]}); switching")
+        self.events.emit("download", f"downloading base v{choice.version} ({choice.hash[:12]}) from {len(choice.holders)} holder(s)",
+                         what="base", version=choice.version)
+        got = self.history.acquire(choice, self.base, on_bytes=self._download_progress(f"version/{choice.version}"))
+        if got is None:
+            return False
+        self.base = got
+        self.no_shows.seen(got.contributors)
         self.records.announce_base(self.base.version, self.base.hash)
         self.events.emit("synced", f"synced to v{self.base.version} ({self.base.hash[:12]})", version=self.base.version, hash=self.base.hash)
         return True
@@ -299,10 +301,17 @@ class Contributor:
 
     def _publish_history(self) -> None:
         """Re-publish the newest versions of this store for `cfp2p status` (they expire otherwise)."""
-        for info in self.store.list()[-10:]:
-            if info.version == 0:
-                continue
-            self.records.publish_history(_history_entry(info))
+        entries = [_history_entry(i) for i in self.store.list()[-10:] if i.version > 0 and i.parent and self.history.chain.accepts(i.version, i.hash)]
+        if entries:
+            self.records.publish_history(entries)
+
+    def _refresh_manifest(self) -> None:
+        """Keep the newest manifest the authority signed, and re-publish it (it outlives the bootstrap peer)."""
+        found = self.records.manifests(self.authority).get(self.manifest.name)
+        if found is not None and found[0] > self.manifest_serial:
+            self.manifest_serial, self.signed_manifest = found[0], found[2]
+            self.log(f"the swarm's authority published manifest serial {found[0]}; this peer re-publishes it (restart to apply new settings)")
+        self.records.publish_manifest(self.signed_manifest)
 
     def _heartbeat(self) -> None:
         last_manifest = 0.0
@@ -316,7 +325,7 @@ class Contributor:
                 if phase.get("state") != "left":
                     self._publish_metrics()
                 if time.monotonic() - last_manifest > 60:
-                    self.records.publish_manifest(self.manifest.to_dict())
+                    self._refresh_manifest()
                     self._publish_history()
                     last_manifest = time.monotonic()
             except Exception:  # noqa: BLE001 - a missed heartbeat is retried on the next beat
@@ -324,68 +333,92 @@ class Contributor:
 
     # ---------------------------------------------------------------- the round
     def _wait_for_group(self) -> list[str] | None:
-        """Wait until this base's round can start; the ready peers, or None if a newer base appeared.
-
-        Expected in the round: every peer that announces ``training`` on this base, and every peer
-        that made this base and still holds it (its records may not have reached us yet). The round
-        starts when all of them are ready, or when the round window closes; never below the
-        manifest's minimum group size.
-        """
+        """Wait until this base's round can start (``protocol.round_start``); the ready peers, or None
+        if a newer certified base appeared."""
         from coldfusion_p2p.swarm import dht_time
 
         r, base, me = self.manifest.round, self.base, self.records.peer_id
-        started, last_note, settled = time.monotonic(), 0.0, False
+        started, last_note, settled, last_look = time.monotonic(), 0.0, False, 0.0
+        my_ready = self._phase.get("since", dht_time())
         while True:
-            holders = self.records.holders()
-            if self._newer_base_exists(holders):
-                return None
-            progress = {p: s for p, s in self.records.progress(base.version, base.hash).items() if isinstance(s, dict)}
-            ready = {p: s for p, s in progress.items() if s.get("state") == "ready"}
-            ready.setdefault(me, {"t": dht_time()})
-            left = {p for p, s in progress.items() if s.get("state") == "left"}
-            holding = {h.peer for h in holders if (h.version, h.hash) == (base.version, base.hash)}
-            expected = {p for p, s in progress.items() if s.get("state") == "training"}
-            expected |= (set(base.contributors) & holding) - left
-            missing = expected - set(ready)
-            first_ready = min(float(s.get("t", 0)) for s in ready.values())
-            window_closed = dht_time() - first_ready > r.round_window
-            if len(ready) >= r.min_group_size and (not missing or window_closed):
-                if settled or window_closed:
-                    return sorted(ready)
+            if time.monotonic() - last_look > 2.0:
+                last_look = time.monotonic()
+                if self._newer_base_exists():
+                    return None
+            announced = self.records.announced()
+            progress = self.records.progress(base.version, base.hash)
+            ready = {p: s.t for p, s in progress.items() if s.state == "ready"}
+            self.no_shows.seen(ready)
+            view = RoundView(
+                me=me, now=dht_time(), my_ready_t=my_ready, ready=ready,
+                training=frozenset(p for p, s in progress.items() if s.state == "training"),
+                left=frozenset(p for p, s in progress.items() if s.state == "left"),
+                holding=frozenset(p for p, key in announced.items() if key == (base.version, base.hash)),
+                contributors=frozenset(base.contributors) - {me}, no_shows=frozenset(self.no_shows.peers),
+            )
+            start = round_start(view, r.min_group_size, r.round_window)
+            if start.start:
+                if settled or start.window_closed:
+                    self.no_shows.after_window(start)
+                    return list(start.ready)
                 settled = True  # look once more after a moment: another peer's records may be on their way
                 time.sleep(SETTLE_SECONDS)
                 continue
             settled = False
             now = time.monotonic()
             if now - last_note > 10:
-                if len(ready) < r.min_group_size and not missing:
-                    note = f"waiting for peers: {len(ready)} ready on v{base.version}, the swarm needs {r.min_group_size}"
+                if len(start.ready) < r.min_group_size and not start.missing:
+                    note = f"waiting for peers: {len(start.ready)} ready on v{base.version}, the swarm needs {r.min_group_size}"
                 else:
-                    note = f"waiting for {len(missing)} peer(s) still training on v{base.version} ({len(ready)} ready)"
-                self.events.emit("waiting", note, ready=len(ready), training=len(missing))
+                    note = f"waiting for {len(start.missing)} peer(s) still training on v{base.version} ({len(start.ready)} ready)"
+                self.events.emit("waiting", note, ready=len(start.ready), training=len(start.missing))
                 last_note = now
             if self.opts.max_wait is not None and now - started > self.opts.max_wait:
                 raise WorkError(f"waited {self.opts.max_wait:.0f}s for a group on v{base.version}; giving up (B[v] is kept in the store)")
             time.sleep(0.5)
 
-    def _better_base(self) -> tuple[int, str, list[str]] | None:
-        best = self.records.best_base()
-        if best is None or not best[2] or (best[0], best[1]) == (self.base.version, self.base.hash):
-            return None
-        return best if best[0] >= self.base.version else None
+    def _newer_base_exists(self) -> bool:
+        try:
+            return self.history.newer_exists((self.base.version, self.base.hash))
+        except Exception as e:  # noqa: BLE001 - a look that failed is no reason to leave the round
+            self.log(f"could not look for newer bases ({type(e).__name__}: {str(e)[:80]})")
+            return False
 
-    def _newer_base_exists(self, holders=None) -> bool:
-        best = self.records.best_base(holders)
-        return best is not None and best[0] > self.base.version
+    def _round_rules(self) -> tuple[float, dict]:
+        """This base's bound on a round's delta, and the rules every reducer enforces on members."""
+        f, t = self.manifest.fusion, self.manifest.training
+        if self._base_norm is None or self._base_norm[0] != self.base.hash:
+            self._base_norm = (self.base.hash, delta_norm([self.base.body[n].float() for n in self.names]))
+        bound = round_bound(self._base_norm[1], f.max_delta_ratio)
+        lo, hi = weight_limits(f.weighting, t.examples_per_round)
+        return bound, {"min_weight": lo, "max_weight": hi, "part_bound": bound * 1.0001}
 
-    def _await_verdicts(self, redo: int, group: list[str], group_id: str) -> dict[str, dict]:
+    def _await_verdicts(self, redo: int, group: list[str], group_id: str, cert: Certificate, result: str, clean: bool) -> tuple[CommitDecision, Certificate]:
+        """Collect the group's verdicts until ``decide_commit`` says commit or redo (or verify_timeout passes).
+
+        A verdict counts as agreeing only with a valid signature on our certificate: the certificate
+        that is stored is made of exactly those signatures."""
+        me = self.records.peer_id
         deadline = time.monotonic() + self.manifest.round.verify_timeout
+        payload = cert.payload()
         while True:
-            verdicts = self.records.verdicts(self.base.version, self.base.hash, redo)
-            answered = {p: v for p, v in verdicts.items() if p in group and isinstance(v, dict) and v.get("group_id") == group_id}
-            if len(answered) == len(group) or time.monotonic() > deadline:
-                return answered
+            views, signed = {}, cert
+            for peer, v in self.records.verdicts(self.base.version, self.base.hash).items():
+                if peer == me or peer not in group or v.redo != redo or v.group_id != group_id:
+                    continue
+                good = v.clean and v.result == result and self._signature_ok(peer, v.signature, payload)
+                views[peer] = VerdictView(v.result, good)
+                if good:
+                    signed = signed.with_signature(peer, self.records.public_keys[peer], v.signature)
+            decision = decide_commit(me, result, clean, group, views, self.manifest.round.min_group_size,
+                                     timed_out=time.monotonic() > deadline)
+            if decision.action != "wait":
+                return decision, signed
             time.sleep(0.25)
+
+    def _signature_ok(self, peer: str, signature: str, payload: bytes) -> bool:
+        key = self.records.public_keys.get(peer)  # the verdict's owner key: its hash is ``peer``
+        return key is not None and bool(signature) and verify_signature(key, payload, signature)
 
     def _fuse(self, delta: list[torch.Tensor], examples: int) -> str:
         """Average this peer's delta with the group's; 'committed', 'superseded' or 'kept'.
@@ -397,8 +430,12 @@ class Contributor:
         from coldfusion_p2p.swarm import averager_prefix
 
         r, f = self.manifest.round, self.manifest.fusion
-        names, base = self.names, self.base
-        weight = weight_for(self.opts.weighting or f.weighting, examples)
+        names, base, me = self.names, self.base, self.records.peer_id
+        weight = weight_for(f.weighting, examples, self.manifest.training.examples_per_round)
+        bound, rules = self._round_rules()
+        delta, norm, clipped = clip_to_norm(delta, bound)
+        if clipped:
+            self.log(f"this peer's delta (norm {norm:.4g}) is longer than the round's bound {bound:.4g}: scaled down to it")
         rule = OuterStep(f.outer_lr)
         redo, failures = 0, 0
         t0 = time.perf_counter()
@@ -407,15 +444,16 @@ class Contributor:
             if expected is None:
                 return "superseded"
             # a peer that arrives while the group redoes an unverified all-reduce joins it at its redo level
-            while self.records.verdicts(base.version, base.hash, redo):
-                redo += 1
+            levels = [v.redo for p, v in self.records.verdicts(base.version, base.hash).items() if p != me and v.redo < 2 * r.max_attempts]
+            redo = max([redo] + [lvl + 1 for lvl in levels])
             t_gather = time.perf_counter() - t0
             self._set_phase("averaging", examples)
             group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_x{redo}"
             # no target size: a count of ready peers can be short of the truth, and a leader that
             # reaches it closes the group on a peer that arrives a moment later; gather for the
             # whole matchmaking time instead (every ready peer gets there within about a second)
-            self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size)
+            self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size,
+                                    rules=rules, excluded=sorted(self.offenders))
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
                     t.copy_(d)
@@ -431,33 +469,46 @@ class Contributor:
                 self.events.emit("retry", f"no group formed on v{base.version} ({error or 'timeout'}); trying again", redo=redo)
                 self._set_phase("ready", examples)
                 continue
+            for peer, why in result.get("offenders", {}).items():
+                if peer not in self.offenders:
+                    self.offenders[peer] = why
+                    self.events.emit("offender", f"peer {peer[:12]} broke the round's rules ({why}); refusing it from now on", peer=peer, reason=why)
             t1 = time.perf_counter()
             with self.averager.get_tensors() as tensors:
                 averaged = [t.clone() for t in tensors]
-            check = check_delta(averaged, f.max_delta_norm)
-            new_body = rule.apply(base.body, names, averaged) if check.ok else None
-            new_hash = M.hash_body(new_body) if check.ok else ""
+            check = check_delta(averaged, float("inf"))
+            new_body, new_hash, reason = None, "", check.reason
+            if check.ok:
+                averaged, avg_norm, avg_clipped = clip_to_norm(averaged, bound)
+                if avg_clipped:
+                    reason = f"averaged delta norm {avg_norm:.4g} scaled down to the round's bound {bound:.4g}"
+                new_body = rule.apply(base.body, names, averaged)
+                new_hash = M.hash_body(new_body)
             clean = bool(result["clean"]) and check.ok
             group, group_id = result["group"], result["group_id"]
-            why_unclean = result.get("error") or f"incomplete all-reduce (failed {result['failed_size']} values, banned {len(result['banned'])} sender(s))"
-            verdict = {"hash": new_hash, "clean": clean, "group_id": group_id, "reason": check.reason or ("" if result["clean"] else why_unclean)}
-            self.records.publish_verdict(base.version, base.hash, redo, verdict)
-            answered = self._await_verdicts(redo, group, group_id)
+            why_unclean = result.get("error") or (f"incomplete all-reduce (failed {result['failed_size']} values, banned {len(result['banned'])} "
+                                                  f"sender(s), {len(result.get('offenders', {}))} offender(s))")
+            cert = Certificate(self.manifest.name, base.version + 1, base.hash, new_hash or "0" * 64, group_id, tuple(sorted(group)))
+            signature = sign_certificate(cert, me, self.dht.identity) if clean else ""
+            cert = cert.with_signature(me, self.dht.identity.public_key, signature) if clean else cert
+            self.records.publish_verdict({
+                "v": base.version, "base": base.hash, "redo": redo, "group_id": group_id, "members": sorted(group)[:256],
+                "result": new_hash if clean else "", "clean": clean, "reason": (reason or ("" if result["clean"] else why_unclean))[:300],
+                "offenders": sorted(result.get("offenders", {}))[:256], "signature": signature,
+            })
+            decision, signed = self._await_verdicts(redo, group, group_id, cert, new_hash, clean)
             t_verify = time.perf_counter() - t1
-            if clean and all(v.get("clean") and v.get("hash") == new_hash for v in answered.values()):
-                self._commit(new_body, new_hash, group, answered, redo, result, check.norm,
+            if decision.action == "commit" and check_certificate(signed, self.manifest.name, r.min_group_size).ok:
+                self._commit(new_body, new_hash, signed, decision, redo, result, delta_norm(averaged),
                              {"gather_s": t_gather, "matchmaking_s": t_match, "allreduce_s": t_allreduce, "verify_s": t_verify})
                 return "committed"
-            reasons = sorted({v.get("reason") or ("hash differs" if v.get("hash") != new_hash else "") for v in answered.values()} - {""})
-            missing = len(group) - len(answered)
+            why = decision.reason or ("" if clean else (reason or why_unclean))
             self.events.emit(
                 "unverified",
-                f"round on v{base.version} not verified ({'; '.join(reasons) or 'disagreement'}"
-                f"{f', {missing} member(s) silent' if missing else ''}); keeping v{base.version}",
-                redo=redo, reasons=reasons, missing=missing,
+                f"round on v{base.version} not verified ({why or 'disagreement'}"
+                f"{f', {len(decision.silent)} member(s) silent' if decision.silent else ''}); keeping v{base.version}",
+                redo=redo, reasons=[why] if why else [], missing=len(decision.silent),
             )
-            if not check.ok:
-                return "kept"  # a poisoned average: the same deltas would give it again, so keep B[v]
             redo += 1
             failures += 1
             self._set_phase("ready", examples)
@@ -468,31 +519,38 @@ class Contributor:
         self.events.live("allreduce")
         self._publish_metrics()
 
-    def _commit(self, new_body, new_hash, group, answered, redo, result, norm, timings) -> None:
+    def _commit(self, new_body, new_hash, cert: Certificate, decision: CommitDecision, redo, result, norm, timings) -> None:
         t_store = time.perf_counter()
         base = self.base
+        group = sorted(cert.members)
         stats = {k: round(v, 3) for k, v in timings.items()}
         stats.update({
-            "group_size": len(group), "answered": len(answered), "redo": redo, "delta_norm": round(norm, 6),
+            "group_size": len(group), "answered": len(group) - len(decision.silent), "signers": len(cert.signatures),
+            "redo": redo, "delta_norm": round(norm, 6),
             "examples": {p: g.get("examples") for p, g in result["gathered"].items() if isinstance(g, dict)},
             # from the start of training to the commit; stored, so that re-published history keeps it
             "round_s": round(time.monotonic() - self._round_started, 3),
         })
-        info = VersionInfo(base.version + 1, new_hash, parent=base.hash, contributors=sorted(group),
+        info = VersionInfo(base.version + 1, new_hash, parent=base.hash, contributors=group,
                            averaged_tensors=list(self.names), round_stats=stats)
         self._set_phase("storing")
+        reason = self.history.record_commit(cert)
+        if reason is not None:  # cannot happen with a certificate checked above; never store an uncertified version
+            raise WorkError(f"could not certify v{info.version}: {reason}")
         self.store.save(new_body, info)
         stats["store_s"] = round(time.perf_counter() - t_store, 3)
         self._metrics.update(rounds=self._metrics["rounds"] + 1, last_round_seconds=stats["round_s"])
-        with contextlib.suppress(Exception):  # the history is a courtesy for `cfp2p status`
-            self.records.publish_history(_history_entry(info))
-        self.base = Base(info.version, new_hash, new_body, info.contributors)
+        self.base = Base(info.version, new_hash, new_body, group)
+        self.no_shows.seen(group)
         self.records.announce_base(self.base.version, self.base.hash, wait=True)
+        with contextlib.suppress(Exception):  # the history is a courtesy for `cfp2p status`
+            self._publish_history()
         self.events.emit(
             "committed",
-            f"committed v{info.version} ({new_hash[:12]}) with {len(group)} contributor(s): matchmaking {stats['matchmaking_s']:.1f}s, "
-            f"all-reduce {stats['allreduce_s']:.1f}s, verify {stats['verify_s']:.1f}s, store {stats['store_s']:.1f}s",
-            version=info.version, hash=new_hash, contributors=sorted(group), stats=stats,
+            f"committed v{info.version} ({new_hash[:12]}) with {len(group)} contributor(s), {len(cert.signatures)} signature(s): "
+            f"matchmaking {stats['matchmaking_s']:.1f}s, all-reduce {stats['allreduce_s']:.1f}s, verify {stats['verify_s']:.1f}s, "
+            f"store {stats['store_s']:.1f}s",
+            version=info.version, hash=new_hash, contributors=group, stats=stats,
         )
 
     # ---------------------------------------------------------------- main loop
@@ -516,8 +574,15 @@ class Contributor:
             self.dht = start_dht(opts.initial_peers, opts.host_maddrs, client_mode=False, announce_maddrs=opts.announce_maddrs)
             self.records = SwarmRecords(self.dht)
             self.manifest = self._fetch_manifest(self.records)
+            if opts.weighting not in (None, self.manifest.fusion.weighting):
+                raise UserError(f"the swarm's manifest sets weighting = {self.manifest.fusion.weighting!r}; every reducer enforces it, "
+                                f"so --weight {opts.weighting} would get this peer banned from rounds: drop --weight")
             self.records = SwarmRecords(self.dht, self.manifest.name)
-            _store_identity(self.store, self.manifest)
+            _store_identity(self.store, self.manifest, self.authority)
+            chain = CertChain(self.manifest.name, self.manifest.model.v0_hash, self.manifest.round.min_group_size)
+            self.history = HistorySync(self.store, chain, self.records.peer_id, self.manifest.fusion.max_delta_ratio,
+                                       self._fetch, self.records.announced, self.log)
+            self.history.load_local()
             self.events.emit("joined", f"joined swarm {self.manifest.name!r} as {self.records.peer_id[:12]}… (model {self.manifest.model.source}, v0 {self.manifest.model.v0_hash[:12]})", peer=self.records.peer_id, swarm=self.manifest.name)
             model_dir, local_v0 = self._prepare_model()
             self.base = self._initial_base(local_v0)
@@ -529,6 +594,7 @@ class Contributor:
                 self.manifest.round.allreduce_timeout, self.manifest.round.min_group_size, self.manifest.round.chunk_timeout,
             )
             self.records.announce_base(self.base.version, self.base.hash, wait=True)
+            self.records.publish_manifest(self.signed_manifest)
             heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
             heartbeat.start()
             return self._rounds(data, device, model_dir)

@@ -36,14 +36,43 @@ class DeltaCheck:
 
 
 def check_delta(delta: list[torch.Tensor], max_norm: float) -> DeltaCheck:
-    """Reject a delta with NaN/Inf values or an L2 norm beyond the manifest's bound."""
+    """Reject a delta with NaN/Inf values or an L2 norm beyond ``max_norm``."""
     for t in delta:
         if not torch.isfinite(t).all():
             return DeltaCheck(False, "averaged delta has NaN or Inf values", float("nan"))
     norm = delta_norm(delta)
     if norm > max_norm:
-        return DeltaCheck(False, f"averaged delta norm {norm:.3g} exceeds the bound {max_norm:.3g}", norm)
+        return DeltaCheck(False, f"delta norm {norm:.3g} exceeds the bound {max_norm:.3g}", norm)
     return DeltaCheck(True, "", norm)
+
+
+def round_bound(base_norm: float, max_delta_ratio: float) -> float:
+    """How far one round may move the base: ``max_delta_ratio`` times the base's norm.
+
+    A bound relative to the base fits every model size; a fixed norm did not (1000 was ~4000x an honest
+    round's delta on the tiny test model, and meaningless on a larger one).
+    """
+    return base_norm * max_delta_ratio
+
+
+def clip_to_norm(delta: list[torch.Tensor], bound: float) -> tuple[list[torch.Tensor], float, bool]:
+    """``delta`` scaled down to L2 norm ``bound`` if it is longer: (delta, its norm before, clipped?).
+
+    The scale is rounded to 7 significant digits so that every member, whatever its thread count
+    (float64 sums can differ in the last bit), computes the same bytes from the same average.
+    """
+    norm = delta_norm(delta)
+    if norm <= bound:
+        return delta, norm, False
+    scale = float(f"{bound / norm:.7g}")
+    return [t * scale for t in delta], norm, True
+
+
+def weight_limits(weighting: str, examples_per_round: int) -> tuple[float, float]:
+    """The weights the manifest's rule allows a member: exactly 1 (uniform), or 1..examples_per_round.
+
+    Every reducer enforces these: a member claiming a weight outside them is banned from the round."""
+    return (1.0, 1.0) if weighting == "uniform" else (1.0, float(examples_per_round))
 
 
 @dataclass
@@ -59,9 +88,11 @@ class OuterStep:
         return new
 
 
-def weight_for(weighting: str, examples: int) -> float:
-    """A contributor's weight in the average: 1 (uniform, the paper's) or its example count."""
-    return float(examples) if weighting == "examples" else 1.0
+def weight_for(weighting: str, examples: int, examples_per_round: int) -> float:
+    """A contributor's weight in the average: 1 (uniform, the paper's) or the examples it trained on
+    this round, capped by the manifest's ``examples_per_round``."""
+    lo, hi = weight_limits(weighting, examples_per_round)
+    return min(max(float(examples), lo), hi)
 
 
 def mean_delta(deltas: list[list[torch.Tensor]], weights: list[float] | None = None) -> list[torch.Tensor]:

@@ -1,8 +1,9 @@
 """``cfp2p status``: what a swarm looks like from the DHT, as data (``snapshot``) and as a Rich view (``render``).
 
 Everything here is read from the DHT by a client node that never averages: the swarm manifest,
-the bases peers announce, their signed metrics records (``swarm.PeerMetrics``; a peer that stops
-publishing drops out when its record expires) and the versions they committed.
+the bases peers announce (shown only with a certificate chain back to v0), their signed metrics
+records (``records.MetricsRecord``; a peer that stops publishing drops out when its record expires)
+and the versions they committed.
 """
 
 from __future__ import annotations
@@ -20,59 +21,105 @@ PHASE_STYLE = {"training": "cyan", "matchmaking": "yellow", "averaging": "magent
 HISTORY_ROWS = 10
 
 
-def snapshot(records, swarm: str | None = None, wait: float = 15.0) -> dict[str, Any]:
-    """One consistent-enough look at the swarm, as plain JSON-able data.
+class StatusView:
+    """What ``cfp2p status`` keeps between refreshes: the certificate chain it has verified so far."""
 
-    ``records`` is a ``swarm.SwarmRecords`` on any DHT node; waits up to ``wait`` seconds for a manifest.
-    """
-    from coldfusion_p2p.swarm import SwarmRecords, dht_time
+    def __init__(self, records, swarm: str | None = None, authority: str | None = None):
+        self.records, self.swarm, self.authority = records, swarm, authority
+        self._history = None
+        self._tmp = None
 
-    name, manifest = records.wait_for_manifest(swarm, wait)
-    rec = SwarmRecords(records.dht, name)
-    now = dht_time()
-    holders = rec.holders()
-    best = rec.best_base(holders)
+    def _sync_for(self, name: str, manifest: dict):
+        import tempfile
 
-    peers = []
-    for m in rec.metrics():
-        if m.get("swarm") != name:
-            continue
-        peers.append({**m, "age_s": round(max(0.0, now - m["t"]), 1)})
-    peers.sort(key=lambda p: (p["role"] != "bootstrap", p.get("name") or "", p["peer"]))
+        from coldfusion_p2p.certs import CertChain
+        from coldfusion_p2p.store import VersionStore
+        from coldfusion_p2p.swarm import SwarmRecords, fetch_blob
+        from coldfusion_p2p.sync import HistorySync
 
-    by_key: dict[tuple[int, str], dict] = {}
-    for e in rec.history():
-        by_key[(e["v"], e["hash"])] = e
-    times = {h: e.get("time") for (_, h), e in by_key.items()}
-    rounds = []
-    for (v, h), e in sorted(by_key.items(), key=lambda kv: (-kv[0][0], kv[0][1]))[:HISTORY_ROWS]:
-        parent_time = times.get(e.get("parent"))
-        rounds.append({
-            "version": v, "hash": h, "parent": e.get("parent") or None, "contributors": e.get("contributors"),
-            "time": e.get("time"), "round_s": e.get("round_s") or None,
-            "interval_s": round(e["time"] - parent_time, 1) if isinstance(parent_time, (int, float)) and isinstance(e.get("time"), (int, float)) else None,
-        })
-    # the newest base: the one online peers announce, or a newer committed one whose makers all left
-    top = (best[0], best[1]) if best is not None else None
-    if rounds and (top is None or rounds[0]["version"] > top[0]):
-        top = (rounds[0]["version"], rounds[0]["hash"])
-    newest = None
-    if top is not None:
-        online = {p["peer"] for p in peers}  # base records outlive metrics by a few seconds
-        newest = {"version": top[0], "hash": top[1], "holders": sum(1 for h in holders if (h.version, h.hash) == top and h.peer in online)}
-    return {
-        "swarm": name,
-        "model": (manifest.get("model") or {}).get("source"),
-        "v0_hash": (manifest.get("model") or {}).get("v0_hash"),
-        "min_group_size": (manifest.get("round") or {}).get("min_group_size"),
-        "time": now,
-        "newest": newest,
-        "rounds_completed": newest["version"] if newest else 0,
-        "peers_online": len(peers),
-        "contributors_online": sum(1 for p in peers if p["role"] == "contributor"),
-        "peers": peers,
-        "rounds": rounds,
-    }
+        if self._history is None or self._history.chain.swarm != name:
+            rec = SwarmRecords(self.records.dht, name)
+            self._tmp = tempfile.TemporaryDirectory(prefix="cfp2p-status-")
+            chain = CertChain(name, manifest["model"]["v0_hash"], int(manifest["round"]["min_group_size"]))
+
+            def fetch(peer, blob, dest, max_bytes, timeout=10.0, on_bytes=None):
+                fetch_blob(rec.dht, name, peer, blob, dest, timeout=timeout, max_bytes=max_bytes)
+
+            self._history = HistorySync(VersionStore(self._tmp.name), chain, rec.peer_id, float(manifest["fusion"]["max_delta_ratio"]),
+                                        fetch, rec.announced, log=lambda _msg: None)
+            self._rec = rec
+        return self._history, self._rec
+
+    def snapshot(self, wait: float = 15.0) -> dict[str, Any]:
+        """One consistent-enough look at the swarm, as plain JSON-able data.
+
+        Only what can be checked is shown: the manifest the authority signed, versions with a valid
+        certificate chain back to v0, metrics signed by the peer they describe, and the bootstrap row
+        only for the authority's own peer id.
+        """
+        from coldfusion_p2p.config import SwarmManifest
+        from coldfusion_p2p.swarm import dht_time
+
+        name, _serial, manifest, _signed = self.records.wait_for_manifest(self.swarm, self.authority, wait)
+        manifest = SwarmManifest.from_dict(manifest, where=f"swarm manifest {name!r}").to_dict()
+        history, rec = self._sync_for(name, manifest)
+        now = dht_time()
+        choice = history.look(None)
+        chain = history.chain
+
+        peers = []
+        for peer, m in rec.metrics().items():
+            if m.role == "bootstrap" and peer != self.authority:
+                continue  # only the authority is the swarm's bootstrap peer
+            peers.append({**m.dict(), "age_s": round(max(0.0, now - m.t), 1)})
+        peers.sort(key=lambda p: (p["role"] != "bootstrap", p.get("name") or "", p["peer"]))
+
+        by_key: dict[tuple[int, str], dict] = {}
+        for record in rec.history().values():
+            for e in record.entries:
+                if chain.accepts(e.v, e.hash):
+                    by_key[(e.v, e.hash)] = e.dict()
+        times = {h: e.get("time") for (_, h), e in by_key.items()}
+        rounds = []
+        for (v, h), e in sorted(by_key.items(), key=lambda kv: (-kv[0][0], kv[0][1]))[:HISTORY_ROWS]:
+            parent_time = times.get(e.get("parent"))
+            rounds.append({
+                "version": v, "hash": h, "parent": e.get("parent") or None, "contributors": e.get("contributors"),
+                "signers": chain.signers(v, h), "time": e.get("time"), "round_s": e.get("round_s") or None,
+                "interval_s": round(e["time"] - parent_time, 1) if isinstance(parent_time, (int, float)) else None,
+            })
+        newest = None
+        if choice is not None:
+            online = {p["peer"] for p in peers}  # base records outlive metrics by a few seconds
+            newest = {"version": choice.version, "hash": choice.hash, "signers": choice.signers,
+                      "holders": sum(1 for p in choice.holders if p in online)}
+        return {
+            "swarm": name,
+            "authority": self.authority,
+            "model": manifest["model"]["source"],
+            "v0_hash": manifest["model"]["v0_hash"],
+            "min_group_size": manifest["round"]["min_group_size"],
+            "time": now,
+            "newest": newest,
+            "rounds_completed": newest["version"] if newest else 0,
+            "peers_online": len(peers),
+            "contributors_online": sum(1 for p in peers if p["role"] == "contributor"),
+            "peers": peers,
+            "rounds": rounds,
+        }
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def snapshot(records, swarm: str | None = None, wait: float = 15.0, authority: str | None = None) -> dict[str, Any]:
+    """One snapshot (``StatusView.snapshot``) without keeping the verified chain."""
+    view = StatusView(records, swarm, authority)
+    try:
+        return view.snapshot(wait)
+    finally:
+        view.close()
 
 
 def _duration(seconds: float | None) -> str:

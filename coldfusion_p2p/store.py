@@ -4,6 +4,8 @@ Layout of a store folder::
 
     model/                      config and tokenizer files of the swarm's model
     versions/v000003/           body.safetensors + manifest.json, one folder per base version
+    certs/v000003.json          the certificate of each version of this store's history (v1 on), also of
+                                versions whose body this peer skipped while catching up
     head.safetensors, head.json this contributor's private head and label names
 
 A version is written into a hidden temporary folder, fsynced, and renamed into place, so a
@@ -158,6 +160,53 @@ class VersionStore:
                 if log:
                     log(f"skipping {e}")
         return None
+
+    # --- certificates ------------------------------------------------------------------------
+    def cert_path(self, version: int) -> Path:
+        return self.root / "certs" / f"v{version:06d}.json"
+
+    def save_certificates(self, certs: list[dict]) -> None:
+        """Write the certificates of this store's history (dicts of ``certs.Certificate.to_dict``).
+
+        A certificate that replaces another at the same version (the store moves to a fork's winner)
+        moves the old one to ``retired/``, with every later one: they were one history.
+        """
+        (self.root / "certs").mkdir(exist_ok=True)
+        for cert in sorted(certs, key=lambda c: c["version"]):
+            path = self.cert_path(cert["version"])
+            text = json.dumps(cert, sort_keys=True)
+            if path.is_file():
+                if path.read_text() == text:
+                    continue
+                self._retire_certs_from(cert["version"])
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+
+    def _retire_certs_from(self, version: int) -> None:
+        dest = self.root / "retired" / f"certs-from-v{version:06d}-{int(time.time() * 1000)}"
+        for path in sorted((self.root / "certs").glob("v[0-9]*.json")):
+            if int(path.stem[1:]) >= version:
+                dest.mkdir(parents=True, exist_ok=True)
+                path.rename(dest / path.name)
+
+    def certificates(self, start: int = 1, limit: int = 100_000) -> list[dict]:
+        return self.read_certificates(self.root, start, limit)
+
+    @staticmethod
+    def read_certificates(root: Path, start: int, limit: int) -> list[dict]:
+        """The certificates of a store's history from version ``start`` on, while they are consecutive."""
+        out = []
+        version = max(start, 1)
+        while len(out) < limit:
+            try:
+                out.append(json.loads((Path(root) / "certs" / f"v{version:06d}.json").read_text()))
+            except (OSError, ValueError):
+                break
+            version += 1
+        return out
 
     def body_path(self, version: int) -> Path:
         return self.version_dir(version) / BODY_FILE

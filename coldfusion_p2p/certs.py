@@ -1,0 +1,249 @@
+"""Version certificates: what makes a base version legitimate, with no networking.
+
+A verified round proves that its members hold the same bytes, not that the bytes came from a round
+on the parent. So every member of a committed round signs (swarm, v, parent hash, new hash, group
+id, members) with its libp2p identity key (RSA; the key's hash is its peer id). A version counts
+only with valid signatures from at least ``min_signers`` of its listed members, and only if its
+parent is a version already accepted: a chain back to v0, which the swarm manifest names.
+
+Signatures use the scheme hivemind signs DHT records with (RSA-PSS, SHA-256, base64), so the same
+identity key serves both; verification here needs only ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+CERT_KIND = "cfp2p-certificate/1"
+MAX_MEMBERS = 256
+_HASH = re.compile(r"^[0-9a-f]{64}$")
+_GROUP = re.compile(r"^[0-9a-f]{2,128}$")
+_PEER = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
+
+
+class Signer(Protocol):
+    """A peer's identity: its ssh-rsa public key and a signing function (hivemind's RSAPrivateKey fits)."""
+
+    public_key: str
+
+    def sign(self, data: bytes) -> str: ...
+
+
+def _base58(raw: bytes) -> str:
+    n = int.from_bytes(raw, "big")
+    out = ""
+    while n:
+        n, r = divmod(n, 58)
+        out = _B58[r] + out
+    return "1" * (len(raw) - len(raw.lstrip(b"\0"))) + out
+
+
+def peer_id_of_public_key(ssh_public_key: bytes) -> str:
+    """The libp2p peer id (base58) of an ssh-rsa public key: sha2-256 multihash of its protobuf form.
+
+    Raises ValueError for anything that is not an RSA public key.
+    """
+    try:
+        key = serialization.load_ssh_public_key(ssh_public_key)
+    except Exception as e:  # noqa: BLE001 - cryptography raises several kinds for junk
+        raise ValueError(f"not an ssh public key: {e}") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("not an RSA key")
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    # libp2p's crypto.pb PublicKey{key_type: RSA (0), data: der}, serialized by hand
+    proto = b"\x08\x00\x12" + _varint(len(der)) + der
+    return _base58(b"\x12\x20" + hashlib.sha256(proto).digest())
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def verify_signature(public_key: str, data: bytes, signature: str) -> bool:
+    """True when ``signature`` (base64) is ``public_key``'s RSA-PSS signature of ``data``; never raises."""
+    try:
+        key = serialization.load_ssh_public_key(public_key.encode())
+        if not isinstance(key, rsa.RSAPublicKey):
+            return False
+        key.verify(base64.b64decode(signature, validate=True), data, _PSS, hashes.SHA256())
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    except Exception:  # noqa: BLE001 - a malformed key or signature is simply not valid
+        return False
+
+
+def canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A base version and the signatures of the members of the round that made it."""
+
+    swarm: str
+    version: int
+    parent: str
+    hash: str
+    group_id: str
+    members: tuple[str, ...]
+    signatures: dict[str, tuple[str, str]] = field(default_factory=dict, compare=False)  # peer -> (public key, signature)
+
+    def payload(self) -> bytes:
+        """What each member signs: everything but the signatures."""
+        return canonical({"kind": CERT_KIND, "swarm": self.swarm, "version": self.version, "parent": self.parent,
+                          "hash": self.hash, "group_id": self.group_id, "members": sorted(self.members)})
+
+    def with_signature(self, peer: str, public_key: str, signature: str) -> "Certificate":
+        sigs = dict(self.signatures)
+        sigs[peer] = (public_key, signature)
+        return Certificate(self.swarm, self.version, self.parent, self.hash, self.group_id, self.members, sigs)
+
+    def to_dict(self) -> dict:
+        return {"kind": CERT_KIND, "swarm": self.swarm, "version": self.version, "parent": self.parent, "hash": self.hash,
+                "group_id": self.group_id, "members": sorted(self.members),
+                "signatures": {p: {"key": k, "sig": s} for p, (k, s) in sorted(self.signatures.items())}}
+
+    @classmethod
+    def from_dict(cls, data) -> "Certificate":
+        """Parse strictly; raises ValueError on anything malformed (types, sizes, formats)."""
+        if not isinstance(data, dict) or data.get("kind") != CERT_KIND:
+            raise ValueError("not a certificate")
+        if set(data) != {"kind", "swarm", "version", "parent", "hash", "group_id", "members", "signatures"}:
+            raise ValueError("certificate has missing or extra fields")
+        swarm, version, parent, new, group, members, sigs = (data[k] for k in
+                                                             ("swarm", "version", "parent", "hash", "group_id", "members", "signatures"))
+        if not (isinstance(swarm, str) and 0 < len(swarm) <= 48):
+            raise ValueError("bad swarm name")
+        if type(version) is not int or version < 1:
+            raise ValueError("bad version")
+        if not (isinstance(parent, str) and _HASH.match(parent) and isinstance(new, str) and _HASH.match(new)):
+            raise ValueError("bad hash")
+        if not (isinstance(group, str) and _GROUP.match(group)):
+            raise ValueError("bad group id")
+        if not (isinstance(members, list) and 0 < len(members) <= MAX_MEMBERS and all(isinstance(m, str) and _PEER.match(m) for m in members)
+                and len(set(members)) == len(members)):
+            raise ValueError("bad member list")
+        if not isinstance(sigs, dict) or len(sigs) > len(members):
+            raise ValueError("bad signatures")
+        parsed = {}
+        for peer, item in sigs.items():
+            if not (isinstance(item, dict) and set(item) == {"key", "sig"} and isinstance(item["key"], str)
+                    and isinstance(item["sig"], str) and len(item["key"]) < 2100 and len(item["sig"]) < 2100):
+                raise ValueError("bad signature entry")
+            parsed[peer] = (item["key"], item["sig"])
+        return cls(swarm, version, parent, new, group, tuple(members), parsed)
+
+
+def sign_certificate(cert: Certificate, peer: str, signer: Signer) -> str:
+    """This member's signature on ``cert`` (base64)."""
+    sig = signer.sign(cert.payload())
+    return sig.decode() if isinstance(sig, bytes) else sig
+
+
+@dataclass(frozen=True)
+class CertCheck:
+    ok: bool
+    reason: str = ""
+    signers: tuple[str, ...] = ()
+
+
+def check_certificate(cert: Certificate, swarm: str, min_signers: int, admitted=None) -> CertCheck:
+    """Valid signatures of listed members (peer id = hash of the signing key), at least ``min_signers``.
+
+    ``admitted(peer) -> bool``, when given, restricts whose signatures count (private swarms).
+    """
+    if cert.swarm != swarm:
+        return CertCheck(False, f"certificate is for swarm {cert.swarm!r}")
+    payload = cert.payload()
+    signers = []
+    for peer, (key, sig) in cert.signatures.items():
+        if peer not in cert.members or (admitted is not None and not admitted(peer)):
+            continue
+        try:
+            if peer_id_of_public_key(key.encode()) != peer:
+                continue
+        except ValueError:
+            continue
+        if verify_signature(key, payload, sig):
+            signers.append(peer)
+    if len(signers) < min_signers:
+        return CertCheck(False, f"{len(signers)} valid member signature(s), the swarm needs {min_signers}", tuple(sorted(signers)))
+    return CertCheck(True, "", tuple(sorted(signers)))
+
+
+class CertChain:
+    """The certified versions this peer accepts: v0 (from the manifest), then each certificate whose
+    parent is already accepted. Forks are kept side by side; the fork rule picks among them."""
+
+    def __init__(self, swarm: str, v0_hash: str, min_signers: int, admitted=None):
+        self.swarm, self.v0_hash, self.min_signers, self.admitted = swarm, v0_hash, min_signers, admitted
+        self._certs: dict[tuple[int, str], Certificate] = {}
+        self._signers: dict[tuple[int, str], int] = {(0, v0_hash): 0}
+
+    def accepts(self, version: int, body_hash: str) -> bool:
+        return (version, body_hash) in self._signers
+
+    def signers(self, version: int, body_hash: str) -> int:
+        return self._signers.get((version, body_hash), 0)
+
+    def certificate(self, version: int, body_hash: str) -> Certificate | None:
+        return self._certs.get((version, body_hash))
+
+    def add(self, cert: Certificate) -> str | None:
+        """Accept ``cert``; None when accepted (or already), else why not."""
+        key = (cert.version, cert.hash)
+        if key in self._signers:
+            return None
+        if not self.accepts(cert.version - 1, cert.parent):
+            return f"v{cert.version}'s parent {cert.parent[:12]} is not a version this peer accepts"
+        result = check_certificate(cert, self.swarm, self.min_signers, self.admitted)
+        if not result.ok:
+            return f"v{cert.version} ({cert.hash[:12]}): {result.reason}"
+        self._certs[key] = cert
+        self._signers[key] = len(result.signers)
+        return None
+
+    def add_many(self, certs: Iterable[Certificate]) -> str | None:
+        """Accept certificates in version order; stops at the first refused one and says why."""
+        for cert in sorted(certs, key=lambda c: c.version):
+            reason = self.add(cert)
+            if reason is not None:
+                return reason
+        return None
+
+    def lineage(self, version: int, body_hash: str) -> list[Certificate]:
+        """The certificates from v1 to (version, hash), oldest first."""
+        out = []
+        while version > 0:
+            cert = self._certs.get((version, body_hash))
+            if cert is None:
+                raise KeyError(f"v{version} ({body_hash[:12]}) is not accepted")
+            out.append(cert)
+            version, body_hash = version - 1, cert.parent
+        return out[::-1]
+
+
+def max_drift(base_norm: float, ratio: float, steps: int) -> float:
+    """The furthest ``steps`` honest rounds can move a body of norm ``base_norm``.
+
+    Each round moves the body by at most ``ratio`` times its norm, so the norm grows by at most
+    (1 + ratio) per round and the distance after k rounds is at most ``norm * ((1 + ratio)^k - 1)``.
+    """
+    return base_norm * ((1.0 + ratio) ** max(steps, 0) - 1.0)

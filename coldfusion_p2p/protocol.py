@@ -1,0 +1,175 @@
+"""The round protocol's decisions as pure functions of parsed records, with named results.
+
+Which base to adopt (the fork rule), whether a round may start, and whether to commit are decided
+here from plain data, so each rule is tested in milliseconds without a network
+(``tests/test_protocol.py``). ``contributor`` reads the records, calls these, and acts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+Version = tuple[int, str]  # (v, body hash)
+
+
+# --- the fork rule ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BaseChoice:
+    """The base the swarm should be on: its version, hash, the peers that announce it, and how many
+    members signed its certificate."""
+
+    version: int
+    hash: str
+    holders: tuple[str, ...]
+    signers: int
+
+
+def candidates(announced: Mapping[str, Version], me: str) -> dict[Version, tuple[str, ...]]:
+    """Announced versions with the other peers that announce them (sorted peer ids)."""
+    out: dict[Version, list[str]] = {}
+    for peer, key in announced.items():
+        if peer != me:
+            out.setdefault(key, []).append(peer)
+    return {k: tuple(sorted(v)) for k, v in out.items()}
+
+
+def choose_base(announced: Mapping[str, Version], signers: Callable[[int, str], int | None], current: Version | None,
+                me: str, skip: Iterable[Version] = ()) -> BaseChoice | None:
+    """The fork rule over *certified* versions: the highest version wins; at the same version, the one
+    whose certificate has the most valid member signatures; at a tie, the smaller hash.
+
+    ``signers(v, hash)`` is None for a version this peer does not accept (no valid certificate chained
+    to v0): such a version is never chosen, however many peers announce it. Announcers are never
+    counted. Returns None when ``current`` should stay (or nothing is certified and served).
+    """
+    skipped = set(skip)
+    best: tuple | None = None
+    choice = None
+    pool = candidates(announced, me)
+    if current is not None:
+        pool.setdefault(current, ())
+    for (v, h), holders in pool.items():
+        count = signers(v, h)
+        if count is None or ((v, h) in skipped and (v, h) != current):
+            continue
+        if not holders and (v, h) != current:
+            continue
+        rank = (v, count, tuple(-ord(c) for c in h))
+        if best is None or rank > best:
+            best, choice = rank, BaseChoice(v, h, holders, count)
+    if choice is None or current is None or (choice.version, choice.hash) == current:
+        return None if current is not None else choice
+    return choice if choice.version >= current[0] else None
+
+
+def to_verify(announced: Mapping[str, Version], accepted: Callable[[int, str], bool], current: Version, me: str,
+              skip: Iterable[Version] = ()) -> list[tuple[Version, tuple[str, ...]]]:
+    """Announced versions at or above ``current`` that this peer has not judged yet, newest first:
+    their certificate chains are worth fetching."""
+    skipped = set(skip)
+    out = [(key, holders) for key, holders in candidates(announced, me).items()
+           if key[0] >= current[0] and key not in skipped and not accepted(*key)]
+    return sorted(out, key=lambda kv: (-kv[0][0], kv[0][1]))
+
+
+# --- gathering a round ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoundView:
+    """What a ready peer sees of the round on its base."""
+
+    me: str
+    now: float  # DHT time
+    my_ready_t: float
+    ready: Mapping[str, float]  # peer -> when it became ready (its record's t)
+    training: frozenset[str]
+    left: frozenset[str]
+    holding: frozenset[str]  # peers that announce this base
+    contributors: frozenset[str]  # the members who made this base
+    no_shows: frozenset[str] = frozenset()  # peers that were waited for once and never came
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    start: bool
+    ready: tuple[str, ...]
+    missing: tuple[str, ...]  # expected peers that are not ready yet
+    window_closed: bool
+
+
+def round_start(view: RoundView, min_group_size: int, round_window: float) -> RoundStart:
+    """Whether the round may start: every expected peer is ready, or the round window has closed.
+
+    Expected: peers announcing ``training`` on this base and this base's makers that still hold it,
+    except those that left and *no-shows* (a peer waited for once, through a whole window, is not
+    waited for again until it shows up: phantom trainers delay at most one round, by one window).
+    The window counts from the first ready peer, but never from before this peer's own ready time
+    minus one window (a record may claim any time).
+    """
+    ready = dict(view.ready)
+    ready.setdefault(view.me, view.my_ready_t)
+    expected = (set(view.training) | (set(view.contributors) & set(view.holding))) - set(view.left) - set(view.no_shows)
+    missing = tuple(sorted(expected - set(ready)))
+    first = max(min(ready.values()), view.my_ready_t - round_window)
+    window_closed = view.now - first > round_window
+    start = len(ready) >= min_group_size and (not missing or window_closed)
+    return RoundStart(start, tuple(sorted(ready)), missing, window_closed)
+
+
+# --- committing a round -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerdictView:
+    result: str
+    clean: bool
+
+
+@dataclass(frozen=True)
+class CommitDecision:
+    action: str  # "commit", "wait" (for more verdicts) or "redo"
+    agree: tuple[str, ...] = ()  # members whose clean verdict names our result
+    dissent: tuple[str, ...] = ()
+    silent: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def decide_commit(me: str, result: str, clean: bool, group: Iterable[str], verdicts: Mapping[str, VerdictView],
+                  min_group_size: int, timed_out: bool) -> CommitDecision:
+    """Commit when our own view is clean and enough members agree on our result.
+
+    Agree: members whose clean verdict names our hash (we count ourselves). Commit at once when they
+    are at least ``min_group_size`` and a strict majority of the whole group, so that silent members
+    cannot hold the round; once everyone answered (or the wait timed out), commit when they are at
+    least ``min_group_size`` and outnumber the dissenters. Otherwise redo. A single member that lies
+    about its view can therefore cost a round only in a group too small to outvote it.
+    """
+    group = tuple(sorted(set(group)))
+    if not clean or not result:
+        return CommitDecision("redo", reason="this peer's own view of the all-reduce is not clean")
+    agree = {me} | {p for p, v in verdicts.items() if p in group and v.clean and v.result == result}
+    answered = {p for p in verdicts if p in group} | {me}
+    dissent = tuple(sorted(answered - agree))
+    silent = tuple(sorted(set(group) - answered))
+    agree_t = tuple(sorted(agree))
+    if len(agree) >= min_group_size and len(agree) > len(group) - len(agree):
+        return CommitDecision("commit", agree_t, dissent, silent)
+    if silent and not timed_out:
+        return CommitDecision("wait", agree_t, dissent, silent)
+    if len(agree) >= min_group_size and len(agree) > len(dissent):
+        return CommitDecision("commit", agree_t, dissent, silent)
+    why = f"{len(agree)} of {len(group)} member(s) agree, {len(dissent)} dissent, {len(silent)} silent"
+    return CommitDecision("redo", agree_t, dissent, silent, why)
+
+
+@dataclass
+class NoShows:
+    """Peers that were expected in a round and never became ready in its window: not waited for again
+    until they show up ready (or sign a version this peer accepts)."""
+
+    peers: set[str] = field(default_factory=set)
+
+    def after_window(self, start: RoundStart) -> None:
+        if start.window_closed:
+            self.peers.update(start.missing)
+
+    def seen(self, peers: Iterable[str]) -> None:
+        self.peers.difference_update(peers)

@@ -1,0 +1,338 @@
+"""The verifying averager: an exact, canonical all-reduce of deltas whose reducers enforce the
+manifest's rules on every member, and which serves this peer's store to other peers.
+
+hivemind 1.1.12 reports success even when a member died mid all-reduce: a dead *reducer* leaves its
+slice at each survivor's local values (``failed_size != 0``), a dead *sender* leaves a mixed average
+(``banned_senders``). Both are caught here and returned with the step's result. A reducer also sees
+every member's part of its slice and the weight it claims: a weight outside the manifest's rule, a
+non-finite part, or a part longer than the round's bound bans that member from the all-reduce and
+names it as an *offender* (the verdict says so, and this peer refuses it for the rest of its run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import torch
+
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.control import AveragingStage
+from hivemind.averaging.partition import BannedException, TensorPartReducer
+from hivemind.compression import Float16Compression, NoCompression, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.dht import DHT
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.timed_storage import get_dht_time
+
+from coldfusion_p2p.swarm.node import peer_str
+from coldfusion_p2p.swarm.transfer import serve_blob
+
+
+def part_problem(part: torch.Tensor, bound: float) -> str | None:
+    """Why a part of a delta (or of an average) is unacceptable: non-finite, or longer than ``bound``."""
+    if not torch.isfinite(part).all():
+        return "sent NaN or Inf values"
+    norm = float(part.double().norm())
+    if norm > bound:
+        return f"sent a part of norm {norm:.4g}, beyond the round's bound {bound:.4g}"
+    return None
+
+
+def part_violation(weight: float, part: torch.Tensor, rules: dict) -> str | None:
+    """Why a member's part breaks the round's rules, or None. ``rules``: min_weight, max_weight, part_bound."""
+    lo, hi = rules.get("min_weight", 0.0), rules.get("max_weight", math.inf)
+    if not (math.isfinite(weight) and lo <= weight <= hi):
+        return f"claimed weight {weight:.6g}, outside the manifest's rule [{lo:g}, {hi:g}]"
+    return part_problem(part, rules.get("part_bound", math.inf))
+
+
+class ExactPartReducer(TensorPartReducer):
+    """Sums each part in float64 and returns the float32 average.
+
+    hivemind adds senders' parts into a float32 accumulator in arrival order, so the average's last
+    bits depend on network timing: the same deltas give a different B[v+1] run to run. Adam turns
+    such differences in the base into ~1e-5 differences after the next round (measured with 4
+    MiniLM contributors). A float64 sum of float32 values is exact in practice, hence independent
+    of order, and ``fusion.mean_delta`` computes the same thing without a network.
+    """
+
+    def reset_accumulators(self):
+        super().reset_accumulators()
+        if not self.finished.is_set() and getattr(self, "accumulator", None) is not None:  # finalize() deletes it
+            self.accumulator = self.accumulator.double()
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            self.current_part_future.set_result((self.accumulator / self.denominator).float())
+            self.reset_accumulators()
+
+
+class CanonicalAllReduceRunner(AllReduceRunner):
+    """Butterfly all-reduce whose result is bit-identical on every member, with the round's rules.
+
+    hivemind's runner has each reducer send back ``average - sender_part`` and each sender compute
+    ``local + (average - local)``, which in floating point differs from ``average`` in the last bits,
+    differently on each peer: even a clean round leaves members with different hashes. Here a
+    reducer sends the average itself (compressed once, the same bytes to every sender, its own copy
+    round-tripped through the same compression) and members copy it in place. A part whose reducer
+    failed keeps the local values, as before, and is counted in ``failed_size``.
+
+    ``rules`` (set before the run): every remote member's part is checked against them
+    (``part_violation``); so is every averaged part a remote reducer sends back (an average of
+    parts within the bound is within it). Offenders are kept in ``offenders``.
+    """
+
+    def __init__(self, *args, rules: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rules = rules or {}
+        self.offenders: dict[PeerID, str] = {}
+        self.tensor_part_container.return_deltas = False  # failed parts then hold local values, not zeros
+        self.tensor_part_reducer = ExactPartReducer(self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders)
+        container = self.tensor_part_container
+        register = container.register_processed_part
+
+        def checked_register(peer_index: int, part_index: int, part: torch.Tensor):
+            peer = self.ordered_peer_ids[peer_index]
+            if peer != self.peer_id and peer not in self.offenders:
+                problem = part_problem(part, self.rules.get("part_bound", math.inf))
+                if problem is not None:
+                    self.offenders[peer] = f"as a reducer, {problem}"
+            register(peer_index, part_index, part)
+
+        container.register_processed_part = checked_register
+
+    def _canonical(self, averaged_part: torch.Tensor) -> torch.Tensor:
+        compression = self.tensor_part_container.compression
+        if isinstance(compression, NoCompression):
+            return averaged_part.clone()
+        return deserialize_torch_tensor(serialize_torch_tensor(averaged_part, compression.compression_type))
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)  # registers what the reducer sent: the average
+        sender_index = self.sender_peer_ids.index(peer_id)
+        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            averaged_part = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=self.weight)
+            self.tensor_part_container.register_processed_part(peer_index, part_index, self._canonical(averaged_part))
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        part_index = 0
+        sender = self.sender_peer_ids[sender_index]
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, weight, part_compression in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
+                stream,
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                problem = part_violation(weight, tensor_part, self.rules)
+                if problem is not None:
+                    self.offenders[sender] = problem
+                    break  # banned below: its part is not aggregated, here or in any later part
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=weight)
+                    part_index += 1
+                except BannedException:
+                    break  # this sender was banned: its part is no longer aggregated
+                serialized = await loop.run_in_executor(None, lambda: serialize_torch_tensor(averaged_part, part_compression))
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(sender)
+
+
+class FusionAverager(DecentralizedAverager):
+    """A DecentralizedAverager that (1) reports whether its own view of each all-reduce was clean and
+    who broke the round's rules, (2) moves to a per-round matchmaking key with per-round rules,
+    (3) refuses members it caught breaking them, and (4) serves the peer's store (bases,
+    certificates, model files)."""
+
+    def __init__(self, *args, store_root: str, **kwargs):
+        self._store_root = str(store_root)
+        self._runners: dict[bytes, Any] = {}
+        self._step_inputs: list[torch.Tensor] | None = None
+        self._rules: dict = {}
+        self._excluded: set[str] = set()
+        super().__init__(*args, **kwargs)
+
+    async def _step(self, *, step, future_for_init):
+        # hivemind retries a failed all-reduce within the same step, on tensors that the failed try
+        # already overwrote in part: keep this step's inputs so that every try starts from them
+        with self.get_tensors() as tensors:
+            self._step_inputs = [t.clone() for t in tensors]
+        try:
+            await super()._step(step=step, future_for_init=future_for_init)
+        finally:
+            self._step_inputs = None
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if peer_str(context.remote_id) in self._excluded:
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)  # it broke the rules before
+            return
+        async for response in super().rpc_join_group(request, context):
+            yield response
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """The base class's all-reduce (hivemind 1.1.12) with the canonical runner, kept so its view can be checked."""
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = CanonicalAllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            rules=dict(self._rules),
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        self._runners[group_id] = runner
+        async for tensor, averaged in azip(as_aiter(*tensors), runner):
+            tensor.copy_(averaged)
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
+
+    async def _aggregate_with_group(self, group_info, min_vector_size: int, **kwargs):
+        """Run the all-reduce and return the gathered data with this member's verdict on it.
+
+        A failed all-reduce is returned as an unclean result rather than raised: hivemind would
+        otherwise retry it on the same key while other members of the group move on to verify.
+        """
+        self._runners.pop(group_info.group_id, None)
+        if self._step_inputs is not None:
+            with self.get_tensors() as tensors:
+                for tensor, original in zip(tensors, self._step_inputs):
+                    tensor.copy_(original)
+        group = [peer_str(p) for p in group_info.peer_ids]
+        error = ""
+        excluded = sorted(set(group) & self._excluded)
+        if excluded:  # a group led by a peer we caught before: take no part, say why
+            gathered, error = {}, f"the group includes {len(excluded)} peer(s) that broke the rules before"
+        else:
+            try:
+                gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any failure of the all-reduce makes this view unclean
+                gathered, error = {}, f"{type(e).__name__}: {str(e)[:160]}"
+        runner = self._runners.pop(group_info.group_id, None)
+        failed = runner.tensor_part_container.failed_size if runner is not None else -1
+        banned = sorted(peer_str(p) for p in runner.banned_senders) if runner is not None else []
+        offenders = {peer_str(p): why for p, why in runner.offenders.items()} if runner is not None else {}
+        return {
+            "gathered": {peer_str(p): v for p, v in gathered.items()},
+            "group": group,
+            "group_id": group_info.group_id.hex(),
+            "clean": runner is not None and not error and failed == 0 and not banned and not offenders,
+            "failed_size": failed,
+            "banned": banned,
+            "offenders": offenders,
+            "error": error,
+        }
+
+    def run_step(self, weight: float, gather: dict, timeout: float, give_up=None, on_allreduce=None) -> tuple[dict | None, float, float, str]:
+        """One all-reduce: (result or None, matchmaking seconds, all-reduce seconds, error text).
+
+        ``give_up()`` is asked every couple of seconds while still matchmaking; True cancels the step.
+        ``on_allreduce()`` is called once when the group is formed and the all-reduce begins.
+        """
+        start = time.perf_counter()
+        t_allreduce = None
+        last_check = start
+        try:
+            control = self.step(weight=weight, gather=gather, timeout=timeout, allow_retries=True, wait=False)
+            while not control.done():
+                if t_allreduce is None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
+                    t_allreduce = time.perf_counter()
+                    if on_allreduce is not None:
+                        on_allreduce()
+                if give_up is not None and t_allreduce is None and time.perf_counter() - last_check > 2.0:
+                    last_check = time.perf_counter()
+                    if control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up():
+                        control.cancel()
+                time.sleep(0.02)
+            result, error = control.result(), ""
+        except Exception as e:  # noqa: BLE001 - hivemind raises many kinds; each means "no result this time"
+            result, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        end = time.perf_counter()
+        t_allreduce = t_allreduce or end
+        return result, t_allreduce - start, end - t_allreduce, error
+
+    async def _shutdown(self, timeout: float | None) -> None:
+        # Ctrl+C in a terminal reaches p2pd too, and it may be gone before we unregister our
+        # handlers: hivemind's _shutdown then dies with a traceback. Nothing is left to unregister.
+        with contextlib.suppress(Exception):
+            if not self.client_mode:
+                await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        remaining = set()
+        for group in self._running_groups.values():
+            remaining.update(group.finalize(cancel=True))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*remaining), timeout)
+
+    # --- per-round settings, called through the control pipe ------------------------------------
+    def set_round(self, group_prefix: str, target_group_size: int | None, min_group_size: int, rules: dict | None = None,
+                  excluded: list[str] | None = None) -> None:
+        """Move to a round's matchmaking key, with its rules (weights, part bound) and the peers to refuse."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_round", [], dict(group_prefix=group_prefix, target=target_group_size, min_size=min_group_size,
+                                                      rules=rules or {}, excluded=list(excluded or ()), future=future)))
+        future.result()
+
+    async def _set_round(self, group_prefix: str, target: int | None, min_size: int, rules: dict, excluded: list[str], future: MPFuture):
+        mm = self._matchmaking
+        mm.group_key_manager.prefix = group_prefix
+        mm.target_group_size = mm.potential_leaders.target_group_size = target
+        mm.group_key_manager.target_group_size = target
+        mm.min_group_size = min_size
+        self._rules, self._excluded = dict(rules), set(excluded)
+        future.set_result(None)
+
+    # --- serving bases, certificates and model files -------------------------------------------
+    async def rpc_fetch_blob(self, request: averaging_pb2.DownloadData, context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        async for msg in serve_blob(Path(self._store_root), request.metadata.decode("utf-8", errors="replace")):
+            yield msg
+
+
+def make_averager(
+    dht: DHT, swarm_name: str, tensors: list[torch.Tensor], store_root: Path, compression: str,
+    matchmaking_time: float, allreduce_timeout: float, min_group_size: int, chunk_timeout: float = 10.0,
+) -> FusionAverager:
+    """Start the averager process on the main thread (hivemind needs fork and installs signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("the averager must be created on the main thread")
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        return FusionAverager(
+            tensors,
+            dht,
+            prefix=averager_prefix(swarm_name),
+            store_root=str(store_root),
+            start=True,
+            target_group_size=None,
+            min_group_size=min_group_size,
+            min_matchmaking_time=matchmaking_time,
+            request_timeout=min(3.0, matchmaking_time / 2),
+            allreduce_timeout=allreduce_timeout,
+            next_chunk_timeout=chunk_timeout,  # a member silent this long is dropped (2x for a reducer)
+            compression=Float16Compression() if compression == "float16" else NoCompression(),
+            allow_state_sharing=False,
+            shutdown_timeout=5,
+        )
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # hivemind sets SIGINT to ignored in the parent: give Ctrl+C back
+
+
+def averager_prefix(swarm_name: str) -> str:
+    return "cfp2p_" + swarm_name.replace(".", "_")

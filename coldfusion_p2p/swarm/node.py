@@ -1,0 +1,200 @@
+"""A peer's DHT node and identity: starting it, its key, and stopping hivemind processes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
+
+from coldfusion_p2p.errors import UserError, WorkError
+from coldfusion_p2p.swarm.validation import ProtocolValidator
+
+
+def quiet_hivemind() -> None:
+    """hivemind logs expected outcomes (no group this time, a peer gone) with tracebacks; a user
+    needs our one-line summaries instead. HIVEMIND_LOGLEVEL=INFO brings them back for debugging."""
+    level = os.environ.get("HIVEMIND_LOGLEVEL", "CRITICAL")
+    for name in ("hivemind", "hivemind.averaging", "hivemind.dht", "hivemind.p2p"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _children_keep_default_sigterm() -> None:
+    # hivemind forks its DHT and averager processes from ours: they must not inherit the handler
+    # that turns SIGTERM into KeyboardInterrupt, or a group-wide SIGTERM prints their tracebacks
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_children_keep_default_sigterm)
+
+
+class _SturdyPipe:
+    """The DHT process's end of its request pipe, for requests whose sender died.
+
+    A request carries an MPFuture, and unpickling it fetches a pipe handle from the *sending*
+    process. If that process exited in between (an averager shut down right after it declared
+    itself for matchmaking), ``recv`` raises EOFError, which hivemind 1.1.12's DHT loop does not
+    catch: the whole DHT process died with a traceback. As an OSError the loop drops the request
+    and carries on.
+    """
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def recv(self):
+        try:
+            return self._conn.recv()
+        except EOFError as e:
+            raise ConnectionError(f"a DHT request's sender exited before it was read: {e!r}") from None
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+class SwarmDHT(DHT):
+    """hivemind's DHT, but a request from a process that has since exited cannot kill it."""
+
+    def run(self) -> None:
+        self._inner_pipe = _SturdyPipe(self._inner_pipe)
+        super().run()
+
+
+@dataclass
+class Identity:
+    """A peer's libp2p identity key: it signs DHT records (as their owner) and version certificates."""
+
+    key: RSAPrivateKey
+
+    @property
+    def public_key(self) -> str:
+        return self.key.get_public_key().to_bytes().decode()
+
+    def sign(self, data: bytes) -> str:
+        return self.key.sign(data).decode()
+
+
+def dht_time() -> float:
+    return get_dht_time()
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    identity_path: str | None = None,
+    client_mode: bool = False,
+    announce_maddrs: Sequence[str] | None = None,
+) -> DHT:
+    """Start a DHT node (a child process plus its p2pd); one-line errors for bad or dead addresses.
+
+    The node's libp2p identity is an RSA key that this process also holds (``dht.identity``): it
+    signs the peer's records and certificates, and a reader checks that the signing key hashes to
+    the peer id. Every record at the protocol's keys is checked by ``ProtocolValidator`` on this
+    node, on store and on every answer from another node. Without ``identity_path`` a fresh key is
+    made for this run.
+    """
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for addr in list(initial_peers) + list(host_maddrs):
+        try:
+            Multiaddr(addr)
+        except Exception as e:
+            raise UserError(f"not a multiaddress: {addr!r} ({e}); expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...") from None
+    fresh = None
+    if identity_path is None or not os.path.isfile(identity_path):
+        fresh = _new_identity_file(identity_path)
+    key = load_identity(identity_path or fresh)
+    extra = {} if identity_path else {"check_if_identity_free": False}  # a key made a moment ago is nobody's
+    signer = RSASignatureValidator(key)
+    try:
+        dht = SwarmDHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs),
+            announce_maddrs=list(announce_maddrs) if announce_maddrs else None,
+            identity_path=identity_path or fresh,
+            client_mode=client_mode,
+            record_validators=[signer, ProtocolValidator()],
+            start=True,
+            await_ready=True,
+            **extra,
+        )
+        dht.owner_subkey = signer.local_public_key  # records under this subkey are signed by our key
+        dht.identity = Identity(key)
+        return dht
+    except Exception as e:  # noqa: BLE001 - p2pd and the DHT report a dead peer in several ways
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "bootstrap failed" in text or "failed to connect to bootstrap peers" in text:
+            raise WorkError(
+                f"none of the initial peers answered ({', '.join(initial_peers)}); check the address and that the bootstrap peer is running"
+            ) from None
+        raise WorkError(f"could not start the DHT node: {type(e).__name__}: {text}") from None
+    finally:
+        if fresh and not identity_path:
+            os.unlink(fresh)  # p2pd has read it; this run's key lives on in memory only
+
+
+def _new_identity_file(path: str | None) -> str:
+    """An RSA identity in libp2p's protobuf format, at ``path`` or in a private temporary file."""
+    from hivemind.proto import crypto_pb2
+
+    blob = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes()).SerializeToString()
+    if path is None:
+        fd, path = tempfile.mkstemp(prefix="cfp2p-identity-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+    else:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400), "wb") as f:
+            f.write(blob)
+    return path
+
+
+def load_identity(path: str) -> RSAPrivateKey:
+    from hivemind.proto import crypto_pb2
+
+    try:
+        with open(path, "rb") as f:
+            proto = crypto_pb2.PrivateKey.FromString(f.read())
+        if proto.key_type != crypto_pb2.KeyType.RSA:
+            raise ValueError("not an RSA key")
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        key.__setstate__({"_private_key": proto.data})
+        return key
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign key file
+        raise UserError(f"identity file {path} is not a libp2p RSA private key ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    return [str(a) for a in dht.get_visible_maddrs()]
+
+
+def peer_of_maddr(maddr: str) -> str | None:
+    """The peer id in a multiaddress's ``/p2p/Qm…`` part, or None."""
+    parts = maddr.rstrip("/").split("/")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("p2p", "ipfs"):
+            return parts[i + 1]
+    return None
+
+
+def stop_process(proc) -> None:
+    """Shut a hivemind DHT or averager process down gracefully, or kill it; never raises."""
+    if proc is None:
+        return
+    with contextlib.suppress(Exception):
+        proc.shutdown()
+    with contextlib.suppress(Exception):
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
+def peer_str(peer_id) -> str:
+    return peer_id.to_base58()

@@ -1,0 +1,43 @@
+"""The DHT validator of the protocol's records, run by every node on every store and every answer.
+
+hivemind runs ``RSASignatureValidator`` first (owner subkeys: the signature over key, subkey, value
+and expiration must be the owner's), then this one, on the value with the signature stripped.
+"""
+
+from __future__ import annotations
+
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+
+from coldfusion_p2p import records as R
+
+_KIND_BY_ID = {DHTID.generate(source=key).to_bytes(): kind for key, kind in R.KINDS.items()}
+
+
+class ProtocolValidator(RecordValidatorBase):
+    """Refuses, at the protocol's keys: a plain value (no subkey), a subkey that is not an owner
+    subkey, an expiration beyond the record's TTL, and a value that is not exactly its schema.
+
+    A DHT key holds either one plain value or a dictionary, and a plain value with a later expiration
+    replaces the whole dictionary: without this, one record could erase or freeze a round's records
+    for as long as its writer asked. Records at other keys are not ours to judge.
+    """
+
+    def validate(self, record: DHTRecord) -> bool:
+        kind = _KIND_BY_ID.get(record.key)
+        if kind is None:
+            return True
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
+            return False
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+            value = MSGPackSerializer.loads(record.value)
+        except Exception:  # noqa: BLE001 - bytes that do not even decode
+            return False
+        return R.check(kind, subkey, value, record.expiration_time, get_dht_time()) is not None
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, ProtocolValidator)  # one is enough: the keys are global
