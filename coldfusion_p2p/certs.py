@@ -105,6 +105,9 @@ class Certificate:
     members: tuple[str, ...]
     signatures: dict[str, tuple[str, str]] = field(default_factory=dict, compare=False)  # peer -> (public key, signature)
 
+    def __post_init__(self):
+        object.__setattr__(self, "members", tuple(sorted(self.members)))
+
     def payload(self) -> bytes:
         """What each member signs: everything but the signatures."""
         return canonical({"kind": CERT_KIND, "swarm": self.swarm, "version": self.version, "parent": self.parent,

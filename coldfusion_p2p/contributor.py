@@ -99,10 +99,10 @@ class Events:
             self._file.close()
 
 
-def _history_entry(info: VersionInfo) -> dict:
+def _history_entry(info: VersionInfo, cert: dict) -> dict:
     stats = info.round_stats or {}
     return {"v": int(info.version), "hash": info.hash, "parent": info.parent or "", "contributors": len(info.contributors),
-            "time": float(info.created), "round_s": float(stats.get("round_s") or 0.0)}
+            "time": float(info.created), "round_s": float(stats.get("round_s") or 0.0), "cert": cert}
 
 
 def _raise_terminate(signum, frame):
@@ -149,6 +149,7 @@ class Contributor:
         self.authority: str | None = None
         self.history: HistorySync | None = None
         self._base_norm: tuple[str, float] | None = None
+        self._first_seen: dict[tuple[int, str], dict[str, float]] = {}  # base -> peer -> when its ready record was first seen
 
     # ---------------------------------------------------------------- setup
     def _fetch_manifest(self, records, timeout: float = 30.0) -> SwarmManifest:
@@ -172,7 +173,7 @@ class Contributor:
 
         problems = []
         self._metrics["phase"] = "syncing"
-        for peer in holders:
+        for peer in [p for _ in range(3) for p in holders]:  # a transfer can fail on a busy peer: three tries each
             tmp = dest.with_name(f".part-{dest.name}-{os.getpid()}")
             try:
                 self._fetch(peer, name, tmp, max_bytes=4 << 30,
@@ -185,6 +186,7 @@ class Contributor:
                 self.log(f"holder {peer[:12]} served a bad {name} ({reason}); trying another")
             except BlobError as e:
                 problems.append(str(e))
+                time.sleep(0.5)
             finally:
                 tmp.unlink(missing_ok=True)
         raise WorkError(f"no peer served a valid {name} ({'; '.join(problems) or 'no holders'})")
@@ -301,7 +303,11 @@ class Contributor:
 
     def _publish_history(self) -> None:
         """Re-publish the newest versions of this store for `cfp2p status` (they expire otherwise)."""
-        entries = [_history_entry(i) for i in self.store.list()[-10:] if i.version > 0 and i.parent and self.history.chain.accepts(i.version, i.hash)]
+        entries = []
+        for info in self.store.list()[-10:]:
+            cert = self.history.chain.certificate(info.version, info.hash)
+            if cert is not None and info.parent == cert.parent:
+                entries.append(_history_entry(info, cert.to_dict()))
         if entries:
             self.records.publish_history(entries)
 
@@ -340,6 +346,9 @@ class Contributor:
         r, base, me = self.manifest.round, self.base, self.records.peer_id
         started, last_note, settled, last_look = time.monotonic(), 0.0, False, 0.0
         my_ready = self._phase.get("since", dht_time())
+        first_seen = self._first_seen.setdefault((base.version, base.hash), {})
+        if len(self._first_seen) > 4:
+            self._first_seen = {(base.version, base.hash): first_seen}
         while True:
             if time.monotonic() - last_look > 2.0:
                 last_look = time.monotonic()
@@ -348,13 +357,16 @@ class Contributor:
             announced = self.records.announced()
             progress = self.records.progress(base.version, base.hash)
             ready = {p: s.t for p, s in progress.items() if s.state == "ready"}
+            now_dht = dht_time()
+            for p in ready:
+                first_seen.setdefault(p, now_dht)
             self.no_shows.seen(ready)
             view = RoundView(
                 me=me, now=dht_time(), my_ready_t=my_ready, ready=ready,
                 training=frozenset(p for p, s in progress.items() if s.state == "training"),
                 left=frozenset(p for p, s in progress.items() if s.state == "left"),
                 holding=frozenset(p for p, key in announced.items() if key == (base.version, base.hash)),
-                contributors=frozenset(base.contributors) - {me}, no_shows=frozenset(self.no_shows.peers),
+                contributors=frozenset(base.contributors) - {me}, no_shows=frozenset(self.no_shows.peers), first_seen=first_seen,
             )
             start = round_start(view, r.min_group_size, r.round_window)
             if start.start:
@@ -420,6 +432,15 @@ class Contributor:
         key = self.records.public_keys.get(peer)  # the verdict's owner key: its hash is ``peer``
         return key is not None and bool(signature) and verify_signature(key, payload, signature)
 
+    def _contribution(self, delta: list[torch.Tensor], examples: int, bound: float) -> tuple[float, list[torch.Tensor]]:
+        """What this peer shares: its weight by the manifest's rule, and its delta within the round's bound
+        (every reducer bans a longer part, so an honest peer scales its own down first)."""
+        weight = weight_for(self.manifest.fusion.weighting, examples, self.manifest.training.examples_per_round)
+        delta, norm, clipped = clip_to_norm(delta, bound)
+        if clipped:
+            self.log(f"this peer's delta (norm {norm:.4g}) is longer than the round's bound {bound:.4g}: scaled down to it")
+        return weight, delta
+
     def _fuse(self, delta: list[torch.Tensor], examples: int) -> str:
         """Average this peer's delta with the group's; 'committed', 'superseded' or 'kept'.
 
@@ -431,11 +452,8 @@ class Contributor:
 
         r, f = self.manifest.round, self.manifest.fusion
         names, base, me = self.names, self.base, self.records.peer_id
-        weight = weight_for(f.weighting, examples, self.manifest.training.examples_per_round)
         bound, rules = self._round_rules()
-        delta, norm, clipped = clip_to_norm(delta, bound)
-        if clipped:
-            self.log(f"this peer's delta (norm {norm:.4g}) is longer than the round's bound {bound:.4g}: scaled down to it")
+        weight, delta = self._contribution(delta, examples, bound)
         rule = OuterStep(f.outer_lr)
         redo, failures = 0, 0
         t0 = time.perf_counter()
@@ -516,7 +534,7 @@ class Contributor:
 
     def _allreduce_started(self) -> None:
         self._metrics["phase"] = "averaging"
-        self.events.live("allreduce")
+        self.events.emit("allreduce", None, version=self.base.version)  # no log line: the progress bar shows it
         self._publish_metrics()
 
     def _commit(self, new_body, new_hash, cert: Certificate, decision: CommitDecision, redo, result, norm, timings) -> None:

@@ -87,6 +87,10 @@ class RoundView:
     holding: frozenset[str]  # peers that announce this base
     contributors: frozenset[str]  # the members who made this base
     no_shows: frozenset[str] = frozenset()  # peers that were waited for once and never came
+    first_seen: Mapping[str, float] = field(default_factory=dict)  # when this peer first saw each ready record
+
+
+SEEN_SLACK = 5.0  # seconds between a record's writing and a polling peer seeing it
 
 
 @dataclass(frozen=True)
@@ -103,14 +107,15 @@ def round_start(view: RoundView, min_group_size: int, round_window: float) -> Ro
     Expected: peers announcing ``training`` on this base and this base's makers that still hold it,
     except those that left and *no-shows* (a peer waited for once, through a whole window, is not
     waited for again until it shows up: phantom trainers delay at most one round, by one window).
-    The window counts from the first ready peer, but never from before this peer's own ready time
-    minus one window (a record may claim any time).
+    The window counts from the first ready peer. A record may claim any time, so a claimed time counts
+    from no earlier than a few seconds before this peer first saw the record: a forged early time
+    cannot close the window on peers still training.
     """
-    ready = dict(view.ready)
-    ready.setdefault(view.me, view.my_ready_t)
+    ready = {p: max(t, view.first_seen.get(p, t) - SEEN_SLACK) for p, t in view.ready.items()}
+    ready[view.me] = view.my_ready_t
     expected = (set(view.training) | (set(view.contributors) & set(view.holding))) - set(view.left) - set(view.no_shows)
     missing = tuple(sorted(expected - set(ready)))
-    first = max(min(ready.values()), view.my_ready_t - round_window)
+    first = min(ready.values())
     window_closed = view.now - first > round_window
     start = len(ready) >= min_group_size and (not missing or window_closed)
     return RoundStart(start, tuple(sorted(ready)), missing, window_closed)
@@ -137,10 +142,12 @@ def decide_commit(me: str, result: str, clean: bool, group: Iterable[str], verdi
     """Commit when our own view is clean and enough members agree on our result.
 
     Agree: members whose clean verdict names our hash (we count ourselves). Commit at once when they
-    are at least ``min_group_size`` and a strict majority of the whole group, so that silent members
-    cannot hold the round; once everyone answered (or the wait timed out), commit when they are at
-    least ``min_group_size`` and outnumber the dissenters. Otherwise redo. A single member that lies
-    about its view can therefore cost a round only in a group too small to outvote it.
+    are at least ``min_group_size`` and a strict majority of the whole group (dead and silent members
+    count in its size), so that neither silent nor lying members can hold the round; once everyone
+    answered (or the wait timed out), commit when they are at least ``min_group_size`` and nobody
+    dissents. Otherwise redo. So an honest member that saw a fault (a dead reducer, a sender dropped
+    mid-way) stops the commit unless a strict majority saw a clean, identical result, and a single
+    member that lies about its view costs a round only in a group too small to outvote it.
     """
     group = tuple(sorted(set(group)))
     if not clean or not result:
@@ -154,7 +161,7 @@ def decide_commit(me: str, result: str, clean: bool, group: Iterable[str], verdi
         return CommitDecision("commit", agree_t, dissent, silent)
     if silent and not timed_out:
         return CommitDecision("wait", agree_t, dissent, silent)
-    if len(agree) >= min_group_size and len(agree) > len(dissent):
+    if len(agree) >= min_group_size and not dissent:
         return CommitDecision("commit", agree_t, dissent, silent)
     why = f"{len(agree)} of {len(group)} member(s) agree, {len(dissent)} dissent, {len(silent)} silent"
     return CommitDecision("redo", agree_t, dissent, silent, why)

@@ -90,10 +90,12 @@ class HistoryEntry(_Record):
     contributors: Count
     time: Seconds
     round_s: Seconds
+    cert: dict  # the version's certificate (``certs.Certificate.to_dict``): a reader checks it, nothing else does
 
 
 class HistoryRecord(_Record):
-    """The newest versions a peer committed or holds, for ``cfp2p status``; shown only when certified."""
+    """The newest versions a peer committed or holds, for ``cfp2p status``: shown only when their
+    certificates chain back to v0 (a reader without the chain fetches it from a holder)."""
 
     swarm: Name
     entries: pydantic.conlist(HistoryEntry, max_items=10)

@@ -74,11 +74,21 @@ class StatusView:
             peers.append({**m.dict(), "age_s": round(max(0.0, now - m.t), 1)})
         peers.sort(key=lambda p: (p["role"] != "bootstrap", p.get("name") or "", p["peer"]))
 
+        from coldfusion_p2p.certs import Certificate
+
+        entries = [e for record in rec.history().values() for e in record.entries]
+        certs = []
+        for e in entries:
+            try:
+                certs.append(Certificate.from_dict(e.cert))
+            except ValueError:
+                continue
+        for cert in sorted(certs, key=lambda c: c.version):  # each one is accepted only if its parent is
+            chain.add(cert)
         by_key: dict[tuple[int, str], dict] = {}
-        for record in rec.history().values():
-            for e in record.entries:
-                if chain.accepts(e.v, e.hash):
-                    by_key[(e.v, e.hash)] = e.dict()
+        for e in entries:
+            if chain.accepts(e.v, e.hash):
+                by_key[(e.v, e.hash)] = {k: v for k, v in e.dict().items() if k != "cert"}
         times = {h: e.get("time") for (_, h), e in by_key.items()}
         rounds = []
         for (v, h), e in sorted(by_key.items(), key=lambda kv: (-kv[0][0], kv[0][1]))[:HISTORY_ROWS]:
@@ -88,11 +98,15 @@ class StatusView:
                 "signers": chain.signers(v, h), "time": e.get("time"), "round_s": e.get("round_s") or None,
                 "interval_s": round(e["time"] - parent_time, 1) if isinstance(parent_time, (int, float)) else None,
             })
+        top = (choice.version, choice.hash) if choice is not None else None
+        if rounds and (top is None or rounds[0]["version"] > top[0]):  # a newer certified version whose makers all left
+            top = (rounds[0]["version"], rounds[0]["hash"])
         newest = None
-        if choice is not None:
+        if top is not None:
             online = {p["peer"] for p in peers}  # base records outlive metrics by a few seconds
-            newest = {"version": choice.version, "hash": choice.hash, "signers": choice.signers,
-                      "holders": sum(1 for p in choice.holders if p in online)}
+            announced = rec.announced()
+            newest = {"version": top[0], "hash": top[1], "signers": chain.signers(*top),
+                      "holders": sum(1 for p, key in announced.items() if key == top and p in online)}
         return {
             "swarm": name,
             "authority": self.authority,

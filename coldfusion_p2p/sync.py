@@ -26,7 +26,8 @@ from coldfusion_p2p.fusion import delta_norm
 from coldfusion_p2p.protocol import BaseChoice, Version, choose_base, to_verify
 from coldfusion_p2p.store import VersionInfo, VersionStore
 
-SKIP_SECONDS = 600.0  # how long a version that failed its checks is not tried again
+SKIP_SECONDS = 600.0  # how long a version whose holders served bad bytes or certificates is not tried again
+RETRY_SECONDS = 15.0  # ... and one that no holder could transfer at all (a flaky link is no lie)
 CERT_FETCH_TIMEOUT = 8.0
 MAX_VERIFY_PER_LOOK = 3  # certificate chains fetched per look; more wait for the next look
 
@@ -123,21 +124,24 @@ class HistorySync:
     def _verify_chain(self, key: Version, holders: tuple[str, ...], have: int) -> None:
         """Fetch ``key``'s certificates from a holder and accept them, or skip ``key``."""
         version, body_hash = key
-        problems = []
+        problems, lied = [], False
         for peer in holders[:3]:
             for start in ((max(1, have - 5), 1) if have > 6 else (1,)):
-                certs, problem = self._fetch_certs(peer, start, version)
+                certs, problem, transport = self._fetch_certs(peer, start, version)
                 if certs is None:
                     problems.append(problem)
+                    lied |= not transport
                     break
                 reason = self.chain.add_many(c for c in certs if c.version <= version)
                 if self.chain.accepts(version, body_hash):
                     return
+                lied = True
                 problems.append(f"{peer[:12]}: {reason or 'its certificates do not lead to this version'}")
-        self.skip.add(key, "; ".join(problems)[:300] or "no holder")
+        self.skip.add(key, "; ".join(problems)[:300] or "no holder", SKIP_SECONDS if lied else RETRY_SECONDS)
         self.log(f"not accepting the announced v{version} ({body_hash[:12]}): {self.skip.why[key][:200]}")
 
-    def _fetch_certs(self, peer: str, start: int, version: int) -> tuple[list[Certificate] | None, str]:
+    def _fetch_certs(self, peer: str, start: int, version: int) -> tuple[list[Certificate] | None, str, bool]:
+        """(certificates, problem, whether the problem was the transfer rather than the content)."""
         from coldfusion_p2p.swarm import BlobError
 
         with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".certs-") as tmp:
@@ -147,11 +151,11 @@ class HistorySync:
                 raw = json.loads(dest.read_text())
                 if not isinstance(raw, list):
                     raise ValueError("not a list")
-                return [Certificate.from_dict(c) for c in raw], ""
+                return [Certificate.from_dict(c) for c in raw], "", False
             except BlobError as e:
-                return None, str(e)
+                return None, str(e), True
             except (ValueError, TypeError, UnicodeDecodeError) as e:
-                return None, f"{peer[:12]} served malformed certificates ({str(e)[:80]})"
+                return None, f"{peer[:12]} served malformed certificates ({str(e)[:80]})", False
 
     # ---------------------------------------------------------------- moving to a base
     def acquire(self, choice: BaseChoice, current: Held | None, on_bytes=None) -> Held | None:
@@ -167,7 +171,7 @@ class HistorySync:
                 self.log(f"{e}; downloading it again")
         tmpdir = Path(tempfile.mkdtemp(dir=self.store.root, prefix=".dl-"))
         try:
-            body, problems = None, []
+            body, problems, lied = None, [], False
             for peer in choice.holders:
                 dest = tmpdir / f"body-{len(problems)}.safetensors"
                 try:
@@ -181,11 +185,12 @@ class HistorySync:
                     break
                 problems.append(f"{peer[:12]}: {reason}")
                 self.log(f"holder {peer[:12]} served a bad version/{choice.version} ({reason}); trying another")
-                body = None
+                body, lied = None, True
             if body is None:
-                self.skip.add(key, "; ".join(problems)[:300] or "no holder")
+                wait = SKIP_SECONDS if lied else RETRY_SECONDS
+                self.skip.add(key, "; ".join(problems)[:300] or "no holder", wait)
                 self.log(f"no holder served a valid v{choice.version} ({choice.hash[:12]}); staying on "
-                         f"{f'v{current.version}' if current else 'nothing yet'} and not trying it again for {SKIP_SECONDS / 60:.0f} min")
+                         f"{f'v{current.version}' if current else 'nothing yet'} and not trying it again for {wait:.0f}s")
                 return None
             info = self._info(choice, tmpdir)
             self._adopt_lineage(choice)

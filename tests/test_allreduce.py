@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -46,3 +48,67 @@ def test_all_reduce_is_bit_identical_on_every_member_and_reports_clean(tmp_path,
     if compression == "none":  # the all-reduce is exactly the network-free average, whatever the arrival order
         for out, expected in zip(outputs[0], mean_delta(inputs)):
             assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("fault", ["weight", "inside", "nan"])
+def test_reducers_ban_a_member_that_breaks_the_rounds_rules(tmp_path, fault):
+    """Every honest reducer checks each member's claimed weight and part: a weight of the member's
+    choosing, noise inside the old fixed bound (990 < 1000), or NaN is banned and the member named."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(1024, 256), (5000,)]  # large enough that every member reduces a slice, as in any real model
+    inputs = [[torch.randn(s, generator=g) * 0.001 for s in shapes] for _ in range(3)]
+    if fault == "inside":
+        noise = [torch.randn(s, generator=g) for s in shapes]
+        scale = 990.0 / float(torch.sqrt(sum((n.double() ** 2).sum() for n in noise)))
+        inputs[2] = [n * scale for n in noise]
+    elif fault == "nan":
+        for t in inputs[2]:  # NaN in every slice, so that every reducer receives some
+            t.view(-1)[::1000] = float("nan")
+    rules = {"min_weight": 1.0, "max_weight": 1.0, "part_bound": 5.0}  # honest deltas here have norm ~0.5
+    dhts, averagers = [], []
+    try:
+        first = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        dhts.append(first)
+        peers = [str(a) for a in first.get_visible_maddrs()]
+        dhts += [start_dht(peers, ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2)]
+        for dht, tensors in zip(dhts, inputs):
+            av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, "none", 2.0, 60.0, 2)
+            av.set_round("t_r0_rules", 3, 2, rules=rules)
+            averagers.append(av)
+        weights = [1.0, 1.0, 1000.0 if fault == "weight" else 1.0]
+        controls = [av.step(weight=w, gather={"i": i}, timeout=30, wait=False) for i, (av, w) in enumerate(zip(averagers, weights))]
+        results = [c.result(timeout=60) for c in controls]
+        bad = dhts[2].peer_id.to_base58()
+        # the cheater is refused from then on: an honest leader turns its join request down
+        for av, tensors in zip(averagers, inputs):  # a redo starts from the same deltas
+            with av.get_tensors() as ts:
+                for t, x in zip(ts, tensors):
+                    t.copy_(x)
+        for av in averagers[:2]:
+            av.set_round("t_r0_rules_x1", None, 2, rules=rules, excluded=[bad])
+        averagers[2].set_round("t_r0_rules_x1", None, 2, rules=rules)
+        controls = [av.step(weight=1.0, gather={"i": i}, timeout=20, wait=False) for i, av in enumerate(averagers)]
+        again = [c.result(timeout=60) if i < 2 else None for i, c in enumerate(controls)]
+        with contextlib.suppress(Exception):
+            controls[2].result(timeout=30)
+        outputs = []
+        for av in averagers[:2]:
+            with av.get_tensors() as ts:
+                outputs.append([t.clone() for t in ts])
+    finally:
+        for av in averagers:
+            av.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+    # every honest member that reduces a slice (hivemind's load balancing may give one none) bans it and names it
+    reducers = [r for r in results[:2] if r["reduced_parts"] > 0]
+    assert reducers, results
+    for r in reducers:
+        assert not r["clean"] and list(r["offenders"]) == [bad], (bad, r["group"], r["clean"], r["offenders"], r["banned"], r["error"])
+        reason = r["offenders"][bad]
+        assert {"weight": "claimed weight 1000", "inside": "beyond the round's bound", "nan": "NaN"}[fault] in reason
+    for r in again[:2]:  # the redo among the honest members: clean, without the cheater
+        assert r["clean"] and bad not in r["group"] and len(r["group"]) == 2, (bad, r["group"], r["error"], r["banned"], r["offenders"])
+    for k in range(len(shapes)):
+        assert torch.equal(outputs[0][k], outputs[1][k])
+        assert torch.equal(outputs[0][k], mean_delta([inputs[0], inputs[1]])[k])

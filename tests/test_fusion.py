@@ -2,7 +2,9 @@ import math
 
 import torch
 
-from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, delta_norm, mean_delta, weight_for
+from coldfusion_p2p.fusion import (
+    OuterStep, body_delta, check_delta, clip_to_norm, delta_norm, mean_delta, round_bound, weight_for, weight_limits,
+)
 
 
 def _bodies(n=3, seed=0):
@@ -41,9 +43,23 @@ def test_check_delta_rejects_nan_inf_and_large_norm():
     assert not big.ok and "exceeds" in big.reason
 
 
-def test_weights():
-    assert weight_for("uniform", 500) == 1.0
-    assert weight_for("examples", 500) == 500.0
+def test_weights_follow_the_manifests_rule_and_cap():
+    assert weight_for("uniform", 500, 2000) == 1.0
+    assert weight_for("examples", 500, 2000) == 500.0
+    assert weight_for("examples", 10**9, 2000) == 2000.0  # capped by examples_per_round: no weight of one's choosing
+    assert weight_limits("uniform", 2000) == (1.0, 1.0) and weight_limits("examples", 2000) == (1.0, 2000.0)
+
+
+def test_clip_scales_only_longer_deltas_and_the_same_way_everywhere():
+    short = [torch.ones(4)]
+    same, norm, clipped = clip_to_norm(short, 10.0)
+    assert same is short and not clipped and math.isclose(norm, 2.0)
+    long = [torch.full((4,), 100.0), torch.full((3,), -50.0)]
+    out, norm, clipped = clip_to_norm(long, 10.0)
+    assert clipped and math.isclose(norm, delta_norm(long)) and math.isclose(delta_norm(out), 10.0, rel_tol=1e-6)
+    again, _, _ = clip_to_norm([t.clone() for t in long], 10.0)
+    assert all(torch.equal(a, b) for a, b in zip(out, again))
+    assert round_bound(280.0, 0.05) == 14.0
 
 
 def test_mean_delta_does_not_depend_on_the_order_of_the_peers():

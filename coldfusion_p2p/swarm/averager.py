@@ -51,6 +51,7 @@ def part_problem(part: torch.Tensor, bound: float) -> str | None:
 def part_violation(weight: float, part: torch.Tensor, rules: dict) -> str | None:
     """Why a member's part breaks the round's rules, or None. ``rules``: min_weight, max_weight, part_bound."""
     lo, hi = rules.get("min_weight", 0.0), rules.get("max_weight", math.inf)
+
     if not (math.isfinite(weight) and lo <= weight <= hi):
         return f"claimed weight {weight:.6g}, outside the manifest's rule [{lo:g}, {hi:g}]"
     return part_problem(part, rules.get("part_bound", math.inf))
@@ -238,6 +239,7 @@ class FusionAverager(DecentralizedAverager):
             "failed_size": failed,
             "banned": banned,
             "offenders": offenders,
+            "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "error": error,
         }
 
@@ -297,6 +299,15 @@ class FusionAverager(DecentralizedAverager):
         mm.group_key_manager.target_group_size = target
         mm.min_group_size = min_size
         self._rules, self._excluded = dict(rules), set(excluded)
+        if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
+            join_leader = mm._request_join_group
+
+            async def guarded_join(leader: PeerID):
+                if peer_str(leader) in self._excluded:
+                    return None  # as if it had turned us down: matchmaking moves on to the next leader
+                return await join_leader(leader)
+
+            mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
         future.set_result(None)
 
     # --- serving bases, certificates and model files -------------------------------------------

@@ -1,0 +1,216 @@
+"""An outsider attacking a swarm with nothing but its address and a plain hivemind DHT node.
+
+Usage: python -m tests.outsider INITIAL_PEER SWARM WORKDIR ATTACK [ATTACK ...]
+
+It joins the DHT with fresh keys (any number of them: it signs records as each) and keeps its
+attacks going every two seconds until it is killed. It writes what it did to WORKDIR/outsider.json.
+
+Attacks:
+  replace     announces v(current+3) and serves a real body under that hash, with a forged
+              certificate chain (signed by itself, listing the swarm's members)
+  unservable  announces v(current+5) with a hash nothing serves
+  nexthash    announces v(current+1) with a wrong hash, before the honest commit
+  plain       plain values (no subkey) at every protocol key, expiring in ten years
+  phantoms    'training' progress records from 20 identities on the current base
+  verdicts    'unclean' verdicts from its identities on the current round
+  manifest    a manifest for the same swarm name with a higher serial, signed by itself
+  history     history with forged versions, and metrics claiming to be the bootstrap peer
+  malformed   values of every record kind that break the schema, under its own owner subkey
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import CompositeValidator
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
+
+from coldfusion_p2p import model as M
+from coldfusion_p2p import records as R
+from coldfusion_p2p.certs import Certificate, sign_certificate  # noqa: I001
+from coldfusion_p2p.store import VersionInfo, VersionStore
+from coldfusion_p2p.certs import peer_id_of_public_key
+from coldfusion_p2p.swarm import Identity, make_averager, sign_manifest
+
+
+async def _store_as(dht, node, key: str, value, expiration: float, private_key=None, plain: bool = False):
+    """Store on the DHT as the owner of ``private_key`` (hivemind's signer only signs with the node's own key)."""
+    if plain:
+        return await node.store(key, value, expiration)
+    signer = RSASignatureValidator(private_key)
+    saved = node.protocol.record_validator
+    node.protocol.record_validator = CompositeValidator([signer])
+    try:
+        return await node.store(key, value, expiration, subkey=signer.local_public_key)
+    finally:
+        node.protocol.record_validator = saved
+
+
+class Outsider:
+    def __init__(self, initial_peer: str, swarm: str, workdir: Path):
+        self.swarm, self.workdir = swarm, workdir
+        self.key = RSAPrivateKey()
+        self.identities = [RSAPrivateKey() for _ in range(20)]
+        self.dht = DHT(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True,
+                       record_validators=[RSASignatureValidator(self.key)])
+        self.me = self.dht.peer_id.to_base58()
+        self.log: list[dict] = []
+        self.served: dict[int, str] = {}
+        self.averager = None
+
+    def store(self, key, value, ttl=15.0, identity=None, plain=False, expiration=None):
+        expiration = expiration if expiration is not None else get_dht_time() + ttl
+        ok = self.dht.run_coroutine(functools.partial(_store_as, key=key, value=value, expiration=expiration,
+                                                      private_key=identity or self.key, plain=plain))
+        return bool(ok)
+
+    def honest_bases(self) -> dict[str, tuple[int, str]]:
+        found = self.dht.get(R.BASES_KEY, latest=True)
+        out = {}
+        if found is not None and isinstance(found.value, dict):
+            for sub, item in found.value.items():
+                v = item.value
+                peer = R.peer_id_of_owner(R.owner_of(sub) or "")
+                if isinstance(v, dict) and v.get("swarm") == self.swarm and peer:
+                    out[peer] = (v["v"], v["hash"])
+        return out
+
+    def current(self) -> tuple[int, str]:
+        bases = self.honest_bases()
+        return max(bases.values()) if bases else (0, "0" * 64)
+
+    def note(self, attack: str, **fields):
+        self.log.append({"attack": attack, "t": time.time(), **fields})
+        (self.workdir / "outsider.json").write_text(json.dumps(self.log))
+
+    # --- attacks ---------------------------------------------------------------------------------
+    def serve_forged_chain(self, v_cur: int) -> tuple[int, str]:
+        """A store with a real-looking body at v_cur+3 and a certificate chain signed only by itself."""
+        version = v_cur + 3
+        if version in self.served:
+            return version, self.served[version]
+        store = VersionStore(self.workdir / "forged-store")
+        body = M.body_state(M.load_body_module(M.resolve_model_source("tiny-bert", cache_dir=self.workdir / "cache")))
+        body = {k: (v * -3.0 if v.is_floating_point() else v) for k, v in body.items()}  # the model, destroyed
+        body_hash = M.hash_body(body)
+        store.save(body, VersionInfo(version, body_hash, parent="f" * 64))
+        parent = "0" * 64  # the chain claims to start from some v0; its signatures are the outsider's alone
+        members = tuple(sorted([self.me] + [p for p in self.honest_bases() if p.startswith("Qm")][:2]))
+        me = Identity(self.key)
+        certs = []
+        for v in range(1, version + 1):
+            new = body_hash if v == version else f"{v:064x}"
+            cert = Certificate(self.swarm, v, parent, new, "ab" * 8, members)
+            cert = cert.with_signature(self.me, me.public_key, sign_certificate(cert, self.me, me))
+            certs.append(cert.to_dict())
+            parent = new
+        store.save_certificates(certs)
+        if self.averager is None:
+            names = M.averaged_names(body)
+            self.averager = make_averager(self.dht, self.swarm, [body[n].float() for n in names], store.root, "none", 3.0, 30.0, 2)
+        self.served[version] = body_hash
+        return version, body_hash
+
+    def run(self, attacks: list[str]) -> None:
+        while True:
+            v_cur, h_cur = self.current()
+            for attack in attacks:
+                try:
+                    getattr(self, f"attack_{attack}")(v_cur, h_cur)
+                except Exception as e:  # noqa: BLE001 - an attacker keeps going
+                    self.note(attack, error=f"{type(e).__name__}: {e}"[:200])
+            time.sleep(2.0)
+
+    def attack_replace(self, v_cur, h_cur):
+        version, body_hash = self.serve_forged_chain(v_cur)
+        ok = self.store(R.BASES_KEY, {"swarm": self.swarm, "v": version, "hash": body_hash})
+        self.note("replace", version=version, hash=body_hash, stored=ok)
+
+    def attack_unservable(self, v_cur, h_cur):
+        value = {"swarm": self.swarm, "v": v_cur + 5, "hash": "%064x" % random.getrandbits(256)}
+        self.note("unservable", stored=self.store(R.BASES_KEY, value, identity=self.identities[0]), version=v_cur + 5)
+
+    def attack_nexthash(self, v_cur, h_cur):
+        value = {"swarm": self.swarm, "v": v_cur + 1, "hash": "%064x" % random.getrandbits(256)}
+        self.note("nexthash", stored=self.store(R.BASES_KEY, value, identity=self.identities[1]), version=v_cur + 1)
+
+    def attack_plain(self, v_cur, h_cur):
+        far = get_dht_time() + 10 * 365 * 86400
+        for key in R.KINDS:
+            self.note("plain", key=key, stored=self.store(key, {"swarm": self.swarm, "v": v_cur}, plain=True, expiration=far))
+
+    def attack_phantoms(self, v_cur, h_cur):
+        stored = 0
+        for ident in self.identities[2:]:
+            value = {"swarm": self.swarm, "v": v_cur, "hash": h_cur, "state": "training", "examples": 0, "t": get_dht_time()}
+            stored += self.store(R.PROGRESS_KEY, value, identity=ident)
+        self.note("phantoms", stored=stored, version=v_cur)
+
+    def attack_verdicts(self, v_cur, h_cur):
+        members = sorted(p for p in self.honest_bases() if p.startswith("Qm"))[:8] or [self.me]
+        for redo in (0, 1):
+            value = {"swarm": self.swarm, "v": v_cur, "base": h_cur, "redo": redo, "group_id": "ab" * 8, "members": members,
+                     "result": "", "clean": False, "reason": "forged", "offenders": members, "signature": ""}
+            self.note("verdicts", stored=self.store(R.VERDICTS_KEY, value, ttl=100.0, identity=self.identities[redo]))
+
+    def attack_manifest(self, v_cur, h_cur):
+        found = self.dht.get(R.MANIFEST_KEY, latest=True)
+        for item in (found.value.values() if found is not None and isinstance(found.value, dict) else []):
+            rec = R.parse(R.KINDS[R.MANIFEST_KEY], item.value)
+            if rec is not None and rec.swarm == self.swarm:
+                manifest = json.loads(rec.manifest)
+                manifest["round"]["min_group_size"] = 2
+                manifest["model"]["v0_hash"] = "e" * 64  # locks newcomers out if believed
+                signed = sign_manifest(Identity(self.key), manifest, rec.serial + 1000)
+                self.note("manifest", stored=self.store(R.MANIFEST_KEY, signed, ttl=600.0))
+                return
+
+    def attack_history(self, v_cur, h_cur):
+        me = Identity(self.key)
+        cert = Certificate(self.swarm, v_cur + 7, "1" * 64, "2" * 64, "ab" * 8, (self.me,))
+        cert = cert.with_signature(self.me, me.public_key, sign_certificate(cert, self.me, me))
+        entry = {"v": v_cur + 7, "hash": "2" * 64, "parent": "1" * 64, "contributors": 99, "time": time.time(), "round_s": 1.0,
+                 "cert": cert.to_dict()}
+        self.note("history", stored=self.store(R.HISTORY_KEY, {"swarm": self.swarm, "entries": [entry]}, ttl=600.0))
+        metrics = {"swarm": self.swarm, "peer": self.me, "name": "bootstrap", "role": "bootstrap", "version": v_cur + 7,
+                   "hash": "2" * 64, "phase": "serving", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
+                   "device": "-", "uptime": 1.0, "last_round_seconds": None, "rounds": 99, "t": get_dht_time()}
+        self.note("history-metrics", stored=self.store(R.METRICS_KEY, metrics, ttl=12.0))
+
+    def attack_malformed(self, v_cur, h_cur):
+        junk = [{"swarm": self.swarm, "v": "1", "hash": h_cur}, {"swarm": self.swarm, "v": -1, "hash": h_cur}, [1, 2, 3], "text",
+                {"swarm": self.swarm, "v": v_cur, "hash": h_cur, "state": "ready", "examples": 1.5, "t": 1.0},
+                {"swarm": self.swarm, "entries": "all of them"}, {"swarm": self.swarm, "v": 2 ** 70, "hash": h_cur}]
+        for key in R.KINDS:
+            for value in junk:
+                self.note("malformed", key=key, stored=self.store(key, value, identity=self.identities[3]))
+
+
+def main() -> None:
+    initial_peer, swarm, workdir, *attacks = sys.argv[1:]
+    torch.set_num_threads(1)
+    outsider = Outsider(initial_peer, swarm, Path(workdir))
+    outsider.note("start", peer=outsider.me, identities=[peer_id_of_public_key(Identity(k).public_key.encode()) for k in outsider.identities])
+    try:
+        outsider.run(attacks)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if outsider.averager is not None:
+            outsider.averager.shutdown()
+        outsider.dht.shutdown()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The protocol's decisions as pure functions: fork rule, round start, commit. No network, milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from coldfusion_p2p.protocol import (
+    NoShows, RoundView, VerdictView, choose_base, decide_commit, round_start, to_verify,
+)
+
+H = {c: c * 64 for c in "abcdef0123"}
+
+
+def signers_of(table):
+    return lambda v, h: table.get((v, h))
+
+
+def test_fork_rule_counts_certificates_never_announcers():
+    announced = {"p1": (3, H["b"]), "p2": (3, H["b"]), "p3": (3, H["b"]), "p4": (3, H["c"]), "me": (2, H["a"])}
+    # three announcers of b, one of c; c's certificate has more member signatures: c wins
+    choice = choose_base(announced, signers_of({(3, H["b"]): 2, (3, H["c"]): 3, (2, H["a"]): 2}), (2, H["a"]), "me")
+    assert (choice.version, choice.hash, choice.holders, choice.signers) == (3, H["c"], ("p4",), 3)
+    # at equal signatures, the smaller hash
+    choice = choose_base(announced, signers_of({(3, H["b"]): 3, (3, H["c"]): 3, (2, H["a"]): 2}), (2, H["a"]), "me")
+    assert choice.hash == H["b"] and choice.holders == ("p1", "p2", "p3")
+
+
+def test_uncertified_or_skipped_versions_are_never_chosen_however_many_announce_them():
+    announced = {f"sybil{i}": (99, H["f"]) for i in range(50)} | {"p1": (4, H["d"])}
+    table = {(4, H["d"]): 2, (3, H["a"]): 2}  # (99, f) has no certificate chained to v0
+    choice = choose_base(announced, signers_of(table), (3, H["a"]), "me")
+    assert (choice.version, choice.hash) == (4, H["d"])
+    assert choose_base(announced, signers_of(table), (3, H["a"]), "me", skip={(4, H["d"])}) is None
+    assert choose_base({"p1": (4, H["d"])}, signers_of(table), (4, H["d"]), "me") is None  # already there
+    # never backwards: a certified lower version does not replace ours
+    assert choose_base({"p1": (2, H["e"])}, signers_of({(2, H["e"]): 9, (3, H["a"]): 2}), (3, H["a"]), "me") is None
+
+
+def test_same_version_fork_moves_to_the_better_certified_side_only():
+    announced = {"p1": (5, H["b"])}
+    assert choose_base(announced, signers_of({(5, H["a"]): 2, (5, H["b"]): 4}), (5, H["a"]), "me").hash == H["b"]
+    assert choose_base(announced, signers_of({(5, H["a"]): 4, (5, H["b"]): 2}), (5, H["a"]), "me") is None
+
+
+def test_a_newcomer_takes_the_best_certified_served_version():
+    announced = {"boot": (0, H["0"]), "p1": (2, H["a"]), "liar": (7, H["f"])}
+    choice = choose_base(announced, signers_of({(0, H["0"]): 0, (2, H["a"]): 2}), None, "me")
+    assert (choice.version, choice.holders) == (2, ("p1",))
+
+
+def test_to_verify_lists_unjudged_versions_newest_first():
+    announced = {"a": (5, H["a"]), "b": (7, H["b"]), "c": (1, H["c"]), "d": (7, H["b"]), "e": (6, H["e"])}
+    got = to_verify(announced, lambda v, h: (v, h) == (5, H["a"]), (3, H["0"]), "me", skip={(6, H["e"])})
+    assert got == [((7, H["b"]), ("b", "d"))]
+
+
+def view(**kw):
+    base = dict(me="me", now=100.0, my_ready_t=90.0, ready={}, training=frozenset(), left=frozenset(), holding=frozenset(),
+                contributors=frozenset(), no_shows=frozenset())
+    base.update(kw)
+    return RoundView(**base)
+
+
+def test_round_waits_for_trainers_until_the_window_closes():
+    v = view(ready={"a": 95.0}, training=frozenset({"b"}))
+    start = round_start(v, min_group_size=2, round_window=30.0)
+    assert not start.start and start.missing == ("b",) and not start.window_closed
+    start = round_start(view(ready={"a": 95.0}, training=frozenset({"b"}), now=200.0), 2, 30.0)
+    assert start.start and start.window_closed and start.ready == ("a", "me")
+
+
+def test_makers_of_the_base_that_still_hold_it_are_expected_unless_they_left():
+    v = view(ready={"a": 95.0}, contributors=frozenset({"a", "b", "c"}), holding=frozenset({"a", "b"}), left=frozenset())
+    assert round_start(v, 2, 30.0).missing == ("b",)
+    v = view(ready={"a": 95.0}, contributors=frozenset({"a", "b"}), holding=frozenset({"a", "b"}), left=frozenset({"b"}))
+    assert round_start(v, 2, 30.0).start
+
+
+def test_phantom_trainers_cost_one_window_then_are_not_waited_for():
+    phantoms = frozenset(f"ghost{i}" for i in range(100))
+    shows = NoShows()
+    first = round_start(view(ready={"a": 95.0}, training=phantoms, now=200.0), 2, 30.0)
+    assert first.start and first.window_closed
+    shows.after_window(first)
+    second = round_start(view(ready={"a": 195.0}, my_ready_t=196.0, now=197.0, training=phantoms, no_shows=frozenset(shows.peers)), 2, 30.0)
+    assert second.start and not second.missing  # the next round starts at once
+    shows.seen(["ghost3"])  # a no-show that turns up ready is waited for again
+    assert "ghost3" not in shows.peers and "ghost4" in shows.peers
+
+
+def test_a_forged_early_ready_time_does_not_stretch_or_skip_the_window():
+    # a record claiming readiness long ago counts from a few seconds before this peer first saw it
+    seen = {"liar": 95.0}
+    v = view(ready={"liar": -1e9}, training=frozenset({"slow"}), my_ready_t=97.0, now=100.0, first_seen=seen)
+    assert not round_start(v, 2, 30.0).start
+    late = view(ready={"liar": -1e9}, training=frozenset({"slow"}), my_ready_t=97.0, now=126.0, first_seen=seen)
+    assert round_start(late, 2, 30.0).start  # 90 + 30 < 126
+    # an honest early peer seen on time keeps its own time: everyone's window closes together
+    honest = view(ready={"a": 80.0}, training=frozenset({"slow"}), my_ready_t=97.0, now=111.0, first_seen={"a": 82.0})
+    assert round_start(honest, 2, 30.0).start
+
+
+def test_alone_never_starts():
+    assert not round_start(view(now=1e6), 2, 30.0).start
+
+
+def V(result, clean=True):
+    return VerdictView(result, clean)
+
+
+def test_commit_needs_a_clean_own_view_and_enough_agreeing_members():
+    group = ["me", "a", "b"]
+    assert decide_commit("me", "h1", False, group, {"a": V("h1"), "b": V("h1")}, 2, False).action == "redo"
+    assert decide_commit("me", "h1", True, group, {"a": V("h1")}, 2, False).action == "commit"  # 2 of 3: a majority
+    assert decide_commit("me", "h1", True, group, {}, 2, False).action == "wait"
+    assert decide_commit("me", "h1", True, group, {}, 2, True).action == "redo"
+
+
+def test_one_lying_member_cannot_block_a_group_it_cannot_outvote():
+    group = ["me", "a", "b", "liar"]
+    d = decide_commit("me", "h1", True, group, {"a": V("h1"), "b": V("h1"), "liar": V("", clean=False)}, 2, False)
+    assert d.action == "commit" and d.dissent == ("liar",) and d.agree == ("a", "b", "me")
+    # a silent member does not hold the round once a majority of the group agrees
+    d = decide_commit("me", "h1", True, group, {"a": V("h1"), "b": V("h1")}, 2, False)
+    assert d.action == "commit" and d.silent == ("liar",)
+
+
+def test_an_honest_minority_that_saw_a_fault_stops_the_commit_unless_a_majority_agrees():
+    # four members, one died mid all-reduce: two clean survivors are not a majority of four
+    d = decide_commit("me", "h1", True, ["me", "a", "b", "dead"], {"a": V("h1"), "b": V("h1", clean=False)}, 2, True)
+    assert d.action == "redo" and d.dissent == ("b",) and d.silent == ("dead",)
+    # nobody dissents, the silent ones are gone: commit after the wait (as before certificates)
+    d = decide_commit("me", "h1", True, ["me", "a", "b", "dead"], {"a": V("h1")}, 2, True)
+    assert d.action == "commit" and d.silent == ("b", "dead")
+    assert decide_commit("me", "h1", True, ["me", "a", "b", "dead"], {"a": V("h1")}, 2, False).action == "wait"
+
+
+def test_honest_disagreement_redoes():
+    group = ["me", "a", "b", "c"]
+    d = decide_commit("me", "h1", True, group, {"a": V("h2"), "b": V("h3"), "c": V("h1")}, 2, False)
+    assert d.action == "redo" and "2 of 4" in d.reason
+    # verdicts from outside the group do not count
+    d = decide_commit("me", "h1", True, ["me", "a"], {"a": V("h2"), "x": V("h1"), "y": V("h1")}, 2, False)
+    assert d.action == "redo"
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 8])
+def test_a_clean_unanimous_group_always_commits(size):
+    group = ["me"] + [f"p{i}" for i in range(size - 1)]
+    d = decide_commit("me", "h", True, group, {p: V("h") for p in group[1:]}, 2, False)
+    assert d.action == "commit" and len(d.agree) == size
