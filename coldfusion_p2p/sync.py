@@ -73,6 +73,7 @@ class HistorySync:
         self.store, self.chain, self.me, self.ratio = store, chain, me, max_delta_ratio
         self.fetch, self.announced, self.log = fetch, announced, log
         self.skip = SkipList()
+        self._last_note, self._quiet = -1e9, 0
 
     # ---------------------------------------------------------------- the local history
     def load_local(self) -> None:
@@ -138,7 +139,17 @@ class HistorySync:
                 lied = True
                 problems.append(f"{peer[:12]}: {reason or 'its certificates do not lead to this version'}")
         self.skip.add(key, "; ".join(problems)[:300] or "no holder", SKIP_SECONDS if lied else RETRY_SECONDS)
-        self.log(f"not accepting the announced v{version} ({body_hash[:12]}): {self.skip.why[key][:200]}")
+        self._note(f"not accepting the announced v{version} ({body_hash[:12]}): {self.skip.why[key][:200]}")
+
+    def _note(self, line: str) -> None:
+        """Log refusals at most every 10 s, so that a stream of bogus announcements cannot flood the log."""
+        now = time.monotonic()
+        if now - self._last_note < 10.0:
+            self._quiet += 1
+            return
+        extra = f" (and {self._quiet} more refusal(s) since the last line)" if self._quiet else ""
+        self._last_note, self._quiet = now, 0
+        self.log(line + extra)
 
     def _fetch_certs(self, peer: str, start: int, version: int) -> tuple[list[Certificate] | None, str, bool]:
         """(certificates, problem, whether the problem was the transfer rather than the content)."""

@@ -61,7 +61,11 @@ class Outsider:
         self.swarm, self.workdir = swarm, workdir
         self.key = RSAPrivateKey()
         self.identities = [RSAPrivateKey() for _ in range(20)]
-        self.dht = DHT(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True,
+        from hivemind.proto import crypto_pb2
+
+        key_file = workdir / "outsider.key"  # its libp2p identity is the key it signs with, like any peer's
+        key_file.write_bytes(crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=self.key.to_bytes()).SerializeToString())
+        self.dht = DHT(initial_peers=[initial_peer], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True, identity_path=str(key_file),
                        record_validators=[RSASignatureValidator(self.key)])
         self.me = self.dht.peer_id.to_base58()
         self.log: list[dict] = []
@@ -70,12 +74,12 @@ class Outsider:
 
     def store(self, key, value, ttl=15.0, identity=None, plain=False, expiration=None):
         expiration = expiration if expiration is not None else get_dht_time() + ttl
-        ok = self.dht.run_coroutine(functools.partial(_store_as, key=key, value=value, expiration=expiration,
-                                                      private_key=identity or self.key, plain=plain))
-        return bool(ok)
+        future = self.dht.run_coroutine(functools.partial(_store_as, key=key, value=value, expiration=expiration,
+                                                          private_key=identity or self.key, plain=plain), return_future=True)
+        return bool(future.result(timeout=20))
 
     def honest_bases(self) -> dict[str, tuple[int, str]]:
-        found = self.dht.get(R.BASES_KEY, latest=True)
+        found = self.dht.get(R.BASES_KEY, latest=True, return_future=True).result(timeout=20)
         out = {}
         if found is not None and isinstance(found.value, dict):
             for sub, item in found.value.items():
@@ -123,7 +127,11 @@ class Outsider:
 
     def run(self, attacks: list[str]) -> None:
         while True:
-            v_cur, h_cur = self.current()
+            try:
+                v_cur, h_cur = self.current()
+            except Exception:  # noqa: BLE001 - a lookup that timed out: attack the last version it saw
+                v_cur, h_cur = getattr(self, "_last", (0, "0" * 64))
+            self._last = (v_cur, h_cur)
             for attack in attacks:
                 try:
                     getattr(self, f"attack_{attack}")(v_cur, h_cur)
@@ -164,7 +172,7 @@ class Outsider:
             self.note("verdicts", stored=self.store(R.VERDICTS_KEY, value, ttl=100.0, identity=self.identities[redo]))
 
     def attack_manifest(self, v_cur, h_cur):
-        found = self.dht.get(R.MANIFEST_KEY, latest=True)
+        found = self.dht.get(R.MANIFEST_KEY, latest=True, return_future=True).result(timeout=20)
         for item in (found.value.values() if found is not None and isinstance(found.value, dict) else []):
             rec = R.parse(R.KINDS[R.MANIFEST_KEY], item.value)
             if rec is not None and rec.swarm == self.swarm:
@@ -190,7 +198,7 @@ class Outsider:
     def attack_malformed(self, v_cur, h_cur):
         junk = [{"swarm": self.swarm, "v": "1", "hash": h_cur}, {"swarm": self.swarm, "v": -1, "hash": h_cur}, [1, 2, 3], "text",
                 {"swarm": self.swarm, "v": v_cur, "hash": h_cur, "state": "ready", "examples": 1.5, "t": 1.0},
-                {"swarm": self.swarm, "entries": "all of them"}, {"swarm": self.swarm, "v": 2 ** 70, "hash": h_cur}]
+                {"swarm": self.swarm, "entries": "all of them"}, {"swarm": self.swarm, "v": 1e300, "hash": h_cur}]
         for key in R.KINDS:
             for value in junk:
                 self.note("malformed", key=key, stored=self.store(key, value, identity=self.identities[3]))

@@ -53,30 +53,34 @@ def test_an_outsider_with_forged_records_cannot_replace_freeze_or_crash_the_swar
     swarm.wait_for(lambda: (tmp_path / "outsider.json").is_file() and "replace" in (tmp_path / "outsider.json").read_text(), 60,
                    "the outsider's first attacks")
     started = time.monotonic()
-    procs = {"ann": swarm.join("ann", "sms_spam", rounds=3), "bob": swarm.join("bob", "rotten_tomatoes", rounds=3)}
+    procs = {"ann": swarm.join("ann", "sms_spam", rounds=5), "bob": swarm.join("bob", "rotten_tomatoes", rounds=5)}
     stores = {n: VersionStore(tmp_path / n) for n in ("ann", "bob", "cy")}
     swarm.wait_for(lambda: stores["ann"].read_info(1) is not None, 150, "v1 under attack")
-    procs["cy"] = swarm.join("cy", "trec6", rounds=1)  # a newcomer without the model, under attack from its first look
+    # a newcomer, under attack from its first look: it must find the certified history and contribute
+    procs["cy"] = swarm.join("cy", "trec6", rounds=1)
     for name, proc in procs.items():
         assert swarm.wait(proc, name, 240) == 0, swarm.log(name)
     elapsed = time.monotonic() - started
     assert outsider.poll() is None, swarm.log("outsider")  # the attacks went on the whole time
 
     attacks = json.loads((tmp_path / "outsider.json").read_text())
+    assert sum(a["attack"] == "replace" for a in attacks) > 5  # it kept attacking the whole time
     forged = {a["hash"] for a in attacks if a["attack"] == "replace" and "hash" in a}
     assert forged and all(a.get("stored") for a in attacks if a["attack"] == "replace" and "hash" in a)
     hashes = {}
     for name in ("ann", "bob", "cy"):
         versions = _assert_certified_and_bounded(tmp_path / name)
-        assert max(versions) >= 3, (name, versions)
+        assert max(versions) >= (5 if name != "cy" else 2), (name, versions)
         for info in stores[name].list():
             assert info.hash not in forged
             hashes.setdefault(info.version, set()).add(info.hash)
     assert all(len(h) == 1 for h in hashes.values()), hashes  # one history
-    logs = swarm.log("ann") + swarm.log("bob")
-    assert "not accepting the announced v" in logs and "Traceback" not in logs
-    # liveness: 3 rounds of tiny-bert take ~45 s here without an attacker; phantoms may cost one window
-    assert elapsed < 200, f"3 rounds under attack took {elapsed:.0f}s"
+    logs = swarm.log("ann") + swarm.log("bob") + swarm.log("cy")
+    assert "Traceback" not in logs
+    # the forged chain was fetched and refused for what it says, not only because its server was unreachable
+    assert "valid member signature(s), the swarm needs 2" in logs or "is not a version this peer accepts" in logs, logs
+    # liveness: 5 rounds of tiny-bert take ~30 s here without an attacker; phantoms may cost one window
+    assert elapsed < 150, f"5 rounds under attack took {elapsed:.0f}s"
 
     status = subprocess.run(cli_command("status", "--initial-peers", boot, "--json"), capture_output=True, text=True,
                             env=child_env(), timeout=90, check=False)
