@@ -50,7 +50,7 @@ def test_all_reduce_is_bit_identical_on_every_member_and_reports_clean(tmp_path,
             assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("fault", ["weight", "inside", "nan"])
+@pytest.mark.parametrize("fault", ["weight", "nan", pytest.param("inside", marks=pytest.mark.slow)])
 def test_reducers_ban_a_member_that_breaks_the_rounds_rules(tmp_path, fault):
     """Every honest reducer checks each member's claimed weight and part: a weight of the member's
     choosing, noise inside the old fixed bound (990 < 1000), or NaN is banned and the member named."""

@@ -92,17 +92,23 @@ def _poisoned_round(swarm, tmp_path, mode: str, reason: str):
     swarm.join("ann", "sms_spam", rounds=1)
     swarm.join("bob", "rotten_tomatoes", rounds=1)
 
-    def rejected(name):  # every honest reducer bans the liar's parts and names it
+    def rejected(name):  # an honest reducer banned the liar's parts and named it
         liar = [e["peer"] for e in swarm.events("liar") if e["event"] == "joined"]
         return any(e["event"] == "offender" and [e["peer"]] == liar and reason in e["reason"] for e in swarm.events(name))
 
-    swarm.wait_for(lambda: rejected("ann") and rejected("bob"), 180, "both honest peers to ban the liar")
+    def unverified(name):
+        return any(e["event"] == "unverified" for e in swarm.events(name))
+
+    # the reducers of the slices that hold the poison ban the liar (a single NaN sits in one slice:
+    # only its reducer sees it, or, if the liar reduces it, every member sees its average fail)
+    swarm.wait_for(lambda: (rejected("ann") or rejected("bob")) and unverified("ann") and unverified("bob"), 180,
+                   "the liar to be banned and the round with it left unverified")
     for name in ("ann", "bob"):
         assert [i.version for i in VersionStore(tmp_path / name).list()] == [0], f"{name} committed a poisoned base"
         assert not any(e["event"] == "committed" for e in swarm.events(name))
-        assert any(e["event"] == "unverified" for e in swarm.events(name))  # the round with the liar was not verified
 
 
+@pytest.mark.slow  # the reducers' NaN check runs in the default suite: tests/test_allreduce.py
 def test_nan_delta_is_rejected_by_every_honest_peer(swarm, tmp_path):
     _poisoned_round(swarm, tmp_path, "nan", "NaN or Inf")
 
