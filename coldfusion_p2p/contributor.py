@@ -150,6 +150,7 @@ class Contributor:
         self.history: HistorySync | None = None
         self._base_norm: tuple[str, float] | None = None
         self._first_seen: dict[tuple[int, str], dict[str, float]] = {}  # base -> peer -> when its ready record was first seen
+        self._group_mates: set[str] = set()  # peers this one ran an all-reduce with
 
     # ---------------------------------------------------------------- setup
     def _fetch_manifest(self, records, timeout: float = 30.0) -> SwarmManifest:
@@ -255,7 +256,11 @@ class Contributor:
 
     def _sync(self) -> bool:
         """Move to the base the fork rule picks over certified versions, if it is not ours; True when moved."""
-        choice = self.history.look((self.base.version, self.base.hash))
+        try:
+            choice = self.history.look((self.base.version, self.base.hash))
+        except Exception as e:  # noqa: BLE001 - nothing another peer announces may stop this one
+            self.log(f"could not look for newer bases ({type(e).__name__}: {str(e)[:80]}); staying on v{self.base.version}")
+            return False
         if choice is None:
             return False
         self._set_phase("syncing")
@@ -462,7 +467,11 @@ class Contributor:
             if expected is None:
                 return "superseded"
             # a peer that arrives while the group redoes an unverified all-reduce joins it at its redo level
-            levels = [v.redo for p, v in self.records.verdicts(base.version, base.hash).items() if p != me and v.redo < 2 * r.max_attempts]
+            # (only the levels of peers known to be real: the base's makers and this peer's past group mates,
+            # so that verdicts from made-up identities cannot steer it to an empty key)
+            known = set(base.contributors) | self._group_mates
+            levels = [v.redo for p, v in self.records.verdicts(base.version, base.hash).items()
+                      if p != me and p in known and v.redo < 2 * r.max_attempts]
             redo = max([redo] + [lvl + 1 for lvl in levels])
             t_gather = time.perf_counter() - t0
             self._set_phase("averaging", examples)
@@ -504,6 +513,7 @@ class Contributor:
                 new_hash = M.hash_body(new_body)
             clean = bool(result["clean"]) and check.ok
             group, group_id = result["group"], result["group_id"]
+            self._group_mates.update(set(group) - set(self.offenders))
             why_unclean = result.get("error") or (f"incomplete all-reduce (failed {result['failed_size']} values, banned {len(result['banned'])} "
                                                   f"sender(s), {len(result.get('offenders', {}))} offender(s))")
             cert = Certificate(self.manifest.name, base.version + 1, base.hash, new_hash or "0" * 64, group_id, tuple(sorted(group)))

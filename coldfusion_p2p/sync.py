@@ -29,6 +29,8 @@ from coldfusion_p2p.store import VersionInfo, VersionStore
 SKIP_SECONDS = 600.0  # how long a version whose holders served bad bytes or certificates is not tried again
 RETRY_SECONDS = 15.0  # ... and one that no holder could transfer at all (a flaky link is no lie)
 CERT_FETCH_TIMEOUT = 8.0
+MAX_CERT_BYTES = 64 << 20  # a certificate chain is ~1-10 KB a version; more than this is an attack
+MAX_VERSION_JUMP = 100_000  # an announced version this far ahead of ours is not worth a look
 MAX_VERIFY_PER_LOOK = 3  # certificate chains fetched per look; more wait for the next look
 
 
@@ -111,7 +113,13 @@ class HistorySync:
         announced = self.announced()
         floor = current or (0, "")
         for key, holders in to_verify(announced, self.chain.accepts, floor, self.me, self.skip.current())[:MAX_VERIFY_PER_LOOK]:
-            self._verify_chain(key, holders, floor[0])
+            if key[0] - floor[0] > MAX_VERSION_JUMP:
+                self.skip.add(key, f"v{key[0]} is implausibly far ahead of v{floor[0]}")
+                continue
+            try:
+                self._verify_chain(key, holders, floor[0])
+            except Exception as e:  # noqa: BLE001 - whatever a holder sent, it is no reason to stop this peer
+                self.skip.add(key, f"checking its certificates failed: {type(e).__name__}: {str(e)[:120]}")
 
         def signers(v: int, h: str) -> int | None:
             return self.chain.signers(v, h) if self.chain.accepts(v, h) else None
@@ -158,15 +166,16 @@ class HistorySync:
         with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".certs-") as tmp:
             dest = Path(tmp) / "certs.json"
             try:
-                self.fetch(peer, f"certs/{start}", dest, max_bytes=(version - start + 2) * 300_000, timeout=CERT_FETCH_TIMEOUT)
+                self.fetch(peer, f"certs/{start}", dest, max_bytes=min(MAX_CERT_BYTES, (version - start + 2) * 300_000),
+                           timeout=CERT_FETCH_TIMEOUT)
                 raw = json.loads(dest.read_text())
                 if not isinstance(raw, list):
                     raise ValueError("not a list")
                 return [Certificate.from_dict(c) for c in raw], "", False
             except BlobError as e:
                 return None, str(e), True
-            except (ValueError, TypeError, UnicodeDecodeError) as e:
-                return None, f"{peer[:12]} served malformed certificates ({str(e)[:80]})", False
+            except (ValueError, TypeError, UnicodeDecodeError, RecursionError) as e:
+                return None, f"{peer[:12]} served malformed certificates ({type(e).__name__}: {str(e)[:80]})", False
 
     # ---------------------------------------------------------------- moving to a base
     def acquire(self, choice: BaseChoice, current: Held | None, on_bytes=None) -> Held | None:
@@ -191,7 +200,10 @@ class HistorySync:
                 except Exception as e:  # noqa: BLE001 - BlobError and anything else: try the next holder
                     problems.append(str(e)[:160])
                     continue
-                reason, body = self._check_body(dest, choice, current)
+                try:
+                    reason, body = self._check_body(dest, choice, current)
+                except Exception as e:  # noqa: BLE001 - bytes that break the checker are bad bytes
+                    reason, body = f"its body could not be checked ({type(e).__name__}: {str(e)[:80]})", None
                 if reason is None:
                     break
                 problems.append(f"{peer[:12]}: {reason}")
