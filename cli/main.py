@@ -16,6 +16,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer  # noqa: E402
+from rich.markup import escape
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -34,7 +35,7 @@ err = Console(stderr=True, highlight=False)
 
 def _log_to_stderr(prefix: str = ""):
     def log(message: str) -> None:
-        err.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {prefix}{message}", markup=True, highlight=False, soft_wrap=True) if err.is_terminal else print(
+        err.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {escape(prefix + message)}", markup=True, highlight=False, soft_wrap=True) if err.is_terminal else print(
             f"{time.strftime('%H:%M:%S')} {prefix}{message}", file=sys.stderr, flush=True
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 
@@ -37,7 +38,8 @@ class JoinProgress:
         self.progress.stop()
 
     def log(self, message: str) -> None:
-        self.progress.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}", highlight=False, soft_wrap=True)
+        # log lines may quote text from other peers: never read them as Rich markup
+        self.progress.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {escape(message)}", highlight=False, soft_wrap=True)
 
     def _task(self, key: str, description: str, total: float | None, **fields) -> TaskID:
         """One bar per kind, reused round after round: the screen keeps three lines, not three per round."""

@@ -244,7 +244,12 @@ class Contributor:
             if choice is not None and choice.holders:
                 self.events.emit("download", f"downloading base v{choice.version} ({choice.hash[:12]}) from {len(choice.holders)} holder(s)",
                                  what="base", version=choice.version)
-                got = self.history.acquire(choice, None, on_bytes=self._download_progress(f"version/{choice.version}"))
+                try:
+                    got = self.history.acquire(choice, None, on_bytes=self._download_progress(f"version/{choice.version}"))
+                except Exception as e:  # noqa: BLE001 - what a holder sent is no reason to stop: try again
+                    self.log(f"download of v{choice.version} failed ({type(e).__name__}: {str(e)[:80]})")
+                    self.history.skip.add((choice.version, choice.hash), f"{type(e).__name__}")
+                    got = None
                 if got is not None:
                     return got
             if time.monotonic() > deadline:
@@ -269,7 +274,12 @@ class Contributor:
                              f"than ours ({self.base.hash[:12]}); switching")
         self.events.emit("download", f"downloading base v{choice.version} ({choice.hash[:12]}) from {len(choice.holders)} holder(s)",
                          what="base", version=choice.version)
-        got = self.history.acquire(choice, self.base, on_bytes=self._download_progress(f"version/{choice.version}"))
+        try:
+            got = self.history.acquire(choice, self.base, on_bytes=self._download_progress(f"version/{choice.version}"))
+        except Exception as e:  # noqa: BLE001 - what a holder sent is no reason to stop: stay where we are
+            self.log(f"download of v{choice.version} failed ({type(e).__name__}: {str(e)[:80]}); staying on v{self.base.version}")
+            self.history.skip.add((choice.version, choice.hash), f"{type(e).__name__}")
+            got = None
         if got is None:
             return False
         self.base = got
@@ -461,6 +471,7 @@ class Contributor:
         weight, delta = self._contribution(delta, examples, bound)
         rule = OuterStep(f.outer_lr)
         redo, failures = 0, 0
+        suspects: set[str] = set()  # members this peer saw fail it in this round: left out of its redos
         t0 = time.perf_counter()
         while failures < r.max_attempts:
             expected = self._wait_for_group()
@@ -480,7 +491,7 @@ class Contributor:
             # reaches it closes the group on a peer that arrives a moment later; gather for the
             # whole matchmaking time instead (every ready peer gets there within about a second)
             self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size,
-                                    rules=rules, excluded=sorted(self.offenders))
+                                    rules=rules, excluded=sorted(set(self.offenders) | suspects))
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
                     t.copy_(d)
@@ -537,6 +548,9 @@ class Contributor:
                 f"{f', {len(decision.silent)} member(s) silent' if decision.silent else ''}); keeping v{base.version}",
                 redo=redo, reasons=[why] if why else [], missing=len(decision.silent),
             )
+            # a member whose reducer failed us or whose parts never came (dead, or stalling on purpose)
+            # is left out of this round's redos: it cannot hold every redo of the round
+            suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", []))) - {me}
             redo += 1
             failures += 1
             self._set_phase("ready", examples)
@@ -555,17 +569,19 @@ class Contributor:
         stats.update({
             "group_size": len(group), "answered": len(group) - len(decision.silent), "signers": len(cert.signatures),
             "redo": redo, "delta_norm": round(norm, 6),
-            "examples": {p: g.get("examples") for p, g in result["gathered"].items() if isinstance(g, dict)},
+            # other members' words: kept only as plain counts within the manifest's budget
+            "examples": {p: g["examples"] for p, g in result["gathered"].items() if isinstance(p, str) and isinstance(g, dict)
+                         and type(g.get("examples")) is int and 0 <= g["examples"] <= self.manifest.training.examples_per_round},
             # from the start of training to the commit; stored, so that re-published history keeps it
             "round_s": round(time.monotonic() - self._round_started, 3),
         })
         info = VersionInfo(base.version + 1, new_hash, parent=base.hash, contributors=group,
                            averaged_tensors=list(self.names), round_stats=stats)
         self._set_phase("storing")
-        reason = self.history.record_commit(cert)
-        if reason is not None:  # cannot happen with a certificate checked above; never store an uncertified version
-            raise WorkError(f"could not certify v{info.version}: {reason}")
+        if self.history.chain.add(cert) is not None:  # cannot happen with a certificate checked above
+            raise WorkError(f"could not certify v{info.version}")
         self.store.save(new_body, info)
+        self.history.record_commit(cert)  # the certificate after the body: a crash between leaves an uncertified body, never used
         stats["store_s"] = round(time.perf_counter() - t_store, 3)
         self._metrics.update(rounds=self._metrics["rounds"] + 1, last_round_seconds=stats["round_s"])
         self.base = Base(info.version, new_hash, new_body, group)

@@ -86,9 +86,14 @@ class StatusView:
         for cert in sorted(certs, key=lambda c: c.version):  # each one is accepted only if its parent is
             chain.add(cert)
         by_key: dict[tuple[int, str], dict] = {}
-        for e in entries:
-            if chain.accepts(e.v, e.hash):
-                by_key[(e.v, e.hash)] = {k: v for k, v in e.dict().items() if k != "cert"}
+        for writer, record in rec.history().items():
+            for e in record.entries:
+                cert = chain.certificate(e.v, e.hash)
+                # a row counts only from a member who signed the version: its times are that member's word,
+                # its contributor count is the certificate's
+                if cert is None or writer not in cert.signatures or e.parent != cert.parent:
+                    continue
+                by_key[(e.v, e.hash)] = {**{k: v for k, v in e.dict().items() if k != "cert"}, "contributors": len(cert.members)}
         times = {h: e.get("time") for (_, h), e in by_key.items()}
         rounds = []
         for (v, h), e in sorted(by_key.items(), key=lambda kv: (-kv[0][0], kv[0][1]))[:HISTORY_ROWS]:
@@ -180,12 +185,12 @@ def render(snap: dict[str, Any]) -> Group:
         peers.add_column(col, **kw)
     for p in snap["peers"]:
         stale = newest is not None and p["version"] < newest["version"]
-        peers.add_row(
-            p.get("name") or "-", p["peer"][:12], Text(p["phase"], style=PHASE_STYLE.get(p["phase"], "")),
+        peers.add_row(  # names and devices are other peers' words: Text, never markup
+            Text(p.get("name") or "-"), Text(p["peer"][:12]), Text(p["phase"], style=PHASE_STYLE.get(p["phase"], "")),
             Text(f"v{p['version']}", style="yellow" if stale else ""), _progress_cell(p),
             f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
             f"{p['examples_per_second']:.1f}" if p.get("examples_per_second") is not None else "-",
-            p["device"], _duration(p["uptime"]), _duration(p.get("last_round_seconds")),
+            Text(p["device"]), _duration(p["uptime"]), _duration(p.get("last_round_seconds")),
         )
     if not snap["peers"]:
         peers.add_row("(no peer is publishing metrics)", *[""] * 9)

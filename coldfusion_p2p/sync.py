@@ -12,6 +12,7 @@ with what it has: nothing another peer announces or serves can end this process.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -26,6 +27,8 @@ from coldfusion_p2p.fusion import delta_norm
 from coldfusion_p2p.protocol import BaseChoice, Version, choose_base, to_verify
 from coldfusion_p2p.store import VersionInfo, VersionStore
 
+_STAT_KEYS = {"gather_s", "matchmaking_s", "allreduce_s", "verify_s", "store_s", "round_s", "group_size", "answered", "signers",
+              "redo", "delta_norm"}
 SKIP_SECONDS = 600.0  # how long a version whose holders served bad bytes or certificates is not tried again
 RETRY_SECONDS = 15.0  # ... and one that no holder could transfer at all (a flaky link is no lie)
 CERT_FETCH_TIMEOUT = 8.0
@@ -75,6 +78,7 @@ class HistorySync:
         self.store, self.chain, self.me, self.ratio = store, chain, me, max_delta_ratio
         self.fetch, self.announced, self.log = fetch, announced, log
         self.skip = SkipList()
+        self.store_names: list[str] = []  # the body's tensor names, to keep from a holder's info
         self._last_note, self._quiet = -1e9, 0
 
     # ---------------------------------------------------------------- the local history
@@ -215,6 +219,7 @@ class HistorySync:
                 self.log(f"no holder served a valid v{choice.version} ({choice.hash[:12]}); staying on "
                          f"{f'v{current.version}' if current else 'nothing yet'} and not trying it again for {wait:.0f}s")
                 return None
+            self.store_names = list(body)
             info = self._info(choice, tmpdir)
             self._adopt_lineage(choice)
             if existing is not None:  # only now that its replacement is verified
@@ -247,12 +252,18 @@ class HistorySync:
             return "its tensors are not this model's (names, shapes or dtypes differ)", None
         names = M.averaged_names(current.body)
         ancestor = self._common_ancestor(choice, current)
-        steps = (choice.version - ancestor) + (current.version - ancestor)
-        base_norm = delta_norm([current.body[n].float() for n in names])
-        bound = max_drift(base_norm, self.ratio, 2 * steps) * 1.001 + 1e-6
-        moved = delta_norm([body[n].float() - current.body[n].float() for n in names])
+        reference, steps = current, choice.version - ancestor
+        if ancestor != current.version:  # a fork: measure from the last version both histories share, if we hold it
+            try:
+                anc_body, anc_info = self.store.load(ancestor)
+                reference = Held(ancestor, anc_info.hash, anc_body)
+            except UserError:
+                steps += current.version - ancestor  # only ours to go by: the rounds on both sides count
+        base_norm = delta_norm([reference.body[n].float() for n in names])
+        bound = max_drift(base_norm, self.ratio, steps) * 1.001 + 1e-6
+        moved = delta_norm([body[n].float() - reference.body[n].float() for n in names])
         if moved > bound:
-            return (f"it is {moved:.4g} away from our v{current.version}, more than {steps} honest round(s) can move it "
+            return (f"it is {moved:.4g} away from our v{reference.version}, more than {steps} honest round(s) can move it "
                     f"({bound:.4g})"), None
         return None, body
 
@@ -274,14 +285,19 @@ class HistorySync:
         for peer in choice.holders[:2]:
             try:
                 self.fetch(peer, f"info/{choice.version}", path, max_bytes=1 << 20, timeout=10.0)
-                theirs = VersionInfo(**json.loads(path.read_text()))
+                theirs = json.loads(path.read_text())
+                if not (isinstance(theirs, dict) and (theirs.get("version"), theirs.get("hash"), theirs.get("parent")) == (info.version, info.hash, info.parent)):
+                    continue
+                # a courtesy from one holder: only plain, finite numbers are kept, and names of our own tensors
+                created = theirs.get("created")
+                created = float(created) if type(created) in (int, float) and math.isfinite(float(created)) else time.time()
+                stats = theirs.get("round_stats") if isinstance(theirs.get("round_stats"), dict) else {}
+                stats = {k: float(v) for k, v in stats.items() if k in _STAT_KEYS and type(v) in (int, float) and math.isfinite(float(v))}
+                names = set(self.store_names or ())
+                tensors = [n for n in theirs.get("averaged_tensors", []) if isinstance(n, str) and n in names] if isinstance(theirs.get("averaged_tensors"), list) else []
+                return VersionInfo(info.version, info.hash, info.parent, info.contributors, created, tensors, stats)
             except Exception:  # noqa: BLE001 - the body is verified; its history record is a courtesy
                 continue
-            if (theirs.version, theirs.hash, theirs.parent) == (info.version, info.hash, info.parent):
-                return VersionInfo(info.version, info.hash, info.parent, info.contributors, float(theirs.created)
-                                   if isinstance(theirs.created, (int, float)) else time.time(),
-                                   [str(n) for n in theirs.averaged_tensors][:100_000] if isinstance(theirs.averaged_tensors, list) else [],
-                                   theirs.round_stats if isinstance(theirs.round_stats, dict) else {})
         return info
 
     def _adopt_lineage(self, choice: BaseChoice) -> None:

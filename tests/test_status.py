@@ -164,6 +164,14 @@ def test_the_status_view_shows_the_swarm_at_a_glance():
     assert "cdcdcdcdcdcd" in history[0] and "46s" in history[0] and "1.5h" in history[1]
 
 
+def test_other_peers_words_are_never_read_as_markup():
+    evil = {**SNAPSHOT["peers"][1], "name": "[/x][link=https://example.invalid]click", "device": "[bold red]cpu[/"}
+    console = Console(record=True, width=150, color_system=None)
+    console.print(render({**SNAPSHOT, "peers": [evil]}))
+    text = console.export_text()
+    assert "[/x]" in text and "[bold red]" in text  # shown as typed, not interpreted (and no MarkupError)
+
+
 def test_the_empty_view_says_so():
     console = Console(record=True, width=120, color_system=None)
     console.print(render({**SNAPSHOT, "newest": None, "peers": [], "rounds": [], "peers_online": 0, "contributors_online": 0}))

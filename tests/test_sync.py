@@ -164,3 +164,23 @@ def test_our_version_is_retired_only_after_the_winner_is_verified(world):
     held = sync.acquire(sync.look((1, M.hash_body(ours))), sync.latest_local())
     assert held.hash == M.hash_body(theirs) and mine.read_info(1).hash == M.hash_body(theirs)
     assert any((mine.root / "retired").iterdir())
+
+
+def test_a_holders_info_is_a_courtesy_that_cannot_break_the_store(world):
+    v0, h0, holders, mine, announced, make_sync = world
+    v1 = _step(v0, 0.001)
+    cert = _certify(1, h0, M.hash_body(v1))
+    _publish(holders, "odd", v1, 1, [cert])
+    path = holders.root / "odd" / "versions" / "v000001" / "manifest.json"
+    info = json.loads(path.read_text())
+    nested: dict = {}
+    for _ in range(5000):
+        nested = {"x": nested}
+    text = json.dumps({**info, "round_stats": {"round_s": 3.0, "deep": "x"}, "averaged_tensors": ["not.ours", 7]})
+    path.write_text(text.replace('"created": ', '"created": 1' + "0" * 400 + ', "ignored": '))
+    announced["odd"] = (1, M.hash_body(v1))
+    sync = make_sync()
+    held = sync.acquire(sync.look((0, h0)), sync.latest_local())
+    assert held is not None and held.version == 1
+    stored = mine.read_info(1)
+    assert set(stored.round_stats) <= {"round_s"} and stored.averaged_tensors == [] and stored.created < 1e11

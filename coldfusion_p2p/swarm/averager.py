@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
+import re
 import signal
 import threading
 import time
@@ -36,6 +38,10 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.swarm.node import peer_str
 from coldfusion_p2p.swarm.transfer import serve_blob
+
+
+MAX_GROUP = 256  # members a verdict can list
+_PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 
 
 def part_problem(part: torch.Tensor, bound: float) -> str | None:
@@ -112,6 +118,14 @@ class CanonicalAllReduceRunner(AllReduceRunner):
             register(peer_index, part_index, part)
 
         container.register_processed_part = checked_register
+        self.failed_reducers: set[PeerID] = set()
+        register_failed = container.register_failed_reducer
+
+        def noted_failed(peer_index: int):
+            self.failed_reducers.add(self.ordered_peer_ids[peer_index])
+            register_failed(peer_index)
+
+        container.register_failed_reducer = noted_failed
 
     def _canonical(self, averaged_part: torch.Tensor) -> torch.Tensor:
         compression = self.tensor_part_container.compression
@@ -222,9 +236,11 @@ class FusionAverager(DecentralizedAverager):
         excluded = sorted(set(group) & self._excluded)
         if excluded:  # a group led by a peer we caught before: take no part, say why
             gathered, error = {}, f"the group includes {len(excluded)} peer(s) that broke the rules before"
+        elif len(group) > MAX_GROUP or not all(_PEER_RE.match(p) for p in group):
+            gathered, error = {}, "the leader formed a group this protocol cannot record (too large, or odd peer ids)"
         else:
             try:
-                gathered = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+                gathered = await super()._aggregate_with_group(self._even_split(group_info), min_vector_size, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure of the all-reduce makes this view unclean
                 gathered, error = {}, f"{type(e).__name__}: {str(e)[:160]}"
         runner = self._runners.pop(group_info.group_id, None)
@@ -234,14 +250,24 @@ class FusionAverager(DecentralizedAverager):
         return {
             "gathered": {peer_str(p): v for p, v in gathered.items()},
             "group": group,
-            "group_id": group_info.group_id.hex(),
+            "group_id": hashlib.sha256(group_info.group_id).hexdigest(),  # whatever the leader chose, a fixed-size name
             "clean": runner is not None and not error and failed == 0 and not banned and not offenders,
             "failed_size": failed,
             "banned": banned,
             "offenders": offenders,
+            "failed_reducers": sorted(peer_str(p) for p in runner.failed_reducers) if runner is not None else [],
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "error": error,
         }
+
+    def _even_split(self, group_info):
+        """The same group with every member's claimed bandwidth set to 1: a member's share of the vector to
+        reduce (and so the slice whose average it decides) must not be its own choice."""
+        entries = []
+        for blob in group_info.gathered:
+            bandwidth, mode, user = self.serializer.loads(blob)
+            entries.append(self.serializer.dumps((1.0, mode, user)))
+        return type(group_info)(group_info.group_id, group_info.peer_ids, tuple(entries))
 
     def run_step(self, weight: float, gather: dict, timeout: float, give_up=None, on_allreduce=None) -> tuple[dict | None, float, float, str]:
         """One all-reduce: (result or None, matchmaking seconds, all-reduce seconds, error text).
