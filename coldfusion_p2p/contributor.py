@@ -550,7 +550,8 @@ class Contributor:
             )
             # a member whose reducer failed us or whose parts never came (dead, or stalling on purpose)
             # is left out of this round's redos: it cannot hold every redo of the round
-            suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", []))) - {me}
+            suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", [])) | set(decision.dissent)
+                         | set(decision.silent)) - {me}
             redo += 1
             failures += 1
             self._set_phase("ready", examples)

@@ -139,15 +139,14 @@ class CommitDecision:
 
 def decide_commit(me: str, result: str, clean: bool, group: Iterable[str], verdicts: Mapping[str, VerdictView],
                   min_group_size: int, timed_out: bool) -> CommitDecision:
-    """Commit when our own view is clean and enough members agree on our result.
+    """Commit when our own view is clean and the group agrees on our result.
 
-    Agree: members whose clean verdict names our hash (we count ourselves). Commit at once when they
-    are at least ``min_group_size`` and a strict majority of the whole group (dead and silent members
-    count in its size), so that neither silent nor lying members can hold the round; once everyone
-    answered (or the wait timed out), commit when they are at least ``min_group_size`` and nobody
-    dissents. Otherwise redo. So an honest member that saw a fault (a dead reducer, a sender dropped
-    mid-way) stops the commit unless a strict majority saw a clean, identical result, and a single
-    member that lies about its view costs a round only in a group too small to outvote it.
+    Agree: members whose clean, signed verdict names our hash (we count ourselves). Once everyone
+    answered (or the wait timed out: the silent are dead or absent), commit when they are at least
+    ``min_group_size`` and nobody dissents. Any dissent means a redo, and the caller leaves the
+    dissenters out of the round's redos: an honest member that saw a fault (a dead reducer, a sender
+    dropped mid-way) never lets the others commit a mixed average, and a member that lies about its
+    view costs one redo per round, never the round.
     """
     group = tuple(sorted(set(group)))
     if not clean or not result:
@@ -157,13 +156,14 @@ def decide_commit(me: str, result: str, clean: bool, group: Iterable[str], verdi
     dissent = tuple(sorted(answered - agree))
     silent = tuple(sorted(set(group) - answered))
     agree_t = tuple(sorted(agree))
-    if len(agree) >= min_group_size and len(agree) > len(group) - len(agree):
-        return CommitDecision("commit", agree_t, dissent, silent)
+    if dissent:  # no need to wait for the rest: this all-reduce will not be committed
+        why = f"{len(dissent)} member(s) saw another result or an unclean all-reduce"
+        return CommitDecision("redo", agree_t, dissent, silent, why)
     if silent and not timed_out:
         return CommitDecision("wait", agree_t, dissent, silent)
-    if len(agree) >= min_group_size and not dissent:
+    if len(agree) >= min_group_size:
         return CommitDecision("commit", agree_t, dissent, silent)
-    why = f"{len(agree)} of {len(group)} member(s) agree, {len(dissent)} dissent, {len(silent)} silent"
+    why = f"{len(agree)} of {len(group)} member(s) agree, {len(silent)} silent"
     return CommitDecision("redo", agree_t, dissent, silent, why)
 
 

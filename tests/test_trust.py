@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from coldfusion_p2p import model as M
 from coldfusion_p2p.certs import max_drift
 from coldfusion_p2p.demo import DEMO_DATA
@@ -47,20 +49,29 @@ def _assert_certified_and_bounded(store_dir, ratio: float = 0.05) -> list[int]:
 
 
 def test_an_outsider_with_forged_records_cannot_replace_freeze_or_crash_the_swarm(swarm, tmp_path):
-    boot = swarm.start_bootstrap("tiny-bert", round_window=20.0)
+    boot = swarm.start_bootstrap("tiny-bert", round_window=10.0)
     outsider = swarm.children.start([sys.executable, "-m", "tests.outsider", boot, "test", str(tmp_path), *ALL_OUTSIDER_ATTACKS],
                                     tmp_path / "outsider.log", env=child_env())
     swarm.wait_for(lambda: (tmp_path / "outsider.json").is_file() and "replace" in (tmp_path / "outsider.json").read_text(), 60,
                    "the outsider's first attacks")
     started = time.monotonic()
-    procs = {"ann": swarm.join("ann", "sms_spam", rounds=5), "bob": swarm.join("bob", "rotten_tomatoes", rounds=5)}
+    # peers that keep going (a peer that leaves right after its last commit could strand a slower one)
+    procs = {"ann": swarm.join("ann", "sms_spam", rounds=100), "bob": swarm.join("bob", "rotten_tomatoes", rounds=100)}
     stores = {n: VersionStore(tmp_path / n) for n in ("ann", "bob", "cy")}
     swarm.wait_for(lambda: stores["ann"].read_info(1) is not None, 150, "v1 under attack")
     # a newcomer, under attack from its first look: it must find the certified history and contribute
-    procs["cy"] = swarm.join("cy", "trec6", rounds=1)
-    for name, proc in procs.items():
-        assert swarm.wait(proc, name, 240) == 0, swarm.log(name)
+    procs["cy"] = swarm.join("cy", "trec6", rounds=100)
+
+    def newest(name):
+        return max((i.version for i in stores[name].list()), default=0)
+
+    swarm.wait_for(lambda: min(newest(n) for n in ("ann", "bob")) >= 5 and newest("cy") >= 3, 240,
+                   "five versions under attack, and the newcomer's contributions")
     elapsed = time.monotonic() - started
+    assert all(p.poll() is None for p in procs.values())  # no honest process exited
+    for name, proc in procs.items():
+        swarm.children.signal_group(proc, 15)
+        assert proc.wait(30) in (0, 130), swarm.log(name)
     assert outsider.poll() is None, swarm.log("outsider")  # the attacks went on the whole time
 
     attacks = json.loads((tmp_path / "outsider.json").read_text())
@@ -70,7 +81,7 @@ def test_an_outsider_with_forged_records_cannot_replace_freeze_or_crash_the_swar
     hashes = {}
     for name in ("ann", "bob", "cy"):
         versions = _assert_certified_and_bounded(tmp_path / name)
-        assert max(versions) >= (5 if name != "cy" else 2), (name, versions)
+        assert max(versions) >= 3, (name, versions)
         for info in stores[name].list():
             assert info.hash not in forged
             hashes.setdefault(info.version, set()).add(info.hash)
@@ -101,12 +112,16 @@ def _fault(swarm, tmp_path, name: str, fault: str, dataset: str, rounds: int) ->
     return proc
 
 
+@pytest.mark.slow  # the reducers' weight and bound checks run in the default suite: tests/test_allreduce.py
 def test_members_with_a_weight_or_a_delta_of_their_choosing_cannot_move_the_base(swarm, tmp_path):
     swarm.start_bootstrap("tiny-bert", round_window=20.0)
-    honest = {n: swarm.join(n, d, rounds=2) for n, d in (("ann", "sms_spam"), ("bob", "rotten_tomatoes"), ("cy", "trec6"))}
-    bad = {"heavy": _fault(swarm, tmp_path, "heavy", "weight", "sms_spam", 5), "wiper": _fault(swarm, tmp_path, "wiper", "scaled", "trec6", 5)}
+    honest = {n: swarm.join(n, d, rounds=100) for n, d in (("ann", "sms_spam"), ("bob", "rotten_tomatoes"), ("cy", "trec6"))}
+    bad = {"heavy": _fault(swarm, tmp_path, "heavy", "weight", "sms_spam", 100), "wiper": _fault(swarm, tmp_path, "wiper", "scaled", "trec6", 100)}
+    swarm.wait_for(lambda: all(VersionStore(tmp_path / n).read_info(2) for n in honest), 300, "v2 on every honest peer")
+    assert all(p.poll() is None for p in honest.values())  # no honest process exited
     for name, proc in honest.items():
-        assert swarm.wait(proc, name, 300) == 0, swarm.log(name)
+        swarm.children.signal_group(proc, 15)
+        assert proc.wait(30) in (0, 130), swarm.log(name)
     bad_ids = {}
     for name in bad:
         joined = [e["peer"] for e in swarm.events(name) if e["event"] == "joined"]
