@@ -505,6 +505,7 @@ class Contributor:
                 if self._newer_base_exists():
                     return "superseded"
                 self.events.emit("retry", f"no group formed on v{base.version} ({error or 'timeout'}); trying again", redo=redo)
+                suspects.clear()  # the survivors of a failed all-reduce may suspect each other: start afresh
                 self._set_phase("ready", examples)
                 continue
             for peer, why in result.get("offenders", {}).items():
