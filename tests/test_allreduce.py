@@ -11,11 +11,9 @@ from coldfusion_p2p.fusion import mean_delta
 from coldfusion_p2p.swarm import make_averager, start_dht
 
 
-@pytest.mark.parametrize("compression", ["none", "float16"])
-def test_all_reduce_is_bit_identical_on_every_member_and_reports_clean(tmp_path, compression):
-    g = torch.Generator().manual_seed(7)
-    shapes = [(384, 384), (1000,), (3, 5, 7)]
-    inputs = [[torch.randn(s, generator=g) * (i + 1) for s in shapes] for i in range(3)]
+@contextlib.contextmanager
+def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, target: int, rules: dict | None = None):
+    """Three real peers (DHT, averager process, p2pd) on loopback, one per input list; all shut down after."""
     dhts, averagers = [], []
     try:
         first = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -24,19 +22,28 @@ def test_all_reduce_is_bit_identical_on_every_member_and_reports_clean(tmp_path,
         dhts += [start_dht(peers, ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2)]
         for dht, tensors in zip(dhts, inputs):
             av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, compression, 2.0, 60.0, 2)
-            av.set_round("t_r0_test_a1", 3, 2)
+            av.set_round(group_prefix, target, 2, rules=rules)
             averagers.append(av)
+        yield dhts, averagers
+    finally:
+        for av in averagers:
+            av.shutdown()
+        for dht in dhts:
+            dht.shutdown()
+
+
+@pytest.mark.parametrize("compression", ["none", "float16"])
+def test_all_reduce_is_bit_identical_on_every_member_and_reports_clean(tmp_path, compression):
+    g = torch.Generator().manual_seed(7)
+    shapes = [(384, 384), (1000,), (3, 5, 7)]
+    inputs = [[torch.randn(s, generator=g) * (i + 1) for s in shapes] for i in range(3)]
+    with three_averagers(tmp_path, inputs, compression, "t_r0_test_a1", 3) as (dhts, averagers):
         controls = [av.step(weight=1.0, gather={"i": i}, timeout=30, wait=False) for i, av in enumerate(averagers)]
         results = [c.result(timeout=60) for c in controls]
         outputs = []
         for av in averagers:
             with av.get_tensors() as ts:
                 outputs.append([t.clone() for t in ts])
-    finally:
-        for av in averagers:
-            av.shutdown()
-        for dht in dhts:
-            dht.shutdown()
     for r in results:
         assert r["clean"] and r["failed_size"] == 0 and not r["banned"] and len(r["group"]) == 3
         assert sorted(v["i"] for v in r["gathered"].values()) == [0, 1, 2]
@@ -65,16 +72,7 @@ def test_reducers_ban_a_member_that_breaks_the_rounds_rules(tmp_path, fault):
         for t in inputs[2]:  # NaN in every slice, so that every reducer receives some
             t.view(-1)[::1000] = float("nan")
     rules = {"min_weight": 1.0, "max_weight": 1.0, "part_bound": 5.0}  # honest deltas here have norm ~0.5
-    dhts, averagers = [], []
-    try:
-        first = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-        dhts.append(first)
-        peers = [str(a) for a in first.get_visible_maddrs()]
-        dhts += [start_dht(peers, ["/ip4/127.0.0.1/tcp/0"]) for _ in range(2)]
-        for dht, tensors in zip(dhts, inputs):
-            av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, "none", 2.0, 60.0, 2)
-            av.set_round("t_r0_rules", 3, 2, rules=rules)
-            averagers.append(av)
+    with three_averagers(tmp_path, inputs, "none", "t_r0_rules", 3, rules=rules) as (dhts, averagers):
         weights = [1.0, 1.0, 1000.0 if fault == "weight" else 1.0]
         controls = [av.step(weight=w, gather={"i": i}, timeout=30, wait=False) for i, (av, w) in enumerate(zip(averagers, weights))]
         results = [c.result(timeout=60) for c in controls]
@@ -95,11 +93,6 @@ def test_reducers_ban_a_member_that_breaks_the_rounds_rules(tmp_path, fault):
         for av in averagers[:2]:
             with av.get_tensors() as ts:
                 outputs.append([t.clone() for t in ts])
-    finally:
-        for av in averagers:
-            av.shutdown()
-        for dht in dhts:
-            dht.shutdown()
     # every honest member that reduces a slice (hivemind's load balancing may give one none) bans it and names it
     reducers = [r for r in results[:2] if r["reduced_parts"] > 0]
     assert reducers, results
