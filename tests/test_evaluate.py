@@ -16,16 +16,22 @@ from coldfusion_p2p.procs import child_env, cli_command
 from coldfusion_p2p.store import VersionInfo, VersionStore
 
 
+def _store_with_v0(root, folder):
+    """A store holding a model folder's files and its v0, as a peer that brought the model leaves it."""
+    vs = VersionStore(root)
+    vs.model_dir.mkdir(parents=True, exist_ok=True)
+    for name in M.MODEL_FILE_NAMES:
+        if (folder / name).is_file():
+            shutil.copy(folder / name, vs.model_dir / name)
+    v0 = M.body_state(M.load_body_module(folder))
+    vs.save(v0, VersionInfo(0, M.hash_body(v0), parent=None))
+    return vs, v0
+
+
 @pytest.fixture
 def store(tmp_path, tiny_model_dir) -> VersionStore:
     """A store as a peer leaves it: model files, v0 and a v1 that differs from it."""
-    vs = VersionStore(tmp_path / "store")
-    vs.model_dir.mkdir(parents=True, exist_ok=True)
-    for name in M.MODEL_FILE_NAMES:
-        if (tiny_model_dir / name).is_file():
-            shutil.copy(tiny_model_dir / name, vs.model_dir / name)
-    v0 = M.body_state(M.load_body_module(tiny_model_dir))
-    vs.save(v0, VersionInfo(0, M.hash_body(v0), parent=None))
+    vs, v0 = _store_with_v0(tmp_path / "store", tiny_model_dir)
     g = torch.Generator().manual_seed(1)
     v1 = {k: (t + 0.01 * torch.randn(t.shape, generator=g) if t.is_floating_point() else t) for k, t in v0.items()}
     vs.save(v1, VersionInfo(1, M.hash_body(v1), parent=M.hash_body(v0), contributors=["a", "b"]))
@@ -102,14 +108,7 @@ def test_probe_of_the_real_encoder_beats_the_majority_class(tmp_path):
 
     from coldfusion_p2p.data import load_private_data
 
-    folder = M.minilm_folder()
-    vs = VersionStore(tmp_path / "store")
-    vs.model_dir.mkdir(parents=True, exist_ok=True)
-    for name in M.MODEL_FILE_NAMES:
-        if (folder / name).is_file():
-            shutil.copy(folder / name, vs.model_dir / name)
-    v0 = M.body_state(M.load_body_module(folder))
-    vs.save(v0, VersionInfo(0, M.hash_body(v0), parent=None))
+    vs, _ = _store_with_v0(tmp_path / "store", M.minilm_folder())
     got = _cli("eval", "--store", str(vs.root), "--base", "0", "--data", str(DEMO_DATA / "sms_spam.jsonl"), "--no-finetune",
                "--max-examples", "600", "--max-length", "64", "--threads", "2", "--json")
     assert got.returncode == 0, got.stderr
