@@ -2,6 +2,7 @@
 
 import multiprocessing as mp
 import os
+import sys
 import time
 
 from coldfusion_p2p import swarm
@@ -25,3 +26,31 @@ def test_dht_survives_a_request_whose_sender_exited():
         assert dht.get("still.here", latest=True).value == 1
     finally:
         swarm.stop_process(dht)
+
+
+def test_a_child_dying_while_fetching_a_handle_prints_no_traceback():
+    # the reverse case: our resource-sharer thread serves a handle to a child that dies mid-handshake
+    # (a group-wide Ctrl+C or SIGTERM); multiprocessing hands the reset to sys.excepthook
+    import socket
+    from multiprocessing import resource_sharer
+
+    seen = []
+    previous = sys.excepthook
+    sys.excepthook = lambda kind, value, tb: seen.append(kind)
+    try:
+        swarm.quiet_hivemind()
+        read, write = os.pipe()
+        try:
+            resource_sharer.DupFd(read)  # starts the sharer thread with a handle on offer
+            address = resource_sharer._resource_sharer._address
+            with socket.socket(socket.AF_UNIX) as s:  # a "child" that connects, then dies before answering
+                s.connect(address)
+            time.sleep(0.5)  # the sharer thread reads the handshake and fails
+            assert seen == []  # dropped, not printed
+            sys.excepthook(ValueError, ValueError("other"), None)
+            assert seen == [ValueError]  # every other error still reaches the previous hook
+        finally:
+            os.close(read)
+            os.close(write)
+    finally:
+        sys.excepthook = previous

@@ -6,7 +6,9 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import tempfile
+import traceback
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +27,31 @@ def quiet_hivemind() -> None:
     level = os.environ.get("HIVEMIND_LOGLEVEL", "CRITICAL")
     for name in ("hivemind", "hivemind.averaging", "hivemind.dht", "hivemind.p2p"):
         logging.getLogger(name).setLevel(level)
+    if not isinstance(sys.excepthook, _QuietHandleSharer):
+        sys.excepthook = _QuietHandleSharer(sys.excepthook)
+
+
+class _QuietHandleSharer:
+    """Drops the traceback multiprocessing prints when a child dies while fetching a handle from us.
+
+    hivemind passes MPFutures to its DHT and averager processes; unpickling one fetches a pipe
+    handle from this process through multiprocessing's resource sharer thread. A child killed in
+    between (Ctrl+C and a group-wide SIGTERM reach it at the same moment as us) resets that
+    connection, and the sharer thread hands the error to ``sys.excepthook``: a full traceback on the
+    user's terminal for an outcome that changes nothing (the request it carried dies with the child).
+    Every other exception goes to the previous hook unchanged.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, kind, value, tb):
+        if issubclass(kind, (ConnectionError, EOFError)) and tb is not None:
+            frames = traceback.extract_tb(tb)
+            if frames and frames[0].filename.endswith(os.path.join("multiprocessing", "resource_sharer.py")):
+                logging.getLogger(__name__).debug("a child process went away while fetching a shared handle: %r", value)
+                return
+        self.previous(kind, value, tb)
 
 
 def _children_keep_default_sigterm() -> None:
