@@ -57,23 +57,42 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def run_bootstrap(
-    config: str,
+    config: str | None,
     host_maddrs: list[str],
     identity: str | None,
     maddrs_file: str | None,
-    store_dir: str,
+    store_dir: str | None,
     announce_maddrs: list[str] | None = None,
     log: Callable[[str], None] = print,
     stop: threading.Event | None = None,
+    lab: str | None = None,
 ) -> None:
-    """Serve until ``stop`` is set, Ctrl+C or SIGTERM."""
+    """Serve until ``stop`` is set, Ctrl+C or SIGTERM. With ``lab`` (a folder from `cfp2p bootstrap init`) the
+    settings, key and store come from it, and a revocation written there is published within seconds."""
+    from coldfusion_p2p.membership import Admission, make_token
     from coldfusion_p2p.swarm import (
         SwarmRecords, make_averager, metrics_record, quiet_hivemind, sign_manifest, start_dht, stop_process, visible_maddrs,
     )
+    from coldfusion_p2p.swarm.gate import EnrollDesk, EnrollService, RefusalLog, push_revoked
+    from coldfusion_p2p.swarm.node import Identity, _new_identity_file, load_identity
 
-    manifest = SwarmManifest.from_toml(config)
+    from bootstrap import lab as L
+
+    if lab is not None:
+        manifest = L.lab_manifest(lab)
+        identity, store_dir = str(Path(lab) / L.KEY_FILE), str(Path(lab) / L.STORE_DIR)
+        registry = Path(lab) / L.MEMBERS_FILE
+    else:
+        if config is None:
+            raise UserError("give --lab DIR (from `cfp2p bootstrap init`) or --config swarm.toml")
+        manifest = SwarmManifest.from_toml(config)
+        registry = Path(store_dir) / "members.json"
     if identity and not Path(identity).parent.exists():
         raise UserError(f"the folder for --identity does not exist: {Path(identity).parent}")
+    private = manifest.admission.mode != "open"
+    if private and not identity:
+        raise UserError("a private swarm needs the authority's key to persist: create a lab with `cfp2p bootstrap init` "
+                        "and run `cfp2p bootstrap --lab DIR` (or give --identity KEY)")
     store = VersionStore(store_dir)
     manifest, folder, body = complete_manifest(manifest, store.root / "cache")
     store.model_dir.mkdir(exist_ok=True)
@@ -83,23 +102,42 @@ def run_bootstrap(
     quiet_hivemind()
     stop = stop or threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    dht = averager = None
+    dht = averager = enroll = None
     try:
-        dht = start_dht([], host_maddrs, identity_path=identity, announce_maddrs=announce_maddrs)
+        token = admission = None
+        refusals = RefusalLog("[bootstrap] ")
+        if identity and not Path(identity).is_file():
+            _new_identity_file(identity)
+        if private:  # the authority admits itself: its DHT calls carry a token like every member's
+            me = Identity(load_identity(identity))
+            from coldfusion_p2p.certs import peer_id_of_public_key
+
+            admission = Admission(manifest.admission.mode, manifest.name, peer_id_of_public_key(me.public_key.encode()),
+                                  frozenset(manifest.admission.revoked))
+            token = make_token(me, manifest.name, "bootstrap", me.public_key, 365 * 86400.0)
+        dht = start_dht([], host_maddrs, identity_path=identity, announce_maddrs=announce_maddrs, token=token,
+                        admission=admission, refusals=refusals)
         names = M.averaged_names(body)
         averager = make_averager(  # serves v0 and the model files; never steps, so never averages
             dht, manifest.name, [body[n].float() for n in names], store.root, "none", 5.0, 60.0, 2
         )
+        if admission is not None:
+            averager.set_admission(admission.state(), "[bootstrap] ")
         records = SwarmRecords(dht, manifest.name)
         # signed with this peer's identity key: the swarm's authority, which `/p2p/<id>` in --initial-peers pins
         signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
         records.publish_manifest(signed)
         records.announce_base(0, manifest.model.v0_hash, wait=True)
+        a = manifest.admission
+        desk = EnrollDesk(dht.identity, manifest.name, a.mode, a.enroll_days * 86400.0, a.enroll_per_address, a.enroll_per_hour,
+                          registry, revoked=lambda: frozenset(manifest.admission.revoked))
+        enroll = EnrollService(dht, desk, refusals)
+        enroll.start()
         maddrs = visible_maddrs(dht)
         if maddrs_file:
             _write_atomically(Path(maddrs_file), " ".join(maddrs) + "\n")
         log(f"bootstrap peer of swarm {manifest.name!r} is up (model {manifest.model.source}, v0 {manifest.model.v0_hash[:12]}, "
-            f"manifest serial {signed['serial']}, signed by this peer: {records.peer_id})")
+            f"manifest serial {signed['serial']}, admission {a.mode}, signed by this peer: {records.peer_id})")
         log("hand this to contributors:  --initial-peers " + " --initial-peers ".join(maddrs))
         started = time.monotonic()
 
@@ -111,6 +149,15 @@ def run_bootstrap(
         beats = 0
         while not stop.wait(ANNOUNCE_SECONDS):
             beats += 1
+            if lab is not None and not set(L.revoked(lab)) <= set(manifest.admission.revoked):  # `cfp2p bootstrap revoke` ran
+                manifest.admission.revoked = sorted(set(manifest.admission.revoked) | set(L.revoked(lab)))
+                signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
+                records.publish_manifest(signed)
+                if admission is not None:
+                    admission.revoked = frozenset(manifest.admission.revoked)
+                    push_revoked(dht, manifest.admission.revoked)
+                    averager.set_admission(admission.state(), "[bootstrap] ")
+                log(f"published manifest serial {signed['serial']}: {len(manifest.admission.revoked)} revoked peer(s)")
             records.announce_base(0, manifest.model.v0_hash)
             records.publish_metrics(metrics())
             if beats % 12 == 0:
@@ -119,6 +166,8 @@ def run_bootstrap(
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if enroll is not None:
+            enroll.stop()
         stop_process(averager)
         stop_process(dht)
         log("bootstrap peer stopped")

@@ -59,27 +59,156 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(getattr(e, "exit_code", 1))
 
 
-@app.command()
+bootstrap_app = typer.Typer(help="Run a swarm's bootstrap peer, and manage a private swarm's members (init, admit, revoke, members).",
+                             invoke_without_command=True, add_completion=False)
+app.add_typer(bootstrap_app, name="bootstrap")
+
+
+@bootstrap_app.callback()
 def bootstrap(
-    config: Path = typer.Option(..., "--config", help="swarm manifest (TOML); see bootstrap/swarm.toml"),
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="swarm manifest (TOML) of an open swarm; see bootstrap/swarm.toml"),
+    lab: Optional[Path] = typer.Option(None, "--lab", help="a lab folder from `cfp2p bootstrap init` (key, settings, members, store)"),
     host_maddrs: List[str] = typer.Option(["/ip4/0.0.0.0/tcp/31337"], "--host-maddrs", help="where to listen (repeatable)"),
     identity: Optional[Path] = typer.Option(None, "--identity", help="private key file: the same peer id after a restart (created if missing)"),
     maddrs_file: Optional[Path] = typer.Option(None, "--maddrs-file", help="write the --initial-peers value here once listening"),
     store: Path = typer.Option(Path("cfp2p-bootstrap"), "--store", help="where v0 and the model files are kept for download"),
     announce_maddrs: Optional[List[str]] = typer.Option(None, "--announce-maddrs", help="public addresses to announce (behind NAT)"),
 ):
-    """Start the long-lived bootstrap peer of a swarm and publish its manifest.
+    """Start the long-lived bootstrap peer of a swarm and publish its signed manifest.
 
-    Example: cfp2p bootstrap --config swarm.toml --host-maddrs /ip4/0.0.0.0/tcp/31337 --identity lab.key
+    Examples: cfp2p bootstrap --config swarm.toml --identity lab.key   (an open swarm)
+              cfp2p bootstrap --lab lab/                               (a private swarm, after `cfp2p bootstrap init`)
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from bootstrap.peer import run_bootstrap
 
+    if (config is None) == (lab is None):
+        _fail(UserError("give --config swarm.toml (an open swarm) or --lab DIR (from `cfp2p bootstrap init`), not both"))
     _quiet_libraries()
     try:
-        run_bootstrap(str(config), host_maddrs, str(identity) if identity else None, str(maddrs_file) if maddrs_file else None,
-                      str(store), announce_maddrs, log=_log_to_stderr())
+        run_bootstrap(str(config) if config else None, host_maddrs, str(identity) if identity else None,
+                      str(maddrs_file) if maddrs_file else None, str(store), announce_maddrs, log=_log_to_stderr(),
+                      lab=str(lab) if lab else None)
     except (UserError, WorkError) as e:
         _fail(e)
+
+
+@bootstrap_app.command("init")
+def bootstrap_init(
+    config: Path = typer.Option(..., "--config", help="the swarm's settings (TOML); see bootstrap/swarm.toml"),
+    out: Path = typer.Option(..., "--out", help="the lab folder to create (its key must stay secret)"),
+    admission: str = typer.Option("members", "--admission", help="members (tokens from `admit`), enroll (any key, rate-limited) or open"),
+):
+    """Create a private swarm's authority: key pair, settings, members and revocation files (all 0600).
+
+    Example: cfp2p bootstrap init --config swarm.toml --out lab/
+    """
+    from bootstrap import lab as L
+    from coldfusion_p2p.certs import peer_id_of_public_key
+
+    try:
+        folder, manifest = L.init_lab(str(config), str(out), admission)
+        peer = peer_id_of_public_key(L.authority(str(folder)).public_key.encode())
+    except (UserError, WorkError) as e:
+        _fail(e)
+    print(f"created swarm {manifest.name!r} (admission {admission}) in {folder}; its authority is {peer}")
+    print(f"keep {folder / L.KEY_FILE} secret and backed up: whoever holds it controls the swarm")
+    print(f"next: cfp2p bootstrap --lab {folder} --host-maddrs /ip4/0.0.0.0/tcp/31337")
+    if admission == "members":
+        print(f"      cfp2p bootstrap admit --lab {folder} 'ssh-rsa …' --name alice --expires 30d")
+
+
+@bootstrap_app.command("admit")
+def bootstrap_admit(
+    public_key: str = typer.Argument(..., help="the member's public key: the `ssh-rsa …` line `cfp2p id` printed, or a file holding it"),
+    name: str = typer.Option(..., "--name", help="the member's name (letters, digits, . _ @ -)"),
+    expires: str = typer.Option("30d", "--expires", help="how long the token is valid: e.g. 30d, 12h, 2w"),
+    lab: Path = typer.Option(Path("."), "--lab", help="the lab folder (from `cfp2p bootstrap init`)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where to write the token (default: NAME.token)"),
+):
+    """Issue a membership token for a member's key; send the file to the member.
+
+    Example: cfp2p bootstrap admit --lab lab/ 'ssh-rsa AAAA…' --name alice --expires 30d
+    """
+    from bootstrap import lab as L
+    from coldfusion_p2p.membership import parse_duration
+
+    try:
+        try:
+            lifetime = parse_duration(expires)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        token, dest = L.admit(str(lab), public_key, name, lifetime, str(out) if out else None)
+    except (UserError, WorkError) as e:
+        _fail(e)
+    print(f"admitted {name} ({token['member']}) until {L.expiry_text(token['expires'])}: token written to {dest}")
+    print(f"the member joins with: cfp2p join --identity THEIR.key --token {dest.name} --initial-peers … --data …")
+
+
+@bootstrap_app.command("revoke")
+def bootstrap_revoke(
+    member: str = typer.Argument(..., help="a member's name (as admitted) or peer id"),
+    lab: Path = typer.Option(Path("."), "--lab", help="the lab folder (from `cfp2p bootstrap init`)"),
+):
+    """Revoke a member: the running bootstrap peer signs a manifest with a new serial that every peer honours.
+
+    Example: cfp2p bootstrap revoke --lab lab/ alice
+    """
+    from bootstrap import lab as L
+
+    try:
+        name, peer = L.revoke(str(lab), member)
+    except (UserError, WorkError) as e:
+        _fail(e)
+    print(f"revoked {name} ({peer}); the running bootstrap peer publishes the new manifest within seconds, "
+          "and every peer cuts the member from its next round")
+
+
+@bootstrap_app.command("members")
+def bootstrap_members(
+    lab: Path = typer.Option(Path("."), "--lab", help="the lab folder (from `cfp2p bootstrap init`)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """List the lab's members, their token expiry and whether they were revoked."""
+    from bootstrap import lab as L
+
+    try:
+        registry, revoked = L.members(str(lab)), set(L.revoked(str(lab)))
+    except (UserError, WorkError) as e:
+        _fail(e)
+    rows = [{"name": m.get("name"), "peer": m.get("peer"), "expires": m.get("expires"), "revoked": m.get("peer") in revoked,
+             "source": m.get("source")} for m in registry.values() if isinstance(m, dict)]
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table("name", "peer", "expires", "revoked", "via")
+    for r in sorted(rows, key=lambda r: str(r["name"])):
+        table.add_row(str(r["name"]), str(r["peer"]), L.expiry_text(float(r["expires"] or 0)), "yes" if r["revoked"] else "",
+                      str(r["source"]))
+    out.print(table)
+
+
+@app.command("id")
+def id_cmd(
+    identity: Path = typer.Option(..., "--identity", help="this peer's private key file (created, 0600, if missing)"),
+):
+    """Print this peer's public key and peer id: send the key line to a lab to be admitted to its swarm."""
+    from coldfusion_p2p.certs import peer_id_of_public_key
+    from coldfusion_p2p.swarm.node import Identity, _new_identity_file, load_identity
+
+    try:
+        if not identity.exists():
+            if not identity.parent.exists():
+                raise UserError(f"the folder for --identity does not exist: {identity.parent}")
+            _new_identity_file(str(identity))
+            err.print(f"created a new identity key in {identity} (keep it: a token works only with this key)")
+        key = Identity(load_identity(str(identity)))
+    except (UserError, WorkError) as e:
+        _fail(e)
+    err.print(f"peer id {peer_id_of_public_key(key.public_key.encode())}; send the next line to the swarm's lab:")
+    print(key.public_key)
 
 
 @app.command()
@@ -105,6 +234,8 @@ def join(
     keep_finetuned: bool = typer.Option(False, "--keep-finetuned", help="also store each round's finetuned body"),
     name: Optional[str] = typer.Option(None, "--name", help="display name in logs and in `cfp2p status` (public)"),
     plain: bool = typer.Option(False, "--plain", help="log lines instead of progress bars, also on a terminal"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="this peer's key file (`cfp2p id` creates one); default: a fresh key each run"),
+    token: Optional[Path] = typer.Option(None, "--token", help="membership token of a private swarm, issued for --identity's key"),
 ):
     """Join a swarm as a contributor: finetune on private data, fuse with peers, repeat.
 
@@ -118,6 +249,7 @@ def join(
         rounds=rounds, swarm=swarm, model=model, device=device, weighting=weight, host_maddrs=host_maddrs,
         announce_maddrs=announce_maddrs, threads=threads, keep_finetuned=keep_finetuned,
         events=str(events) if events else None, max_wait=max_wait, name=name, authority=authority,
+        identity=str(identity) if identity else None, token=str(token) if token else None,
     )
     try:
         if err.is_terminal and not plain:
@@ -143,6 +275,8 @@ def status(
     interval: float = typer.Option(2.0, "--interval", min=0.5, help="seconds between refreshes of the live view"),
     authority: Optional[str] = typer.Option(None, "--authority", help="peer id whose signature the swarm manifest must carry "
                                             "(default: the /p2p/ id of the first --initial-peers)"),
+    identity: Optional[Path] = typer.Option(None, "--identity", help="a member's key file (private swarms)"),
+    token_file: Optional[Path] = typer.Option(None, "--token", help="that member's token (private swarms)"),
 ):
     """Watch a swarm: newest base, peers and their progress, recent rounds. Joins as a DHT client; never averages.
 
@@ -158,8 +292,12 @@ def status(
         who = authority_of(initial_peers, authority)
         if who is None:
             raise UserError("cannot tell whose signature the swarm manifest needs: give --initial-peers with a /p2p/ part, or --authority PEER_ID")
-        dht = start_dht(initial_peers, client_mode=True)
-        view = StatusView(SwarmRecords(dht), swarm, who)
+        token = admission = None
+        if token_file is not None:
+            token, admission = _member_credentials(token_file, identity, who)
+        dht = start_dht(initial_peers, client_mode=True, identity_path=str(identity) if identity else None, token=token,
+                        admission=admission)
+        view = StatusView(SwarmRecords(dht), swarm, who, token)
         if as_json:
             print(json.dumps(view.snapshot(), indent=1))
         elif once or not out.is_terminal:
@@ -180,6 +318,27 @@ def status(
         if view is not None:
             view.close()
         stop_process(dht)
+
+
+def _member_credentials(token_file: Path, identity: Optional[Path], authority: str):
+    """(token, Admission) for a member's DHT node: the token parsed and checked against --identity's key."""
+    from coldfusion_p2p.certs import peer_id_of_public_key
+    from coldfusion_p2p.membership import Admission, TokenError, parse_token, token_problem
+    from coldfusion_p2p.swarm import load_identity
+
+    if identity is None or not identity.is_file():
+        raise UserError("--token needs the identity key it was issued for: add --identity KEY")
+    try:
+        token = parse_token(token_file.read_text()[:8192])
+    except OSError as e:
+        raise UserError(f"cannot read the membership token {token_file}: {e.strerror}") from None
+    except TokenError as e:
+        raise UserError(f"{token_file}: {e}") from None
+    me = peer_id_of_public_key(load_identity(str(identity)).get_public_key().to_bytes())
+    why = token_problem(token, token["swarm"], authority, time.time(), peer=me)
+    if why is not None:
+        raise UserError(f"membership token {token_file}: {why}")
+    return token, Admission("members", token["swarm"], authority)
 
 
 def _store_chain(vs):

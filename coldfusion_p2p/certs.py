@@ -104,6 +104,7 @@ class Certificate:
     group_id: str
     members: tuple[str, ...]
     signatures: dict[str, tuple[str, str]] = field(default_factory=dict, compare=False)  # peer -> (public key, signature)
+    tokens: dict[str, dict] = field(default_factory=dict, compare=False)  # private swarms: signer -> its membership token
 
     def __post_init__(self):
         object.__setattr__(self, "members", tuple(sorted(self.members)))
@@ -116,19 +117,26 @@ class Certificate:
     def with_signature(self, peer: str, public_key: str, signature: str) -> "Certificate":
         sigs = dict(self.signatures)
         sigs[peer] = (public_key, signature)
-        return Certificate(self.swarm, self.version, self.parent, self.hash, self.group_id, self.members, sigs)
+        return Certificate(self.swarm, self.version, self.parent, self.hash, self.group_id, self.members, sigs, self.tokens)
+
+    def with_tokens(self, tokens: dict[str, dict]) -> "Certificate":
+        """The same certificate carrying its signers' membership tokens (evidence a private swarm checks)."""
+        kept = {p: t for p, t in tokens.items() if p in self.signatures and isinstance(t, dict)}
+        return Certificate(self.swarm, self.version, self.parent, self.hash, self.group_id, self.members, self.signatures, kept)
 
     def to_dict(self) -> dict:
         return {"kind": CERT_KIND, "swarm": self.swarm, "version": self.version, "parent": self.parent, "hash": self.hash,
                 "group_id": self.group_id, "members": sorted(self.members),
-                "signatures": {p: {"key": k, "sig": s} for p, (k, s) in sorted(self.signatures.items())}}
+                "signatures": {p: {"key": k, "sig": s} for p, (k, s) in sorted(self.signatures.items())},
+                **({"tokens": {p: t for p, t in sorted(self.tokens.items())}} if self.tokens else {})}
 
     @classmethod
     def from_dict(cls, data) -> "Certificate":
         """Parse strictly; raises ValueError on anything malformed (types, sizes, formats)."""
         if not isinstance(data, dict) or data.get("kind") != CERT_KIND:
             raise ValueError("not a certificate")
-        if set(data) != {"kind", "swarm", "version", "parent", "hash", "group_id", "members", "signatures"}:
+        fields = {"kind", "swarm", "version", "parent", "hash", "group_id", "members", "signatures"}
+        if set(data) != fields and set(data) != fields | {"tokens"}:
             raise ValueError("certificate has missing or extra fields")
         swarm, version, parent, new, group, members, sigs = (data[k] for k in
                                                              ("swarm", "version", "parent", "hash", "group_id", "members", "signatures"))
@@ -151,7 +159,10 @@ class Certificate:
                     and isinstance(item["sig"], str) and len(item["key"]) < 2100 and len(item["sig"]) < 2100):
                 raise ValueError("bad signature entry")
             parsed[peer] = (item["key"], item["sig"])
-        return cls(swarm, version, parent, new, group, tuple(members), parsed)
+        tokens = data.get("tokens", {})
+        if not (isinstance(tokens, dict) and set(tokens) <= set(parsed) and all(isinstance(t, dict) and len(t) <= 16 for t in tokens.values())):
+            raise ValueError("bad tokens")
+        return cls(swarm, version, parent, new, group, tuple(members), parsed, dict(tokens))
 
 
 def sign_certificate(cert: Certificate, peer: str, signer: Signer) -> str:
@@ -170,14 +181,15 @@ class CertCheck:
 def check_certificate(cert: Certificate, swarm: str, min_signers: int, admitted=None) -> CertCheck:
     """Valid signatures of listed members (peer id = hash of the signing key), at least ``min_signers``.
 
-    ``admitted(peer) -> bool``, when given, restricts whose signatures count (private swarms).
+    ``admitted(peer, token) -> bool``, when given, restricts whose signatures count (private swarms:
+    the token the certificate carries for that signer must have been issued for it).
     """
     if cert.swarm != swarm:
         return CertCheck(False, f"certificate is for swarm {cert.swarm!r}")
     payload = cert.payload()
     signers = []
     for peer, (key, sig) in cert.signatures.items():
-        if peer not in cert.members or (admitted is not None and not admitted(peer)):
+        if peer not in cert.members or (admitted is not None and not admitted(peer, cert.tokens.get(peer))):
             continue
         try:
             if peer_id_of_public_key(key.encode()) != peer:

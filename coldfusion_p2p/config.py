@@ -16,6 +16,7 @@ from typing import Any
 from coldfusion_p2p.errors import UserError
 
 SWARM_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
+PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 
 
 @dataclass
@@ -63,6 +64,17 @@ class RoundSpec:
 
 
 @dataclass
+class AdmissionSpec:
+    # open: anyone may join; members: only keys with a token from the swarm's authority (`cfp2p bootstrap admit`);
+    # enroll: the bootstrap peer issues a token to any new key, a few per source address an hour, and can revoke it
+    mode: str = "open"
+    revoked: list = field(default_factory=list)  # peer ids refused everywhere (`cfp2p bootstrap revoke`)
+    enroll_days: float = 30.0  # lifetime of a token the bootstrap peer issues in enroll mode
+    enroll_per_address: int = 3  # new keys enrolled per source address an hour
+    enroll_per_hour: int = 60  # new keys enrolled an hour in all
+
+
+@dataclass
 class SwarmManifest:
     name: str = "coldfusion"
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -70,6 +82,7 @@ class SwarmManifest:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     fusion: FusionSpec = field(default_factory=FusionSpec)
     round: RoundSpec = field(default_factory=RoundSpec)
+    admission: AdmissionSpec = field(default_factory=AdmissionSpec)
 
     def validate(self) -> "SwarmManifest":
         problems = []
@@ -99,6 +112,13 @@ class SwarmManifest:
         for name in ("round_window", "matchmaking_time", "allreduce_timeout", "verify_timeout", "chunk_timeout"):
             if getattr(r, name) <= 0:
                 problems.append(f"round.{name} must be positive (seconds)")
+        a = self.admission
+        if a.mode not in ("open", "members", "enroll"):
+            problems.append("admission.mode must be 'open', 'members' or 'enroll'")
+        if not all(isinstance(p, str) and PEER_RE.match(p) for p in a.revoked) or len(a.revoked) > 10_000:
+            problems.append("admission.revoked must list peer ids (Qm…)")
+        if not (0 < a.enroll_days <= 3650) or a.enroll_per_address < 1 or a.enroll_per_hour < 1:
+            problems.append("admission.enroll_days must be within (0, 3650] days; the enroll rates must be positive")
         if problems:
             raise UserError("invalid swarm manifest: " + "; ".join(problems))
         return self
@@ -116,6 +136,7 @@ class SwarmManifest:
             "training": TrainingSpec,
             "fusion": FusionSpec,
             "round": RoundSpec,
+            "admission": AdmissionSpec,
         }
         unknown = set(data) - set(sections) - {"name", "swarm"}
         if unknown:

@@ -35,14 +35,17 @@ from coldfusion_p2p import model as M
 from coldfusion_p2p.config import SwarmManifest
 from coldfusion_p2p.data import PrivateData, load_private_data
 from coldfusion_p2p.errors import UserError, WorkError
-from coldfusion_p2p.certs import Certificate, CertChain, check_certificate, sign_certificate, verify_signature
+from coldfusion_p2p.certs import Certificate, CertChain, check_certificate, peer_id_of_public_key, sign_certificate, verify_signature
 from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, clip_to_norm, delta_norm, round_bound, weight_for, weight_limits
+from coldfusion_p2p.membership import CLOCK_SLACK, MAX_TOKEN_BYTES, Admission, TokenError, describe, parse_token, token_problem
 from coldfusion_p2p.protocol import CommitDecision, NoShows, RoundView, VerdictView, decide_commit, round_start
 from coldfusion_p2p.store import VersionInfo, VersionStore
 from coldfusion_p2p.sync import Held, HistorySync
 from coldfusion_p2p.training import LocalTrainer, pick_device, round_seed
 
 HEARTBEAT_SECONDS = 4.0
+MANIFEST_REFRESH_SECONDS = 12.0  # how soon a new manifest (a revocation) reaches this peer
+ENROLLED_TOKEN, ENROLLED_KEY = "membership.token", "identity.key"  # what enrollment keeps in the store
 SETTLE_SECONDS = 1.0  # a second look before a round starts, so that peers' views of the records agree
 
 
@@ -68,6 +71,8 @@ class JoinOptions:
     max_wait: float | None = None  # give up after waiting this long for peers (None: wait forever)
     name: str | None = None  # a display name for `cfp2p status`; public, unlike the data
     authority: str | None = None  # the peer id that must sign the manifest; default: the first initial peer's
+    identity: str | None = None  # this peer's key file (created if missing); default: a fresh key each run
+    token: str | None = None  # a private swarm's membership token for that key (`cfp2p bootstrap admit`)
 
 
 Base = Held  # (version, hash, body, contributors): the members who made it are expected in the next round
@@ -151,6 +156,10 @@ class Contributor:
         self._base_norm: tuple[str, float] | None = None
         self._first_seen: dict[tuple[int, str], dict[str, float]] = {}  # base -> peer -> when its ready record was first seen
         self._group_mates: set[str] = set()  # peers this one ran an all-reduce with
+        self.token: dict | None = None  # this peer's membership token (private swarms)
+        self.admission = Admission()  # who may take part; open unless the manifest says otherwise
+        self._admission_changed = False  # set by the heartbeat, applied to the averager by the main thread
+        self._fatal: str | None = None  # why this peer must stop (its membership expired or was revoked)
 
     # ---------------------------------------------------------------- setup
     def _fetch_manifest(self, records, timeout: float = 30.0) -> SwarmManifest:
@@ -166,7 +175,118 @@ class Contributor:
     def _fetch(self, peer: str, name: str, dest: Path, max_bytes: int, timeout: float = 120.0, on_bytes=None) -> None:
         from coldfusion_p2p.swarm import fetch_blob
 
-        fetch_blob(self.dht, self.manifest.name, peer, name, dest, timeout=timeout, max_bytes=max_bytes, on_bytes=on_bytes)
+        fetch_blob(self.dht, self.manifest.name, peer, name, dest, timeout=timeout, max_bytes=max_bytes, on_bytes=on_bytes,
+                   token=self.token)
+
+    # ---------------------------------------------------------------- membership (private swarms)
+    def _credentials(self, authority: str | None) -> tuple[str | None, dict | None]:
+        """(identity file, token): ``--identity``/``--token``, or what an earlier enrollment saved in the store."""
+        from coldfusion_p2p.swarm import load_identity
+
+        opts = self.opts
+        identity, token_path = opts.identity, opts.token
+        saved = self.store.root / ENROLLED_TOKEN
+        if token_path is None and saved.is_file():
+            token_path, identity = str(saved), identity or str(self.store.root / ENROLLED_KEY)
+        if token_path is None:
+            return identity, None
+        if identity is None:
+            raise UserError("--token needs the identity key it was issued for: add --identity KEY")
+        try:
+            token = parse_token(Path(token_path).read_text()[:MAX_TOKEN_BYTES + 1])
+        except OSError as e:
+            raise UserError(f"cannot read the membership token {token_path}: {e.strerror}") from None
+        except TokenError as e:
+            raise UserError(f"{token_path}: {e}") from None
+        if not os.path.isfile(identity):
+            raise UserError(f"identity key {identity} not found: a token works only with the key it was issued for")
+        me = peer_id_of_public_key(load_identity(identity).get_public_key().to_bytes())
+        why = token_problem(token, token["swarm"], authority or "", time.time(), peer=me)
+        if why is not None and "expired" in why and token_path == str(saved):
+            return identity, None  # an enrolled token: ask for a fresh one
+        if why is not None:
+            hint = ("; ask the swarm's lab for a new one (`cfp2p bootstrap admit`) and rejoin with --token" if "expired" in why
+                    else "; check --initial-peers (its first address must be the swarm's bootstrap peer)" if "authority" in why else "")
+            raise UserError(f"membership token {token_path}: {why}{hint}")
+        if opts.swarm and token["swarm"] != opts.swarm:
+            raise UserError(f"membership token {token_path} is for swarm {token['swarm']!r}, not {opts.swarm!r}")
+        return identity, token
+
+    def _start_dht(self, identity: str | None):
+        """The DHT node; in a private swarm it carries this peer's token, and a peer without one asks the
+        authority to enroll it (``admission = "enroll"``), or is told how to get one."""
+        from coldfusion_p2p.swarm import Identity, load_identity, start_dht
+        from coldfusion_p2p.swarm.gate import RefusalLog, ask_to_enroll
+        from coldfusion_p2p.swarm.node import _new_identity_file
+
+        opts = self.opts
+        refusals = RefusalLog(f"[{opts.name}] " if opts.name else "")
+
+        def start(identity, token):
+            admission = Admission("members", token["swarm"], self.authority, frozenset()) if token else None
+            return start_dht(opts.initial_peers, opts.host_maddrs, identity_path=identity, client_mode=False,
+                             announce_maddrs=opts.announce_maddrs, token=token, admission=admission, refusals=refusals)
+
+        try:
+            return start(identity, self.token)
+        except WorkError as refused:
+            if self.token is not None or self.authority is None:
+                raise
+            first = refused
+        # no answer: perhaps a private swarm that refuses nodes without a token; its authority says which
+        identity = identity or str(self.store.root / ENROLLED_KEY)
+        if not os.path.isfile(identity):
+            _new_identity_file(identity)
+        key = Identity(load_identity(identity))
+        try:
+            answer = ask_to_enroll(opts.initial_peers, identity, self.authority, opts.name, key.public_key)
+        except ConnectionError:
+            raise first from None
+        if not isinstance(answer.get("token"), dict):
+            if isinstance(answer.get("refused"), str):
+                raise UserError(f"the swarm's authority did not admit this peer: {answer['refused'][:300]}")
+            raise first
+        token = answer["token"]
+        why = token_problem(token, str(token.get("swarm")), self.authority, time.time(), peer=peer_id_of_public_key(key.public_key.encode()))
+        if why is not None:
+            raise WorkError(f"the swarm's authority sent an unusable membership token ({why})")
+        path = self.store.root / ENROLLED_TOKEN
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(json.dumps(token, indent=1, sort_keys=True))
+        self.token = token
+        self.log(f"enrolled in swarm {token['swarm']!r} as {describe(token)}; the token is kept in {path}")
+        return start(identity, token)
+
+    def _apply_admission(self, manifest: SwarmManifest) -> None:
+        """Take the manifest's admission mode and revocation list (the heartbeat calls this on each new serial)."""
+        a = manifest.admission
+        revoked = frozenset(a.revoked)
+        if self.admission.private and revoked != self.admission.revoked:
+            self.admission.revoked = revoked
+            self._admission_changed = True
+            from coldfusion_p2p.swarm.gate import push_revoked
+
+            with self.records._lock:
+                push_revoked(self.dht, sorted(revoked))
+        elif not self.admission.private and a.mode != "open":
+            self.admission = Admission(a.mode, manifest.name, self.authority, revoked)
+            self._admission_changed = True
+        self.records.revoked = revoked
+        if self.records.peer_id in revoked:
+            self._fatal = ("the swarm's authority revoked this peer's membership; it can no longer take part "
+                           "(ask the swarm's lab why, and for a new token if it was a mistake)")
+
+    def _check_standing(self) -> None:
+        """Stop with one line when this peer may no longer take part; push admission changes to the averager."""
+        if self.token is not None and self.token["expires"] + CLOCK_SLACK < time.time():
+            self._fatal = (f"this peer's membership token expired at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(self.token['expires']))}; "
+                           "ask the swarm's lab for a new one (`cfp2p bootstrap admit`) and rejoin with --token"
+                           if self.opts.token else "this peer's enrollment expired; rejoin to enroll again")
+        if self._fatal:
+            raise UserError(self._fatal)
+        if self._admission_changed and self.averager is not None:
+            self._admission_changed = False
+            self.averager.set_admission(self.admission.state(), f"[{self.opts.name}] " if self.opts.name else "")
 
     def _download_verified(self, name: str, dest: Path, check: Callable[[Path], str | None], holders: list[str]) -> None:
         """Fetch ``name`` from the first holder whose bytes pass ``check`` (None = good, else a reason)."""
@@ -331,11 +451,20 @@ class Contributor:
         found = self.records.manifests(self.authority).get(self.manifest.name)
         if found is not None and found[0] > self.manifest_serial:
             self.manifest_serial, self.signed_manifest = found[0], found[2]
-            self.log(f"the swarm's authority published manifest serial {found[0]}; this peer re-publishes it (restart to apply new settings)")
+            try:
+                newer = SwarmManifest.from_dict(found[1], where="the swarm's new manifest")
+                before = len(self.admission.revoked)
+                self._apply_admission(newer)
+                revoked = len(self.admission.revoked) - before
+            except UserError:
+                revoked = 0
+            self.log(f"the swarm's authority published manifest serial {found[0]}"
+                     + (f" ({revoked} more revoked peer(s), cut from the next round)" if revoked > 0 else "")
+                     + "; this peer re-publishes it (restart to apply other new settings)")
         self.records.publish_manifest(self.signed_manifest)
 
     def _heartbeat(self) -> None:
-        last_manifest = 0.0
+        last_manifest = last_history = 0.0
         while not self._stop_heartbeat.wait(HEARTBEAT_SECONDS):
             try:
                 base, phase = self.base, dict(self._phase)
@@ -345,10 +474,14 @@ class Contributor:
                     self.records.set_progress(phase["version"], phase["hash"], phase["state"], phase["examples"], since=phase["since"])
                 if phase.get("state") != "left":
                     self._publish_metrics()
-                if time.monotonic() - last_manifest > 60:
+                if time.monotonic() - last_manifest > MANIFEST_REFRESH_SECONDS:
                     self._refresh_manifest()
-                    self._publish_history()
                     last_manifest = time.monotonic()
+                    if time.monotonic() - last_history > 60:
+                        self._publish_history()
+                        if self.token is not None:
+                            self.records.publish_membership(self.token)
+                        last_history = time.monotonic()
             except Exception:  # noqa: BLE001 - a missed heartbeat is retried on the next beat
                 pass
 
@@ -474,6 +607,7 @@ class Contributor:
         suspects: set[str] = set()  # members this peer saw fail it in this round: left out of its redos
         t0 = time.perf_counter()
         while failures < r.max_attempts:
+            self._check_standing()
             expected = self._wait_for_group()
             if expected is None:
                 return "superseded"
@@ -498,7 +632,7 @@ class Contributor:
             self.events.emit("averaging", f"round on v{base.version}: averaging with up to {len(expected)} ready peer(s)"
                              + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
             result, t_match, t_allreduce, error = self.averager.run_step(
-                weight, {"examples": examples}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
+                weight, {"examples": examples, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
                 give_up=self._newer_base_exists, on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             if result is None:
@@ -537,8 +671,12 @@ class Contributor:
                 "offenders": sorted(result.get("offenders", {}))[:256], "signature": signature,
             })
             decision, signed = self._await_verdicts(redo, group, group_id, cert, new_hash, clean)
+            if self.admission.private:  # the signers' tokens (checked by the averager when it took up the group) go with it
+                signed = signed.with_tokens({**{p: g.get("token") for p, g in result["gathered"].items() if isinstance(g, dict)},
+                                             me: self.token})
             t_verify = time.perf_counter() - t1
-            if decision.action == "commit" and check_certificate(signed, self.manifest.name, r.min_group_size).ok:
+            admitted = self.admission.signed_by_member if self.admission.private else None
+            if decision.action == "commit" and check_certificate(signed, self.manifest.name, r.min_group_size, admitted).ok:
                 self._commit(new_body, new_hash, signed, decision, redo, result, delta_norm(averaged),
                              {"gather_s": t_gather, "matchmaking_s": t_match, "allreduce_s": t_allreduce, "verify_s": t_verify})
                 return "committed"
@@ -612,20 +750,28 @@ class Contributor:
             raise UserError(f"--weight must be uniform or examples, not {opts.weighting!r}")
         self.events.emit("data", f"data: {len(data.train_texts)} training and {len(data.eval_texts)} held-out examples, {data.num_labels} classes ({', '.join(data.labels[:6])})", train=len(data.train_texts), labels=data.labels)
         self.store = VersionStore(opts.store)
-        from coldfusion_p2p.swarm import SwarmRecords, make_averager, quiet_hivemind, start_dht
+        from coldfusion_p2p.swarm import SwarmRecords, authority_of, make_averager, quiet_hivemind
 
         quiet_hivemind()
         previous = signal.signal(signal.SIGTERM, _raise_terminate)
         try:
-            self.dht = start_dht(opts.initial_peers, opts.host_maddrs, client_mode=False, announce_maddrs=opts.announce_maddrs)
+            self.authority = authority_of(opts.initial_peers, opts.authority)
+            identity, self.token = self._credentials(self.authority)
+            self.dht = self._start_dht(identity)
             self.records = SwarmRecords(self.dht)
             self.manifest = self._fetch_manifest(self.records)
+            if self.manifest.admission.mode != "open" and self.token is None:
+                raise UserError(f"swarm {self.manifest.name!r} admits members only: send your public key (`cfp2p id --identity KEY`) "
+                                "to its lab and join with --identity KEY --token FILE")
             if opts.weighting not in (None, self.manifest.fusion.weighting):
                 raise UserError(f"the swarm's manifest sets weighting = {self.manifest.fusion.weighting!r}; every reducer enforces it, "
                                 f"so --weight {opts.weighting} would get this peer banned from rounds: drop --weight")
             self.records = SwarmRecords(self.dht, self.manifest.name)
+            self._apply_admission(self.manifest)
+            self._check_standing()
             _store_identity(self.store, self.manifest, self.authority)
-            chain = CertChain(self.manifest.name, self.manifest.model.v0_hash, self.manifest.round.min_group_size)
+            chain = CertChain(self.manifest.name, self.manifest.model.v0_hash, self.manifest.round.min_group_size,
+                              self.admission.signed_by_member if self.admission.private else None)
             self.history = HistorySync(self.store, chain, self.records.peer_id, self.manifest.fusion.max_delta_ratio,
                                        self._fetch, self.records.announced, self.log)
             self.history.load_local()
@@ -639,6 +785,10 @@ class Contributor:
                 self.store.root, self.manifest.fusion.compression, self.manifest.round.matchmaking_time,
                 self.manifest.round.allreduce_timeout, self.manifest.round.min_group_size, self.manifest.round.chunk_timeout,
             )
+            if self.admission.private:
+                self._admission_changed = False
+                self.averager.set_admission(self.admission.state(), f"[{opts.name}] " if opts.name else "")
+                self.records.publish_membership(self.token)
             self.records.announce_base(self.base.version, self.base.hash, wait=True)
             self.records.publish_manifest(self.signed_manifest)
             heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
@@ -656,6 +806,7 @@ class Contributor:
         trainer = LocalTrainer(tokenizer, data, head, self.manifest.training, self.manifest.tokenizer.max_length, device)
         committed = 0
         while self.opts.rounds is None or committed < self.opts.rounds:
+            self._check_standing()
             self._sync()
             base = self.base
             self._round_started = time.monotonic()

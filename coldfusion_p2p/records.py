@@ -122,6 +122,14 @@ class MetricsRecord(_Record):
     t: Seconds
 
 
+class MemberRecord(_Record):
+    """A private swarm's member shows its token (``cfp2p status`` lists members and expiries from these)."""
+
+    swarm: Name
+    peer: Peer
+    token: pydantic.constr(strict=True, max_length=4096)  # the token's JSON; a reader checks it with the authority
+
+
 @dataclass(frozen=True)
 class RecordKind:
     key: str
@@ -139,9 +147,10 @@ KINDS: Dict[str, RecordKind] = {
         RecordKind("cfp2p.verdicts", VerdictRecord, 180.0),
         RecordKind("cfp2p.history", HistoryRecord, 3600.0),
         RecordKind("cfp2p_metrics", MetricsRecord, 20.0, peer_field="peer"),
+        RecordKind("cfp2p.members", MemberRecord, 900.0, peer_field="peer"),
     )
 }
-MANIFEST_KEY, BASES_KEY, PROGRESS_KEY, VERDICTS_KEY, HISTORY_KEY, METRICS_KEY = KINDS
+MANIFEST_KEY, BASES_KEY, PROGRESS_KEY, VERDICTS_KEY, HISTORY_KEY, METRICS_KEY, MEMBERS_KEY = KINDS
 
 
 def owner_of(subkey: Any) -> str | None:
@@ -217,6 +226,6 @@ def as_value(record: _Record) -> dict:
 
 __all__ = [
     "KINDS", "RecordKind", "ManifestRecord", "BaseRecord", "ProgressRecord", "VerdictRecord", "HistoryRecord",
-    "HistoryEntry", "MetricsRecord", "owner_of", "parse", "check", "owned", "peer_id_of_owner", "MANIFEST_KEY",
-    "BASES_KEY", "PROGRESS_KEY", "VERDICTS_KEY", "HISTORY_KEY", "METRICS_KEY",
+    "HistoryEntry", "MetricsRecord", "MemberRecord", "owner_of", "parse", "check", "owned", "peer_id_of_owner", "MANIFEST_KEY",
+    "BASES_KEY", "PROGRESS_KEY", "VERDICTS_KEY", "HISTORY_KEY", "METRICS_KEY", "MEMBERS_KEY",
 ]

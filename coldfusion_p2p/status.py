@@ -24,8 +24,8 @@ HISTORY_ROWS = 10
 class StatusView:
     """What ``cfp2p status`` keeps between refreshes: the certificate chain it has verified so far."""
 
-    def __init__(self, records, swarm: str | None = None, authority: str | None = None):
-        self.records, self.swarm, self.authority = records, swarm, authority
+    def __init__(self, records, swarm: str | None = None, authority: str | None = None, token: dict | None = None):
+        self.records, self.swarm, self.authority, self.token = records, swarm, authority, token
         self._history = None
         self._tmp = None
 
@@ -40,15 +40,37 @@ class StatusView:
         if self._history is None or self._history.chain.swarm != name:
             rec = SwarmRecords(self.records.dht, name)
             self._tmp = tempfile.TemporaryDirectory(prefix="cfp2p-status-")
-            chain = CertChain(name, manifest["model"]["v0_hash"], int(manifest["round"]["min_group_size"]))
+            admission = self._admission(name, manifest)
+            chain = CertChain(name, manifest["model"]["v0_hash"], int(manifest["round"]["min_group_size"]),
+                              admission.signed_by_member if admission.private else None)
 
             def fetch(peer, blob, dest, max_bytes, timeout=10.0, on_bytes=None):
-                fetch_blob(rec.dht, name, peer, blob, dest, timeout=timeout, max_bytes=max_bytes)
+                fetch_blob(rec.dht, name, peer, blob, dest, timeout=timeout, max_bytes=max_bytes, token=self.token)
 
             self._history = HistorySync(VersionStore(self._tmp.name), chain, rec.peer_id, float(manifest["fusion"]["max_delta_ratio"]),
                                         fetch, rec.announced, log=lambda _msg: None)
             self._rec = rec
         return self._history, self._rec
+
+    def _admission(self, name: str, manifest: dict):
+        from coldfusion_p2p.membership import Admission
+
+        a = manifest.get("admission") or {}
+        return Admission(a.get("mode", "open"), name, self.authority or "", frozenset(a.get("revoked", ())))
+
+    def _members(self, rec, admission) -> list[dict]:
+        """A private swarm's members as their own records show them: tokens issued by the authority, with expiry."""
+        from coldfusion_p2p.membership import parse_token, token_problem
+
+        out = []
+        now = time.time()
+        for peer, raw in rec.memberships().items():
+            if token_problem(raw, admission.swarm, admission.authority, now, peer=peer, check_expiry=False) is not None:
+                continue  # not a token the authority issued to this writer
+            token = parse_token(raw)
+            out.append({"name": token["name"], "peer": peer, "expires": token["expires"], "expired": token["expires"] < now,
+                        "revoked": peer in admission.revoked})
+        return sorted(out, key=lambda m: (m["name"], m["peer"]))
 
     def snapshot(self, wait: float = 15.0) -> dict[str, Any]:
         """One consistent-enough look at the swarm, as plain JSON-able data.
@@ -112,9 +134,12 @@ class StatusView:
             announced = rec.announced()
             newest = {"version": top[0], "hash": top[1], "signers": chain.signers(*top),
                       "holders": sum(1 for p, key in announced.items() if key == top and p in online)}
+        admission = self._admission(name, manifest)
         return {
             "swarm": name,
             "authority": self.authority,
+            "admission": admission.mode,
+            **({"members": self._members(rec, admission)} if admission.private else {}),
             "model": manifest["model"]["source"],
             "v0_hash": manifest["model"]["v0_hash"],
             "min_group_size": manifest["round"]["min_group_size"],

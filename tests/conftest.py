@@ -16,7 +16,7 @@ import pytest
 
 from coldfusion_p2p import model as M
 from coldfusion_p2p.demo import DEMO_DATA
-from coldfusion_p2p.procs import Children, cli_command
+from coldfusion_p2p.procs import Children, child_env, cli_command
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -66,6 +66,37 @@ class LocalSwarm:
             time.sleep(0.2)
         self.initial_peer = maddrs.read_text().split()[0]
         return self.initial_peer
+
+    def start_lab(self, source: str, admission: str = "members", name: str = "test", round_window: float = 10.0,
+                  timeout: float = 90, extra_toml: str = "") -> str:
+        """A private swarm: `cfp2p bootstrap init` a lab folder, then run its bootstrap peer."""
+        config = self.root / "swarm.toml"
+        config.write_text(TEST_MANIFEST.format(name=name, source=source, min_group_size=2, round_window=round_window,
+                                               examples_per_round=48) + extra_toml)
+        self.lab = self.root / "lab"
+        subprocess.run(cli_command("bootstrap", "init", "--config", str(config), "--out", str(self.lab), "--admission", admission),
+                       check=True, capture_output=True, timeout=120, env=child_env())
+        maddrs = self.root / "bootstrap.maddrs"
+        self.boot = self.children.start(
+            cli_command("bootstrap", "--lab", str(self.lab), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(maddrs)),
+            self.root / "bootstrap.log",
+        )
+        deadline = time.monotonic() + timeout
+        while not (maddrs.is_file() and maddrs.read_text().strip()):
+            assert self.boot.poll() is None, f"bootstrap exited: {self.log('bootstrap')}"
+            assert time.monotonic() < deadline, "bootstrap did not come up"
+            time.sleep(0.2)
+        self.initial_peer = maddrs.read_text().split()[0]
+        return self.initial_peer
+
+    def member(self, name: str, expires: str = "1d") -> tuple[Path, Path]:
+        """(key file, token file) of a new member admitted by the lab (`cfp2p id`, `cfp2p bootstrap admit`)."""
+        key = self.root / f"{name}.key"
+        public = subprocess.run(cli_command("id", "--identity", str(key)), check=True, capture_output=True, text=True, timeout=60, env=child_env()).stdout.strip()
+        token = self.root / f"{name}.token"
+        subprocess.run(cli_command("bootstrap", "admit", public, "--name", name, "--expires", expires, "--lab", str(self.lab),
+                                   "--out", str(token)), check=True, capture_output=True, timeout=60, env=child_env())
+        return key, token
 
     def join(self, name: str, dataset: str = "sms_spam", *extra: str, rounds: int = 2) -> subprocess.Popen:
         store = self.root / name

@@ -32,12 +32,14 @@ from hivemind.compression import Float16Compression, NoCompression, deserialize_
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import amap_in_executor, as_aiter, azip
+from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter, azip
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
+from coldfusion_p2p.membership import Admission
+from coldfusion_p2p.swarm.gate import RefusalLog
 from coldfusion_p2p.swarm.node import peer_str
-from coldfusion_p2p.swarm.transfer import serve_blob
+from coldfusion_p2p.swarm.transfer import serve_blob, split_blob_request
 
 
 MAX_GROUP = 256  # members a verdict can list
@@ -180,7 +182,28 @@ class FusionAverager(DecentralizedAverager):
         self._step_inputs: list[torch.Tensor] | None = None
         self._rules: dict = {}
         self._excluded: set[str] = set()
+        self._admission = Admission()
+        self._refusals = RefusalLog()
         super().__init__(*args, **kwargs)
+
+    def _gate(self, what: str, context: P2PContext, token=None, presented: bool = True) -> bool:
+        """True when the caller may go on; else the refusal is logged (rate-limited) on this peer."""
+        if not self._admission.private:
+            return True
+        peer = peer_str(context.remote_id)
+        why = self._admission.problem(peer, token) if presented else self._admission.knows(peer)
+        if why is None:
+            return True
+        self._refusals(what, f"{peer[:12]}…", why)
+        return False
+
+    def _token_in(self, gather_blob: bytes):
+        try:
+            _, _, user = self.serializer.loads(gather_blob)
+            user = self.serializer.loads(user)  # hivemind serializes the user's part once more on its own
+            return user.get("token") if isinstance(user, dict) else None
+        except Exception:  # noqa: BLE001 - a malformed request carries no token
+            return None
 
     async def _step(self, *, step, future_for_init):
         # hivemind retries a failed all-reduce within the same step, on tensors that the failed try
@@ -193,11 +216,40 @@ class FusionAverager(DecentralizedAverager):
             self._step_inputs = None
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if not self._gate("a request to join a group", context, self._token_in(request.gather)):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
         if peer_str(context.remote_id) in self._excluded:
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)  # it broke the rules before
             return
         async for response in super().rpc_join_group(request, context):
             yield response
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        if self._admission.private:
+            # members' tokens are checked when this peer takes up the group (``_outsiders``); a part may
+            # arrive before that, so wait for the group's all-reduce to be set up, as hivemind does
+            request = await anext(stream)
+            if request.group_id not in self._running_groups:
+                await self._pending_groups_registered.wait()
+            group = self._running_groups.get(request.group_id)
+            if group is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(group), self._allreduce_timeout or 60.0)
+            if not self._gate("a part of an all-reduce", context, presented=False):
+                yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                return
+            stream = achain(as_aiter(request), stream)
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+
+    async def rpc_download_state(self, _request: averaging_pb2.DownloadRequest, context: P2PContext
+                                 ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        if not self._gate("a state download", context, presented=False):
+            return
+        async for message in super().rpc_download_state(_request, context):
+            yield message
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """The base class's all-reduce (hivemind 1.1.12) with the canonical runner, kept so its view can be checked."""
@@ -234,7 +286,10 @@ class FusionAverager(DecentralizedAverager):
         group = [peer_str(p) for p in group_info.peer_ids]
         error = ""
         excluded = sorted(set(group) & self._excluded)
-        if excluded:  # a group led by a peer we caught before: take no part, say why
+        outsiders = self._outsiders(group_info) if self._admission.private else []
+        if outsiders:  # a leader put peers without a valid token in the group: take no part
+            gathered, error = {}, f"the group includes {len(outsiders)} peer(s) without a valid membership token"
+        elif excluded:  # a group led by a peer we caught before: take no part, say why
             gathered, error = {}, f"the group includes {len(excluded)} peer(s) that broke the rules before"
         elif len(group) > MAX_GROUP or not all(_PEER_RE.match(p) for p in group):
             gathered, error = {}, "the leader formed a group this protocol cannot record (too large, or odd peer ids)"
@@ -259,6 +314,16 @@ class FusionAverager(DecentralizedAverager):
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "error": error,
         }
+
+    def _outsiders(self, group_info) -> list[str]:
+        """Members of the group whose gathered data carries no token that admits them (each one is remembered,
+        so that their parts are accepted in the all-reduce that follows)."""
+        out = []
+        for peer, blob in zip(group_info.peer_ids, group_info.gathered):
+            who = peer_str(peer)
+            if who != peer_str(self.peer_id) and self._admission.problem(who, self._token_in(blob)) is not None:
+                out.append(who)
+        return out
 
     def _even_split(self, group_info):
         """The same group with every member's claimed bandwidth set to 1: a member's share of the vector to
@@ -336,9 +401,28 @@ class FusionAverager(DecentralizedAverager):
             mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
         future.set_result(None)
 
+    def set_admission(self, state: dict, label: str = "") -> None:
+        """Who may call this averager (``membership.Admission.state()``); ``label`` prefixes its refusal lines."""
+        future = MPFuture()
+        self._outer_pipe.send(("_set_admission", [], dict(state=dict(state), label=label, future=future)))
+        future.result()
+
+    async def _set_admission(self, state: dict, label: str, future: MPFuture):
+        fresh = Admission.from_state(state)
+        if (fresh.mode, fresh.swarm, fresh.authority) == (self._admission.mode, self._admission.swarm, self._admission.authority):
+            self._admission.revoked = fresh.revoked  # keep the tokens seen so far
+        else:
+            self._admission = fresh
+        self._refusals.label = label
+        future.set_result(None)
+
     # --- serving bases, certificates and model files -------------------------------------------
     async def rpc_fetch_blob(self, request: averaging_pb2.DownloadData, context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
-        async for msg in serve_blob(Path(self._store_root), request.metadata.decode("utf-8", errors="replace")):
+        name, token = split_blob_request(request.metadata)
+        if not self._gate(f"a download of {name[:40]!r}", context, token):
+            yield averaging_pb2.DownloadData(metadata=b"refused: no valid membership token")
+            return
+        async for msg in serve_blob(Path(self._store_root), name):
             yield msg
 
 

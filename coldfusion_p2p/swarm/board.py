@@ -22,6 +22,7 @@ RECORD_TTL = 20.0  # seconds a progress/holder record lives without a refresh
 MANIFEST_TTL = 600.0
 HISTORY_TTL = 3600.0  # committed versions, re-published by their holders while they run
 VERDICT_TTL = 120.0
+MEMBERS_TTL = 600.0
 METRICS_TTL = 12.0  # a peer that stops publishing (every heartbeat) disappears after this
 
 
@@ -63,6 +64,7 @@ class SwarmRecords:
         self.peer_id = peer_str(dht.peer_id)
         self._lock = threading.Lock()
         self.public_keys: dict[str, str] = {}  # peer id -> ssh-rsa key, from the owner subkeys of records read
+        self.revoked: frozenset = frozenset()  # peers the swarm's authority revoked: their records are ignored
 
     def _store(self, key: str, value: dict, ttl: float, wait: bool = True) -> bool:
         with self._lock:
@@ -81,6 +83,8 @@ class SwarmRecords:
             return {}
         raw = {sub: (item.value, item.expiration_time) for sub, item in found.value.items()}
         parsed = R.owned(R.KINDS[key], raw, dht_time(), self.public_keys)
+        if self.revoked:
+            parsed = {peer: rec for peer, rec in parsed.items() if peer not in self.revoked}
         if key == R.MANIFEST_KEY or not self.swarm:
             return parsed
         return {peer: rec for peer, rec in parsed.items() if rec.swarm == self.swarm}
@@ -119,6 +123,17 @@ class SwarmRecords:
                 raise WorkError(f"found no {which}{who} in the DHT within {timeout:.0f}s; is the bootstrap peer running, "
                                 "and is the first --initial-peers its address (or pass --authority PEER_ID)?")
             time.sleep(1.0)
+
+    # --- members of a private swarm -------------------------------------------------------
+    def publish_membership(self, token: dict, wait: bool = False) -> bool:
+        import json
+
+        return self._store(R.MEMBERS_KEY, {"swarm": self.swarm, "peer": self.peer_id, "token": json.dumps(token, sort_keys=True)},
+                           MEMBERS_TTL, wait=wait)
+
+    def memberships(self) -> dict[str, str]:
+        """peer id -> the token JSON it shows (unchecked: the reader checks it against the authority)."""
+        return {peer: rec.token for peer, rec in self._read(R.MEMBERS_KEY).items()}
 
     # --- metrics and history --------------------------------------------------------------
     def publish_metrics(self, metrics: dict[str, Any], wait: bool = False) -> bool:

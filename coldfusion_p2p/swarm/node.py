@@ -119,6 +119,9 @@ def start_dht(
     identity_path: str | None = None,
     client_mode: bool = False,
     announce_maddrs: Sequence[str] | None = None,
+    token: dict | None = None,
+    admission=None,
+    refusals=None,
 ) -> DHT:
     """Start a DHT node (a child process plus its p2pd); one-line errors for bad or dead addresses.
 
@@ -126,7 +129,8 @@ def start_dht(
     signs the peer's records and certificates, and a reader checks that the signing key hashes to
     the peer id. Every record at the protocol's keys is checked by ``ProtocolValidator`` on this
     node, on store and on every answer from another node. Without ``identity_path`` a fresh key is
-    made for this run.
+    made for this run. In a private swarm, ``token`` (this key's membership token) and ``admission``
+    (``membership.Admission``) put ``gate.MemberAuthorizer`` on every DHT call; ``refusals`` logs what it refuses.
     """
     from hivemind.utils.multiaddr import Multiaddr
 
@@ -139,8 +143,18 @@ def start_dht(
     if identity_path is None or not os.path.isfile(identity_path):
         fresh = _new_identity_file(identity_path)
     key = load_identity(identity_path or fresh)
-    extra = {} if identity_path else {"check_if_identity_free": False}  # a key made a moment ago is nobody's
+    # a key made a moment ago is nobody's; a watcher (client mode) may share a member's key with its contributor
+    extra = {} if identity_path and not client_mode else {"check_if_identity_free": False}
     signer = RSASignatureValidator(key)
+    authorizer = None
+    if token is not None:
+        from coldfusion_p2p.membership import TokenError
+        from coldfusion_p2p.swarm.gate import MemberAuthorizer
+
+        try:
+            authorizer = MemberAuthorizer(key, token, admission, refusals)
+        except TokenError as e:
+            raise UserError(f"{e}: a token works only with the identity key it was issued for") from None
     try:
         dht = SwarmDHT(
             initial_peers=list(initial_peers),
@@ -149,6 +163,7 @@ def start_dht(
             identity_path=identity_path or fresh,
             client_mode=client_mode,
             record_validators=[signer, ProtocolValidator()],
+            authorizer=authorizer,
             start=True,
             await_ready=True,
             **extra,
@@ -178,7 +193,7 @@ def _new_identity_file(path: str | None) -> str:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
     else:
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400), "wb") as f:
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
             f.write(blob)
     return path
 

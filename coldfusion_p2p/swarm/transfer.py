@@ -30,6 +30,23 @@ class BlobError(Exception):
     pass
 
 
+def blob_request(name: str, token: dict | None) -> bytes:
+    """A download request: the blob's name, and in a private swarm the caller's membership token after a newline."""
+    return name.encode() + (b"\n" + json.dumps(token, sort_keys=True).encode() if token else b"")
+
+
+def split_blob_request(metadata: bytes) -> tuple[str, dict | None]:
+    """(name, token or None) of a request; never raises (a malformed token is checked, and refused, later)."""
+    name, _, rest = metadata[:8192].partition(b"\n")
+    token = None
+    if rest:
+        try:
+            token = json.loads(rest)
+        except ValueError:
+            token = None
+    return name.decode("utf-8", errors="replace"), token
+
+
 def _blob(root: Path, name: str) -> Path | bytes | None:
     kind, _, rest = name.partition("/")
     if kind == "model" and rest in MODEL_FILE_NAMES:
@@ -67,18 +84,20 @@ async def serve_blob(root: Path, name: str) -> AsyncIterator[averaging_pb2.Downl
             yield averaging_pb2.DownloadData(tensor_part=runtime_pb2.Tensor(buffer=chunk))
 
 
-async def _fetch_blob(dht: DHT, prefix: str, peer: str, name: str, dest: Path, max_bytes: int, on_bytes=None) -> None:
+async def _fetch_blob(dht: DHT, prefix: str, peer: str, name: str, dest: Path, max_bytes: int, on_bytes=None, token=None) -> None:
     from coldfusion_p2p.swarm.averager import FusionAverager
 
     p2p = await dht.replicate_p2p()
     try:
         stub = FusionAverager.get_stub(p2p, PeerID.from_base58(peer), namespace=prefix)
-        stream = await stub.rpc_fetch_blob(averaging_pb2.DownloadData(metadata=name.encode()))
+        stream = await stub.rpc_fetch_blob(averaging_pb2.DownloadData(metadata=blob_request(name, token)))
         size, written = None, 0
         with open(dest, "wb") as f:
             async for msg in stream:
                 if size is None:
                     head = msg.metadata.decode(errors="replace")
+                    if head.startswith("refused:"):
+                        raise BlobError(f"peer {peer[:12]} refused the download of {name}: {head[8:80].strip()}")
                     if not head.startswith("size:") or not head[5:].isdigit():
                         raise BlobError(f"peer {peer[:12]} does not have {name}")
                     size = int(head[5:])
@@ -98,7 +117,7 @@ async def _fetch_blob(dht: DHT, prefix: str, peer: str, name: str, dest: Path, m
 
 
 def fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Path, timeout: float = 120.0, on_bytes=None,
-               max_bytes: int = 4 << 30) -> None:
+               max_bytes: int = 4 << 30, token: dict | None = None) -> None:
     """Download one blob from one peer into ``dest``; raises BlobError, whatever went wrong.
 
     ``on_bytes(written, size)`` follows the transfer, for a progress bar."""
@@ -109,7 +128,8 @@ def fetch_blob(dht: DHT, swarm_name: str, peer: str, name: str, dest: Path, time
     except Exception:  # noqa: BLE001 - a peer id from a record we could not use
         raise BlobError(f"not a peer id: {peer[:20]!r}") from None
     try:
-        asyncio.run(asyncio.wait_for(_fetch_blob(dht, averager_prefix(swarm_name), peer, name, dest, max_bytes, on_bytes), timeout))
+        asyncio.run(asyncio.wait_for(_fetch_blob(dht, averager_prefix(swarm_name), peer, name, dest, max_bytes, on_bytes, token),
+                                        timeout))
     except BlobError:
         raise
     except Exception as e:  # noqa: BLE001 - transport errors of many kinds; the caller tries another holder
