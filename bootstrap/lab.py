@@ -113,8 +113,11 @@ def admit(lab: str, public_key: str, name: str, lifetime: float, out: str | None
     folder = _lab(lab)
     manifest = SwarmManifest.from_toml(folder / CONFIG_FILE)
     key = public_key.strip()
-    if Path(key).is_file():  # the member sent its key as a file
-        key = Path(key).read_text().strip()
+    if not key.startswith("ssh-rsa "):  # the member sent its key as a file
+        try:
+            key = Path(key).read_text()[:4096].strip()
+        except OSError as e:
+            raise UserError(f"not a public key, nor a file holding one: {public_key[:40]!r} ({e.strerror})") from None
     try:
         peer = peer_of_key(key)
     except TokenError:

@@ -94,8 +94,9 @@ class LocalSwarm:
         key = self.root / f"{name}.key"
         public = subprocess.run(cli_command("id", "--identity", str(key)), check=True, capture_output=True, text=True, timeout=60, env=child_env()).stdout.strip()
         token = self.root / f"{name}.token"
-        subprocess.run(cli_command("bootstrap", "admit", public, "--name", name, "--expires", expires, "--lab", str(self.lab),
-                                   "--out", str(token)), check=True, capture_output=True, timeout=60, env=child_env())
+        done = subprocess.run(cli_command("bootstrap", "admit", public, "--name", name, "--expires", expires, "--lab", str(self.lab),
+                                          "--out", str(token)), capture_output=True, text=True, timeout=60, env=child_env())
+        assert done.returncode == 0, done.stderr
         return key, token
 
     def join(self, name: str, dataset: str = "sms_spam", *extra: str, rounds: int = 2) -> subprocess.Popen:

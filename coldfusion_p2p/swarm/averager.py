@@ -231,8 +231,11 @@ class FusionAverager(DecentralizedAverager):
             # members' tokens are checked when this peer takes up the group (``_outsiders``); a part may
             # arrive before that, so wait for the group's all-reduce to be set up, as hivemind does
             request = await anext(stream)
+            if not isinstance(request, averaging_pb2.AveragingData):
+                return  # an empty stream
             if request.group_id not in self._running_groups:
-                await self._pending_groups_registered.wait()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._pending_groups_registered.wait(), 30.0)
             group = self._running_groups.get(request.group_id)
             if group is not None:
                 with contextlib.suppress(Exception):

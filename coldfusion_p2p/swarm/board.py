@@ -23,6 +23,7 @@ MANIFEST_TTL = 600.0
 HISTORY_TTL = 3600.0  # committed versions, re-published by their holders while they run
 VERDICT_TTL = 120.0
 MEMBERS_TTL = 600.0
+DHT_CALL_TIMEOUT = 20.0  # seconds; a DHT call that has not answered by then is given up, never waited for forever
 METRICS_TTL = 12.0  # a peer that stops publishing (every heartbeat) disappears after this
 
 
@@ -69,15 +70,22 @@ class SwarmRecords:
     def _store(self, key: str, value: dict, ttl: float, wait: bool = True) -> bool:
         with self._lock:
             future = self.dht.store(key, value, expiration_time=dht_time() + ttl, subkey=self.dht.owner_subkey, return_future=True)
-        return bool(future.result()) if wait else True
+        if not wait:
+            return True
+        try:
+            return bool(future.result(timeout=DHT_CALL_TIMEOUT))
+        except Exception:  # noqa: BLE001 - a store that failed or hung is a store that did not happen
+            future.cancel()
+            return False
 
     def _read(self, key: str) -> dict[str, Any]:
         """Every valid record at ``key``, by writer's peer id; only this swarm's (all, for the manifest key)."""
         with self._lock:
             future = self.dht.get(key, latest=True, return_future=True)
         try:
-            found = future.result()
-        except Exception:  # noqa: BLE001 - a lookup that failed is a lookup that found nothing
+            found = future.result(timeout=DHT_CALL_TIMEOUT)
+        except Exception:  # noqa: BLE001 - a lookup that failed (or hung) is a lookup that found nothing
+            future.cancel()  # hivemind 1.1.12 now and then never answers a lookup: waiting for it would stall the peer
             return {}
         if found is None or not isinstance(found.value, dict):
             return {}

@@ -121,7 +121,11 @@ def push_revoked(dht, revoked: list[str]) -> None:
     """Hand a new revocation list to the DHT process's authorizer."""
     import functools
 
-    dht.run_coroutine(functools.partial(_set_revoked, list(revoked)))
+    future = dht.run_coroutine(functools.partial(_set_revoked, list(revoked)), return_future=True)
+    try:
+        future.result(timeout=20)
+    except Exception:  # noqa: BLE001 - the averager and the readers refuse revoked peers anyway
+        future.cancel()
 
 
 # --- enrollment (admission = "enroll") ---------------------------------------------------------

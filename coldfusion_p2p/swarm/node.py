@@ -87,6 +87,30 @@ class _SturdyPipe:
         return getattr(self._conn, name)
 
 
+class _LockedSend:
+    """The senders' end of the DHT's request pipe, one message at a time across threads and processes.
+
+    hivemind's DHT handle is not safe to share: this process's threads (the heartbeat, a download's
+    ``replicate_p2p``) and the averager (forked from it, with the same pipe) all write requests to it.
+    A request longer than the pipe's atomic size (4 KiB: a history record carrying certificates) is
+    written in pieces, and a request written in between corrupts the stream: the DHT process dies
+    on it and every later lookup waits forever. A lock made before the averager forks is shared
+    with it.
+    """
+
+    def __init__(self, conn):
+        import multiprocessing as mp
+
+        self._conn, self._lock = conn, mp.get_context("fork").Lock()
+
+    def send(self, obj) -> None:
+        with self._lock:
+            self._conn.send(obj)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
 class SwarmDHT(DHT):
     """hivemind's DHT, but a request from a process that has since exited cannot kill it."""
 
@@ -168,6 +192,7 @@ def start_dht(
             await_ready=True,
             **extra,
         )
+        dht._outer_pipe = _LockedSend(dht._outer_pipe)
         dht.owner_subkey = signer.local_public_key  # records under this subkey are signed by our key
         dht.identity = Identity(key)
         return dht
