@@ -185,6 +185,9 @@ def no_leftover_p2pd():
 def swarm(tmp_path):
     with Children() as children:
         yield LocalSwarm(tmp_path, children)
+    deadline = time.monotonic() + 10  # processes killed a moment ago may take a moment to go
+    while processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert not processes_mentioning(str(tmp_path)), "a process of this test outlived it"
 
 

@@ -70,6 +70,19 @@ def test_members_only_swarm_refuses_an_intruder_on_every_path_and_cuts_a_revoked
                    "a version of a round after the revocation")
     assert all(tokens["cy"]["member"] not in c.members for c in made_after_revocation())  # cut from the next round
     assert all(p.poll() is None for n, p in procs.items() if n != "cy")  # no member process exited
+    # a member's view of the swarm: the intruder's metrics never reached it; members are listed with their expiry
+    key, token = swarm.member("watcher")
+    status = subprocess.run(cli_command("status", "--initial-peers", boot, "--json", "--identity", str(key), "--token", str(token)),
+                            capture_output=True, text=True, timeout=120, env=child_env())
+    assert status.returncode == 0, status.stderr
+    view = json.loads(status.stdout)
+    intruder_peer = json.loads((tmp_path / "expired.token").read_text())["member"]
+    assert not any(p["peer"] == intruder_peer or p.get("name") == "intruder" for p in view["peers"]), view["peers"]
+    assert {"ann", "bob"} <= {p.get("name") for p in view["peers"]}
+    members = {m["name"]: m for m in view["members"]}
+    assert view["admission"] == "members" and {"ann", "bob"} <= set(members)
+    assert members["ann"]["expires"] == tokens["ann"]["expires"] and not members["ann"]["revoked"]
+    assert "cy" not in members or members["cy"]["revoked"]
     assert intruder.poll() is None, swarm.log("intruder")
     for name in ("ann", "bob"):
         swarm.children.signal_group(procs[name], 15)
@@ -84,7 +97,7 @@ def test_members_only_swarm_refuses_an_intruder_on_every_path_and_cuts_a_revoked
             assert not any(a["admitted"] for a in tried), [a for a in tried if a["admitted"]][:3]
             if path in EXPLICIT:  # refused by the gate itself, not by a failed connection
                 assert any(EXPLICIT[path] in a["detail"] for a in tried), (path, credential, tried[:3])
-    logs = {n: swarm.log(n) for n in ("bootstrap", "ann", "bob")}
+    logs = {n: (tmp_path / f"{n}.log").read_text(errors="replace") for n in ("bootstrap", "ann", "bob")}
     assert "refused a DHT call" in logs["bootstrap"] + logs["ann"] + logs["bob"]
     assert "expired" in "".join(logs.values()) and "a token works only with its own key" in "".join(logs.values())
     for what in ("a request to join a group", "a part of an all-reduce", "a download of"):

@@ -35,7 +35,7 @@ MAX_ENROLL_REQUEST = 4096
 
 
 class RefusalLog:
-    """One line on stderr per refused caller and reason, at most once a minute, with a count of the rest."""
+    """One line on stderr per kind of call, refused caller and reason, at most once a minute, with a count of the rest."""
 
     def __init__(self, label: str = "", every: float = 60.0, write: Callable[[str], None] | None = None):
         self.label, self.every = label, every
@@ -45,14 +45,15 @@ class RefusalLog:
 
     def __call__(self, what: str, who: str, why: str) -> None:
         now = time.monotonic()
+        key = (what.split(" of ")[0], who, why)  # downloads of different files count as one kind
         with self._lock:
-            last, hidden = self._last.get((who, why), (-1e9, 0))
+            last, hidden = self._last.get(key, (-1e9, 0))
             if now - last < self.every:
-                self._last[(who, why)] = (last, hidden + 1)
+                self._last[key] = (last, hidden + 1)
                 return
             if len(self._last) > 10_000:
                 self._last.clear()
-            self._last[(who, why)] = (now, 0)
+            self._last[key] = (now, 0)
         more = f" (and {hidden} more since the last line)" if hidden else ""
         self.write(f"{time.strftime('%H:%M:%S')} {self.label}refused {what} from {who}: {why}{more}")
 
