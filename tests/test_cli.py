@@ -70,3 +70,48 @@ def test_help_shows_examples():
     for command in ("join", "bootstrap"):
         proc = run_cli(command, "--help")
         assert proc.returncode == 0 and "Example:" in proc.stdout
+
+
+def test_a_lab_is_made_admits_and_revokes_members_from_the_command_line(tmp_path):
+    import json
+    import stat
+
+    config = tmp_path / "swarm.toml"
+    config.write_text('[swarm]\nname = "lab"\n[model]\nsource = "tiny-bert"\n')
+    lab = tmp_path / "lab"
+    done = run_cli("bootstrap", "init", "--config", str(config), "--out", str(lab))
+    assert done.returncode == 0 and "admission members" in done.stdout, done.stderr
+    for name in ("authority.key", "swarm.toml", "members.json", "revoked.json"):
+        assert stat.S_IMODE((lab / name).stat().st_mode) == 0o600, name
+    assert stat.S_IMODE(lab.stat().st_mode) == 0o700
+    assert 'mode = "members"' in (lab / "swarm.toml").read_text()
+    assert_one_line_error(run_cli("bootstrap", "init", "--config", str(config), "--out", str(lab)), 2, "already holds a swarm authority")
+
+    key = tmp_path / "alice.key"
+    shown = run_cli("id", "--identity", str(key))
+    assert shown.returncode == 0 and shown.stdout.startswith("ssh-rsa ") and stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert run_cli("id", "--identity", str(key)).stdout == shown.stdout  # the same key next time
+    admitted = run_cli("bootstrap", "admit", shown.stdout.strip(), "--name", "alice", "--expires", "2h", "--lab", str(lab),
+                       "--out", str(tmp_path / "alice.token"))
+    assert admitted.returncode == 0, admitted.stderr
+    token = json.loads((tmp_path / "alice.token").read_text())
+    assert token["name"] == "alice" and 7100 < token["expires"] - token["issued"] <= 7200
+    assert_one_line_error(run_cli("bootstrap", "admit", "ssh-rsa AAAAjunk", "--name", "bob", "--lab", str(lab)), 2, "not a public key")
+    assert_one_line_error(run_cli("bootstrap", "admit", shown.stdout.strip(), "--name", "bob", "--expires", "soon", "--lab", str(lab)),
+                          2, "not a duration")
+    assert_one_line_error(run_cli("bootstrap", "revoke", "carol", "--lab", str(lab)), 2, "no member named 'carol'")
+    assert run_cli("bootstrap", "revoke", "alice", "--lab", str(lab)).returncode == 0
+    assert json.loads((lab / "revoked.json").read_text()) == [token["member"]]
+    listed = json.loads(run_cli("bootstrap", "members", "--lab", str(lab), "--json").stdout)
+    assert listed == [{"name": "alice", "peer": token["member"], "expires": token["expires"], "revoked": True, "source": "admit"}]
+    # a token is no use without the key it was issued for, nor with another key
+    data = str(DEMO_DATA / "sms_spam.jsonl")
+    assert_one_line_error(run_cli("join", "--initial-peers", DEAD_PEER, "--data", data, "--token", str(tmp_path / "alice.token")),
+                          2, "needs the identity key")
+    other = tmp_path / "other.key"
+    run_cli("id", "--identity", str(other))
+    from coldfusion_p2p.certs import peer_id_of_public_key
+
+    lab_peer = f"/ip4/127.0.0.1/tcp/9/p2p/{peer_id_of_public_key(token['authority'].encode())}"  # the lab's address, not running
+    assert_one_line_error(run_cli("join", "--initial-peers", lab_peer, "--data", data, "--identity", str(other),
+                                  "--token", str(tmp_path / "alice.token"), "--store", str(tmp_path / "s")), 2, "not for this peer")
