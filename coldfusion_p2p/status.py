@@ -200,6 +200,12 @@ def render(snap: dict[str, Any]) -> Group:
         head.append("no base announced yet   ", style="yellow")
     head.append(f"{snap['peers_online']} peer(s) online ({snap['contributors_online']} contributing)   ")
     head.append(f"{snap['rounds_completed']} round(s) completed")
+    if snap.get("admission", "open") != "open":
+        members = snap.get("members") or []
+        live = sum(1 for m in members if not m["expired"] and not m["revoked"])
+        soon = min((m["expires"] for m in members if not m["expired"] and not m["revoked"]), default=None)
+        head.append(f"\nadmission {snap['admission']}: {live} member(s) with a valid token"
+                    + (f", the first expires {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(soon))}" if soon else ""), style="dim")
     contributors = snap["contributors_online"]
     if snap.get("min_group_size") and contributors < snap["min_group_size"]:
         head.append(f"\nfewer contributors online than the minimum group size ({snap['min_group_size']}): rounds wait", style="yellow")
