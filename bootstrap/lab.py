@@ -26,7 +26,7 @@ KEY_FILE, CONFIG_FILE, MEMBERS_FILE, REVOKED_FILE, STORE_DIR = "authority.key", 
 
 
 def _private_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(text)
     os.replace(tmp, path)

@@ -119,10 +119,9 @@ def run_bootstrap(
                         admission=admission, refusals=refusals)
         names = M.averaged_names(body)
         averager = make_averager(  # serves v0 and the model files; never steps, so never averages
-            dht, manifest.name, [body[n].float() for n in names], store.root, "none", 5.0, 60.0, 2
+            dht, manifest.name, [body[n].float() for n in names], store.root, "none", 5.0, 60.0, 2,
+            admission=admission.state() if admission is not None else None, label="[bootstrap] ",
         )
-        if admission is not None:
-            averager.set_admission(admission.state(), "[bootstrap] ")
         records = SwarmRecords(dht, manifest.name)
         # signed with this peer's identity key: the swarm's authority, which `/p2p/<id>` in --initial-peers pins
         signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))

@@ -59,8 +59,7 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(getattr(e, "exit_code", 1))
 
 
-bootstrap_app = typer.Typer(help="Run a swarm's bootstrap peer, and manage a private swarm's members (init, admit, revoke, members).",
-                             invoke_without_command=True, add_completion=False)
+bootstrap_app = typer.Typer(invoke_without_command=True, add_completion=False)
 app.add_typer(bootstrap_app, name="bootstrap")
 
 
@@ -75,10 +74,12 @@ def bootstrap(
     store: Path = typer.Option(Path("cfp2p-bootstrap"), "--store", help="where v0 and the model files are kept for download"),
     announce_maddrs: Optional[List[str]] = typer.Option(None, "--announce-maddrs", help="public addresses to announce (behind NAT)"),
 ):
-    """Start the long-lived bootstrap peer of a swarm and publish its signed manifest.
+    """Start the long-lived bootstrap peer of a swarm and publish its signed manifest; or manage a private
+    swarm's members (init, admit, revoke, members).
 
-    Examples: cfp2p bootstrap --config swarm.toml --identity lab.key   (an open swarm)
-              cfp2p bootstrap --lab lab/                               (a private swarm, after `cfp2p bootstrap init`)
+    Example: cfp2p bootstrap --config swarm.toml --identity lab.key   (an open swarm)
+
+    Example: cfp2p bootstrap --lab lab/   (a private swarm, after `cfp2p bootstrap init`)
     """
     if ctx.invoked_subcommand is not None:
         return

@@ -261,16 +261,17 @@ class Contributor:
         """Take the manifest's admission mode and revocation list (the heartbeat calls this on each new serial)."""
         a = manifest.admission
         revoked = frozenset(a.revoked)
-        if self.admission.private and revoked != self.admission.revoked:
+        first = not self.admission.private and a.mode != "open"
+        if first:
+            self.admission = Admission(a.mode, manifest.name, self.authority, revoked)
+            self._admission_changed = True
+        if self.admission.private and (first or revoked != self.admission.revoked):
             self.admission.revoked = revoked
             self._admission_changed = True
             from coldfusion_p2p.swarm.gate import push_revoked
 
-            with self.records._lock:
+            with self.records._lock:  # the DHT node refuses revoked peers' calls and answers from now on
                 push_revoked(self.dht, sorted(revoked))
-        elif not self.admission.private and a.mode != "open":
-            self.admission = Admission(a.mode, manifest.name, self.authority, revoked)
-            self._admission_changed = True
         self.records.revoked = revoked
         if self.records.peer_id in revoked:
             self._fatal = ("the swarm's authority revoked this peer's membership; it can no longer take part "
@@ -498,6 +499,8 @@ class Contributor:
         if len(self._first_seen) > 4:
             self._first_seen = {(base.version, base.hash): first_seen}
         while True:
+            if self._fatal:
+                raise UserError(self._fatal)
             if time.monotonic() - last_look > 2.0:
                 last_look = time.monotonic()
                 if self._newer_base_exists():
@@ -633,7 +636,7 @@ class Contributor:
                              + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
             result, t_match, t_allreduce, error = self.averager.run_step(
                 weight, {"examples": examples, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
-                give_up=self._newer_base_exists, on_allreduce=self._allreduce_started,
+                give_up=lambda: self._fatal is not None or self._newer_base_exists(), on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             if result is None:
                 if self._newer_base_exists():
@@ -784,6 +787,7 @@ class Contributor:
                 self.dht, self.manifest.name, [torch.zeros_like(self.base.body[n], dtype=torch.float32) for n in self.names],
                 self.store.root, self.manifest.fusion.compression, self.manifest.round.matchmaking_time,
                 self.manifest.round.allreduce_timeout, self.manifest.round.min_group_size, self.manifest.round.chunk_timeout,
+                admission=self.admission.state() if self.admission.private else None, label=f"[{opts.name}] " if opts.name else "",
             )
             if self.admission.private:
                 self._admission_changed = False

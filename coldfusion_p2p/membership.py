@@ -7,9 +7,10 @@ on each connection, and a token whose key does not hash to that peer id is refus
 token is useless without the key. The swarm's signed manifest carries the admission mode
 (``open``, ``members`` or ``enroll``) and a list of revoked peer ids.
 
-Expiry and revocation gate access (DHT calls, rounds, downloads). They do not rewrite history: a
-certificate's signature counts if its signer's token was issued by the authority for this swarm,
-so the versions a member co-signed before it expired or was revoked stay certified.
+Expiry gates access (DHT calls, rounds, downloads) but not history: a certificate's signature
+counts if its signer's token was issued by the authority for this swarm, so the versions a member
+co-signed before its token expired stay certified. Revocation also withdraws the key's signatures:
+certificates carry no trustworthy time, and a revoked key must not help certify new versions.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def parse_token(data: Any) -> dict:
             raise TokenError("the token is too large")
         try:
             data = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise TokenError("the token is not JSON") from None
     if not isinstance(data, dict) or data.get("kind") != TOKEN_KIND or set(data) != _FIELDS:
         raise TokenError("not a cfp2p membership token")
@@ -110,6 +111,8 @@ def token_problem(token: Any, swarm: str, authority: str, now: float, peer: str 
         return str(e)
     if token["swarm"] != swarm:
         return f"the token is for swarm {token['swarm'][:48]!r}"
+    if peer is not None and token["member"] != peer:  # before any signature check: the cheap refusal first
+        return f"the token was issued for {token['member'][:12]}…, not for this peer (a token works only with its own key)"
     try:
         if peer_of_key(token["authority"]) != authority:
             return "the token is not signed by this swarm's authority"
@@ -119,8 +122,6 @@ def token_problem(token: Any, swarm: str, authority: str, now: float, peer: str 
         return f"the token's keys are malformed ({e})"
     if not verify_signature(token["authority"], _payload(token), token["signature"]):
         return "the token's signature is not valid"
-    if peer is not None and token["member"] != peer:
-        return f"the token was issued for {token['member'][:12]}…, not for this peer (a token works only with its own key)"
     if token["member"] in set(revoked):
         return f"member {token['name']!r} was revoked by the swarm's authority"
     if check_expiry:
@@ -185,10 +186,16 @@ class Admission:
         return self._valid.get(peer)
 
     def signed_by_member(self, peer: str, token: Any) -> bool:
-        """Whether a certificate signature of ``peer`` counts: its token was issued for it in this swarm (expiry aside)."""
+        """Whether a certificate signature of ``peer`` counts: its token was issued for it in this swarm, and it
+        is not revoked (expiry aside: a token that was valid keeps its signatures).
+
+        Revocation withdraws a key's signatures too: a revoked key and one accomplice must not certify
+        versions from then on, and a certificate carries no trustworthy time to tell old ones apart.
+        """
         if not self.private:
             return True
-        return token_problem(token, self.swarm, self.authority, time.time(), peer=peer, check_expiry=False) is None
+        return token_problem(token, self.swarm, self.authority, time.time(), peer=peer, revoked=self.revoked,
+                             check_expiry=False) is None
 
     def state(self) -> dict:
         """What another process needs to rebuild this (see ``from_state``)."""

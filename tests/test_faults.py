@@ -67,6 +67,7 @@ def test_restart_after_sigkill_late_joiner_and_corrupt_holder(swarm, tiny_model_
     assert len(stores["cat"].read_info(4).contributors) == 3
 
 
+@pytest.mark.slow  # the waiting itself is also covered by the trust and fault tests of the default run
 def test_alone_peer_waits_visibly_and_forks_nothing(swarm, tmp_path):
     swarm.start_bootstrap("tiny-bert")
     proc = swarm.join("solo", "sms_spam", "--max-wait", "12")
@@ -113,6 +114,7 @@ def test_nan_delta_is_rejected_by_every_honest_peer(swarm, tmp_path):
     _poisoned_round(swarm, tmp_path, "nan", "NaN or Inf")
 
 
+@pytest.mark.slow  # the reducers' ban is in the default run: tests/test_allreduce.py
 def test_delta_beyond_the_rounds_bound_is_rejected(swarm, tmp_path):
     _poisoned_round(swarm, tmp_path, "huge", "beyond the round's bound")
 

@@ -73,10 +73,11 @@ def test_admission_remembers_checked_tokens_and_honours_revocation():
     assert not adm.admits(peer(MEMBERS[1]), token)
     adm.revoked = frozenset([peer(MEMBERS[0])])
     assert "revoked" in adm.knows(peer(MEMBERS[0]))
-    # history stays: a signature made while a member counts after revocation and expiry
-    old = make_token(AUTHORITY, "lab", "alice", MEMBERS[0].public_key, 60.0, now=time.time() - 3600)
-    assert adm.signed_by_member(peer(MEMBERS[0]), old)
-    assert not adm.signed_by_member(peer(MEMBERS[1]), old)
+    # an expired token's signatures still count (history stays); a revoked key's do not (it must not help certify)
+    old = make_token(AUTHORITY, "lab", "bob", MEMBERS[1].public_key, 60.0, now=time.time() - 3600)
+    assert adm.signed_by_member(peer(MEMBERS[1]), old)
+    assert not adm.signed_by_member(peer(MEMBERS[2]), old)
+    assert not adm.signed_by_member(peer(MEMBERS[0]), make_token(AUTHORITY, "lab", "alice", MEMBERS[0].public_key, 60.0))
     assert Admission().admits(peer(MEMBERS[1]), None)  # an open swarm admits everyone
 
 
@@ -102,7 +103,8 @@ def test_enroll_desk_limits_new_keys_per_address_and_hour_but_renews_known_ones(
     ask = lambda k, addr, t=now: desk.decide(peer(k), {"key": k.public_key, "name": None}, addr, t)  # noqa: E731
     assert "token" in ask(keys[0], "10.0.0.1") and "token" in ask(keys[1], "10.0.0.1")
     assert "from 10.0.0.1" in ask(keys[2], "10.0.0.1")["refused"]
-    assert "token" in ask(keys[0], "10.0.0.1")  # a renewal is not a new key
+    assert "less than a minute ago" in ask(keys[0], "10.0.0.1")["refused"]  # renewals: at most one a minute
+    assert "token" in ask(keys[0], "10.0.0.1", now + 61)  # a renewal is not a new key
     assert "token" in ask(keys[2], "10.0.0.2")
     assert "in the last hour" in ask(keys[3], "10.0.0.3")["refused"]
     assert "token" in ask(keys[3], "10.0.0.3", now + 3700)  # an hour later
@@ -132,3 +134,18 @@ def test_durations_and_manifest_admission_settings():
     with pytest.raises(UserError, match="peer ids"):
         SwarmManifest.from_dict({"admission": {"revoked": ["alice"]}})
     assert SwarmManifest.from_dict({"admission": {"mode": "enroll", "enroll_days": 7}}).admission.enroll_days == 7.0
+
+
+def test_a_member_whose_token_expires_mid_run_is_told_what_to_do(tmp_path):
+    from coldfusion_p2p.contributor import Contributor, JoinOptions
+
+    peer_ = Contributor(JoinOptions(initial_peers=[], data="unused", store=str(tmp_path), token="alice.token"), log=lambda _: None)
+    peer_.token = make_token(AUTHORITY, "lab", "alice", MEMBERS[0].public_key, 60.0, now=time.time() - 3600)
+    with pytest.raises(UserError, match=r"expired at .*cfp2p bootstrap admit.*--token"):
+        peer_._check_standing()
+    fresh = Contributor(JoinOptions(initial_peers=[], data="unused", store=str(tmp_path), token="alice.token"), log=lambda _: None)
+    fresh.token = make_token(AUTHORITY, "lab", "alice", MEMBERS[0].public_key, 3600.0)
+    fresh._check_standing()  # valid: nothing to say
+    peer_._fatal = "the swarm's authority revoked this peer's membership"
+    with pytest.raises(UserError, match="revoked"):
+        peer_._check_standing()

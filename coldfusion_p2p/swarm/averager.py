@@ -176,14 +176,15 @@ class FusionAverager(DecentralizedAverager):
     (3) refuses members it caught breaking them, and (4) serves the peer's store (bases,
     certificates, model files)."""
 
-    def __init__(self, *args, store_root: str, **kwargs):
+    def __init__(self, *args, store_root: str, admission: dict | None = None, label: str = "", **kwargs):
         self._store_root = str(store_root)
         self._runners: dict[bytes, Any] = {}
         self._step_inputs: list[torch.Tensor] | None = None
         self._rules: dict = {}
         self._excluded: set[str] = set()
-        self._admission = Admission()
-        self._refusals = RefusalLog()
+        # set before the process starts: its handlers must refuse outsiders from their first call
+        self._admission = Admission.from_state(admission) if admission else Admission()
+        self._refusals = RefusalLog(label)
         super().__init__(*args, **kwargs)
 
     def _gate(self, what: str, context: P2PContext, token=None, presented: bool = True) -> bool:
@@ -230,7 +231,10 @@ class FusionAverager(DecentralizedAverager):
         if self._admission.private:
             # members' tokens are checked when this peer takes up the group (``_outsiders``); a part may
             # arrive before that, so wait for the group's all-reduce to be set up, as hivemind does
-            request = await anext(stream)
+            try:
+                request = await asyncio.wait_for(anext(stream), 10.0)
+            except asyncio.TimeoutError:
+                return
             if not isinstance(request, averaging_pb2.AveragingData):
                 return  # an empty stream
             if request.group_id not in self._running_groups:
@@ -289,8 +293,11 @@ class FusionAverager(DecentralizedAverager):
         group = [peer_str(p) for p in group_info.peer_ids]
         error = ""
         excluded = sorted(set(group) & self._excluded)
-        outsiders = self._outsiders(group_info) if self._admission.private else []
-        if outsiders:  # a leader put peers without a valid token in the group: take no part
+        oversized = len(group) > MAX_GROUP
+        outsiders = self._outsiders(group_info) if self._admission.private and not oversized else []
+        if oversized:
+            gathered, error = {}, "the leader formed a group this protocol cannot record (too large)"
+        elif outsiders:  # a leader put peers without a valid token in the group: take no part
             gathered, error = {}, f"the group includes {len(outsiders)} peer(s) without a valid membership token"
         elif excluded:  # a group led by a peer we caught before: take no part, say why
             gathered, error = {}, f"the group includes {len(excluded)} peer(s) that broke the rules before"
@@ -397,7 +404,7 @@ class FusionAverager(DecentralizedAverager):
             join_leader = mm._request_join_group
 
             async def guarded_join(leader: PeerID):
-                if peer_str(leader) in self._excluded:
+                if peer_str(leader) in self._excluded or peer_str(leader) in self._admission.revoked:
                     return None  # as if it had turned us down: matchmaking moves on to the next leader
                 return await join_leader(leader)
 
@@ -432,6 +439,7 @@ class FusionAverager(DecentralizedAverager):
 def make_averager(
     dht: DHT, swarm_name: str, tensors: list[torch.Tensor], store_root: Path, compression: str,
     matchmaking_time: float, allreduce_timeout: float, min_group_size: int, chunk_timeout: float = 10.0,
+    admission: dict | None = None, label: str = "",
 ) -> FusionAverager:
     """Start the averager process on the main thread (hivemind needs fork and installs signal handlers)."""
     if threading.current_thread() is not threading.main_thread():
@@ -443,6 +451,8 @@ def make_averager(
             dht,
             prefix=averager_prefix(swarm_name),
             store_root=str(store_root),
+            admission=admission,
+            label=label,
             start=True,
             target_group_size=None,
             min_group_size=min_group_size,

@@ -24,23 +24,26 @@ from typing import Callable
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.proto.auth_pb2 import AccessToken
-from hivemind.utils.auth import TokenAuthorizerBase
+from hivemind.utils.auth import AuthRole, AuthRPCWrapper, TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey
 
 from coldfusion_p2p.membership import Admission, TokenError, make_token, parse_token, peer_of_key
 from coldfusion_p2p.swarm.node import peer_str
 
 ENROLL_NAMESPACE = "cfp2p"
+_NAME_OK = __import__("re").compile(r"^[A-Za-z0-9_.@-]{1,40}$")
 MAX_ENROLL_REQUEST = 4096
 
 
 class RefusalLog:
     """One line on stderr per kind of call, refused caller and reason, at most once a minute, with a count of the rest."""
 
-    def __init__(self, label: str = "", every: float = 60.0, write: Callable[[str], None] | None = None):
-        self.label, self.every = label, every
+    def __init__(self, label: str = "", every: float = 60.0, write: Callable[[str], None] | None = None, per_minute: int = 30):
+        self.label, self.every, self.per_minute = label, every, per_minute
         self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
         self._last: dict[tuple[str, str], tuple[float, int]] = {}
+        self._recent: deque[float] = deque()  # times of lines written: callers choose names, so the total is capped too
+        self._muted = 0
         self._lock = threading.Lock()
 
     def __call__(self, what: str, who: str, why: str) -> None:
@@ -54,7 +57,15 @@ class RefusalLog:
             if len(self._last) > 10_000:
                 self._last.clear()
             self._last[key] = (now, 0)
+            while self._recent and self._recent[0] < now - 60:
+                self._recent.popleft()
+            if len(self._recent) >= self.per_minute:
+                self._muted += 1
+                return
+            self._recent.append(now)
+            muted, self._muted = self._muted, 0
         more = f" (and {hidden} more since the last line)" if hidden else ""
+        more += f" ({muted} other refusal(s) not shown: over {self.per_minute} lines a minute)" if muted else ""
         self.write(f"{time.strftime('%H:%M:%S')} {self.label}refused {what} from {who}: {why}{more}")
 
 
@@ -89,7 +100,7 @@ class MemberAuthorizer(TokenAuthorizerBase):
             token = parse_token(access_token.username)
         except TokenError as e:
             return "a node", str(e)
-        who = f"{token['member'][:12]}… ({token['name']})"
+        who = f"{token['member'][:12]}… (as {token['name']!r})"
         if access_token.public_key != token["key"].encode():
             return who, "the message is signed with another key than the token's"
         return who, self.admission.problem(token["member"], token)
@@ -110,6 +121,59 @@ class MemberAuthorizer(TokenAuthorizerBase):
             who, why = self._problem(response.auth.service_access_token)
             self.log("a DHT answer", who, why or "the answer's signature is not valid")
         return ok
+
+
+def _claimed_member(access_token: AccessToken) -> str | None:
+    try:
+        return parse_token(access_token.username)["member"] if access_token.username else None
+    except TokenError:
+        return None
+
+
+class BoundAuthRPCWrapper(AuthRPCWrapper):
+    """hivemind's wrapper of DHT calls, with each signed message bound to the connection it came over.
+
+    hivemind checks a request's token and signature but not that the token's member is the peer on
+    the other end, so a signed request or answer could be replayed or relayed by another node (one
+    that was revoked, say) within the clock window. Here a servicer refuses a request whose token
+    names another peer than the caller libp2p authenticated, and a client an answer from another
+    peer than the one it called.
+    """
+
+    def __getattribute__(self, name: str):
+        method = super().__getattribute__(name)
+        if not name.startswith("rpc_"):
+            return method
+        authorizer = object.__getattribute__(self, "_authorizer")
+        if not isinstance(authorizer, MemberAuthorizer):
+            return method
+        role, stub = object.__getattribute__(self, "_role"), object.__getattribute__(self, "_stub")
+
+        async def bound(request, *args, **kwargs):
+            if role == AuthRole.SERVICER:
+                context = args[0] if args else kwargs.get("context")
+                caller = peer_str(context.remote_id) if context is not None else None
+                if _claimed_member(request.auth.client_access_token) != caller:
+                    authorizer.log("a DHT call", f"{str(caller)[:12]}…", "its token is not its own (a replayed or relayed request)")
+                    return None
+                return await method(request, *args, **kwargs)
+            response = await method(request, *args, **kwargs)
+            called = peer_str(stub._peer) if hasattr(stub, "_peer") else None
+            if response is not None and _claimed_member(response.auth.service_access_token) != called:
+                authorizer.log("a DHT answer", f"{str(called)[:12]}…", "the answer is signed by another peer than the one called")
+                return None
+            return response
+
+        return bound
+
+
+def _bind_dht_messages() -> None:
+    import hivemind.dht.protocol as protocol
+
+    protocol.AuthRPCWrapper = BoundAuthRPCWrapper  # the name DHTProtocol wraps its stubs and handlers with
+
+
+_bind_dht_messages()
 
 
 async def _set_revoked(revoked: list, _dht, node) -> None:
@@ -152,7 +216,7 @@ class EnrollDesk:
             return {"admission": self.mode, "refused": "this swarm admits members only: send your public key "
                     "(`cfp2p id --identity KEY`) to the swarm's lab and join with the token it gives you (--token)"
                     if self.mode == "members" else "this swarm is open: join without a token"}
-        key, name = request.get("key"), request.get("name") or f"peer-{peer[2:10]}"
+        key = request.get("key")
         try:
             if peer_of_key(key) != peer:
                 return {"admission": "enroll", "refused": "the key to enroll is not the caller's own"}
@@ -162,24 +226,35 @@ class EnrollDesk:
             return {"admission": "enroll", "refused": "this key was revoked by the swarm's authority"}
         with self._lock:
             members = self._load()
-            known = peer in members
-            while self._recent and self._recent[0][0] < now - 3600:
-                self._recent.popleft()
-            if not known:
-                if sum(a == address for _, a in self._recent) >= self.per_address:
+            known = members.get(peer) if isinstance(members.get(peer), dict) else None
+            if known is not None:  # a renewal: not a new identity, but not more than once a minute either
+                if now - float(known.get("issued") or 0) < 60:
+                    return {"admission": "enroll", "refused": "a token was issued to this key less than a minute ago"}
+                name = str(known.get("name"))
+            else:
+                # the limits count new keys over the last hour, from the registry (they survive a restart)
+                recent = [m for m in members.values() if isinstance(m, dict) and m.get("source") == "enroll"
+                          and now - 3600 <= float(m.get("enrolled") or 0) <= now + 60]
+                if sum(m.get("address") == address for m in recent) >= self.per_address:
                     return {"admission": "enroll", "refused": f"{self.per_address} new keys were enrolled from {address} "
                             "in the last hour; try again later"}
-                if len(self._recent) >= self.per_hour:
+                if len(recent) >= self.per_hour:
                     return {"admission": "enroll", "refused": f"{self.per_hour} new keys were enrolled in the last hour; try again later"}
-                self._recent.append((now, address))
-            try:
-                token = make_token(self.authority, self.swarm, str(name)[:40] if known is False else members[peer]["name"],
-                                   key, self.lifetime, now)
-            except TokenError as e:
-                return {"admission": "enroll", "refused": str(e)}
-            members[peer] = {"name": token["name"], "peer": peer, "key": key, "expires": token["expires"], "source": "enroll"}
+                name = self._unique_name(request.get("name"), peer, members)
+            token = make_token(self.authority, self.swarm, name, key, self.lifetime, now)
+            entry = {"name": name, "peer": peer, "key": key, "expires": token["expires"], "issued": token["issued"], "source": "enroll",
+                     "enrolled": float((known or {}).get("enrolled") or now), "address": (known or {}).get("address", address)}
+            members[peer] = entry
             self._save(members)
         return {"admission": "enroll", "token": token}
+
+    @staticmethod
+    def _unique_name(asked, peer: str, members: dict) -> str:
+        """The name a volunteer asked for if it is well-formed and nobody has it; else one made from its peer id."""
+        taken = {str(m.get("name")) for m in members.values() if isinstance(m, dict)} | {"bootstrap"}
+        if isinstance(asked, str) and _NAME_OK.match(asked) and asked not in taken:
+            return asked
+        return f"peer-{peer[2:12]}"
 
     def _load(self) -> dict:
         return load_registry(self.registry)
@@ -203,7 +278,7 @@ def load_registry(path: Path | None) -> dict:
 def save_registry(path: Path, members: dict) -> None:
     import os
 
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(json.dumps(members, indent=1, sort_keys=True))
     os.replace(tmp, path)
@@ -223,7 +298,7 @@ class Enroller(ServicerBase):
             asked = json.loads(request.metadata)
             if not isinstance(asked, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (ValueError, RecursionError):
             asked = {}
         address = await self._address(context.remote_id)
         loop = asyncio.get_event_loop()

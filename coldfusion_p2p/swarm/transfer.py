@@ -42,7 +42,7 @@ def split_blob_request(metadata: bytes) -> tuple[str, dict | None]:
     if rest:
         try:
             token = json.loads(rest)
-        except ValueError:
+        except (ValueError, RecursionError):
             token = None
     return name.decode("utf-8", errors="replace"), token
 
