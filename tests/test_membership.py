@@ -146,6 +146,6 @@ def test_a_member_whose_token_expires_mid_run_is_told_what_to_do(tmp_path):
     fresh = Contributor(JoinOptions(initial_peers=[], data="unused", store=str(tmp_path), token="alice.token"), log=lambda _: None)
     fresh.token = make_token(AUTHORITY, "lab", "alice", MEMBERS[0].public_key, 3600.0)
     fresh._check_standing()  # valid: nothing to say
-    peer_._fatal = "the swarm's authority revoked this peer's membership"
+    fresh._fatal = "the swarm's authority revoked this peer's membership"
     with pytest.raises(UserError, match="revoked"):
-        peer_._check_standing()
+        fresh._check_standing()
