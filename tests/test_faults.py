@@ -61,7 +61,8 @@ def test_restart_after_sigkill_late_joiner_and_corrupt_holder(swarm, tiny_model_
     for name, proc in (("ann", ann), ("bob", bob), ("cat", cat)):
         assert swarm.wait(proc, name, 180) == 0, swarm.log(name)
     assert "served a bad version/3" in swarm.log("cat")
-    assert [i.version for i in stores["cat"].list()] == [3, 4]
+    # v0 too when cat fell back on its own copy of the built-in model (a holder lookup that went unanswered)
+    assert [i.version for i in stores["cat"].list() if i.version] == [3, 4]
     stores["cat"].load(3)  # the copy it kept is the verified one
     assert len(_hashes(tmp_path, ("ann", "bob", "cat"), 4)) == 1
     assert len(stores["cat"].read_info(4).contributors) == 3

@@ -72,13 +72,18 @@ def test_members_only_swarm_refuses_an_intruder_on_every_path_and_cuts_a_revoked
     assert all(p.poll() is None for n, p in procs.items() if n != "cy")  # no member process exited
     # a member's view of the swarm: the intruder's metrics never reached it; members are listed with their expiry
     key, token = swarm.member("watcher")
-    status = subprocess.run(cli_command("status", "--initial-peers", boot, "--json", "--identity", str(key), "--token", str(token)),
-                            capture_output=True, text=True, timeout=120, env=child_env())
-    assert status.returncode == 0, status.stderr
-    view = json.loads(status.stdout)
     intruder_peer = json.loads((tmp_path / "expired.token").read_text())["member"]
-    assert not any(p["peer"] == intruder_peer or p.get("name") == "intruder" for p in view["peers"]), view["peers"]
-    assert {"ann", "bob"} <= {p.get("name") for p in view["peers"]}
+    seen = set()
+    for _ in range(3):  # one look may miss a peer whose metrics record is being refreshed
+        status = subprocess.run(cli_command("status", "--initial-peers", boot, "--json", "--identity", str(key), "--token", str(token)),
+                                capture_output=True, text=True, timeout=120, env=child_env())
+        assert status.returncode == 0, status.stderr
+        view = json.loads(status.stdout)
+        assert not any(p["peer"] == intruder_peer or p.get("name") == "intruder" for p in view["peers"]), view["peers"]
+        seen |= {p.get("name") for p in view["peers"]}
+        if {"ann", "bob"} <= seen:
+            break
+    assert {"ann", "bob"} <= seen
     members = {m["name"]: m for m in view["members"]}
     assert view["admission"] == "members" and {"ann", "bob"} <= set(members)
     assert members["ann"]["expires"] == tokens["ann"]["expires"] and not members["ann"]["revoked"]
