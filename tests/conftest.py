@@ -53,10 +53,14 @@ class LocalSwarm:
         config = self.root / "swarm.toml"
         config.write_text(TEST_MANIFEST.format(name=name, source=source, min_group_size=min_group_size,
                                                round_window=round_window, examples_per_round=examples_per_round))
+        return self._run_bootstrap(["--config", str(config), "--identity", str(self.root / "boot.key"), "--store", str(self.root / "boot")],
+                                   timeout)
+
+    def _run_bootstrap(self, args: list[str], timeout: float) -> str:
+        """Start `cfp2p bootstrap ARGS` on loopback and wait until it writes its address: the initial peer."""
         maddrs = self.root / "bootstrap.maddrs"
         self.boot = self.children.start(
-            cli_command("bootstrap", "--config", str(config), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                        "--identity", str(self.root / "boot.key"), "--maddrs-file", str(maddrs), "--store", str(self.root / "boot")),
+            cli_command("bootstrap", *args, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(maddrs)),
             self.root / "bootstrap.log",
         )
         deadline = time.monotonic() + timeout
@@ -76,18 +80,7 @@ class LocalSwarm:
         self.lab = self.root / "lab"
         subprocess.run(cli_command("bootstrap", "init", "--config", str(config), "--out", str(self.lab), "--admission", admission),
                        check=True, capture_output=True, timeout=120, env=child_env())
-        maddrs = self.root / "bootstrap.maddrs"
-        self.boot = self.children.start(
-            cli_command("bootstrap", "--lab", str(self.lab), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(maddrs)),
-            self.root / "bootstrap.log",
-        )
-        deadline = time.monotonic() + timeout
-        while not (maddrs.is_file() and maddrs.read_text().strip()):
-            assert self.boot.poll() is None, f"bootstrap exited: {self.log('bootstrap')}"
-            assert time.monotonic() < deadline, "bootstrap did not come up"
-            time.sleep(0.2)
-        self.initial_peer = maddrs.read_text().split()[0]
-        return self.initial_peer
+        return self._run_bootstrap(["--lab", str(self.lab)], timeout)
 
     def member(self, name: str, expires: str = "1d") -> tuple[Path, Path]:
         """(key file, token file) of a new member admitted by the lab (`cfp2p id`, `cfp2p bootstrap admit`)."""
