@@ -105,3 +105,44 @@ def test_reducers_ban_a_member_that_breaks_the_rounds_rules(tmp_path, fault):
     for k in range(len(shapes)):
         assert torch.equal(outputs[0][k], outputs[1][k])
         assert torch.equal(outputs[0][k], mean_delta([inputs[0], inputs[1]])[k])
+
+
+@pytest.mark.parametrize("handler", ["ours", "hivemind"])
+def test_a_caller_hanging_up_early_cannot_cancel_the_groups_all_reduce(handler):
+    """A part that arrives while the group is still being set up waits for it; if its caller hangs up
+    then, the group's future must stay usable: hivemind 1.1.12 awaits it bare, so the caller's
+    cancellation cancelled the future and this peer's own all-reduce then failed on ``set_result``."""
+    import asyncio
+
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.proto import averaging_pb2
+
+    from coldfusion_p2p.membership import Admission
+    from coldfusion_p2p.swarm.averager import FusionAverager
+
+    async def scenario():
+        here = object.__new__(FusionAverager)  # only the state the handler reads; no process, no network
+        group_future = asyncio.get_running_loop().create_future()
+        here._running_groups = {b"g1": group_future}
+        here._pending_groups_registered = asyncio.Event()
+        here._allreduce_timeout = 30.0
+        here._admission = Admission()
+        here._parent_pid = -1  # not a started averager: nothing for __del__ to shut down
+
+        async def hangs_after_one_part():
+            yield averaging_pb2.AveragingData(group_id=b"g1")
+            await asyncio.sleep(3600)
+
+        method = FusionAverager.rpc_aggregate_part if handler == "ours" else DecentralizedAverager.rpc_aggregate_part
+        call = asyncio.ensure_future(anext_of(method(here, hangs_after_one_part(), None)))
+        await asyncio.sleep(0.2)  # the handler now waits for the group's runner
+        call.cancel()  # the caller hangs up
+        with contextlib.suppress(asyncio.CancelledError):
+            await call
+        return group_future.cancelled()
+
+    async def anext_of(generator):
+        return await generator.__anext__()
+
+    cancelled = asyncio.run(scenario())
+    assert cancelled == (handler == "hivemind")

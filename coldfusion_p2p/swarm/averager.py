@@ -43,6 +43,8 @@ from coldfusion_p2p.swarm.transfer import serve_blob, split_blob_request
 
 
 MAX_GROUP = 256  # members a verdict can list
+PART_FIRST_READ_TIMEOUT = 10.0  # seconds a caller has to send the first message of a part
+GROUP_SETUP_TIMEOUT = 30.0  # seconds a part waits for its group to be registered here
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 
 
@@ -228,27 +230,37 @@ class FusionAverager(DecentralizedAverager):
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
-        if self._admission.private:
-            # members' tokens are checked when this peer takes up the group (``_outsiders``); a part may
-            # arrive before that, so wait for the group's all-reduce to be set up, as hivemind does
-            try:
-                request = await asyncio.wait_for(anext(stream), 10.0)
-            except asyncio.TimeoutError:
-                return
-            if not isinstance(request, averaging_pb2.AveragingData):
-                return  # an empty stream
-            if request.group_id not in self._running_groups:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._pending_groups_registered.wait(), 30.0)
-            group = self._running_groups.get(request.group_id)
-            if group is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(group), self._allreduce_timeout or 60.0)
-            if not self._gate("a part of an all-reduce", context, presented=False):
-                yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
-                return
-            stream = achain(as_aiter(request), stream)
-        async for message in super().rpc_aggregate_part(stream, context):
+        """A groupmate's part, as hivemind 1.1.12 takes it, with every wait bounded and the group's
+        future shielded: hivemind awaits that future bare, so a caller that hangs up while the group
+        is being set up cancelled it, and this peer's own all-reduce then failed on ``set_result``."""
+        try:
+            request = await asyncio.wait_for(anext(stream), PART_FIRST_READ_TIMEOUT)
+        except (asyncio.TimeoutError, StopAsyncIteration):
+            return
+        if not isinstance(request, averaging_pb2.AveragingData):
+            return
+        if request.group_id not in self._running_groups:
+            # the leader accepted us and began at once, and its answer with the group id is late
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._pending_groups_registered.wait(), GROUP_SETUP_TIMEOUT)
+        future = self._running_groups.get(request.group_id)
+        if future is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        try:
+            runner = await asyncio.wait_for(asyncio.shield(future), self._allreduce_timeout or 60.0)
+        except asyncio.TimeoutError:
+            return  # the group never started here
+        except asyncio.CancelledError:
+            if future.cancelled():
+                return  # the group was dropped (shutdown); our own caller's cancellation goes on up
+            raise
+        # members' tokens are checked when this peer takes up the group (``_outsiders``), before the
+        # runner exists; a caller whose token was not checked is refused (the runner refuses non-members)
+        if self._admission.private and not self._gate("a part of an all-reduce", context, presented=False):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message
 
     async def rpc_download_state(self, _request: averaging_pb2.DownloadRequest, context: P2PContext
@@ -272,7 +284,10 @@ class FusionAverager(DecentralizedAverager):
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
-        self._running_groups[group_id].set_result(runner)
+        future = self._running_groups[group_id]
+        if future.cancelled():  # cannot happen through our handler; a cancelled future must not end the step
+            future = self._running_groups[group_id] = asyncio.get_running_loop().create_future()
+        future.set_result(runner)
         self._runners[group_id] = runner
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
             tensor.copy_(averaged)
