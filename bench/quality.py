@@ -5,9 +5,10 @@
 - ``p2p``: a bootstrap peer and one ``cfp2p join`` process per ``--data`` file on localhost (real
   hivemind peers), ``--rounds`` rounds, every contributor in every round.
 - ``central``: the same loop in this process without a network, with the same code
-  (``LocalTrainer``, ``round_seed``, ``body_delta``, ``OuterStep``): each contributor finetunes the
-  base with its persistent head, the bodies' deltas are averaged uniformly, and the average is
-  applied. It is the reference: the p2p bases must equal it (max abs difference per version).
+  (``LocalTrainer``, ``round_seed``, ``body_delta``, the manifest's fusion strategy): each contributor
+  finetunes the base with its persistent head, the bodies' deltas go through the wire's compression
+  and are reduced by the strategy, which takes the outer step. It is the reference: the p2p bases
+  must equal it (max abs difference per version).
 - ``multitask``: one body and one head per dataset, trained on batches of all contributors' data in
   turn, for as many optimiser steps as the whole swarm took (rounds x contributors x steps a round).
 
@@ -41,7 +42,8 @@ from coldfusion_p2p import model as M  # noqa: E402
 from coldfusion_p2p.config import TrainingSpec  # noqa: E402
 from coldfusion_p2p.data import PrivateData, load_private_data  # noqa: E402
 from coldfusion_p2p.evaluate import EvalSettings, evaluate, subset  # noqa: E402
-from coldfusion_p2p.fusion import OuterStep, body_delta, mean_delta  # noqa: E402
+from coldfusion_p2p.config import SwarmManifest  # noqa: E402
+from coldfusion_p2p.fusion import body_delta, clip_to_norm, delta_norm, round_bound  # noqa: E402
 from coldfusion_p2p.plots import plot_lines  # noqa: E402
 from coldfusion_p2p.procs import Children, cli_command  # noqa: E402
 from coldfusion_p2p.store import VersionStore  # noqa: E402
@@ -82,9 +84,8 @@ batch_size = {args.batch_size}
 examples_per_round = {args.examples_per_round}
 seed = {args.seed}
 [fusion]
-outer_lr = 1.0
-weighting = "uniform"
-compression = "none"
+strategy = "{args.strategy}"
+compression = "{args.compression}"
 [round]
 min_group_size = {contributors}
 round_window = 3600.0
@@ -92,6 +93,30 @@ matchmaking_time = 5.0
 verify_timeout = 60.0
 allreduce_timeout = 300.0
 """
+
+
+def _write_manifest(args, contributors: int) -> Path:
+    path = Path(args.out) / f"central-{args.strategy}-{args.compression}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(manifest_toml(args, contributors))
+    return path
+
+
+def _wire(compression: str):
+    """What a tensor is once it has crossed the wire (the all-reduce's compression), as the reducers see it."""
+    if compression == "none":
+        return lambda t: t.clone()
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+    from hivemind.proto.runtime_pb2 import CompressionType
+
+    kind = {"float16": CompressionType.FLOAT16, "8bit": CompressionType.UNIFORM_8BIT}[compression]
+    return lambda t: deserialize_torch_tensor(serialize_torch_tensor(t, kind)).reshape(t.shape)
+
+
+def wire_bytes(values: int, compression: str, peers: int) -> int:
+    """Bytes each peer sends in one butterfly all-reduce: its parts out and the averages back, 2(P-1)/P of the vector."""
+    per_value = {"none": 4, "float16": 2, "8bit": 1}[compression]  # 8bit adds a 256-value codebook per part
+    return int(2 * (peers - 1) / peers * values * per_value)
 
 
 def spec_of(args) -> TrainingSpec:
@@ -109,14 +134,20 @@ def central(args, model_dir: Path, datasets: list[PrivateData]) -> list[M.BodySt
         trainers.append(LocalTrainer(tokenizer, d, M.new_head(model_dir, d.num_labels), spec, args.max_length, device))
     bases = [M.body_state(M.load_body_module(model_dir))]
     names = M.averaged_names(bases[0])
+    manifest = SwarmManifest.from_toml(_write_manifest(args, len(datasets)))
+    strategy, wire = manifest.strategy(), _wire(manifest.fusion.compression)
     for v in range(args.rounds):
-        base, deltas = bases[-1], []
+        base, deltas, weights = bases[-1], [], []
+        bound = round_bound(delta_norm([base[n].float() for n in names]), manifest.fusion.max_delta_ratio)
         for d, trainer in zip(datasets, trainers):
             body = M.load_body_module(model_dir, base)
-            trainer.train(body, round_seed(spec.seed, v, d.name))
-            deltas.append(body_delta(base, M.body_state(body), names))
-        averaged = mean_delta(deltas)  # uniform weights, the all-reduce's arithmetic
-        bases.append(OuterStep(1.0).apply(base, names, averaged))
+            result = trainer.train(body, round_seed(spec.seed, v, d.name))
+            delta, _, _ = clip_to_norm(body_delta(base, M.body_state(body), names), bound)  # as each peer shares it
+            deltas.append([wire(t) for t in delta])
+            weights.append(strategy.weight(result.examples, spec.examples_per_round))
+        averaged = [wire(t) for t in strategy.reduce_all(deltas, weights)]  # the all-reduce's arithmetic and bytes
+        averaged, _, _ = clip_to_norm(averaged, bound)
+        bases.append(strategy.step(base, names, averaged))
         log(f"central: v{v + 1} ({M.hash_body(bases[-1])[:12]})")
     return bases
 
@@ -209,6 +240,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategy", choices=("mean", "weighted", "nesterov", "trimmed_mean"), default="mean", help="the fusion strategy")
+    ap.add_argument("--compression", choices=("none", "float16", "8bit"), default="none", help="deltas on the wire")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in this process")
     ap.add_argument("--peer-threads", type=int, default=1)
@@ -278,6 +311,8 @@ def main() -> None:
     ft = {(r["dataset"], r["base"]): r["finetune"] for r in tuned}
     if tuned:
         report["unseen_finetune"] = {b: sum(ft[(d.name, b)] for d in unseen) / len(unseen) for b in ("v0", last)}
+    values = sum(bases[0][n].numel() for n in M.averaged_names(bases[0]))
+    report["wire_bytes_per_peer_per_round"] = wire_bytes(values, args.compression, len(seen))
     report["timings_s"]["total"] = round(time.monotonic() - started, 1)
     (out / "quality.json").write_text(json.dumps(report, indent=1))
 
@@ -320,6 +355,8 @@ def main() -> None:
     if mt_rows:
         dashed = {f"multitask {k}": [report["multitask"][k]] * len(xs) for k in ("seen", "unseen") if report["multitask"][k] is not None}
     plot_lines(out / "quality.png", xs, series, "ColD Fusion: linear-probe accuracy per base version", "base version", "mean held-out accuracy", dashed)
+    console.print(f"strategy {args.strategy}, compression {args.compression}: {report['wire_bytes_per_peer_per_round'] / 1e6:.1f} MB "
+                  f"on the wire per peer per round ({values:,} values, {len(seen)} peers)")
     console.print(f"wrote {out / 'quality.json'} and {out / 'quality.png'} in {report['timings_s']['total']:.0f}s")
 
 

@@ -15,6 +15,9 @@ from typing import Any
 
 from coldfusion_p2p.errors import UserError
 
+STRATEGIES = ("mean", "weighted", "nesterov", "trimmed_mean")  # coldfusion_p2p/strategies.py
+COMPRESSIONS = ("none", "float16", "8bit")  # deltas on the wire (swarm/averager.py:wire_compression)
+
 SWARM_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 
@@ -43,9 +46,14 @@ class TrainingSpec:
 
 @dataclass
 class FusionSpec:
-    outer_lr: float = 1.0  # 1.0 with no momentum is exactly ColD Fusion's average
-    weighting: str = "uniform"  # uniform (the paper's) or examples
-    compression: str = "none"  # none or float16, for the all-reduce of deltas
+    # mean (ColD Fusion's), weighted (by examples trained this round), nesterov (DiLoCo's outer
+    # optimizer) or trimmed_mean (robust: bounds any single member's influence); coldfusion_p2p/strategies.py
+    strategy: str = "mean"
+    outer_lr: float | None = None  # None: the strategy's own (1.0, the plain average; nesterov 0.7)
+    momentum: float = 0.9  # nesterov's
+    trim_fraction: float = 0.3  # trimmed_mean: members dropped at each end of every coordinate (at least one of three or more)
+    weighting: str = "uniform"  # uniform (the paper's) or examples: with strategy "mean", the same as "weighted"
+    compression: str = "none"  # none, float16 or 8bit (uniform 8-bit quantization), for the all-reduce of deltas
     # one round moves the base by at most this fraction of its L2 norm: every reducer bans a member whose
     # delta part is longer, and a longer average is scaled down to it. Honest rounds measured on
     # all-MiniLM-L6-v2 move it by well under a tenth of this (bench/delta_norms.py, README "Threat model").
@@ -96,12 +104,20 @@ class SwarmManifest:
         if t.batch_size < 1 or t.examples_per_round < 1:
             problems.append("training.batch_size and training.examples_per_round must be positive")
         f = self.fusion
-        if not (0 < f.outer_lr <= 2):
+        if f.strategy not in STRATEGIES:
+            problems.append(f"fusion.strategy must be one of {', '.join(STRATEGIES)}")
+        if f.outer_lr is not None and not (0 < f.outer_lr <= 2):
             problems.append("fusion.outer_lr must be within (0, 2]")
+        if not (0 <= f.momentum < 1):
+            problems.append("fusion.momentum must be within [0, 1)")
+        if not (0 < f.trim_fraction < 0.5):
+            problems.append("fusion.trim_fraction must be within (0, 0.5)")
         if f.weighting not in ("uniform", "examples"):
             problems.append("fusion.weighting must be 'uniform' or 'examples'")
-        if f.compression not in ("none", "float16"):
-            problems.append("fusion.compression must be 'none' or 'float16'")
+        elif f.weighting == "examples" and f.strategy not in ("mean", "weighted"):
+            problems.append(f"fusion.weighting = 'examples' goes with strategy 'mean' or 'weighted', not {f.strategy!r}")
+        if f.compression not in COMPRESSIONS:
+            problems.append("fusion.compression must be 'none', 'float16' or '8bit'")
         if not (0 < f.max_delta_ratio <= 1):
             problems.append("fusion.max_delta_ratio must be within (0, 1]")
         r = self.round
@@ -158,6 +174,9 @@ class SwarmManifest:
             converted = {}
             for k, v in values.items():
                 default = getattr(spec_type(), k)
+                if default is None and k == "outer_lr" and (v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))):
+                    converted[k] = None if v is None else float(v)  # optional: None is the strategy's own
+                    continue
                 if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
                     v = float(v)  # TOML writes 1 for 1.0
                 if type(v) is not type(default):
@@ -165,6 +184,14 @@ class SwarmManifest:
                 converted[k] = v
             kwargs[key] = spec_type(**converted)
         return cls(**kwargs).validate()
+
+    def strategy(self):
+        """The fusion strategy this manifest names, with its settings (a ``strategies.Strategy``)."""
+        from coldfusion_p2p.strategies import strategy_for
+
+        f = self.fusion
+        name = "weighted" if f.strategy == "mean" and f.weighting == "examples" else f.strategy
+        return strategy_for(name, f.outer_lr, f.momentum, f.trim_fraction)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "SwarmManifest":

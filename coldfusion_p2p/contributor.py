@@ -36,7 +36,7 @@ from coldfusion_p2p.config import SwarmManifest
 from coldfusion_p2p.data import PrivateData, load_private_data
 from coldfusion_p2p.errors import UserError, WorkError
 from coldfusion_p2p.certs import Certificate, CertChain, check_certificate, peer_id_of_public_key, sign_certificate, verify_signature
-from coldfusion_p2p.fusion import OuterStep, body_delta, check_delta, clip_to_norm, delta_norm, round_bound, weight_for, weight_limits
+from coldfusion_p2p.fusion import body_delta, check_delta, clip_to_norm, delta_norm, round_bound
 from coldfusion_p2p.membership import CLOCK_SLACK, MAX_TOKEN_BYTES, Admission, TokenError, describe, parse_token, token_problem
 from coldfusion_p2p.protocol import CommitDecision, NoShows, RoundView, VerdictView, decide_commit, round_start
 from coldfusion_p2p.store import VersionInfo, VersionStore
@@ -553,8 +553,8 @@ class Contributor:
         if self._base_norm is None or self._base_norm[0] != self.base.hash:
             self._base_norm = (self.base.hash, delta_norm([self.base.body[n].float() for n in self.names]))
         bound = round_bound(self._base_norm[1], f.max_delta_ratio)
-        lo, hi = weight_limits(f.weighting, t.examples_per_round)
-        return bound, {"min_weight": lo, "max_weight": hi, "part_bound": bound * 1.0001}
+        lo, hi = self.strategy.weight_limits(t.examples_per_round)
+        return bound, {"min_weight": lo, "max_weight": hi, "part_bound": bound * 1.0001, "strategy": self.strategy}
 
     def _await_verdicts(self, redo: int, group: list[str], group_id: str, cert: Certificate, result: str, clean: bool) -> tuple[CommitDecision, Certificate]:
         """Collect the group's verdicts until ``decide_commit`` says commit or redo (or verify_timeout passes).
@@ -586,7 +586,7 @@ class Contributor:
     def _contribution(self, delta: list[torch.Tensor], examples: int, bound: float) -> tuple[float, list[torch.Tensor]]:
         """What this peer shares: its weight by the manifest's rule, and its delta within the round's bound
         (every reducer bans a longer part, so an honest peer scales its own down first)."""
-        weight = weight_for(self.manifest.fusion.weighting, examples, self.manifest.training.examples_per_round)
+        weight = self.strategy.weight(examples, self.manifest.training.examples_per_round)
         delta, norm, clipped = clip_to_norm(delta, bound)
         if clipped:
             self.log(f"this peer's delta (norm {norm:.4g}) is longer than the round's bound {bound:.4g}: scaled down to it")
@@ -601,11 +601,10 @@ class Contributor:
         """
         from coldfusion_p2p.swarm import averager_prefix
 
-        r, f = self.manifest.round, self.manifest.fusion
+        r = self.manifest.round
         names, base, me = self.names, self.base, self.records.peer_id
         bound, rules = self._round_rules()
         weight, delta = self._contribution(delta, examples, bound)
-        rule = OuterStep(f.outer_lr)
         redo, failures = 0, 0
         suspects: set[str] = set()  # members this peer saw fail it in this round: left out of its redos
         t0 = time.perf_counter()
@@ -645,6 +644,9 @@ class Contributor:
                 suspects.clear()  # the survivors of a failed all-reduce may suspect each other: start afresh
                 self._set_phase("ready", examples)
                 continue
+            for peer, far in result.get("outliers", {}).items():
+                self.events.emit("outlier", f"peer {peer[:12]}'s delta is {far:g}x further from the {self.strategy.name} result than the median member's",
+                                 peer=peer, distance=far)
             for peer, why in result.get("offenders", {}).items():
                 if peer not in self.offenders:
                     self.offenders[peer] = why
@@ -658,7 +660,7 @@ class Contributor:
                 averaged, avg_norm, avg_clipped = clip_to_norm(averaged, bound)
                 if avg_clipped:
                     reason = f"averaged delta norm {avg_norm:.4g} scaled down to the round's bound {bound:.4g}"
-                new_body = rule.apply(base.body, names, averaged)
+                new_body = self.strategy.step(base.body, names, averaged)
                 new_hash = M.hash_body(new_body)
             clean = bool(result["clean"]) and check.ok
             group, group_id = result["group"], result["group_id"]
@@ -711,7 +713,9 @@ class Contributor:
         stats = {k: round(v, 3) for k, v in timings.items()}
         stats.update({
             "group_size": len(group), "answered": len(group) - len(decision.silent), "signers": len(cert.signatures),
-            "redo": redo, "delta_norm": round(norm, 6),
+            "redo": redo, "delta_norm": round(norm, 6), "strategy": self.strategy.name,
+            # members whose parts this peer's reducer found far from the result (distance / median's)
+            "outliers": {p: float(x) for p, x in sorted(result.get("outliers", {}).items())[:256]},
             # other members' words: kept only as plain counts within the manifest's budget
             "examples": {p: g["examples"] for p, g in result["gathered"].items() if isinstance(p, str) and isinstance(g, dict)
                          and type(g.get("examples")) is int and 0 <= g["examples"] <= self.manifest.training.examples_per_round},
@@ -763,6 +767,7 @@ class Contributor:
             self.dht = self._start_dht(identity)
             self.records = SwarmRecords(self.dht)
             self.manifest = self._fetch_manifest(self.records)
+            self.strategy = self.manifest.strategy()
             if self.manifest.admission.mode != "open" and self.token is None:
                 raise UserError(f"swarm {self.manifest.name!r} admits members only: send your public key (`cfp2p id --identity KEY`) "
                                 "to its lab and join with --identity KEY --token FILE")
@@ -776,7 +781,7 @@ class Contributor:
             chain = CertChain(self.manifest.name, self.manifest.model.v0_hash, self.manifest.round.min_group_size,
                               self.admission.signed_by_member if self.admission.private else None)
             self.history = HistorySync(self.store, chain, self.records.peer_id, self.manifest.fusion.max_delta_ratio,
-                                       self._fetch, self.records.announced, self.log)
+                                       self._fetch, self.records.announced, self.log, strategy=self.strategy)
             self.history.load_local()
             self.events.emit("joined", f"joined swarm {self.manifest.name!r} as {self.records.peer_id[:12]}… (model {self.manifest.model.source}, v0 {self.manifest.model.v0_hash[:12]})", peer=self.records.peer_id, swarm=self.manifest.name)
             model_dir, local_v0 = self._prepare_model()

@@ -1,9 +1,7 @@
 """The round's arithmetic, with no networking: deltas, the fusion rule, and the checks on a result.
 
-One round is ``B[v+1] = B[v] + outer_lr * weighted_mean_i(B_i - B[v])``. The weighted mean of the
-deltas is what the peers' all-reduce computes; this room turns it into the next base and decides
-whether an averaged delta may be committed at all. With outer_lr = 1 this is exactly ColD Fusion's
-average of the contributors' bodies (Don-Yehiya et al., ACL 2023).
+The fusion strategy (``strategies.py``) reduces the members' deltas and takes the outer step; this
+module computes the deltas and decides whether one may be shared or committed at all.
 """
 
 from __future__ import annotations
@@ -68,42 +66,9 @@ def clip_to_norm(delta: list[torch.Tensor], bound: float) -> tuple[list[torch.Te
     return [t * scale for t in delta], norm, True
 
 
-def weight_limits(weighting: str, examples_per_round: int) -> tuple[float, float]:
-    """The weights the manifest's rule allows a member: exactly 1 (uniform), or 1..examples_per_round.
-
-    Every reducer enforces these: a member claiming a weight outside them is banned from the round."""
-    return (1.0, 1.0) if weighting == "uniform" else (1.0, float(examples_per_round))
-
-
-@dataclass
-class OuterStep:
-    """The fusion rule applied to an averaged delta. outer_lr = 1: ColD Fusion's plain average."""
-
-    outer_lr: float = 1.0
-
-    def apply(self, base: BodyState, names: list[str], averaged_delta: list[torch.Tensor]) -> BodyState:
-        new = dict(base)
-        for name, d in zip(names, averaged_delta):
-            new[name] = (base[name].float() + self.outer_lr * d).to(base[name].dtype)
-        return new
-
-
-def weight_for(weighting: str, examples: int, examples_per_round: int) -> float:
-    """A contributor's weight in the average: 1 (uniform, the paper's) or the examples it trained on
-    this round, capped by the manifest's ``examples_per_round``."""
-    lo, hi = weight_limits(weighting, examples_per_round)
-    return min(max(float(examples), lo), hi)
-
-
 def mean_delta(deltas: list[list[torch.Tensor]], weights: list[float] | None = None) -> list[torch.Tensor]:
-    """The weighted average of several peers' deltas, as the swarm's all-reduce computes it:
-    a float64 sum (exact in practice, so independent of order) divided by the total weight, in float32."""
-    weights = weights or [1.0] * len(deltas)
-    total = float(sum(weights))
-    out = []
-    for parts in zip(*deltas):
-        acc = torch.zeros(parts[0].shape, dtype=torch.float64)
-        for w, t in zip(weights, parts):
-            acc.add_(t, alpha=w)
-        out.append((acc / total).float())
-    return out
+    """The weighted average of several peers' deltas, as the swarm's all-reduce computes it for the
+    ``mean`` strategy: a float64 sum (exact in practice, so independent of order) over the total weight."""
+    from coldfusion_p2p.strategies import Strategy
+
+    return Strategy().reduce_all(deltas, weights)

@@ -90,8 +90,10 @@ def load_body_module(folder: Path, body: BodyState | None = None) -> nn.Module:
     if body is None:
         model = AutoModel.from_pretrained(folder)
     else:
+        from coldfusion_p2p.strategies import model_tensors
+
         model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
-        model.load_state_dict(body, strict=True)
+        model.load_state_dict(model_tensors(body), strict=True)  # a fusion strategy's state is not the model's
     return model.float()
 
 
@@ -113,8 +115,11 @@ def hash_body(body: BodyState) -> str:
 
 
 def averaged_names(body: BodyState) -> list[str]:
-    """The body tensors that take part in fusion: floating point ones, in canonical order."""
-    return [k for k in sorted(body) if body[k].is_floating_point()]
+    """The body tensors that take part in fusion: floating point ones, in canonical order (a fusion
+    strategy's state kept in the base, ``strategies.STATE_PREFIX``, is not among them)."""
+    from coldfusion_p2p.strategies import STATE_PREFIX
+
+    return [k for k in sorted(body) if body[k].is_floating_point() and not k.startswith(STATE_PREFIX)]
 
 
 def save_tensors(tensors: BodyState, path: Path, metadata: dict[str, str] | None = None) -> None:

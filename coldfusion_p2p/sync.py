@@ -74,8 +74,15 @@ class HistorySync:
     """
 
     def __init__(self, store: VersionStore, chain: CertChain, me: str, max_delta_ratio: float,
-                 fetch: Callable[..., None], announced: Callable[[], dict], log: Callable[[str], None]):
-        self.store, self.chain, self.me, self.ratio = store, chain, me, max_delta_ratio
+                 fetch: Callable[..., None], announced: Callable[[], dict], log: Callable[[str], None], strategy=None):
+        from coldfusion_p2p.strategies import Strategy
+
+        self.strategy = strategy or Strategy()
+        # one round moves the base by at most the strategy's step factor (outer lr, momentum) times the
+        # round's bound on the averaged delta
+        self.store, self.chain, self.me = store, chain, me
+        self.ratio = max_delta_ratio * self.strategy.step_factor()
+        self.delta_ratio = max_delta_ratio
         self.fetch, self.announced, self.log = fetch, announced, log
         self.skip = SkipList()
         self.store_names: list[str] = []  # the body's tensor names, to keep from a holder's info
@@ -246,11 +253,17 @@ class HistorySync:
             return f"hash {got[:12]} != {choice.hash[:12]}", None
         if current is None:
             return None, body
-        ours = {k: (tuple(v.shape), v.dtype) for k, v in current.body.items()}
-        theirs = {k: (tuple(v.shape), v.dtype) for k, v in body.items()}
+        from coldfusion_p2p.strategies import model_tensors
+
+        ours = {k: (tuple(v.shape), v.dtype) for k, v in model_tensors(current.body).items()}
+        theirs = {k: (tuple(v.shape), v.dtype) for k, v in model_tensors(body).items()}
         if ours != theirs:
             return "its tensors are not this model's (names, shapes or dtypes differ)", None
         names = M.averaged_names(current.body)
+        # the strategy's state (momentum) rides in the base: honest rounds bound it too
+        problem = self.strategy.state_problem(body, names, self.delta_ratio * delta_norm([body[n].float() for n in names]) * 1.5)
+        if problem is not None:
+            return problem, None
         ancestor = self._common_ancestor(choice, current)
         reference, steps = current, choice.version - ancestor
         if ancestor != current.version:  # a fork: measure from the last version both histories share, if we hold it

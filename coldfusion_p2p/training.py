@@ -46,7 +46,7 @@ def round_seed(training_seed: int, version: int, data_name: str) -> int:
 @dataclass
 class TrainResult:
     steps: int
-    examples: int
+    examples: int  # distinct examples trained on this round (the data wraps when it is shorter than a round)
     loss_first: float
     loss_last: float  # mean of the last few steps
     seconds: float
@@ -120,7 +120,8 @@ class LocalTrainer:
         body.to("cpu")
         accuracy = self.evaluate(body)
         tail = losses[-max(1, min(5, len(losses))):]
-        return TrainResult(len(losses), len(texts), losses[0], sum(tail) / len(tail), time.perf_counter() - start, accuracy)
+        distinct = min(len(self.data.train_texts), self.spec.examples_per_round)
+        return TrainResult(len(losses), distinct, losses[0], sum(tail) / len(tail), time.perf_counter() - start, accuracy)
 
     @torch.no_grad()
     def evaluate(self, body: nn.Module, limit: int = 256) -> float | None:

@@ -49,10 +49,10 @@ class LocalSwarm:
         self.peers: dict[str, subprocess.Popen] = {}
 
     def start_bootstrap(self, source: str, name: str = "test", min_group_size: int = 2, round_window: float = 60.0,
-                        examples_per_round: int = 48, timeout: float = 90) -> str:
+                        examples_per_round: int = 48, timeout: float = 90, extra_toml: str = "") -> str:
         config = self.root / "swarm.toml"
         config.write_text(TEST_MANIFEST.format(name=name, source=source, min_group_size=min_group_size,
-                                               round_window=round_window, examples_per_round=examples_per_round))
+                                               round_window=round_window, examples_per_round=examples_per_round) + extra_toml)
         return self._run_bootstrap(["--config", str(config), "--identity", str(self.root / "boot.key"), "--store", str(self.root / "boot")],
                                    timeout)
 

@@ -7,6 +7,9 @@ Usage: python -m tests.fault_peers FAULT JOIN_OPTIONS_JSON
   weight  claims a weight of 1000 (the manifest's rule is uniform: 1)
   scaled  shares -3·B[v] as its delta: the model, wiped out (far beyond the round's bound)
   inside  shares noise just inside the old fixed bound (norm 990, max_delta_norm was 1000)
+  noise20 shares random noise 20 times as long as its honest delta, cut to just inside the round's
+          bound (a longer delta is banned by the bound alone: this one is for the fusion strategy)
+  times100 shares its honest delta times 100
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 import torch
 
 from coldfusion_p2p.contributor import Contributor, JoinOptions
+from coldfusion_p2p.fusion import delta_norm
 
 
 class FaultyContributor(Contributor):
@@ -38,6 +42,14 @@ class FaultyContributor(Contributor):
             noise = [torch.randn_like(d) for d in delta]
             scale = 990.0 / float(torch.sqrt(sum((n.double() ** 2).sum() for n in noise)))
             delta = [n * scale for n in noise]
+        elif self.fault in ("noise20", "times100"):
+            honest = delta_norm(delta)
+            if self.fault == "noise20":
+                noise = [torch.randn_like(d) for d in delta]
+                delta = [n * (min(20 * honest, 0.95 * bound) / delta_norm(noise)) for n in noise]
+            else:
+                delta = [d * 100 for d in delta]
+            self.events.emit("fault", f"sharing {self.fault}", honest_norm=honest, sent_norm=delta_norm(delta))
         elif self.fault == "hang":
             self.events.emit("hanging", "ready, and now hanging on purpose")
             while True:

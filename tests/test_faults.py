@@ -82,10 +82,10 @@ def test_alone_peer_waits_visibly_and_forks_nothing(swarm, tmp_path):
     del swarm.peers["solo"]
 
 
-def start_faulty(swarm, tmp_path, fault: str, name: str = "faulty"):
+def start_faulty(swarm, tmp_path, fault: str, name: str = "faulty", rounds: int = 1):
     store = tmp_path / name
     store.mkdir()
-    opts = {"initial_peers": [swarm.initial_peer], "data": str(DEMO_DATA / "trec6.jsonl"), "store": str(store), "rounds": 1,
+    opts = {"initial_peers": [swarm.initial_peer], "data": str(DEMO_DATA / "trec6.jsonl"), "store": str(store), "rounds": rounds,
             "host_maddrs": ["/ip4/127.0.0.1/tcp/0"], "model": "tiny-bert", "threads": 1, "events": str(store / "events.jsonl")}
     return swarm.children.start([sys.executable, "-m", "tests.fault_peers", fault, json.dumps(opts)], tmp_path / f"{name}.log", env=child_env())
 
@@ -120,6 +120,32 @@ def test_nan_delta_is_rejected_by_every_honest_peer(swarm, tmp_path):
 @pytest.mark.slow  # the reducers' ban is in the default run: tests/test_allreduce.py
 def test_delta_beyond_the_rounds_bound_is_rejected(swarm, tmp_path):
     _poisoned_round(swarm, tmp_path, "huge", "beyond the round's bound")
+
+
+@pytest.mark.slow  # the reducers' trimmed mean against a bad member runs by default: tests/test_allreduce.py
+@pytest.mark.parametrize("strategy", ["trimmed_mean", "mean"])
+def test_a_bad_member_every_round_is_bounded_by_the_robust_strategy_and_named(swarm, tmp_path, strategy):
+    """One of five members shares noise 20x its honest delta's norm (cut to inside the round's bound)
+    every round. With trimmed_mean each committed round moves the base about as far as an honest
+    round and the member is named in the version's record; with mean the noise's fifth is in it."""
+    swarm.start_bootstrap("tiny-bert", min_group_size=5, extra_toml=f'[fusion]\nstrategy = "{strategy}"\nmax_delta_ratio = 0.5\n')  # room for the noise inside the bound
+    start_faulty(swarm, tmp_path, "noise20", "liar", rounds=2)
+    honest = [swarm.join(n, d, rounds=2) for n, d in (("ann", "sms_spam"), ("bob", "rotten_tomatoes"), ("cy", "trec6"), ("dee", "sms_spam"))]
+    for name, proc in zip(("ann", "bob", "cy", "dee"), honest):
+        assert swarm.wait(proc, name, 300) == 0, swarm.log(name)
+    liar = next(e["peer"] for e in swarm.events("liar") if e["event"] == "joined")
+    faults = [e for e in swarm.events("liar") if e["event"] == "fault"]
+    honest_norm, sent_norm = max(e["honest_norm"] for e in faults), min(e["sent_norm"] for e in faults)
+    assert sent_norm > 5 * honest_norm, (sent_norm, honest_norm)
+    for v in (1, 2):
+        infos = [VersionStore(tmp_path / n).read_info(v) for n in ("ann", "bob", "cy", "dee")]
+        assert len({i.hash for i in infos}) == 1 and liar in infos[0].contributors
+        moved = infos[0].round_stats["delta_norm"]
+        if strategy == "trimmed_mean":
+            assert moved < 2 * honest_norm, (moved, honest_norm, sent_norm)
+            assert any(liar in i.round_stats.get("outliers", {}) for i in infos)  # named by the reducers that saw it
+        else:
+            assert moved > 0.15 * sent_norm, (moved, honest_norm, sent_norm)  # a fifth of the noise, and the honest part
 
 
 def test_straggler_does_not_stall_the_round_and_drops_its_stale_work(swarm, tmp_path):

@@ -2,9 +2,8 @@ import math
 
 import torch
 
-from coldfusion_p2p.fusion import (
-    OuterStep, body_delta, check_delta, clip_to_norm, delta_norm, mean_delta, round_bound, weight_for, weight_limits,
-)
+from coldfusion_p2p.fusion import body_delta, check_delta, clip_to_norm, delta_norm, mean_delta, round_bound
+from coldfusion_p2p.strategies import Strategy, Weighted
 
 
 def _bodies(n=3, seed=0):
@@ -19,7 +18,7 @@ def test_outer_step_of_mean_delta_is_the_mean_of_bodies():
     names = ["a.weight", "b.bias"]
     deltas = [body_delta(base, t, names) for t in tuned]
     mean_delta = [torch.stack([d[i] for d in deltas]).mean(0) for i in range(len(names))]
-    new = OuterStep(1.0).apply(base, names, mean_delta)
+    new = Strategy(outer_lr=1.0).step(base, names, mean_delta)
     for n in names:
         expected = torch.stack([t[n] for t in tuned]).mean(0)
         assert torch.allclose(new[n], expected, atol=1e-6)
@@ -30,7 +29,7 @@ def test_outer_lr_scales_the_step():
     base, tuned = _bodies(1)
     names = ["a.weight"]
     d = body_delta(base, tuned[0], names)
-    half = OuterStep(0.5).apply(base, names, d)
+    half = Strategy(outer_lr=0.5).step(base, names, d)
     assert torch.allclose(half["a.weight"], base["a.weight"] + 0.5 * d[0])
 
 
@@ -44,10 +43,10 @@ def test_check_delta_rejects_nan_inf_and_large_norm():
 
 
 def test_weights_follow_the_manifests_rule_and_cap():
-    assert weight_for("uniform", 500, 2000) == 1.0
-    assert weight_for("examples", 500, 2000) == 500.0
-    assert weight_for("examples", 10**9, 2000) == 2000.0  # capped by examples_per_round: no weight of one's choosing
-    assert weight_limits("uniform", 2000) == (1.0, 1.0) and weight_limits("examples", 2000) == (1.0, 2000.0)
+    assert Strategy().weight(500, 2000) == 1.0
+    assert Weighted().weight(500, 2000) == 500.0
+    assert Weighted().weight(10**9, 2000) == 2000.0  # capped by examples_per_round: no weight of one's choosing
+    assert Strategy().weight_limits(2000) == (1.0, 1.0) and Weighted().weight_limits(2000) == (1.0, 2000.0)
 
 
 def test_clip_scales_only_longer_deltas_and_the_same_way_everywhere():

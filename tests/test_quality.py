@@ -7,19 +7,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from coldfusion_p2p.demo import DEMO_DATA
 from coldfusion_p2p.procs import child_env
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
 
 
-def test_p2p_bases_equal_the_central_simulation(tmp_path):
+@pytest.mark.parametrize("strategy,compression", [
+    ("mean", "none"),
+    pytest.param("nesterov", "float16", marks=pytest.mark.slow),  # momentum in the base, float16 on the wire
+    pytest.param("trimmed_mean", "none", marks=pytest.mark.slow),  # three contributors: one trimmed at each end
+])
+def test_p2p_bases_equal_the_central_simulation(tmp_path, strategy, compression):
     out = tmp_path / "out"
+    seen = ["sms_spam", "trec6"] + (["rotten_tomatoes"] if strategy == "trimmed_mean" else [])
+    unseen = [] if strategy == "trimmed_mean" else ["rotten_tomatoes"]
     got = subprocess.run(
-        [sys.executable, str(BENCH), "--data", str(DEMO_DATA / "sms_spam.jsonl"), str(DEMO_DATA / "trec6.jsonl"),
-         "--unseen", str(DEMO_DATA / "rotten_tomatoes.jsonl"), "--model", "tiny-bert", "--rounds", "2", "--max-train", "96",
+        [sys.executable, str(BENCH), "--data", *(str(DEMO_DATA / f"{d}.jsonl") for d in seen),
+         *(["--unseen", *(str(DEMO_DATA / f"{d}.jsonl") for d in unseen)] if unseen else []),
+         "--model", "tiny-bert", "--rounds", "2", "--max-train", "96",
          "--max-eval", "64", "--examples-per-round", "48", "--batch-size", "16", "--max-length", "32", "--lr", "1e-3",
-         "--threads", "1", "--finetune-examples", "32", "--out", str(out)],
+         "--threads", "1", "--finetune-examples", "32", "--out", str(out), "--strategy", strategy, "--compression", compression],
         capture_output=True, text=True, env=child_env(), timeout=600, check=False,
     )
     assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
@@ -32,6 +42,14 @@ def test_p2p_bases_equal_the_central_simulation(tmp_path):
     store = VersionStore(out / "p2p" / "peer-sms_spam")
     assert len({store.read_info(v).hash for v in range(3)}) == 3
     assert [r["version"] for r in report["per_version"]] == [0, 1, 2]
-    assert all(0.0 <= r["seen"] <= 1.0 and 0.0 <= r["unseen"] <= 1.0 for r in report["per_version"])
-    assert set(report["unseen_finetune"]) == {"v0", "v2"} and report["multitask"]["seen"] is not None
+    assert all(0.0 <= r["seen"] <= 1.0 for r in report["per_version"])
+    if unseen:
+        assert all(0.0 <= r["unseen"] <= 1.0 for r in report["per_version"])
+        assert set(report["unseen_finetune"]) == {"v0", "v2"}
+    assert report["multitask"]["seen"] is not None
+    if strategy == "nesterov":  # the momentum is part of each base: stored, hashed, and the same everywhere
+        from coldfusion_p2p.strategies import MOMENTUM
+
+        body, _ = store.load(2)
+        assert any(k.startswith(MOMENTUM) for k in body)
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

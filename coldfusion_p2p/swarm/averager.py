@@ -27,8 +27,10 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.control import AveragingStage
-from hivemind.averaging.partition import BannedException, TensorPartReducer
-from hivemind.compression import Float16Compression, NoCompression, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.compression import (
+    Float16Compression, NoCompression, Uniform8BitQuantization, deserialize_torch_tensor, serialize_torch_tensor,
+)
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
@@ -37,6 +39,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.membership import Admission
+from coldfusion_p2p.strategies import Strategy, influence, outliers
 from coldfusion_p2p.swarm.gate import RefusalLog
 from coldfusion_p2p.swarm.node import peer_str
 from coldfusion_p2p.swarm.transfer import serve_blob, split_blob_request
@@ -67,26 +70,65 @@ def part_violation(weight: float, part: torch.Tensor, rules: dict) -> str | None
     return part_problem(part, rules.get("part_bound", math.inf))
 
 
-class ExactPartReducer(TensorPartReducer):
-    """Sums each part in float64 and returns the float32 average.
+class StrategyPartReducer(TensorPartReducer):
+    """Holds every sender's copy of the current part and reduces them with the round's fusion strategy.
 
     hivemind adds senders' parts into a float32 accumulator in arrival order, so the average's last
-    bits depend on network timing: the same deltas give a different B[v+1] run to run. Adam turns
-    such differences in the base into ~1e-5 differences after the next round (measured with 4
-    MiniLM contributors). A float64 sum of float32 values is exact in practice, hence independent
-    of order, and ``fusion.mean_delta`` computes the same thing without a network.
+    bits depended on network timing: the same deltas gave a different B[v+1] run to run. Here the parts
+    are kept (indexed by sender) until the part is complete and then reduced by ``strategy.reduce``
+    in sender order: exact, order-free, and the same arithmetic as the central loop
+    (``Strategy.reduce_all``). A robust strategy needs every member's values of a coordinate at once
+    anyway. Each sender's squared distance from the result is added up in ``distances``.
     """
 
+    def __init__(self, part_shapes, num_senders: int, strategy: Strategy):
+        self.strategy = strategy
+        self.parts: dict[int, tuple[torch.Tensor, float]] = {}
+        self.distances = [0.0] * num_senders
+        super().__init__(part_shapes, num_senders)
+
     def reset_accumulators(self):
+        self.parts = {}
         super().reset_accumulators()
-        if not self.finished.is_set() and getattr(self, "accumulator", None) is not None:  # finalize() deletes it
-            self.accumulator = self.accumulator.double()
+        if getattr(self, "accumulator", None) is not None:
+            self.accumulator = None  # not used: the parts are kept instead
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self.parts[sender_index] = (tensor_part, float(weight))
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
 
     def check_current_part_finished(self):
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from == self.num_current_senders:
-            self.current_part_future.set_result((self.accumulator / self.denominator).float())
+            order = sorted(self.parts)
+            parts, weights = [self.parts[i][0] for i in order], [self.parts[i][1] for i in order]
+            result = self.strategy.reduce(parts, weights) if parts else torch.zeros(self.part_shapes[self.current_part_index])
+            for i, d in zip(order, influence(parts, result)):
+                self.distances[i] += d
+            self.current_part_future.set_result(result)
             self.reset_accumulators()
+
+    def finalize(self):
+        if not self.finished.is_set():
+            self.parts = {}
+            if hasattr(self, "current_part_future"):
+                self.current_part_future.cancel()
+            self.finished.set()
 
 
 class CanonicalAllReduceRunner(AllReduceRunner):
@@ -109,7 +151,8 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         self.rules = rules or {}
         self.offenders: dict[PeerID, str] = {}
         self.tensor_part_container.return_deltas = False  # failed parts then hold local values, not zeros
-        self.tensor_part_reducer = ExactPartReducer(self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders)
+        self.tensor_part_reducer = StrategyPartReducer(self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders,
+                                                       self.rules.get("strategy") or Strategy())
         container = self.tensor_part_container
         register = container.register_processed_part
 
@@ -143,7 +186,9 @@ class CanonicalAllReduceRunner(AllReduceRunner):
             return await super()._communicate_with_peer(peer_id)  # registers what the reducer sent: the average
         sender_index = self.sender_peer_ids.index(peer_id)
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-            averaged_part = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part, weight=self.weight)
+            # its own part goes through the wire's compression like every other member's: the reducer then
+            # sees the same values for everyone, and the central loop can compute the same thing
+            averaged_part = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, self._canonical(tensor_part), weight=self.weight)
             self.tensor_part_container.register_processed_part(peer_index, part_index, self._canonical(averaged_part))
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
@@ -327,6 +372,10 @@ class FusionAverager(DecentralizedAverager):
         failed = runner.tensor_part_container.failed_size if runner is not None else -1
         banned = sorted(peer_str(p) for p in runner.banned_senders) if runner is not None else []
         offenders = {peer_str(p): why for p, why in runner.offenders.items()} if runner is not None else {}
+        far = {}
+        if runner is not None and runner.tensor_part_reducer.num_parts > 0:  # this reducer's view of who pulled away
+            reducer = runner.tensor_part_reducer
+            far = outliers({peer_str(p): reducer.distances[i] for i, p in enumerate(runner.sender_peer_ids)})
         return {
             "gathered": {peer_str(p): v for p, v in gathered.items()},
             "group": group,
@@ -335,6 +384,7 @@ class FusionAverager(DecentralizedAverager):
             "failed_size": failed,
             "banned": banned,
             "offenders": offenders,
+            "outliers": far,
             "failed_reducers": sorted(peer_str(p) for p in runner.failed_reducers) if runner is not None else [],
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "error": error,
@@ -475,12 +525,22 @@ def make_averager(
             request_timeout=min(3.0, matchmaking_time / 2),
             allreduce_timeout=allreduce_timeout,
             next_chunk_timeout=chunk_timeout,  # a member silent this long is dropped (2x for a reducer)
-            compression=Float16Compression() if compression == "float16" else NoCompression(),
+            compression=wire_compression(compression),
             allow_state_sharing=False,
             shutdown_timeout=5,
         )
     finally:
         signal.signal(signal.SIGINT, sigint)  # hivemind sets SIGINT to ignored in the parent: give Ctrl+C back
+
+
+def wire_compression(name: str):
+    """The manifest's ``fusion.compression`` as hivemind's codec. 8-bit needs numpy < 2.4 (pyproject.toml):
+    newer numpy makes hivemind 1.1.12's 8-bit all-reduce return the inputs unchanged, silently."""
+    if name == "float16":
+        return Float16Compression()
+    if name == "8bit":
+        return Uniform8BitQuantization()
+    return NoCompression()
 
 
 def averager_prefix(swarm_name: str) -> str:

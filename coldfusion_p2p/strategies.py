@@ -1,0 +1,215 @@
+"""Fusion strategies: how a round's deltas become the next base, with no networking in them.
+
+A strategy does two things, and the same object does them wherever a round is computed:
+
+- ``reduce(parts, weights)``: the members' deltas (or the same slice of each) to one averaged
+  delta. It works coordinate by coordinate, so a reducer of the swarm's all-reduce applying it to its
+  slice computes exactly what ``bench/quality.py``'s central loop computes on whole tensors: the p2p
+  bases equal the central ones by construction.
+- ``step(base, names, averaged)``: the outer update, ``B[v+1]`` from ``B[v]`` and the averaged delta.
+  State it keeps (Nesterov's momentum) lives in the base itself, under ``STATE_PREFIX``: it is
+  stored, hashed, certified and downloaded with the body, and left out of the model (``model_tensors``).
+
+Strategies (``[fusion] strategy`` in the manifest):
+
+- ``mean``: ColD Fusion's plain average (Don-Yehiya et al., ACL 2023), ``outer_lr`` times it.
+- ``weighted``: the average weighted by the distinct examples each member trained on this round,
+  capped by ``examples_per_round`` (every reducer bans a weight outside the cap).
+- ``nesterov``: DiLoCo's outer optimizer (Douillard et al., 2023): Nesterov momentum on the averaged
+  delta, outer lr 0.7 and momentum 0.9 by default.
+- ``trimmed_mean``: the robust one. Per coordinate, the ``trim`` largest and smallest of the members'
+  values are dropped and the rest averaged (Yin et al., ICML 2018). Chosen over CenteredClip (BTARD,
+  Gorbunov et al., 2021) for three reasons: its result is exact and order-free (a sort and a float64
+  sum), so every reducer and the central loop agree bit for bit; it needs no clipping radius tuned to
+  the scale of honest deltas, which differs per model and per round; and it is a single pass over a
+  slice the reducer already holds. While fewer than ``trim`` members collude, every coordinate of the
+  result lies between two honest members' values: no one member moves the base beyond the honest spread.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from coldfusion_p2p.config import STRATEGIES
+
+STATE_PREFIX = "cfp2p_state."  # tensors in a base that are the strategy's state, not the model's
+MOMENTUM = STATE_PREFIX + "momentum."
+
+
+def model_tensors(body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A base without the strategy's state: what the model loads and what is exported."""
+    return {k: v for k, v in body.items() if not k.startswith(STATE_PREFIX)}
+
+
+def state_tensors(body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in body.items() if k.startswith(STATE_PREFIX)}
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors))
+
+
+def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``sum(w_i x_i) / sum(w_i)``: a float64 sum in member order (exact in practice, so the order the
+    parts arrived in does not matter), returned as float32."""
+    acc = torch.zeros(parts[0].shape, dtype=torch.float64)
+    for w, part in zip(weights, parts):
+        acc.add_(part.to(torch.float64), alpha=float(w))
+    return (acc / float(sum(weights))).float()
+
+
+def trimmed_mean(parts: list[torch.Tensor], trim: int) -> torch.Tensor:
+    """Per coordinate, the mean of the values left once the ``trim`` largest and smallest are dropped."""
+    n = len(parts)
+    if trim <= 0 or n - 2 * trim < 1:
+        return weighted_mean(parts, [1.0] * n)
+    ordered = torch.sort(torch.stack([p.float() for p in parts]), dim=0).values
+    acc = torch.zeros(parts[0].shape, dtype=torch.float64)
+    for i in range(trim, n - trim):  # one row at a time: the same sums whatever the slice's shape
+        acc.add_(ordered[i].to(torch.float64))
+    return (acc / float(n - 2 * trim)).float()
+
+
+def influence(parts: list[torch.Tensor], result: torch.Tensor) -> list[float]:
+    """Each member's squared distance from the reduced value over this slice (a reducer adds these up
+    over the parts it reduced and names members far from the rest: ``outliers``)."""
+    return [float((p.double() - result.double()).pow(2).sum()) for p in parts]
+
+
+def outliers(distances: dict[str, float], factor: float = 25.0) -> dict[str, float]:
+    """Members whose squared distance from the result is more than ``factor`` times the median's
+    (5x in norm): e.g. noise or a flipped model among honest deltas. Needs at least three members."""
+    if len(distances) < 3:
+        return {}
+    ordered = sorted(distances.values())
+    median = ordered[len(ordered) // 2]
+    if median <= 0:
+        return {p: d for p, d in distances.items() if d > 0}
+    return {p: round(math.sqrt(d / median), 2) for p, d in distances.items() if d > factor * median}
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """The plain average, ``outer_lr`` times it: ``mean`` (and the base of the others)."""
+
+    name: str = "mean"
+    outer_lr: float = 1.0
+
+    # --- what members claim and what reducers accept
+    def weight(self, examples: int, examples_per_round: int) -> float:
+        return 1.0
+
+    def weight_limits(self, examples_per_round: int) -> tuple[float, float]:
+        return 1.0, 1.0
+
+    # --- the reducers' arithmetic (on a slice or on whole tensors alike)
+    def reduce(self, parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        return weighted_mean(parts, weights)
+
+    def reduce_all(self, deltas: list[list[torch.Tensor]], weights: list[float] | None = None) -> list[torch.Tensor]:
+        """Whole deltas (one list of tensors per member) to one: the central loop's form of ``reduce``."""
+        weights = weights or [1.0] * len(deltas)
+        return [self.reduce(list(parts), weights) for parts in zip(*deltas)]
+
+    # --- the outer step
+    def step(self, base: dict[str, torch.Tensor], names: list[str], averaged: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        new = dict(base)
+        for name, d in zip(names, averaged):
+            new[name] = (base[name].float() + self.outer_lr * d).to(base[name].dtype)
+        return new
+
+    def step_factor(self) -> float:
+        """How far one step may move the base, in units of the round's bound on the averaged delta."""
+        return self.outer_lr
+
+    def state_problem(self, body: dict[str, torch.Tensor], names: list[str], bound: float) -> str | None:
+        """Why a base's strategy state cannot be this strategy's after honest rounds, or None."""
+        extra = sorted(state_tensors(body))
+        return f"it carries state this strategy does not keep ({extra[0]})" if extra else None
+
+
+@dataclass(frozen=True)
+class Weighted(Strategy):
+    name: str = "weighted"
+
+    def weight(self, examples: int, examples_per_round: int) -> float:
+        lo, hi = self.weight_limits(examples_per_round)
+        return min(max(float(examples), lo), hi)
+
+    def weight_limits(self, examples_per_round: int) -> tuple[float, float]:
+        return 1.0, float(examples_per_round)
+
+
+@dataclass(frozen=True)
+class Nesterov(Strategy):
+    """``m = mu * m + d``; ``B += lr * (d + mu * m)`` (torch's SGD with nesterov=True on the outer
+    gradient ``-d``). The momentum is kept in the base (``MOMENTUM + name``), zero before the first step."""
+
+    name: str = "nesterov"
+    outer_lr: float = 0.7
+    momentum: float = 0.9
+
+    def step(self, base, names, averaged):
+        new = dict(base)
+        for name, d in zip(names, averaged):
+            old = base.get(MOMENTUM + name)
+            m = d.float().clone() if old is None else old.float() * self.momentum + d.float()
+            new[MOMENTUM + name] = m
+            new[name] = (base[name].float() + self.outer_lr * (d.float() + self.momentum * m)).to(base[name].dtype)
+        return new
+
+    def step_factor(self) -> float:
+        # |m| <= bound / (1 - mu), so |d + mu m| <= bound / (1 - mu)
+        return self.outer_lr / (1.0 - self.momentum)
+
+    def state_problem(self, body, names, bound):
+        state = state_tensors(body)
+        if not state:
+            return None  # v0, or a base from before the first step
+        wanted = {MOMENTUM + n for n in names}
+        if set(state) != wanted:
+            return "its momentum does not match the model's tensors"
+        for n in names:
+            if state[MOMENTUM + n].shape != body[n].shape or state[MOMENTUM + n].dtype != torch.float32:
+                return f"its momentum for {n} has the wrong shape or dtype"
+        if not all(bool(torch.isfinite(t).all()) for t in state.values()):
+            return "its momentum has NaN or Inf values"
+        norm = _norm(state.values())
+        if norm > bound / (1.0 - self.momentum) * 1.001 + 1e-6:
+            return f"its momentum (norm {norm:.4g}) is beyond what honest rounds can build ({bound / (1.0 - self.momentum):.4g})"
+        return None
+
+
+@dataclass(frozen=True)
+class TrimmedMean(Strategy):
+    """Coordinate-wise trimmed mean: ``trim_fraction`` of the members (at least one, when there are
+    three or more) dropped at each end of every coordinate. Weights are uniform."""
+
+    name: str = "trimmed_mean"
+    trim_fraction: float = 0.3
+
+    def trim_for(self, members: int) -> int:
+        if members < 3:
+            return 0
+        return max(1, min(int(members * self.trim_fraction), (members - 1) // 2))
+
+    def reduce(self, parts, weights):
+        return trimmed_mean(parts, self.trim_for(len(parts)))
+
+
+def strategy_for(name: str, outer_lr: float | None = None, momentum: float | None = None,
+                 trim_fraction: float | None = None) -> Strategy:
+    """The manifest's strategy. ``outer_lr``/``momentum`` None: the strategy's own defaults."""
+    lr = {} if outer_lr is None else {"outer_lr": float(outer_lr)}
+    if name == "mean":
+        return Strategy(**lr)
+    if name == "weighted":
+        return Weighted(**lr)
+    if name == "nesterov":
+        return Nesterov(**lr, **({} if momentum is None else {"momentum": float(momentum)}))
+    if name == "trimmed_mean":
+        return TrimmedMean(**lr, **({} if trim_fraction is None else {"trim_fraction": float(trim_fraction)}))
+    raise ValueError(f"unknown fusion strategy {name!r} (one of {', '.join(STRATEGIES)})")

@@ -1,0 +1,112 @@
+"""Fusion strategies on plain tensors: the arithmetic every reducer and the central loop share."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from coldfusion_p2p.config import SwarmManifest
+from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.fusion import delta_norm
+from coldfusion_p2p.strategies import (
+    MOMENTUM, Nesterov, Strategy, TrimmedMean, influence, model_tensors, outliers, strategy_for, trimmed_mean,
+)
+
+
+def _deltas(n, shape=(64, 33), seed=0, scale=1e-3):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(shape, generator=g) * scale, torch.randn(17, generator=g) * scale] for _ in range(n)]
+
+
+@pytest.mark.parametrize("strategy", [Strategy(), TrimmedMean(), strategy_for("weighted")])
+def test_a_reduction_of_slices_is_the_slice_of_the_reduction(strategy):
+    """What makes p2p = central: a reducer's slice of the result equals the same slice of the whole."""
+    deltas = _deltas(5)
+    weights = [1.0, 2.0, 3.0, 4.0, 5.0] if strategy.name == "weighted" else None
+    whole = strategy.reduce_all(deltas, weights)
+    flat = [torch.cat([t.reshape(-1) for t in d]) for d in deltas]
+    for lo, hi in ((0, 100), (100, 2000), (2000, flat[0].numel())):
+        part = strategy.reduce([f[lo:hi] for f in flat], weights or [1.0] * 5)
+        assert torch.equal(part, torch.cat([t.reshape(-1) for t in whole])[lo:hi])
+
+
+def test_trimmed_mean_is_order_free_and_drops_the_extremes():
+    parts = [t[0] for t in _deltas(5, shape=(1000,))]
+    results = {trimmed_mean(list(p), 1).numpy().tobytes() for p in itertools.permutations(parts)}
+    assert len(results) == 1
+    stacked = torch.stack(parts).double()
+    expected = (stacked.sum(0) - stacked.max(0).values - stacked.min(0).values) / 3
+    assert torch.allclose(trimmed_mean(parts, 1).double(), expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("attack", ["times100", "flip", "noise20"])
+@pytest.mark.parametrize("members,bad", [(5, 1), (7, 2)])
+def test_trimmed_mean_bounds_what_bad_members_can_do_and_names_them(attack, members, bad):
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(20_000, generator=g)
+    honest_deltas = [torch.randn(20_000, generator=g) * 1e-3 + 2e-3 for _ in range(members - bad)]
+    honest = torch.stack(honest_deltas).mean(0)
+    if attack == "times100":
+        evil = [honest_deltas[0] * 100 for _ in range(bad)]
+    elif attack == "flip":
+        evil = [-3.0 * base for _ in range(bad)]
+    else:
+        evil = [torch.randn(20_000, generator=g) * float(honest_deltas[0].norm()) * 20 / math.sqrt(20_000) for _ in range(bad)]
+    parts = honest_deltas + evil
+    robust, plain = TrimmedMean().reduce(parts, [1.0] * members), Strategy().reduce(parts, [1.0] * members)
+    assert float((robust - honest).norm()) < 0.6 * float(honest.norm())  # close to the honest members' mean
+    assert float((plain - honest).norm()) > 3 * float(honest.norm())  # the plain mean is not
+    named = outliers({f"p{i}": d for i, d in enumerate(influence(parts, robust))})
+    assert set(named) == {f"p{i}" for i in range(members - bad, members)}
+
+
+def test_trim_count_follows_the_group_size():
+    t = TrimmedMean()
+    assert [t.trim_for(n) for n in (2, 3, 4, 5, 7, 10)] == [0, 1, 1, 1, 2, 3]
+
+
+def test_nesterov_keeps_momentum_in_the_base_and_bounds_its_step():
+    names = ["w"]
+    base = {"w": torch.zeros(3)}
+    n = Nesterov()
+    d1, d2 = torch.tensor([1.0, 0.0, -1.0]), torch.tensor([1.0, 1.0, 1.0])
+    b1 = n.step(base, names, [d1])
+    assert torch.allclose(b1[MOMENTUM + "w"], d1) and torch.allclose(b1["w"], 0.7 * (d1 + 0.9 * d1))
+    b2 = n.step(b1, names, [d2])
+    m2 = 0.9 * d1 + d2
+    assert torch.allclose(b2[MOMENTUM + "w"], m2) and torch.allclose(b2["w"], b1["w"] + 0.7 * (d2 + 0.9 * m2))
+    assert set(model_tensors(b2)) == {"w"}
+    # the same as torch's SGD with nesterov on the outer gradient -d
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
+    for d in (d1, d2):
+        p.grad = -d
+        opt.step()
+    assert torch.allclose(p.detach(), b2["w"], atol=1e-6)
+    # a base whose momentum no honest run can have built is refused; the honest one passes
+    bound = 1.0 * math.sqrt(3)
+    assert n.state_problem(b2, names, bound) is None
+    forged = dict(b2, **{MOMENTUM + "w": torch.full((3,), 100.0)})
+    assert "momentum" in n.state_problem(forged, names, bound)
+    assert Strategy().state_problem(b2, names, bound) is not None  # mean keeps no state
+    assert n.step_factor() == pytest.approx(7.0)
+
+
+def test_manifest_names_the_strategy_and_rejects_nonsense():
+    assert SwarmManifest.from_dict({}).strategy() == Strategy()
+    assert SwarmManifest.from_dict({"fusion": {"strategy": "nesterov"}}).strategy() == Nesterov(outer_lr=0.7, momentum=0.9)
+    assert SwarmManifest.from_dict({"fusion": {"weighting": "examples"}}).strategy().name == "weighted"
+    assert SwarmManifest.from_dict({"fusion": {"strategy": "trimmed_mean", "trim_fraction": 0.2}}).strategy() == TrimmedMean(trim_fraction=0.2)
+    m = SwarmManifest.from_dict({"fusion": {"strategy": "nesterov", "outer_lr": 1}})
+    assert SwarmManifest.from_dict(m.to_dict()) == m and m.strategy().outer_lr == 1.0
+    for bad in ({"strategy": "median"}, {"momentum": 1.0}, {"trim_fraction": 0.5}, {"strategy": "nesterov", "weighting": "examples"}):
+        with pytest.raises(UserError):
+            SwarmManifest.from_dict({"fusion": bad})
+
+
+def test_delta_norm_of_the_momentum_is_not_part_of_the_models_fused_names():
+    from coldfusion_p2p.model import averaged_names
+
+    body = Nesterov().step({"w": torch.ones(4)}, ["w"], [torch.ones(4)])
+    assert averaged_names(body) == ["w"] and delta_norm([body["w"]]) > 0
