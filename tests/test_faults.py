@@ -202,6 +202,13 @@ def test_signals_in_every_phase_end_every_child_process(swarm, tmp_path):
     assert before >= 4 and group_size(trainer.pid) == 0, f"{before} processes, {group_size(trainer.pid)} left after {took:.1f}s"
     assert trainer.wait(5) == 130 and "Traceback" not in swarm.log("trainer")
     del swarm.peers["trainer"]
+    # SIGKILL of the main process alone (the OOM killer, a crashed laptop): its DHT and averager
+    # processes and their p2pd watch it and end too
+    killed = swarm.join("killed", "rotten_tomatoes")
+    swarm.wait_for(lambda: any(e["event"] == "train_step" for e in swarm.events("killed")), 90, "training")
+    before, took = _stop_and_count(killed, signal.SIGKILL, whole_group=False)
+    assert before >= 4 and group_size(killed.pid) == 0, f"{before} processes, {group_size(killed.pid)} left after {took:.1f}s"
+    del swarm.peers["killed"]
 
 
 @pytest.mark.slow  # the default run signals a peer in every phase: test_signals_in_every_phase_end_every_child_process

@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 import tempfile
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Sequence
@@ -61,7 +63,70 @@ def _children_keep_default_sigterm() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-os.register_at_fork(after_in_child=_children_keep_default_sigterm)
+_fork = {"parent": 0, "from_main_thread": False}
+
+
+def _note_fork() -> None:
+    _fork["parent"] = os.getpid()
+    _fork["from_main_thread"] = threading.current_thread() is threading.main_thread()
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid``, from /proc (Linux); none where there is no /proc."""
+    found = []
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                    stat = fh.read()
+                if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _end_with_parent(parent: int) -> None:
+    """Wait for the parent to go; then end this process's own children (p2pd) and this process."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    children = _child_pids(os.getpid())
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 3.0
+    while children and time.monotonic() < deadline:
+        children = [pid for pid in children if _alive(pid)]
+        time.sleep(0.1)
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().split(b")")[-1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _children_end_with_their_parent() -> None:
+    # hivemind's DHT and averager processes (forked from our main thread) and the p2pd they start
+    # outlived a main process killed hard (SIGKILL, the OOM killer), holding ports and memory. Each
+    # forked child watches its parent and ends itself and its own children when the parent is gone.
+    # (Not PR_SET_PDEATHSIG: it would kill the DHT process before it could end its p2pd.)
+    parent = _fork["parent"]
+    if not parent or not _fork["from_main_thread"]:
+        return  # a fork from another thread is not one of hivemind's processes
+    if os.getppid() != parent:
+        os._exit(1)  # the parent died while forking
+    threading.Thread(target=_end_with_parent, args=(parent,), name="cfp2p-parent-watch", daemon=True).start()
+
+
+os.register_at_fork(before=_note_fork, after_in_child=_children_keep_default_sigterm)
+os.register_at_fork(after_in_child=_children_end_with_their_parent)
 
 
 class _SturdyPipe:
