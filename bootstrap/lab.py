@@ -51,7 +51,7 @@ def manifest_toml(manifest: SwarmManifest) -> str:
              "[swarm]", f"name = {_toml_value(data.pop('name'))}"]
     data["model"] = {k: v for k, v in data["model"].items() if k not in ("v0_hash", "files")}
     for section, values in data.items():
-        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines += ["", f"[{section}]"] + [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]  # None: unset, the default
     return "\n".join(lines) + "\n"
 
 

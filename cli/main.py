@@ -83,7 +83,7 @@ def bootstrap(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from bootstrap.peer import run_bootstrap
+    from coldfusion_p2p.bootstrap.peer import run_bootstrap
 
     if (config is None) == (lab is None):
         _fail(UserError("give --config swarm.toml (an open swarm) or --lab DIR (from `cfp2p bootstrap init`), not both"))
@@ -106,7 +106,7 @@ def bootstrap_init(
 
     Example: cfp2p bootstrap init --config swarm.toml --out lab/
     """
-    from bootstrap import lab as L
+    from coldfusion_p2p.bootstrap import lab as L
     from coldfusion_p2p.certs import peer_id_of_public_key
 
     try:
@@ -133,7 +133,7 @@ def bootstrap_admit(
 
     Example: cfp2p bootstrap admit --lab lab/ 'ssh-rsa AAAA…' --name alice --expires 30d
     """
-    from bootstrap import lab as L
+    from coldfusion_p2p.bootstrap import lab as L
     from coldfusion_p2p.membership import parse_duration
 
     try:
@@ -157,7 +157,7 @@ def bootstrap_revoke(
 
     Example: cfp2p bootstrap revoke --lab lab/ alice
     """
-    from bootstrap import lab as L
+    from coldfusion_p2p.bootstrap import lab as L
 
     try:
         name, peer = L.revoke(str(lab), member)
@@ -173,7 +173,7 @@ def bootstrap_members(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """List the lab's members, their token expiry and whether they were revoked."""
-    from bootstrap import lab as L
+    from coldfusion_p2p.bootstrap import lab as L
 
     try:
         registry, revoked = L.members(str(lab)), set(L.revoked(str(lab)))
@@ -254,7 +254,7 @@ def join(
     )
     try:
         if err.is_terminal and not plain:
-            from cli.progress import JoinProgress
+            from coldfusion_p2p.cli.progress import JoinProgress
 
             with JoinProgress(err) as bars:
                 Contributor(opts, log=bars.log, listener=bars).run()

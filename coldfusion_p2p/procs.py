@@ -17,7 +17,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
+    return [sys.executable, "-m", "coldfusion_p2p.cli.main", *args]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

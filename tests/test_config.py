@@ -1,6 +1,6 @@
 import pytest
 
-from bootstrap import EXAMPLE_CONFIG
+from coldfusion_p2p.bootstrap import EXAMPLE_CONFIG
 from coldfusion_p2p.config import SwarmManifest
 from coldfusion_p2p.errors import UserError
 
@@ -8,7 +8,7 @@ from coldfusion_p2p.errors import UserError
 def test_example_config_loads_and_round_trips():
     m = SwarmManifest.from_toml(EXAMPLE_CONFIG)
     assert m.name == "coldfusion" and m.model.source == "all-MiniLM-L6-v2"
-    assert m.fusion.outer_lr == 1.0 and m.fusion.weighting == "uniform"
+    assert m.fusion.strategy == "mean" and m.fusion.outer_lr is None and m.strategy().outer_lr == 1.0 and m.fusion.weighting == "uniform"
     again = SwarmManifest.from_dict(m.to_dict())
     assert again == m
 
