@@ -84,22 +84,37 @@ def model_file_hashes(folder: Path) -> dict[str, str]:
 
 
 def load_body_module(folder: Path, body: BodyState | None = None) -> nn.Module:
-    """Build the body (``AutoModel``) from a folder's config; weights from ``body`` or the folder."""
+    """Build the body (``AutoModel``) from a folder's config; weights from ``body`` or the folder.
+
+    A weight the checkpoint lacks (a pooler, in many sentence-transformers exports) is one that
+    transformers initialises at random on every load: it is left out of the body (``body_state``),
+    so v0 is exactly what the checkpoint holds, and initialised from a fixed seed here, so every
+    process builds the same module from the same body.
+    """
     from transformers import AutoConfig, AutoModel
 
-    if body is None:
-        model = AutoModel.from_pretrained(folder)
-    else:
-        from coldfusion_p2p.strategies import model_tensors
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if body is None:
+            model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+            absent = set(info.get("missing_keys") or ())
+        else:
+            from coldfusion_p2p.strategies import model_tensors
 
-        model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
-        model.load_state_dict(model_tensors(body), strict=True)  # a fusion strategy's state is not the model's
+            model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+            missing, unexpected = model.load_state_dict(model_tensors(body), strict=False)  # a strategy's state is not the model's
+            if unexpected:
+                raise UserError(f"the base has tensors this model does not ({', '.join(sorted(unexpected)[:3])}): it is not this model's")
+            absent = set(missing)
+    model._cfp2p_absent = frozenset(absent)
     return model.float()
 
 
 def body_state(module: nn.Module) -> BodyState:
-    """The body's tensors (parameters and persistent buffers), detached, contiguous, on the CPU."""
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+    """The body's tensors (parameters and persistent buffers), detached, contiguous, on the CPU;
+    without the weights its checkpoint lacked (``load_body_module``)."""
+    absent = getattr(module, "_cfp2p_absent", frozenset())
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items() if k not in absent}
 
 
 def hash_body(body: BodyState) -> str:

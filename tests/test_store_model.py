@@ -108,3 +108,27 @@ def test_opening_a_store_leaves_a_live_writers_temporary_folder_alone(tiny, tmp_
     dead.mkdir()
     VersionStore(tmp_path / "s")
     assert live.exists() and not dead.exists()
+
+
+def test_a_checkpoint_without_a_pooler_gives_the_same_v0_in_every_process(tiny_model_dir, tmp_path):
+    """transformers initialises a weight the checkpoint lacks at random on every load: such a weight
+    is left out of the body, and a module built from a body is the same in every process."""
+    import shutil
+
+    folder = tmp_path / "no-pooler"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = M.load_tensors(folder / "model.safetensors")
+    M.save_tensors({k: v for k, v in weights.items() if not k.startswith("pooler.")}, folder / "model.safetensors", metadata={"format": "pt"})
+    script = textwrap.dedent(f"""
+        import torch
+        from coldfusion_p2p import model as M
+        body = M.body_state(M.load_body_module({str(folder)!r}))
+        rebuilt = M.load_body_module({str(folder)!r}, body)
+        pooler = rebuilt.state_dict()["pooler.dense.weight"]
+        print(M.hash_body(body), sorted(body) == sorted(k for k in body if not k.startswith("pooler.")), float(pooler.double().sum()))
+    """)
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    lines = [r.stdout.split() for r in runs]
+    assert lines[0] == lines[1] and lines[0][1] == "True"
+    assert lines[0][0] == M.hash_body({k: v for k, v in weights.items() if not k.startswith("pooler.")})
