@@ -288,22 +288,24 @@ class FusionAverager(DecentralizedAverager):
             # the leader accepted us and began at once, and its answer with the group id is late
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._pending_groups_registered.wait(), GROUP_SETUP_TIMEOUT)
-        future = self._running_groups.get(request.group_id)
-        if future is None:
-            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
-            return
-        try:
-            runner = await asyncio.wait_for(asyncio.shield(future), self._allreduce_timeout or 60.0)
-        except asyncio.TimeoutError:
-            return  # the group never started here
-        except asyncio.CancelledError:
-            if future.cancelled():
-                return  # the group was dropped (shutdown); our own caller's cancellation goes on up
-            raise
+        future, runner = self._running_groups.get(request.group_id), None
+        if future is not None:
+            try:
+                runner = await asyncio.wait_for(asyncio.shield(future), self._allreduce_timeout or 60.0)
+            except asyncio.TimeoutError:
+                pass  # the group never started here
+            except asyncio.CancelledError:
+                if not future.cancelled():
+                    raise  # our own caller's cancellation goes on up
+                # else the group was dropped (shutdown)
         # members' tokens are checked when this peer takes up the group (``_outsiders``), before the
-        # runner exists; a caller whose token was not checked is refused (the runner refuses non-members)
+        # runner exists: so the check comes after the wait. A caller whose token was not checked is
+        # refused, whatever group it names (the runner itself refuses members of other groups)
         if self._admission.private and not self._gate("a part of an all-reduce", context, presented=False):
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        if runner is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
         async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message
