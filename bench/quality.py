@@ -145,6 +145,16 @@ def central(args, model_dir: Path, datasets: list[PrivateData]) -> list[M.BodySt
             delta, _, _ = clip_to_norm(body_delta(base, M.body_state(body), names), bound)  # as each peer shares it
             deltas.append([wire(t) for t in delta])
             weights.append(strategy.weight(result.examples, spec.examples_per_round))
+        if args.bad_members:  # colluding members that all send the same noise, as long as the round's bound allows
+            g = torch.Generator().manual_seed(args.seed * 1_000 + v)
+            noise = [torch.randn(t.shape, generator=g) for t in deltas[0]]
+            honest_norm = max(delta_norm(d) for d in deltas)
+            scale = min(20 * honest_norm, 0.95 * bound) / delta_norm(noise)
+            for _ in range(args.bad_members):
+                deltas.append([wire(t * scale) for t in noise])
+                weights.append(1.0)
+            log(f"central: v{v}: {args.bad_members} bad member(s) send noise of norm {scale * delta_norm(noise):.4g} "
+                f"(honest deltas: at most {honest_norm:.4g}, the round's bound {bound:.4g})")
         averaged = [wire(t) for t in strategy.reduce_all(deltas, weights)]  # the all-reduce's arithmetic and bytes
         averaged, _, _ = clip_to_norm(averaged, bound)
         bases.append(strategy.step(base, names, averaged))
@@ -242,6 +252,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strategy", choices=("mean", "weighted", "nesterov", "trimmed_mean"), default="mean", help="the fusion strategy")
     ap.add_argument("--compression", choices=("none", "float16", "8bit"), default="none", help="deltas on the wire")
+    ap.add_argument("--bad-members", type=int, default=0,
+                    help="central only: this many extra members send the same noise every round, 20x the longest honest "
+                         "delta or just inside the round's bound (a longer delta is banned by every reducer)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in this process")
     ap.add_argument("--peer-threads", type=int, default=1)
@@ -256,6 +269,8 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     out = Path(args.out)
+    if args.bad_members and args.mode != "central":
+        raise SystemExit("--bad-members needs --mode central (the swarm's tests run bad members through real peers)")
     started = time.monotonic()
     seen_files = prepare(args.data, out / "data", args.max_train, args.max_eval)
     unseen_files = prepare(args.unseen, out / "data", args.max_train, args.max_eval)
