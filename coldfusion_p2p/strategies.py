@@ -97,6 +97,7 @@ class Strategy:
 
     name: str = "mean"
     outer_lr: float = 1.0
+    state_copies = 0  # float32 copies of the fused tensors kept in the base as state (not a field)
 
     # --- what members claim and what reducers accept
     def weight(self, examples: int, examples_per_round: int) -> float:
@@ -151,6 +152,7 @@ class Nesterov(Strategy):
     name: str = "nesterov"
     outer_lr: float = 0.7
     momentum: float = 0.9
+    state_copies = 1
 
     def step(self, base, names, averaged):
         new = dict(base)

@@ -240,7 +240,9 @@ class HistorySync:
         if current is not None:
             path = self.store.body_path(current.version)
             if path.is_file():
-                return int(path.stat().st_size * 1.05) + (1 << 20)
+                # plus the strategy's state a base may carry (nesterov: one float32 per fused value)
+                state = 4 * self.strategy.state_copies * sum(current.body[n].numel() for n in M.averaged_names(current.body))
+                return int(path.stat().st_size * 1.05) + state + (1 << 20)
         return 8 << 30  # a newcomer without a base: the hash check still decides
 
     def _check_body(self, path: Path, choice: BaseChoice, current: Held | None) -> tuple[str | None, M.BodyState | None]:

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from coldfusion_p2p import model as M
@@ -57,9 +58,9 @@ def world(tmp_path, tiny_model_dir):
     mine.save(v0, VersionInfo(0, h0, parent=None))
     announced: dict = {}
 
-    def make_sync(store=mine):
+    def make_sync(store=mine, strategy=None):
         chain = CertChain("s", h0, 2)
-        sync = HistorySync(store, chain, "me", 0.05, holders.fetch, lambda: dict(announced), log=lambda _m: None)
+        sync = HistorySync(store, chain, "me", 0.05, holders.fetch, lambda: dict(announced), log=lambda _m: None, strategy=strategy)
         sync.load_local()
         return sync
 
@@ -181,6 +182,37 @@ def test_a_holders_info_is_a_courtesy_that_cannot_break_the_store(world):
     announced["odd"] = (1, M.hash_body(v1))
     sync = make_sync()
     held = sync.acquire(sync.look((0, h0)), sync.latest_local())
-    assert held is not None and held.version == 1
+    assert held is not None and held.version == 1, sync.skip.why
     stored = mine.read_info(1)
     assert set(stored.round_stats) <= {"round_s"} and stored.averaged_tensors == [] and stored.created < 1e11
+
+
+def test_a_nesterov_base_carries_its_momentum_and_a_forged_momentum_is_refused(world):
+    """A late joiner downloads a nesterov base with its momentum (hashed and certified with it);
+    a base whose momentum no honest run can have built is refused, as is momentum in a mean swarm."""
+    from coldfusion_p2p.fusion import delta_norm
+    from coldfusion_p2p.strategies import MOMENTUM, Nesterov
+
+    v0, h0, holders, mine, announced, make_sync = world
+    names = M.averaged_names(v0)
+    bound = 0.05 * delta_norm([v0[n].float() for n in names])
+    nesterov = Nesterov()
+    honest = [t * (0.5 * bound / delta_norm([v0[n].float() for n in names])) for t in (v0[n].float() for n in names)]
+    v1 = nesterov.step(v0, names, honest)  # moves 0.7 * 1.9 * half the bound: beyond one plain round, within nesterov's
+    assert any(k.startswith(MOMENTUM) for k in v1)
+    _publish(holders, PEERS[0], v1, 1, [_certify(1, h0, M.hash_body(v1))])
+    announced[PEERS[0]] = (1, M.hash_body(v1))
+    assert make_sync().acquire(make_sync().look((0, h0)), make_sync().latest_local()) is None  # a mean swarm refuses it
+    sync = make_sync(strategy=nesterov)
+    held = sync.acquire(sync.look((0, h0)), sync.latest_local())
+    assert held is not None and held.version == 1, sync.skip.why
+    assert torch.equal(mine.load(1)[0][MOMENTUM + names[0]], v1[MOMENTUM + names[0]])
+    forged = dict(v1, **{MOMENTUM + n: v1[MOMENTUM + n] * 100 for n in names})
+    _publish(holders, "forger", forged, 1, [_certify(1, h0, M.hash_body(forged))])
+    announced.clear()
+    announced["forger"] = (1, M.hash_body(forged))
+    other = VersionStore(mine.root.parent / "other")
+    other.save(v0, VersionInfo(0, h0, parent=None))
+    sync = make_sync(other, strategy=nesterov)
+    assert sync.acquire(sync.look((0, h0)), sync.latest_local()) is None
+    assert "momentum" in sync.skip.why[(1, M.hash_body(forged))]
