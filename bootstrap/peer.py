@@ -76,7 +76,7 @@ def run_bootstrap(
     from coldfusion_p2p.swarm.gate import EnrollDesk, EnrollService, RefusalLog, push_revoked
     from coldfusion_p2p.swarm.node import Identity, _new_identity_file, load_identity
 
-    from bootstrap import lab as L
+    from coldfusion_p2p.bootstrap import lab as L
 
     if lab is not None:
         manifest = L.lab_manifest(lab)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +117,22 @@ def test_a_lab_is_made_admits_and_revokes_members_from_the_command_line(tmp_path
     lab_peer = f"/ip4/127.0.0.1/tcp/9/p2p/{peer_id_of_public_key(token['authority'].encode())}"  # the lab's address, not running
     assert_one_line_error(run_cli("join", "--initial-peers", lab_peer, "--data", data, "--identity", str(other),
                                   "--token", str(tmp_path / "alice.token"), "--store", str(tmp_path / "s")), 2, "not for this peer")
+
+
+def test_the_installed_packages_import_cli_and_bootstrap_under_the_projects_name():
+    """cli/ and bootstrap/ install as coldfusion_p2p.cli and coldfusion_p2p.bootstrap: an import of a
+    top-level `cli` or `bootstrap` works only from the repository's folder, never for a user."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for folder in ("coldfusion_p2p", "cli", "bootstrap", "bench", "tests"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+                offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in ("cli", "bootstrap")]
+    assert not offenders, offenders
+    outside = subprocess.run([sys.executable, "-c", "import coldfusion_p2p.cli.main, coldfusion_p2p.bootstrap.peer, coldfusion_p2p.bootstrap.lab"],
+                             cwd=root.parent, capture_output=True, text=True, timeout=120)
+    assert outside.returncode == 0, outside.stderr[-2000:]

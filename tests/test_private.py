@@ -34,7 +34,7 @@ def test_members_only_swarm_refuses_an_intruder_on_every_path_and_cuts_a_revoked
     # an intruder with a key of its own: a token the authority issued it that expired an hour ago,
     # and ann's token (stolen, without ann's key)
     subprocess.run(cli_command("id", "--identity", str(tmp_path / "intruder.key")), check=True, capture_output=True, env=child_env())
-    from bootstrap import lab as L
+    from coldfusion_p2p.bootstrap import lab as L
 
     intruder_key = subprocess.run(cli_command("id", "--identity", str(tmp_path / "intruder.key")), check=True, capture_output=True,
                                   text=True, env=child_env()).stdout.strip()

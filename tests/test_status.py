@@ -180,7 +180,7 @@ def test_the_empty_view_says_so():
 
 
 def test_join_progress_bars_follow_the_round():
-    from cli.progress import JoinProgress
+    from coldfusion_p2p.cli.progress import JoinProgress
 
     console = Console(record=True, width=140, force_terminal=True, color_system=None)
     with JoinProgress(console) as bars:
