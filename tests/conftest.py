@@ -92,11 +92,13 @@ class LocalSwarm:
         assert done.returncode == 0, done.stderr
         return key, token
 
-    def join(self, name: str, dataset: str = "sms_spam", *extra: str, rounds: int = 2) -> subprocess.Popen:
+    def join(self, name: str, dataset: str = "sms_spam", *extra: str, rounds: int = 2, initial_peers: list[str] | None = None,
+             port: int = 0) -> subprocess.Popen:
         store = self.root / name
         store.mkdir(exist_ok=True)
-        cmd = cli_command("join", "--initial-peers", self.initial_peer, "--data", str(DEMO_DATA / f"{dataset}.jsonl"),
-                          "--rounds", str(rounds), "--store", str(store), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+        peers = [a for p in (initial_peers or [self.initial_peer]) for a in ("--initial-peers", p)]
+        cmd = cli_command("join", *peers, "--data", str(DEMO_DATA / f"{dataset}.jsonl"),
+                          "--rounds", str(rounds), "--store", str(store), "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}",
                           "--threads", "1", "--events", str(store / "events.jsonl"), "--name", name, *extra)
         proc = self.children.start(cmd, self.root / f"{name}.log")
         self.peers[name] = proc

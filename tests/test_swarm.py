@@ -90,3 +90,32 @@ def test_peer_with_wrong_model_is_refused(swarm, tiny_model_dir, tmp_path):
     assert len(error_lines) == 1 and "does not match the swarm's v0" in error_lines[0]
     assert "Traceback" not in log
     assert not (tmp_path / "mallory" / "versions" / "v000000").exists()  # nothing of the wrong model was stored
+
+
+def test_a_joiner_gets_in_through_any_initial_peer_that_answers(swarm, tmp_path):
+    """The bootstrap peer is gone when bob joins: his first --initial-peers is dead, the second is a
+    contributor named by a /dns4/ address, which serves the manifest (signed by the authority,
+    named with --authority) and v0; ann and bob fuse v1 without any bootstrap peer."""
+    import socket
+
+    from coldfusion_p2p.certs import peer_id_of_public_key
+    from coldfusion_p2p.swarm.node import _new_identity_file, load_identity
+
+    boot = swarm.start_bootstrap("tiny-bert")
+    authority = boot.rsplit("/p2p/", 1)[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = tmp_path / "ann.key"
+    _new_identity_file(str(key))
+    ann_id = peer_id_of_public_key(load_identity(str(key)).get_public_key().to_bytes())
+    ann = swarm.join("ann", "sms_spam", "--identity", str(key), rounds=1, port=port)
+    swarm.wait_for(lambda: any(e["event"] == "joined" for e in swarm.events("ann")), 90, "ann to join")
+    swarm.children.signal_group(swarm.boot, 9)  # the bootstrap peer and its p2pd, gone for good
+    swarm.boot.wait(10)
+    dead = boot
+    ann_addr = f"/dns4/localhost/tcp/{port}/p2p/{ann_id}"  # a name, as a lab would publish it
+    bob = swarm.join("bob", "rotten_tomatoes", "--authority", authority, rounds=1, initial_peers=[dead, ann_addr])
+    for name, proc in (("ann", ann), ("bob", bob)):
+        assert swarm.wait(proc, name, 240) == 0, swarm.log(name)
+    assert VersionStore(tmp_path / "ann").read_info(1).hash == VersionStore(tmp_path / "bob").read_info(1).hash
