@@ -173,7 +173,9 @@ def export_version(store: VersionStore, version: int | str, out: Path) -> dict:
     tmp.mkdir(parents=True)
     try:
         module = M.load_body_module(model_dir, body)
-        module.save_pretrained(tmp, safe_serialization=True)
+        # exactly the body's weights: reading the folder back gives the same body and hash (a weight
+        # the original checkpoint lacked stays out, as it was)
+        module.save_pretrained(tmp, state_dict=M.body_state(module), safe_serialization=True)
         for name in M.MODEL_FILE_NAMES:
             if name != "config.json" and (model_dir / name).is_file():
                 shutil.copy(model_dir / name, tmp / name)

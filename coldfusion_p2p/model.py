@@ -6,6 +6,7 @@ private classifier. Only the body is ever hashed, averaged or shared.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -105,9 +106,26 @@ def load_body_module(folder: Path, body: BodyState | None = None) -> nn.Module:
             missing, unexpected = model.load_state_dict(model_tensors(body), strict=False)  # a strategy's state is not the model's
             if unexpected:
                 raise UserError(f"the base has tensors this model does not ({', '.join(sorted(unexpected)[:3])}): it is not this model's")
+            lacking = set(missing) - (checkpoint_absent(folder) if missing else set())
+            if lacking:  # only what the checkpoint itself lacks may be missing: not a partial or damaged body
+                raise UserError(f"the base lacks weights of this model ({', '.join(sorted(lacking)[:3])}): it is not a whole body")
             absent = set(missing)
     model._cfp2p_absent = frozenset(absent)
     return model.float()
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_absent(folder: str) -> frozenset:
+    from transformers import AutoModel
+
+    with torch.random.fork_rng(devices=[]):
+        _, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    return frozenset(info.get("missing_keys") or ())
+
+
+def checkpoint_absent(folder: Path) -> set[str]:
+    """The model's weights that the folder's checkpoint does not hold (a pooler, say)."""
+    return set(_checkpoint_absent(str(Path(folder).resolve())))
 
 
 def body_state(module: nn.Module) -> BodyState:

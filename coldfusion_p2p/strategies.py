@@ -117,7 +117,7 @@ class Strategy:
 
     # --- the outer step
     def step(self, base: dict[str, torch.Tensor], names: list[str], averaged: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        new = dict(base)
+        new = model_tensors(base)  # a state left by another strategy (the manifest changed) is dropped
         for name, d in zip(names, averaged):
             new[name] = (base[name].float() + self.outer_lr * d).to(base[name].dtype)
         return new

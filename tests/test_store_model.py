@@ -132,3 +132,13 @@ def test_a_checkpoint_without_a_pooler_gives_the_same_v0_in_every_process(tiny_m
     lines = [r.stdout.split() for r in runs]
     assert lines[0] == lines[1] and lines[0][1] == "True"
     assert lines[0][0] == M.hash_body({k: v for k, v in weights.items() if not k.startswith("pooler.")})
+
+
+def test_a_body_missing_a_weight_the_checkpoint_holds_is_refused(tiny):
+    folder, body = tiny
+    partial = {k: v for k, v in body.items() if k != sorted(body)[3]}
+    with pytest.raises(UserError, match="lacks weights of this model"):
+        M.load_body_module(folder, partial)
+    extra = dict(body, **{"not.a.weight": torch.zeros(2)})
+    with pytest.raises(UserError, match="has tensors this model does not"):
+        M.load_body_module(folder, extra)

@@ -110,3 +110,14 @@ def test_delta_norm_of_the_momentum_is_not_part_of_the_models_fused_names():
 
     body = Nesterov().step({"w": torch.ones(4)}, ["w"], [torch.ones(4)])
     assert averaged_names(body) == ["w"] and delta_norm([body["w"]]) > 0
+
+
+def test_reducers_refuse_a_fractional_weight_and_a_strategy_change_drops_old_state():
+    from coldfusion_p2p.swarm.averager import part_violation
+
+    rules = {"min_weight": 1.0, "max_weight": 500.0}
+    assert part_violation(3.0, torch.zeros(3), rules) is None
+    assert "whole number" in part_violation(3.3, torch.zeros(3), rules)
+    with_momentum = Nesterov().step({"w": torch.ones(2)}, ["w"], [torch.ones(2)])
+    after = Strategy().step(with_momentum, ["w"], [torch.ones(2)])
+    assert set(after) == {"w"} and Strategy().state_problem(after, ["w"], 1.0) is None

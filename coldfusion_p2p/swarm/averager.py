@@ -67,6 +67,8 @@ def part_violation(weight: float, part: torch.Tensor, rules: dict) -> str | None
 
     if not (math.isfinite(weight) and lo <= weight <= hi):
         return f"claimed weight {weight:.6g}, outside the manifest's rule [{lo:g}, {hi:g}]"
+    if weight != int(weight):  # a count of examples: a fractional weight would also make sums order-dependent
+        return f"claimed weight {weight:.6g}, not a whole number of examples"
     return part_problem(part, rules.get("part_bound", math.inf))
 
 
