@@ -145,15 +145,18 @@ def central(args, model_dir: Path, datasets: list[PrivateData]) -> list[M.BodySt
             delta, _, _ = clip_to_norm(body_delta(base, M.body_state(body), names), bound)  # as each peer shares it
             deltas.append([wire(t) for t in delta])
             weights.append(strategy.weight(result.examples, spec.examples_per_round))
-        if args.bad_members:  # colluding members that all send the same noise, as long as the round's bound allows
-            g = torch.Generator().manual_seed(args.seed * 1_000 + v)
-            noise = [torch.randn(t.shape, generator=g) for t in deltas[0]]
+        if args.bad_members:  # colluding members that all send the same delta, as long as the round's bound allows
             honest_norm = max(delta_norm(d) for d in deltas)
-            scale = min(20 * honest_norm, 0.95 * bound) / delta_norm(noise)
+            if args.bad_kind == "noise":  # random noise, 20x an honest delta
+                g = torch.Generator().manual_seed(args.seed * 1_000 + v)
+                evil = [torch.randn(t.shape, generator=g) for t in deltas[0]]
+            else:  # reverse: against the honest members' mean, 20x as long (they know it: the worst case)
+                evil = [-t for t in strategy.reduce_all(deltas, weights)]
+            scale = min(20 * honest_norm, 0.95 * bound) / delta_norm(evil)
             for _ in range(args.bad_members):
-                deltas.append([wire(t * scale) for t in noise])
+                deltas.append([wire(t * scale) for t in evil])
                 weights.append(1.0)
-            log(f"central: v{v}: {args.bad_members} bad member(s) send noise of norm {scale * delta_norm(noise):.4g} "
+            log(f"central: v{v}: {args.bad_members} bad member(s) send {args.bad_kind} of norm {scale * delta_norm(evil):.4g} "
                 f"(honest deltas: at most {honest_norm:.4g}, the round's bound {bound:.4g})")
         averaged = [wire(t) for t in strategy.reduce_all(deltas, weights)]  # the all-reduce's arithmetic and bytes
         averaged, _, _ = clip_to_norm(averaged, bound)
@@ -255,6 +258,8 @@ def main() -> None:
     ap.add_argument("--bad-members", type=int, default=0,
                     help="central only: this many extra members send the same noise every round, 20x the longest honest "
                          "delta or just inside the round's bound (a longer delta is banned by every reducer)")
+    ap.add_argument("--bad-kind", choices=("noise", "reverse"), default="noise",
+                    help="what bad members send: random noise, or the honest members' mean reversed")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in this process")
     ap.add_argument("--peer-threads", type=int, default=1)
