@@ -106,7 +106,8 @@ def load_body_module(folder: Path, body: BodyState | None = None) -> nn.Module:
             missing, unexpected = model.load_state_dict(model_tensors(body), strict=False)  # a strategy's state is not the model's
             if unexpected:
                 raise UserError(f"the base has tensors this model does not ({', '.join(sorted(unexpected)[:3])}): it is not this model's")
-            lacking = set(missing) - (checkpoint_absent(folder) if missing else set())
+            known = checkpoint_absent(folder) if missing else set()
+            lacking = set(missing) - known if known is not None else set()
             if lacking:  # only what the checkpoint itself lacks may be missing: not a partial or damaged body
                 raise UserError(f"the base lacks weights of this model ({', '.join(sorted(lacking)[:3])}): it is not a whole body")
             absent = set(missing)
@@ -123,9 +124,14 @@ def _checkpoint_absent(folder: str) -> frozenset:
     return frozenset(info.get("missing_keys") or ())
 
 
-def checkpoint_absent(folder: Path) -> set[str]:
-    """The model's weights that the folder's checkpoint does not hold (a pooler, say)."""
-    return set(_checkpoint_absent(str(Path(folder).resolve())))
+def checkpoint_absent(folder: Path) -> set[str] | None:
+    """The model's weights that the folder's checkpoint does not hold (a pooler, say); None for a folder
+    without weights (a peer's downloaded copy: config and tokenizer, the weights travel as bases,
+    whose tensor names were checked against the swarm's v0)."""
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        return None
+    return set(_checkpoint_absent(str(folder.resolve())))
 
 
 def body_state(module: nn.Module) -> BodyState:
