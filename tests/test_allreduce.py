@@ -33,18 +33,24 @@ def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, targe
             dht.shutdown()
 
 
+def step_all(averagers, result_timeout: float) -> tuple[list[dict], list[list[torch.Tensor]]]:
+    """One all-reduce step on every averager at once: each one's result and its tensors after it."""
+    controls = [av.step(weight=1.0, gather={"i": i}, timeout=30, wait=False) for i, av in enumerate(averagers)]
+    results = [c.result(timeout=result_timeout) for c in controls]
+    outputs = []
+    for av in averagers:
+        with av.get_tensors() as ts:
+            outputs.append([t.clone() for t in ts])
+    return results, outputs
+
+
 @pytest.mark.parametrize("compression", ["none", "float16", "8bit"])
 def test_all_reduce_is_bit_identical_on_every_member_and_reports_clean(tmp_path, compression):
     g = torch.Generator().manual_seed(7)
     shapes = [(384, 384), (1000,), (3, 5, 7)]
     inputs = [[torch.randn(s, generator=g) * (i + 1) for s in shapes] for i in range(3)]
     with three_averagers(tmp_path, inputs, compression, "t_r0_test_a1", 3) as (dhts, averagers):
-        controls = [av.step(weight=1.0, gather={"i": i}, timeout=30, wait=False) for i, av in enumerate(averagers)]
-        results = [c.result(timeout=60) for c in controls]
-        outputs = []
-        for av in averagers:
-            with av.get_tensors() as ts:
-                outputs.append([t.clone() for t in ts])
+        results, outputs = step_all(averagers, 60)
     for r in results:
         assert r["clean"] and r["failed_size"] == 0 and not r["banned"] and len(r["group"]) == 3
         assert sorted(v["i"] for v in r["gathered"].values()) == [0, 1, 2]
@@ -85,12 +91,7 @@ def test_the_robust_strategy_in_the_reducers_bounds_a_bad_member_and_names_it(tm
     chosen = strategy_for(strategy)
     rules = {"min_weight": 1.0, "max_weight": 1.0, "part_bound": 100.0, "strategy": chosen}
     with three_averagers(tmp_path, inputs, "none", f"t_r0_{strategy}", 5, rules=rules) as (dhts, averagers):
-        controls = [av.step(weight=1.0, gather={"i": i}, timeout=30, wait=False) for i, av in enumerate(averagers)]
-        results = [c.result(timeout=90) for c in controls]
-        outputs = []
-        for av in averagers:
-            with av.get_tensors() as ts:
-                outputs.append([t.clone() for t in ts])
+        results, outputs = step_all(averagers, 90)
         bad = dhts[4].peer_id.to_base58()
     expected = chosen.reduce_all(inputs)
     honest_mean = mean_delta(honest)
