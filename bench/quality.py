@@ -39,7 +39,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from coldfusion_p2p import model as M  # noqa: E402
-from coldfusion_p2p.config import TrainingSpec  # noqa: E402
+from coldfusion_p2p.config import STRATEGIES, TrainingSpec  # noqa: E402
 from coldfusion_p2p.data import PrivateData, load_private_data  # noqa: E402
 from coldfusion_p2p.evaluate import EvalSettings, evaluate, subset  # noqa: E402
 from coldfusion_p2p.config import SwarmManifest  # noqa: E402
@@ -47,6 +47,8 @@ from coldfusion_p2p.fusion import body_delta, clip_to_norm, delta_norm, round_bo
 from coldfusion_p2p.plots import plot_lines  # noqa: E402
 from coldfusion_p2p.procs import Children, cli_command  # noqa: E402
 from coldfusion_p2p.store import VersionStore  # noqa: E402
+from coldfusion_p2p.strategies import median_center  # noqa: E402
+from coldfusion_p2p.swarm.averager import part_values  # noqa: E402
 from coldfusion_p2p.training import LocalTrainer, round_seed  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -103,14 +105,36 @@ def _write_manifest(args, contributors: int) -> Path:
 
 
 def _wire(compression: str):
-    """What a tensor is once it has crossed the wire (the all-reduce's compression), as the reducers see it."""
+    """What a tensor is once it has crossed the wire (the all-reduce's compression), as the reducers see it:
+    each part of ``part_values(compression)`` values round-tripped on its own (8-bit has a codebook per part)."""
     if compression == "none":
         return lambda t: t.clone()
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
     from hivemind.proto.runtime_pb2 import CompressionType
 
     kind = {"float16": CompressionType.FLOAT16, "8bit": CompressionType.UNIFORM_8BIT}[compression]
-    return lambda t: deserialize_torch_tensor(serialize_torch_tensor(t, kind)).reshape(t.shape)
+    size = part_values(compression)
+
+    def wire(t: torch.Tensor) -> torch.Tensor:
+        chunks = [deserialize_torch_tensor(serialize_torch_tensor(c, kind)) for c in t.reshape(-1).split(size)]
+        return torch.cat(chunks).reshape(t.shape)
+    return wire
+
+
+def edge_attack(deltas: list[list[torch.Tensor]], size: int, factor: float = 25.0) -> list[torch.Tensor]:
+    """A member that knows ``filtered_mean``'s rule and the honest deltas: in every part, the point against
+    the honest mean's direction at 0.9 of the radius the filter keeps (the worst it can do unseen)."""
+    out = []
+    for parts in zip(*deltas):
+        chunks = []
+        for cs in zip(*(p.reshape(-1).split(size) for p in parts)):
+            center = median_center(list(cs))
+            d2 = sorted(float((c.double() - center).pow(2).sum()) for c in cs)
+            away = -sum(c.double() for c in cs)
+            away = away / max(float(away.norm()), 1e-30)
+            chunks.append((center + 0.9 * (factor * d2[len(d2) // 2]) ** 0.5 * away).float())
+        out.append(torch.cat(chunks).reshape(parts[0].shape))
+    return out
 
 
 def wire_bytes(values: int, compression: str, peers: int) -> int:
@@ -136,6 +160,7 @@ def central(args, model_dir: Path, datasets: list[PrivateData]) -> list[M.BodySt
     names = M.averaged_names(bases[0])
     manifest = SwarmManifest.from_toml(_write_manifest(args, len(datasets)))
     strategy, wire = manifest.strategy(), _wire(manifest.fusion.compression)
+    size = part_values(manifest.fusion.compression)  # the all-reduce's parts (a per-part strategy reduces these)
     for v in range(args.rounds):
         base, deltas, weights = bases[-1], [], []
         bound = round_bound(delta_norm([base[n].float() for n in names]), manifest.fusion.max_delta_ratio)
@@ -150,15 +175,18 @@ def central(args, model_dir: Path, datasets: list[PrivateData]) -> list[M.BodySt
             if args.bad_kind == "noise":  # random noise, 20x an honest delta
                 g = torch.Generator().manual_seed(args.seed * 1_000 + v)
                 evil = [torch.randn(t.shape, generator=g) for t in deltas[0]]
-            else:  # reverse: against the honest members' mean, 20x as long (they know it: the worst case)
-                evil = [-t for t in strategy.reduce_all(deltas, weights)]
-            scale = min(20 * honest_norm, 0.95 * bound) / delta_norm(evil)
+            elif args.bad_kind == "reverse":  # against the honest members' mean, 20x as long (they know it)
+                evil = [-t for t in strategy.reduce_all(deltas, weights, part_values=size)]
+            else:  # edge: against the honest mean, just inside filtered_mean's radius in every part
+                evil = edge_attack(deltas, size)
+            scale = 1.0 if args.bad_kind == "edge" else min(20 * honest_norm, 0.95 * bound) / delta_norm(evil)
+            scale = min(scale, 0.95 * bound / delta_norm(evil))
             for _ in range(args.bad_members):
                 deltas.append([wire(t * scale) for t in evil])
                 weights.append(1.0)
             log(f"central: v{v}: {args.bad_members} bad member(s) send {args.bad_kind} of norm {scale * delta_norm(evil):.4g} "
                 f"(honest deltas: at most {honest_norm:.4g}, the round's bound {bound:.4g})")
-        averaged = [wire(t) for t in strategy.reduce_all(deltas, weights)]  # the all-reduce's arithmetic and bytes
+        averaged = [wire(t) for t in strategy.reduce_all(deltas, weights, part_values=size)]  # the all-reduce's arithmetic and bytes
         averaged, _, _ = clip_to_norm(averaged, bound)
         bases.append(strategy.step(base, names, averaged))
         log(f"central: v{v + 1} ({M.hash_body(bases[-1])[:12]})")
@@ -253,13 +281,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--strategy", choices=("mean", "weighted", "nesterov", "trimmed_mean"), default="mean", help="the fusion strategy")
+    ap.add_argument("--strategy", choices=STRATEGIES, default="mean", help="the fusion strategy")
     ap.add_argument("--compression", choices=("none", "float16", "8bit"), default="none", help="deltas on the wire")
     ap.add_argument("--bad-members", type=int, default=0,
                     help="central only: this many extra members send the same noise every round, 20x the longest honest "
                          "delta or just inside the round's bound (a longer delta is banned by every reducer)")
-    ap.add_argument("--bad-kind", choices=("noise", "reverse"), default="noise",
-                    help="what bad members send: random noise, or the honest members' mean reversed")
+    ap.add_argument("--bad-kind", choices=("noise", "reverse", "edge"), default="noise",
+                    help="what bad members send: random noise, the honest members' mean reversed, or (edge) the reversed "
+                         "direction just inside filtered_mean's radius in every part")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in this process")
     ap.add_argument("--peer-threads", type=int, default=1)

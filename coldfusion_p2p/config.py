@@ -15,7 +15,7 @@ from typing import Any
 
 from coldfusion_p2p.errors import UserError
 
-STRATEGIES = ("mean", "weighted", "nesterov", "trimmed_mean")  # coldfusion_p2p/strategies.py
+STRATEGIES = ("mean", "weighted", "nesterov", "trimmed_mean", "filtered_mean")  # coldfusion_p2p/strategies.py
 COMPRESSIONS = ("none", "float16", "8bit")  # deltas on the wire (swarm/averager.py:wire_compression)
 
 SWARM_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
@@ -47,7 +47,8 @@ class TrainingSpec:
 @dataclass
 class FusionSpec:
     # mean (ColD Fusion's), weighted (by examples trained this round), nesterov (DiLoCo's outer
-    # optimizer) or trimmed_mean (robust: bounds any single member's influence); coldfusion_p2p/strategies.py
+    # optimizer), trimmed_mean (robust per coordinate) or filtered_mean (robust: per part of the all-reduce, a
+    # member 5x further from the median than the median member is left out); coldfusion_p2p/strategies.py
     strategy: str = "mean"
     outer_lr: float | None = None  # None: the strategy's own (1.0, the plain average; nesterov 0.7)
     momentum: float = 0.9  # nesterov's

@@ -24,6 +24,19 @@ Strategies (``[fusion] strategy`` in the manifest):
   the scale of honest deltas, which differs per model and per round; and it is a single pass over a
   slice the reducer already holds. While fewer than ``trim`` members collude, every coordinate of the
   result lies between two honest members' values: no one member moves the base beyond the honest spread.
+  Its cost: it drops honest values too, and a member pushing against the honest mean shifts which
+  ones, so a round with one such member still loses part of its step.
+- ``filtered_mean``: the robust one for volunteers' swarms. Per *part* of the all-reduce (the slice a
+  reducer receives from every member at once, ``part_values`` values of one tensor), the members whose
+  distance from the coordinate-wise median is more than ``filter_factor`` (5) times the median member's
+  are left out and the rest averaged. A round of honest members is the plain mean (no honest member is
+  that far from the others in the runs measured), and a member sending noise, a scaled or flipped
+  delta is left out entirely: the round is what the honest members alone would have made. A member
+  that knows the rule can still stay inside the radius; its pull is then at most ``filter_factor``
+  times the honest spread divided by the members kept (no aggregator does better when honest deltas
+  differ this much: Karimireddy et al., ICLR 2022, on heterogeneous data). The decision is per part,
+  so the central loop reduces the same parts (``reduce_all(..., part_values=)``), and the result is
+  exact and order-free like the others (a sort, float64 sums, members in a fixed order).
 """
 
 from __future__ import annotations
@@ -73,6 +86,31 @@ def trimmed_mean(parts: list[torch.Tensor], trim: int) -> torch.Tensor:
     return (acc / float(n - 2 * trim)).float()
 
 
+def median_center(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The coordinate-wise median in float64 (the mean of the two middle values for an even count)."""
+    ordered = torch.sort(torch.stack([p.double() for p in parts]), dim=0).values
+    n = len(parts)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def kept_members(parts: list[torch.Tensor], factor: float) -> list[int]:
+    """Indices of the members within ``sqrt(factor)`` times the median member's distance from the
+    coordinate-wise median (all of them for fewer than three members: there is no majority to tell)."""
+    n = len(parts)
+    if n < 3:
+        return list(range(n))
+    center = median_center(parts)
+    d2 = [float((p.double() - center).pow(2).sum()) for p in parts]
+    median = sorted(d2)[n // 2]
+    return [i for i, d in enumerate(d2) if d <= factor * median]
+
+
+def filtered_mean(parts: list[torch.Tensor], weights: list[float], factor: float = 25.0) -> torch.Tensor:
+    """The weighted mean of the members ``kept_members`` keeps (``factor`` on squared distances)."""
+    keep = kept_members(parts, factor)
+    return weighted_mean([parts[i] for i in keep], [weights[i] for i in keep])
+
+
 def influence(parts: list[torch.Tensor], result: torch.Tensor) -> list[float]:
     """Each member's squared distance from the reduced value over this slice (a reducer adds these up
     over the parts it reduced and names members far from the rest: ``outliers``)."""
@@ -98,6 +136,7 @@ class Strategy:
     name: str = "mean"
     outer_lr: float = 1.0
     state_copies = 0  # float32 copies of the fused tensors kept in the base as state (not a field)
+    per_part = False  # True: ``reduce`` of a slice depends on the whole part (reduce_all needs part_values)
 
     # --- what members claim and what reducers accept
     def weight(self, examples: int, examples_per_round: int) -> float:
@@ -110,10 +149,21 @@ class Strategy:
     def reduce(self, parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         return weighted_mean(parts, weights)
 
-    def reduce_all(self, deltas: list[list[torch.Tensor]], weights: list[float] | None = None) -> list[torch.Tensor]:
-        """Whole deltas (one list of tensors per member) to one: the central loop's form of ``reduce``."""
+    def reduce_all(self, deltas: list[list[torch.Tensor]], weights: list[float] | None = None,
+                   part_values: int | None = None) -> list[torch.Tensor]:
+        """Whole deltas (one list of tensors per member) to one: the central loop's form of ``reduce``.
+        ``part_values``: the all-reduce's part size for the wire in use (``averager.part_values``); a
+        per-part strategy reduces each tensor in parts of that many values, as the reducers do."""
         weights = weights or [1.0] * len(deltas)
-        return [self.reduce(list(parts), weights) for parts in zip(*deltas)]
+        if not self.per_part:
+            return [self.reduce(list(parts), weights) for parts in zip(*deltas)]
+        if not part_values:
+            raise ValueError(f"the {self.name} strategy reduces per part: give reduce_all the part size")
+        out = []
+        for parts in zip(*deltas):
+            chunks = zip(*(p.reshape(-1).split(part_values) for p in parts))
+            out.append(torch.cat([self.reduce(list(c), weights) for c in chunks]).reshape(parts[0].shape))
+        return out
 
     # --- the outer step
     def step(self, base: dict[str, torch.Tensor], names: list[str], averaged: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,6 +252,19 @@ class TrimmedMean(Strategy):
         return trimmed_mean(parts, self.trim_for(len(parts)))
 
 
+@dataclass(frozen=True)
+class FilteredMean(Strategy):
+    """Per part, the mean of the members within ``sqrt(filter_factor)`` (5x) the median member's distance
+    from the coordinate-wise median: outliers are left out whole, honest rounds are the plain mean."""
+
+    name: str = "filtered_mean"
+    filter_factor: float = 25.0  # on squared distances
+    per_part = True
+
+    def reduce(self, parts, weights):
+        return filtered_mean(parts, weights, self.filter_factor)
+
+
 def strategy_for(name: str, outer_lr: float | None = None, momentum: float | None = None,
                  trim_fraction: float | None = None) -> Strategy:
     """The manifest's strategy. ``outer_lr``/``momentum`` None: the strategy's own defaults."""
@@ -214,4 +277,6 @@ def strategy_for(name: str, outer_lr: float | None = None, momentum: float | Non
         return Nesterov(**lr, **({} if momentum is None else {"momentum": float(momentum)}))
     if name == "trimmed_mean":
         return TrimmedMean(**lr, **({} if trim_fraction is None else {"trim_fraction": float(trim_fraction)}))
+    if name == "filtered_mean":
+        return FilteredMean(**lr)
     raise ValueError(f"unknown fusion strategy {name!r} (one of {', '.join(STRATEGIES)})")

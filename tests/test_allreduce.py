@@ -73,16 +73,17 @@ def test_all_reduce_is_bit_identical_on_every_member_and_reports_clean(tmp_path,
             assert torch.equal(out, wire(expected))
 
 
-@pytest.mark.parametrize("strategy", ["trimmed_mean", "mean"])
+@pytest.mark.parametrize("strategy", ["filtered_mean", "trimmed_mean", "mean"])
 def test_the_robust_strategy_in_the_reducers_bounds_a_bad_member_and_names_it(tmp_path, strategy):
-    """Five real members, one sending noise 20x an honest delta's norm (inside the part bound): with
-    trimmed_mean every reducer's slice is the trimmed mean of its members' parts, so every member
-    holds exactly the central computation, close to the honest members' mean, and the bad member is
+    """Five real members, one sending noise 20x an honest delta's norm (inside the part bound): with a
+    robust strategy every reducer reduces its parts with it, so every member holds exactly the central
+    computation, close to the honest members' mean (filtered_mean: exactly it), and the bad member is
     named; with mean the same deltas pull the result far away."""
     from coldfusion_p2p.strategies import strategy_for
+    from coldfusion_p2p.swarm.averager import part_values
 
     g = torch.Generator().manual_seed(13)
-    shapes = [(512, 64), (3000,)]
+    shapes = [(600, 512), (3000,)]  # four parts of the all-reduce (131,072 values at most each)
     honest = [[torch.randn(s, generator=g) * 1e-3 + 1e-3 for s in shapes] for _ in range(4)]
     honest_norm = float(torch.sqrt(sum(t.double().pow(2).sum() for t in honest[0])))
     noise = [torch.randn(s, generator=g) for s in shapes]
@@ -93,12 +94,14 @@ def test_the_robust_strategy_in_the_reducers_bounds_a_bad_member_and_names_it(tm
     with three_averagers(tmp_path, inputs, "none", f"t_r0_{strategy}", 5, rules=rules) as (dhts, averagers):
         results, outputs = step_all(averagers, 90)
         bad = dhts[4].peer_id.to_base58()
-    expected = chosen.reduce_all(inputs)
+    expected = chosen.reduce_all(inputs, part_values=part_values("none"))
     honest_mean = mean_delta(honest)
     for out in outputs:
         assert all(torch.equal(o, e) for o, e in zip(out, expected))  # p2p = central, bit for bit
     off = float(torch.sqrt(sum((o - h).double().pow(2).sum() for o, h in zip(outputs[0], honest_mean))))
-    if strategy == "trimmed_mean":
+    if strategy == "filtered_mean":
+        assert all(torch.equal(o, h) for o, h in zip(outputs[0], honest_mean))
+    if strategy != "mean":
         assert off < 0.5 * honest_norm, (off, honest_norm)
         reducers = [r for r in results if r["reduced_parts"] > 0]
         assert reducers and all(list(r["outliers"]) == [bad] for r in reducers), [r["outliers"] for r in results]

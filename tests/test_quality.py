@@ -19,11 +19,13 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
     ("mean", "none"),
     pytest.param("nesterov", "float16", marks=pytest.mark.slow),  # momentum in the base, float16 on the wire
     pytest.param("trimmed_mean", "none", marks=pytest.mark.slow),  # three contributors: one trimmed at each end
+    pytest.param("filtered_mean", "float16", marks=pytest.mark.slow),  # decided per part of the all-reduce
 ])
 def test_p2p_bases_equal_the_central_simulation(tmp_path, strategy, compression):
     out = tmp_path / "out"
-    seen = ["sms_spam", "trec6"] + (["rotten_tomatoes"] if strategy == "trimmed_mean" else [])
-    unseen = [] if strategy == "trimmed_mean" else ["rotten_tomatoes"]
+    robust = strategy in ("trimmed_mean", "filtered_mean")  # three contributors, so that there is a majority
+    seen = ["sms_spam", "trec6"] + (["rotten_tomatoes"] if robust else [])
+    unseen = [] if robust else ["rotten_tomatoes"]
     got = subprocess.run(
         [sys.executable, str(BENCH), "--data", *(str(DEMO_DATA / f"{d}.jsonl") for d in seen),
          *(["--unseen", *(str(DEMO_DATA / f"{d}.jsonl") for d in unseen)] if unseen else []),

@@ -10,7 +10,8 @@ from coldfusion_p2p.config import SwarmManifest
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.fusion import delta_norm
 from coldfusion_p2p.strategies import (
-    MOMENTUM, Nesterov, Strategy, TrimmedMean, influence, model_tensors, outliers, strategy_for, trimmed_mean,
+    MOMENTUM, FilteredMean, Nesterov, Strategy, TrimmedMean, filtered_mean, influence, kept_members, median_center,
+    model_tensors, outliers, strategy_for, trimmed_mean, weighted_mean,
 )
 
 
@@ -19,7 +20,7 @@ def _deltas(n, shape=(64, 33), seed=0, scale=1e-3):
     return [[torch.randn(shape, generator=g) * scale, torch.randn(17, generator=g) * scale] for _ in range(n)]
 
 
-@pytest.mark.parametrize("strategy", [Strategy(), TrimmedMean(), strategy_for("weighted")])
+@pytest.mark.parametrize("strategy", [Strategy(), TrimmedMean(), strategy_for("weighted")])  # coordinate-wise ones
 def test_a_reduction_of_slices_is_the_slice_of_the_reduction(strategy):
     """What makes p2p = central: a reducer's slice of the result equals the same slice of the whole."""
     deltas = _deltas(5)
@@ -29,6 +30,54 @@ def test_a_reduction_of_slices_is_the_slice_of_the_reduction(strategy):
     for lo, hi in ((0, 100), (100, 2000), (2000, flat[0].numel())):
         part = strategy.reduce([f[lo:hi] for f in flat], weights or [1.0] * 5)
         assert torch.equal(part, torch.cat([t.reshape(-1) for t in whole])[lo:hi])
+
+
+def test_a_per_part_strategy_reduces_the_all_reduces_parts():
+    """filtered_mean decides per part: the central loop, given the wire's part size, computes exactly what
+    each reducer computes on its part, and without the part size it refuses rather than guess."""
+    from coldfusion_p2p.swarm.averager import part_values
+
+    size = 500
+    deltas = _deltas(5, shape=(40, 33))  # 1320 values: parts of 500, 500, 320 (and one of 17)
+    deltas[4] = [t * 40 for t in deltas[4]]
+    deltas[3][0].view(-1)[600:900] *= 40  # far from the others in the second part only
+    strategy = FilteredMean()
+    whole = strategy.reduce_all(deltas, None, part_values=size)
+    flat = [d[0].reshape(-1) for d in deltas]
+    for lo, hi in ((0, 500), (500, 1000), (1000, 1320)):
+        assert torch.equal(strategy.reduce([f[lo:hi] for f in flat], [1.0] * 5), whole[0].reshape(-1)[lo:hi])
+    second = [f[500:1000] for f in flat]
+    assert kept_members(second, 25.0) == [0, 1, 2] and kept_members([f[:500] for f in flat], 25.0) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="part size"):
+        strategy.reduce_all(deltas)
+    assert part_values("none") == 131072 and part_values("float16") == 2 * part_values("none")
+
+
+def test_filtered_mean_of_honest_members_is_the_plain_mean_and_order_free():
+    """Honest deltas of different lengths (3x apart, as different tasks make) are all kept: the round is
+    ColD Fusion's mean, bit for bit, whatever order the members come in."""
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.randn(4000, generator=g) * s * 1e-3 + 1e-3 for s in (1.0, 1.5, 2.0, 2.5, 3.0)]
+    assert torch.equal(filtered_mean(parts, [1.0] * 5), weighted_mean(parts, [1.0] * 5))
+    results = {filtered_mean(list(p), [1.0] * 5).numpy().tobytes() for p in itertools.permutations(parts)}
+    assert len(results) == 1
+    assert torch.equal(median_center(parts[:4]), (torch.sort(torch.stack(parts[:4]).double(), 0).values[1:3]).mean(0))
+    assert kept_members(parts[:2] + [parts[0] * 1000], 25.0) == [0, 1]  # three: a majority can tell
+    assert kept_members([parts[0], parts[0] * 1000], 25.0) == [0, 1]  # two: no majority, nobody is left out
+
+
+def test_a_member_inside_the_filters_radius_pulls_at_most_its_share_of_it():
+    """The limit of any robust rule with honest members this different: a member that stays just inside
+    the radius is kept, and moves the result by its distance over the members kept, no more."""
+    g = torch.Generator().manual_seed(4)
+    honest = [torch.randn(4000, generator=g) * 1e-3 + 1e-3 for _ in range(4)]
+    center = median_center(honest)
+    radius = math.sqrt(25.0 * sorted(float((h.double() - center).pow(2).sum()) for h in honest)[2])
+    away = -torch.stack(honest).double().mean(0)
+    edge = (center + 0.8 * radius * away / away.norm()).float()
+    result = filtered_mean(honest + [edge], [1.0] * 5)
+    pull = float((result.double() - weighted_mean(honest, [1.0] * 4).double()).norm())
+    assert 0 < pull <= 0.8 * radius / 5 * 1.3
 
 
 def test_trimmed_mean_is_order_free_and_drops_the_extremes():
@@ -58,6 +107,11 @@ def test_trimmed_mean_bounds_what_bad_members_can_do_and_names_them(attack, memb
     assert float((robust - honest).norm()) < 0.6 * float(honest.norm())  # close to the honest members' mean
     assert float((plain - honest).norm()) > 3 * float(honest.norm())  # the plain mean is not
     named = outliers({f"p{i}": d for i, d in enumerate(influence(parts, robust))})
+    assert set(named) == {f"p{i}" for i in range(members - bad, members)}
+    # filtered_mean leaves the bad members out whole: the round is the honest members' own mean
+    filtered = FilteredMean().reduce(parts, [1.0] * members)
+    assert torch.equal(filtered, weighted_mean(honest_deltas, [1.0] * (members - bad)))
+    named = outliers({f"p{i}": d for i, d in enumerate(influence(parts, filtered))})
     assert set(named) == {f"p{i}" for i in range(members - bad, members)}
 
 
@@ -98,6 +152,7 @@ def test_manifest_names_the_strategy_and_rejects_nonsense():
     assert SwarmManifest.from_dict({"fusion": {"strategy": "nesterov"}}).strategy() == Nesterov(outer_lr=0.7, momentum=0.9)
     assert SwarmManifest.from_dict({"fusion": {"weighting": "examples"}}).strategy().name == "weighted"
     assert SwarmManifest.from_dict({"fusion": {"strategy": "trimmed_mean", "trim_fraction": 0.2}}).strategy() == TrimmedMean(trim_fraction=0.2)
+    assert SwarmManifest.from_dict({"fusion": {"strategy": "filtered_mean"}}).strategy() == FilteredMean()
     m = SwarmManifest.from_dict({"fusion": {"strategy": "nesterov", "outer_lr": 1}})
     assert SwarmManifest.from_dict(m.to_dict()) == m and m.strategy().outer_lr == 1.0
     for bad in ({"strategy": "median"}, {"momentum": 1.0}, {"trim_fraction": 0.5}, {"strategy": "nesterov", "weighting": "examples"}):

@@ -27,9 +27,9 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.control import AveragingStage
-from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES, AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import (
-    Float16Compression, NoCompression, Uniform8BitQuantization, deserialize_torch_tensor, serialize_torch_tensor,
+    CompressionInfo, Float16Compression, NoCompression, Uniform8BitQuantization, deserialize_torch_tensor, serialize_torch_tensor,
 )
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
@@ -545,6 +545,15 @@ def wire_compression(name: str):
     if name == "8bit":
         return Uniform8BitQuantization()
     return NoCompression()
+
+
+def part_values(name: str) -> int:
+    """Values per part of the all-reduce with the manifest's wire ``name``: hivemind splits every tensor
+    into parts of ``DEFAULT_PART_SIZE_BYTES`` after compression, whatever the group (a per-part strategy's
+    central computation needs the same parts)."""
+    codec = wire_compression(name)
+    info = CompressionInfo.from_tensor(torch.zeros(1))
+    return int(DEFAULT_PART_SIZE_BYTES / (4 * codec.estimate_compression_ratio(info)))
 
 
 def averager_prefix(swarm_name: str) -> str:
