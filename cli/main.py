@@ -73,18 +73,30 @@ def bootstrap(
     maddrs_file: Optional[Path] = typer.Option(None, "--maddrs-file", help="write the --initial-peers value here once listening"),
     store: Path = typer.Option(Path("cfp2p-bootstrap"), "--store", help="where v0 and the model files are kept for download"),
     announce_maddrs: Optional[List[str]] = typer.Option(None, "--announce-maddrs", help="public addresses to announce (behind NAT)"),
+    initial_peers: Optional[List[str]] = typer.Option(None, "--initial-peers", help="join this swarm as a second meeting point (repeatable)"),
+    authority: Optional[str] = typer.Option(None, "--authority", help="with --initial-peers: the peer id that signs the manifest (default: the first initial peer's)"),
+    token: Optional[Path] = typer.Option(None, "--token", help="with --initial-peers, in a private swarm: this key's membership token"),
 ):
-    """Start the long-lived bootstrap peer of a swarm and publish its signed manifest; or manage a private
-    swarm's members (init, admit, revoke, members).
+    """Start the long-lived bootstrap peer of a swarm and publish its signed manifest; add a second meeting
+    point to a running swarm (--initial-peers); or manage a private swarm's members (init, admit, revoke, members).
 
     Example: cfp2p bootstrap --config swarm.toml --identity lab.key   (an open swarm)
 
     Example: cfp2p bootstrap --lab lab/   (a private swarm, after `cfp2p bootstrap init`)
+
+    Example: cfp2p bootstrap --initial-peers /ip4/…/p2p/Qm… --identity mirror.key   (a second meeting point: it
+    serves the model files and bases and re-publishes the manifest, and never averages)
     """
     if ctx.invoked_subcommand is not None:
         return
     from coldfusion_p2p.bootstrap.peer import run_bootstrap
 
+    if initial_peers:
+        if config is not None or lab is not None:
+            _fail(UserError("a second meeting point takes its settings from the swarm: give --initial-peers without --config or --lab"))
+        _quiet_libraries()
+        _serve_meeting_point(initial_peers, authority, host_maddrs, identity, token, maddrs_file, store, announce_maddrs)
+        return
     if (config is None) == (lab is None):
         _fail(UserError("give --config swarm.toml (an open swarm) or --lab DIR (from `cfp2p bootstrap init`), not both"))
     _quiet_libraries()
@@ -94,6 +106,31 @@ def bootstrap(
                       lab=str(lab) if lab else None)
     except (UserError, WorkError) as e:
         _fail(e)
+
+
+def _serve_meeting_point(initial_peers, authority, host_maddrs, identity, token, maddrs_file, store, announce_maddrs) -> None:
+    from coldfusion_p2p.bootstrap.peer import _write_atomically
+    from coldfusion_p2p.contributor import Contributor, JoinOptions
+
+    log = _log_to_stderr("[meeting point] ")
+    opts = JoinOptions(initial_peers=list(initial_peers), data="", store=str(store), host_maddrs=list(host_maddrs),
+                       announce_maddrs=announce_maddrs, authority=authority, identity=str(identity) if identity else None,
+                       token=str(token) if token else None, name="meeting point")
+
+    def ready(maddrs: list[str]) -> None:
+        if maddrs_file:
+            _write_atomically(Path(maddrs_file), " ".join(maddrs) + "\n")
+        first = [p for p in initial_peers if "/p2p/" in p][:1]
+        log("hand this to contributors:  " + " ".join(f"--initial-peers {a}" for a in first + maddrs[:1])
+            + ("" if first else f" --authority {authority}"))
+
+    try:
+        Contributor(opts, log=log).serve(ready=ready)
+    except (UserError, WorkError) as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        pass
+    log("meeting point stopped; the model files and bases stay in " + str(store))
 
 
 @bootstrap_app.command("init")

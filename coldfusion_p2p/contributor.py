@@ -45,6 +45,7 @@ from coldfusion_p2p.training import LocalTrainer, pick_device, round_seed
 
 HEARTBEAT_SECONDS = 4.0
 MANIFEST_REFRESH_SECONDS = 12.0  # how soon a new manifest (a revocation) reaches this peer
+SERVE_SYNC_SECONDS = 5.0  # how often a second meeting point looks for a newer certified base
 ENROLLED_TOKEN, ENROLLED_KEY = "membership.token", "identity.key"  # what enrollment keeps in the store
 SETTLE_SECONDS = 1.0  # a second look before a round starts, so that peers' views of the records agree
 
@@ -148,6 +149,7 @@ class Contributor:
         self._metrics = {"phase": "syncing", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
                          "last_round_seconds": None, "rounds": 0}
         self._device = "cpu"
+        self._role = "contributor"  # or "mirror": a second meeting point that serves and never trains (serve)
         self.no_shows = NoShows()
         self.offenders: dict[str, str] = {}  # peers this peer caught breaking the round's rules -> why
         self.signed_manifest: dict | None = None  # the authority's signed record, re-published by this peer
@@ -430,7 +432,7 @@ class Contributor:
             return
         try:
             self.records.publish_metrics(metrics_record(
-                swarm=self.manifest.name, peer=self.records.peer_id, role="contributor", name=self.opts.name,
+                swarm=self.manifest.name, peer=self.records.peer_id, role=self._role, name=self.opts.name,
                 version=self.base.version, hash=self.base.hash, device=self._device,
                 uptime=time.monotonic() - self._started, **self._metrics,
             ))
@@ -756,6 +758,35 @@ class Contributor:
         if opts.weighting not in (None, "uniform", "examples"):
             raise UserError(f"--weight must be uniform or examples, not {opts.weighting!r}")
         self.events.emit("data", f"data: {len(data.train_texts)} training and {len(data.eval_texts)} held-out examples, {data.num_labels} classes ({', '.join(data.labels[:6])})", train=len(data.train_texts), labels=data.labels)
+        return self._session(lambda model_dir: self._rounds(data, device, model_dir))
+
+    def serve(self, stop: threading.Event | None = None, ready: Callable[[list[str]], None] | None = None) -> None:
+        """A second meeting point (`cfp2p bootstrap --initial-peers`): it joins like a member (the authority's
+        signed manifest, the model files checked against it, certified bases by the fork rule), then serves the
+        model files and the bases it follows, re-publishes the manifest and keeps the DHT reachable; it never
+        trains and never averages. Returns when ``stop`` is set; Ctrl+C and SIGTERM stop it too."""
+        self._role, self._metrics["phase"] = "mirror", "serving"
+        stop = stop or threading.Event()
+
+        def serving(_model_dir: Path) -> int:
+            from coldfusion_p2p.swarm import visible_maddrs
+
+            self.events.emit("serving", f"serving the model files and v{self.base.version} of swarm {self.manifest.name!r}; "
+                             "it never trains or averages", version=self.base.version)
+            if ready is not None:
+                ready(visible_maddrs(self.dht))
+            while not stop.wait(SERVE_SYNC_SECONDS):
+                self._check_standing()
+                if self._fatal:
+                    raise WorkError(self._fatal)
+                self._sync()
+            return 0
+
+        self._session(serving)
+
+    def _session(self, work: Callable[[Path], int]) -> int:
+        """Join the swarm (DHT, manifest, model, base, averager, heartbeat), run ``work(model_dir)``, leave."""
+        opts = self.opts
         self.store = VersionStore(opts.store)
         from coldfusion_p2p.swarm import SwarmRecords, authority_of, make_averager, quiet_hivemind
 
@@ -802,7 +833,7 @@ class Contributor:
             self.records.publish_manifest(self.signed_manifest)
             heartbeat = threading.Thread(target=self._heartbeat, daemon=True)
             heartbeat.start()
-            return self._rounds(data, device, model_dir)
+            return work(model_dir)
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.shutdown()

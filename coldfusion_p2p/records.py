@@ -107,7 +107,7 @@ class MetricsRecord(_Record):
     swarm: Name
     peer: Peer
     name: Optional[pydantic.constr(strict=True, max_length=40)] = None
-    role: pydantic.constr(strict=True, regex=r"^(contributor|bootstrap)$")
+    role: pydantic.constr(strict=True, regex=r"^(contributor|bootstrap|mirror)$")
     version: Count
     hash: Hash
     phase: pydantic.constr(strict=True, regex=r"^(syncing|training|matchmaking|averaging|idle|serving)$")

@@ -47,8 +47,11 @@ class StatusView:
             def fetch(peer, blob, dest, max_bytes, timeout=10.0, on_bytes=None):
                 fetch_blob(rec.dht, name, peer, blob, dest, timeout=timeout, max_bytes=max_bytes, token=self.token)
 
+            from coldfusion_p2p.config import SwarmManifest
+
+            strategy = SwarmManifest.from_dict(manifest, where="the swarm manifest").strategy()  # nesterov's bases move further
             self._history = HistorySync(VersionStore(self._tmp.name), chain, rec.peer_id, float(manifest["fusion"]["max_delta_ratio"]),
-                                        fetch, rec.announced, log=lambda _msg: None)
+                                        fetch, rec.announced, log=lambda _msg: None, strategy=strategy)
             self._rec = rec
         return self._history, self._rec
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 
 import torch
@@ -92,30 +93,48 @@ def test_peer_with_wrong_model_is_refused(swarm, tiny_model_dir, tmp_path):
     assert not (tmp_path / "mallory" / "versions" / "v000000").exists()  # nothing of the wrong model was stored
 
 
-def test_a_joiner_gets_in_through_any_initial_peer_that_answers(swarm, tmp_path):
-    """The bootstrap peer is gone when bob joins: his first --initial-peers is dead, the second is a
-    contributor named by a /dns4/ address, which serves the manifest (signed by the authority,
-    named with --authority) and v0; ann and bob fuse v1 without any bootstrap peer."""
+def test_a_second_meeting_point_serves_the_swarm_when_the_bootstrap_peer_is_gone(swarm, tmp_path, tiny_model_dir):
+    """`cfp2p bootstrap --initial-peers` joins a running swarm as a second meeting point: it checks and keeps
+    the model files and v0, and re-publishes the authority's manifest. The bootstrap peer is then killed and
+    the model folder deleted; ann and bob join with the dead bootstrap peer first (it names the authority)
+    and the meeting point second, under a /dns4/ name: they get the manifest, the model files and v0 from
+    it, fuse v1 and v2 without it (it never averages), and it follows them."""
     import socket
 
     from coldfusion_p2p.certs import peer_id_of_public_key
     from coldfusion_p2p.swarm.node import _new_identity_file, load_identity
 
-    boot = swarm.start_bootstrap("tiny-bert")
-    authority = boot.rsplit("/p2p/", 1)[1]
+    model_copy = tmp_path / "lab-model"
+    shutil.copytree(tiny_model_dir, model_copy)
+    boot = swarm.start_bootstrap(str(model_copy))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    key = tmp_path / "ann.key"
+    key = tmp_path / "mirror.key"
     _new_identity_file(str(key))
-    ann_id = peer_id_of_public_key(load_identity(str(key)).get_public_key().to_bytes())
-    ann = swarm.join("ann", "sms_spam", "--identity", str(key), rounds=1, port=port)
-    swarm.wait_for(lambda: any(e["event"] == "joined" for e in swarm.events("ann")), 90, "ann to join")
+    mirror_id = peer_id_of_public_key(load_identity(str(key)).get_public_key().to_bytes())
+    maddrs = tmp_path / "mirror.maddrs"
+    mirror = swarm.children.start(cli_command(
+        "bootstrap", "--initial-peers", boot, "--identity", str(key), "--store", str(tmp_path / "mirror"),
+        "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}", "--maddrs-file", str(maddrs)), tmp_path / "mirror.log")
+    swarm.peers["mirror"] = mirror
+    swarm.wait_for(lambda: maddrs.is_file() and maddrs.read_text().strip(), 120, "the meeting point to serve")
     swarm.children.signal_group(swarm.boot, 9)  # the bootstrap peer and its p2pd, gone for good
     swarm.boot.wait(10)
-    dead = boot
-    ann_addr = f"/dns4/localhost/tcp/{port}/p2p/{ann_id}"  # a name, as a lab would publish it
-    bob = swarm.join("bob", "rotten_tomatoes", "--authority", authority, rounds=1, initial_peers=[dead, ann_addr])
-    for name, proc in (("ann", ann), ("bob", bob)):
+    shutil.rmtree(model_copy)  # nobody has the model but the meeting point
+    mirror_addr = f"/dns4/localhost/tcp/{port}/p2p/{mirror_id}"  # a name, as a lab would publish it
+    # two rounds: the meeting point follows v1 while they work on v2 (each leaves as soon as it is done)
+    procs = {n: swarm.join(n, d, rounds=2, initial_peers=[boot, mirror_addr]) for n, d in (("ann", "sms_spam"), ("bob", "rotten_tomatoes"))}
+    for name, proc in procs.items():
         assert swarm.wait(proc, name, 240) == 0, swarm.log(name)
-    assert VersionStore(tmp_path / "ann").read_info(1).hash == VersionStore(tmp_path / "bob").read_info(1).hash
+    v1 = [VersionStore(tmp_path / n).read_info(1) for n in procs]
+    assert v1[0].hash == v1[1].hash and mirror_id not in v1[0].contributors and len(v1[0].contributors) == 2
+    for n in procs:
+        assert (tmp_path / n / "model" / "config.json").is_file()
+        assert any(e["event"] == "download" and e.get("what") == "model" for e in swarm.events(n))
+    swarm.wait_for(lambda: VersionStore(tmp_path / "mirror").read_info(1) is not None, 60, "the meeting point to follow v1")
+    assert VersionStore(tmp_path / "mirror").read_info(1).hash == v1[0].hash
+    assert VersionStore(tmp_path / "mirror").list()[0].hash == VersionStore(tmp_path / "ann").list()[0].hash
+    mirror.send_signal(signal.SIGTERM)
+    assert mirror.wait(30) == 0, (tmp_path / "mirror.log").read_text()[-3000:]
+    assert "meeting point stopped" in (tmp_path / "mirror.log").read_text()
