@@ -49,18 +49,20 @@ class LocalSwarm:
         self.peers: dict[str, subprocess.Popen] = {}
 
     def start_bootstrap(self, source: str, name: str = "test", min_group_size: int = 2, round_window: float = 60.0,
-                        examples_per_round: int = 48, timeout: float = 90, extra_toml: str = "") -> str:
+                        examples_per_round: int = 48, timeout: float = 90, extra_toml: str = "", host: str = "127.0.0.1",
+                        wrap: list[str] | None = None) -> str:
+        """``host``: the address to listen on; ``wrap``: a command prefix (``ip netns exec NS``)."""
         config = self.root / "swarm.toml"
         config.write_text(TEST_MANIFEST.format(name=name, source=source, min_group_size=min_group_size,
                                                round_window=round_window, examples_per_round=examples_per_round) + extra_toml)
         return self._run_bootstrap(["--config", str(config), "--identity", str(self.root / "boot.key"), "--store", str(self.root / "boot")],
-                                   timeout)
+                                   timeout, host, wrap)
 
-    def _run_bootstrap(self, args: list[str], timeout: float) -> str:
+    def _run_bootstrap(self, args: list[str], timeout: float, host: str = "127.0.0.1", wrap: list[str] | None = None) -> str:
         """Start `cfp2p bootstrap ARGS` on loopback and wait until it writes its address: the initial peer."""
         maddrs = self.root / "bootstrap.maddrs"
         self.boot = self.children.start(
-            cli_command("bootstrap", *args, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--maddrs-file", str(maddrs)),
+            (wrap or []) + cli_command("bootstrap", *args, "--host-maddrs", f"/ip4/{host}/tcp/0", "--maddrs-file", str(maddrs)),
             self.root / "bootstrap.log",
         )
         deadline = time.monotonic() + timeout
@@ -92,14 +94,16 @@ class LocalSwarm:
         assert done.returncode == 0, done.stderr
         return key, token
 
-    def join(self, name: str, dataset: str = "sms_spam", *extra: str, rounds: int = 2, initial_peers: list[str] | None = None,
-             port: int = 0) -> subprocess.Popen:
+    def join(self, name: str, dataset: str = "sms_spam", *extra: str, rounds: int | None = 2, initial_peers: list[str] | None = None,
+             port: int = 0, host: str = "127.0.0.1", wrap: list[str] | None = None) -> subprocess.Popen:
+        """``rounds`` None: until stopped; ``host``: the address to listen on; ``wrap``: a command prefix."""
         store = self.root / name
         store.mkdir(exist_ok=True)
         peers = [a for p in (initial_peers or [self.initial_peer]) for a in ("--initial-peers", p)]
-        cmd = cli_command("join", *peers, "--data", str(DEMO_DATA / f"{dataset}.jsonl"),
-                          "--rounds", str(rounds), "--store", str(store), "--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}",
-                          "--threads", "1", "--events", str(store / "events.jsonl"), "--name", name, *extra)
+        cmd = (wrap or []) + cli_command("join", *peers, "--data", str(DEMO_DATA / f"{dataset}.jsonl"),
+                                         *(["--rounds", str(rounds)] if rounds is not None else []),
+                                         "--store", str(store), "--host-maddrs", f"/ip4/{host}/tcp/{port}",
+                                         "--threads", "1", "--events", str(store / "events.jsonl"), "--name", name, *extra)
         proc = self.children.start(cmd, self.root / f"{name}.log")
         self.peers[name] = proc
         return proc
