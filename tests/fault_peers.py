@@ -10,6 +10,8 @@ Usage: python -m tests.fault_peers FAULT JOIN_OPTIONS_JSON
   noise20 shares random noise 20 times as long as its honest delta, cut to just inside the round's
           bound (a longer delta is banned by the bound alone: this one is for the fusion strategy)
   times100 shares its honest delta times 100
+  collude  shares the same noise as every other colluder (seeded by the base version), 20 times as long as
+          its honest delta, cut to just inside the round's bound: bad members that agree with each other
 """
 
 from __future__ import annotations
@@ -42,11 +44,15 @@ class FaultyContributor(Contributor):
             noise = [torch.randn_like(d) for d in delta]
             scale = 990.0 / float(torch.sqrt(sum((n.double() ** 2).sum() for n in noise)))
             delta = [n * scale for n in noise]
-        elif self.fault in ("noise20", "times100"):
+        elif self.fault in ("noise20", "times100", "collude"):
             honest = delta_norm(delta)
             if self.fault == "noise20":
                 noise = [torch.randn_like(d) for d in delta]
                 delta = [n * (min(20 * honest, 0.95 * bound) / delta_norm(noise)) for n in noise]
+            elif self.fault == "collude":  # the same vector from every colluder: they do not stand out from each other
+                g = torch.Generator().manual_seed(1000 + self.base.version)
+                noise = [torch.randn(d.shape, generator=g) for d in delta]
+                delta = [n * (0.95 * bound / delta_norm(noise)) for n in noise]
             else:
                 delta = [d * 100 for d in delta]
             self.events.emit("fault", f"sharing {self.fault}", honest_norm=honest, sent_norm=delta_norm(delta))
