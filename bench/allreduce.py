@@ -1,0 +1,166 @@
+"""The fusion phase at link speed: this project's all-reduce against torch.distributed's gloo, same tensors.
+
+For each group size and vector size it runs, in one process tree on this machine:
+
+- gloo: P processes (``torch.distributed``, backend gloo, TCP on 127.0.0.1) all-reduce the same
+  float32 vector; the figure is the slowest rank's ``all_reduce`` time, median over the repeats.
+- cfp2p: P real averagers (DHT, averager process, p2pd each, on loopback) run one round's fusion
+  as ``cfp2p join`` does: matchmaking (gather, group forming), the verifying all-reduce with the
+  round's rules and strategy, and verify (hashing the result, as each member does before it signs).
+
+    python bench/allreduce.py --peers 2 4 8 --values 22.7e6 110e6 --repeats 2
+
+Figures are printed, one row per (P, values), and written as JSON with ``--out``. On a shared
+machine every process competes for the same cores: run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+LAYER = 1 << 20  # values per tensor: a model is many tensors, and the all-reduce splits each into parts
+
+
+def tensors_for(rank: int, values: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    sizes = [LAYER] * (values // LAYER) + ([values % LAYER] if values % LAYER else [])
+    return [torch.randn(n, generator=g) * 1e-3 for n in sizes]
+
+
+def _gloo_rank(rank: int, size: int, port: int, values: int, repeats: int, out) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    flat = torch.cat(tensors_for(rank, values))
+    times = []
+    for _ in range(repeats):
+        x = flat.clone()
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        x.div_(size)
+        times.append(time.perf_counter() - start)
+    out.put((rank, times))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def gloo(size: int, values: int, repeats: int) -> float:
+    """The slowest rank's all_reduce seconds, median over repeats."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(r, size, port, values, repeats, out)) for r in range(size)]
+    for p in procs:
+        p.start()
+    try:
+        per_rank = [out.get(timeout=1800) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    return statistics.median(max(times[i] for _, times in per_rank) for i in range(repeats))
+
+
+def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_time: float) -> dict:
+    """One fusion phase per repeat with ``size`` real averagers: medians of matchmaking, all-reduce, verify."""
+    from coldfusion_p2p.strategies import Strategy
+    from coldfusion_p2p.swarm import make_averager, quiet_hivemind, start_dht
+
+    quiet_hivemind()
+    dhts, averagers, rows = [], [], []
+    inputs = [tensors_for(r, values) for r in range(size)]
+    with tempfile.TemporaryDirectory(prefix="cfp2p-bench-") as tmp:
+        try:
+            first = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+            dhts.append(first)
+            peers = [str(a) for a in first.get_visible_maddrs()]
+            dhts += [start_dht(peers, ["/ip4/127.0.0.1/tcp/0"]) for _ in range(size - 1)]
+            for dht, tensors in zip(dhts, inputs):
+                averagers.append(make_averager(dht, "bench", [t.clone() for t in tensors], Path(tmp), compression,
+                                               matchmaking_time, 600.0, size))
+            rules = {"min_weight": 1.0, "max_weight": 1.0, "part_bound": 1e9, "strategy": Strategy()}
+            for rep in range(repeats):
+                for av, tensors in zip(averagers, inputs):
+                    av.set_round(f"bench_r{rep}", size, size, rules=rules)
+                    with av.get_tensors() as ts:
+                        for t, x in zip(ts, tensors):
+                            t.copy_(x)
+                results = [None] * size
+                start = time.perf_counter()
+
+                def one(i):
+                    results[i] = averagers[i].run_step(1.0, {"i": i}, timeout=600)
+
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(size)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - start
+                errors = [r[3] for r in results if r[0] is None or not r[0].get("clean")]
+                if errors:
+                    raise RuntimeError(f"the all-reduce failed: {errors[0] or 'unclean'}")
+                t0 = time.perf_counter()
+                with averagers[0].get_tensors() as ts:  # verify: each member hashes the result before it signs
+                    h = hashlib.sha256()
+                    for t in ts:
+                        h.update(t.numpy().tobytes())
+                verify = time.perf_counter() - t0
+                rows.append({"matchmaking": max(r[1] for r in results), "allreduce": max(r[2] for r in results),
+                             "verify": verify, "wall": wall + verify})
+        finally:
+            for av in averagers:
+                av.shutdown()
+            for dht in dhts:
+                dht.shutdown()
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peers", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--values", type=float, nargs="+", default=[22.7e6, 110e6], help="float32 values in the vector")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compression", choices=("none", "float16", "8bit"), default="none")
+    ap.add_argument("--matchmaking-time", type=float, default=3.0, help="the manifest's round.matchmaking_time")
+    ap.add_argument("--out", default=None, help="write the figures here as JSON")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    rows = []
+    print(f"{'peers':>5} {'values':>8} {'gloo s':>8} {'cfp2p all-reduce s':>19} {'x gloo':>7} {'matchmaking s':>14} "
+          f"{'verify s':>9} {'fusion s':>9} {'x gloo':>7}", flush=True)
+    for values in (int(v) for v in args.values):
+        for size in args.peers:
+            g = gloo(size, values, args.repeats)
+            c = cfp2p(size, values, args.repeats, args.compression, args.matchmaking_time)
+            row = {"peers": size, "values": values, "compression": args.compression, "gloo_s": g, **{f"{k}_s": v for k, v in c.items()}}
+            rows.append(row)
+            print(f"{size:>5} {values / 1e6:>7.1f}M {g:>8.2f} {c['allreduce']:>19.2f} {c['allreduce'] / g:>7.1f} "
+                  f"{c['matchmaking']:>14.2f} {c['verify']:>9.2f} {c['wall']:>9.2f} {c['wall'] / g:>7.1f}", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
