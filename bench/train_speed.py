@@ -1,0 +1,89 @@
+"""Local training speed: the join loop (``LocalTrainer``) against a plain PyTorch loop, same model, data, batch.
+
+Both loops tokenize each batch, run the body and a linear head, and take an AdamW step; the join
+loop also checks the loss, clips gradients and keeps its schedule (what ``cfp2p join`` runs). The
+figure is examples per second over the steps after the first (warm-up), best of ``--repeats``,
+alternating the two loops so that both see the same machine.
+
+    python bench/train_speed.py --model all-MiniLM-L6-v2 --data coldfusion_p2p/demo_data/sms_spam.jsonl --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from coldfusion_p2p import model as M  # noqa: E402
+from coldfusion_p2p.config import TrainingSpec  # noqa: E402
+from coldfusion_p2p.data import load_private_data  # noqa: E402
+from coldfusion_p2p.demo import DEMO_DATA  # noqa: E402
+from coldfusion_p2p.training import LocalTrainer, pick_device  # noqa: E402
+
+
+def join_loop(trainer: LocalTrainer, folder: Path, seed: int) -> float:
+    body = M.load_body_module(folder)
+    marks = []
+    trainer.train(body, seed, progress=lambda step, total, loss: marks.append(time.perf_counter()))
+    return (len(marks) - 1) * trainer.spec.batch_size / (marks[-1] - marks[0])
+
+
+def plain_loop(trainer: LocalTrainer, folder: Path, seed: int, device: torch.device) -> float:
+    """The textbook loop on the same batches: tokenize, forward, cross-entropy, backward, AdamW."""
+    torch.manual_seed(seed)
+    body = M.load_body_module(folder).to(device).train()
+    head = M.new_head(folder, trainer.data.num_labels).to(device).train()
+    opt = torch.optim.AdamW(list(body.parameters()) + list(head.parameters()), lr=trainer.spec.lr, weight_decay=trainer.spec.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    texts, labels = trainer.round_examples(seed)
+    marks = []
+    for i in range(0, len(texts), trainer.spec.batch_size):
+        enc = trainer.tokenizer(texts[i:i + trainer.spec.batch_size], padding=True, truncation=True,
+                                max_length=trainer.max_length, return_tensors="pt").to(device)
+        y = torch.tensor(labels[i:i + trainer.spec.batch_size], device=device)
+        loss = loss_fn(head(body(**enc).last_hidden_state, enc["attention_mask"]), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+        marks.append(time.perf_counter())
+    return (len(marks) - 1) * trainer.spec.batch_size / (marks[-1] - marks[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="all-MiniLM-L6-v2")
+    ap.add_argument("--data", default=str(DEMO_DATA / "sms_spam.jsonl"))
+    ap.add_argument("--examples", type=int, default=256, help="examples per measured round")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    folder = M.resolve_model_source(args.model, cache_dir=Path.home() / ".cache" / "cfp2p")
+    device = pick_device(args.device)
+    data = load_private_data(args.data)
+    spec = TrainingSpec(lr=1e-4, batch_size=args.batch_size, examples_per_round=args.examples)
+    trainer = LocalTrainer(AutoTokenizer.from_pretrained(folder), data, M.new_head(folder, data.num_labels), spec, args.max_length, device)
+    joined, plain = [], []
+    for r in range(args.repeats):
+        joined.append(join_loop(trainer, folder, r))
+        plain.append(plain_loop(trainer, folder, r, device))
+        print(f"repeat {r + 1}: join loop {joined[-1]:.1f} ex/s, plain loop {plain[-1]:.1f} ex/s", flush=True)
+    print(f"{args.model} on {device}, batch {args.batch_size}, max_length {args.max_length}, {torch.get_num_threads()} thread(s): "
+          f"join loop {max(joined):.1f} ex/s, plain PyTorch {max(plain):.1f} ex/s, ratio {max(joined) / max(plain):.3f}")
+
+
+if __name__ == "__main__":
+    main()
