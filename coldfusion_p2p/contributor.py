@@ -149,6 +149,8 @@ class Contributor:
         self._metrics = {"phase": "syncing", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
                          "last_round_seconds": None, "rounds": 0}
         self._device = "cpu"
+        self.reach: str | None = None  # direct or client (others cannot dial it): `_reachability`
+        self._identity_used: str | None = None
         self._role = "contributor"  # or "mirror": a second meeting point that serves and never trains (serve)
         self.no_shows = NoShows()
         self.offenders: dict[str, str] = {}  # peers this peer caught breaking the round's rules -> why
@@ -214,7 +216,7 @@ class Contributor:
             raise UserError(f"membership token {token_path} is for swarm {token['swarm']!r}, not {opts.swarm!r}")
         return identity, token
 
-    def _start_dht(self, identity: str | None):
+    def _start_dht(self, identity: str | None, client_mode: bool = False):
         """The DHT node; in a private swarm it carries this peer's token, and a peer without one asks the
         authority to enroll it (``admission = "enroll"``), or is told how to get one."""
         from coldfusion_p2p.swarm import Identity, load_identity, start_dht
@@ -226,7 +228,8 @@ class Contributor:
 
         def start(identity, token):
             admission = Admission("members", token["swarm"], self.authority, frozenset()) if token else None
-            return start_dht(opts.initial_peers, opts.host_maddrs, identity_path=identity, client_mode=False,
+            self._identity_used = identity
+            return start_dht(opts.initial_peers, opts.host_maddrs, identity_path=identity, client_mode=client_mode,
                              announce_maddrs=opts.announce_maddrs, token=token, admission=admission, refusals=refusals)
 
         try:
@@ -258,6 +261,31 @@ class Contributor:
         self.token = token
         self.log(f"enrolled in swarm {token['swarm']!r} as {describe(token)}; the token is kept in {path}")
         return start(identity, token)
+
+    def _reachability(self) -> str:
+        """Ask an initial peer to dial this one back; when it cannot, restart the DHT as a client (it then
+        needs no incoming connection) and say so. Returns the ``reach`` shown by `cfp2p status`."""
+        from coldfusion_p2p.swarm import peer_of_maddr, visible_maddrs
+        from coldfusion_p2p.swarm.reach import REACHABLE, UNREACHABLE, check_reachable, listen_port
+
+        peers = [p for p in dict.fromkeys(peer_of_maddr(m) for m in self.opts.initial_peers) if p]
+        port = listen_port(list(self.opts.announce_maddrs or []) or visible_maddrs(self.dht))
+        if not peers or port is None:
+            return "direct"
+        answer, by = check_reachable(self.dht, peers, port)
+        if answer == REACHABLE or answer != UNREACHABLE:
+            return "direct"  # an unknown answer (an older peer) keeps the old behaviour
+        where = ", ".join(self.opts.announce_maddrs or []) or f"TCP port {port}"
+        if self._role == "mirror":
+            raise UserError(f"other peers cannot dial this meeting point at {where} (peer {by[:12]} tried): forward the port "
+                            "to this machine and pass --announce-maddrs with its public address")
+        self.log(f"other peers cannot dial this peer at {where} (peer {by[:12]} tried): it takes part as a client "
+                 "(sends its delta, reduces no part, serves no files)")
+        self.log(f"to take a full part, forward TCP port {port} on your router to this machine and pass "
+                 f"--host-maddrs /ip4/0.0.0.0/tcp/{port} --announce-maddrs /ip4/<public ip>/tcp/{port}")
+        self.dht.shutdown()
+        self.dht = self._start_dht(self._identity_used, client_mode=True)
+        return "client"
 
     def _apply_admission(self, manifest: SwarmManifest) -> None:
         """Take the manifest's admission mode and revocation list (the heartbeat calls this on each new serial)."""
@@ -434,7 +462,7 @@ class Contributor:
             self.records.publish_metrics(metrics_record(
                 swarm=self.manifest.name, peer=self.records.peer_id, role=self._role, name=self.opts.name,
                 version=self.base.version, hash=self.base.hash, device=self._device,
-                uptime=time.monotonic() - self._started, **self._metrics,
+                uptime=time.monotonic() - self._started, reach=self.reach, **self._metrics,
             ))
         except Exception:  # noqa: BLE001 - metrics are best effort; the next heartbeat tries again
             pass
@@ -796,6 +824,7 @@ class Contributor:
             self.authority = authority_of(opts.initial_peers, opts.authority)
             identity, self.token = self._credentials(self.authority)
             self.dht = self._start_dht(identity)
+            self.reach = self._reachability()
             self.records = SwarmRecords(self.dht)
             self.manifest = self._fetch_manifest(self.records)
             self.strategy = self.manifest.strategy()
@@ -824,6 +853,7 @@ class Contributor:
                 self.store.root, self.manifest.fusion.compression, self.manifest.round.matchmaking_time,
                 self.manifest.round.allreduce_timeout, self.manifest.round.min_group_size, self.manifest.round.chunk_timeout,
                 admission=self.admission.state() if self.admission.private else None, label=f"[{opts.name}] " if opts.name else "",
+                client_mode=self.reach == "client",
             )
             if self.admission.private:
                 self._admission_changed = False

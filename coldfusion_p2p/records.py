@@ -111,6 +111,8 @@ class MetricsRecord(_Record):
     version: Count
     hash: Hash
     phase: pydantic.constr(strict=True, regex=r"^(syncing|training|matchmaking|averaging|idle|serving)$")
+    # direct: other peers can dial it; client: they cannot (it reduces no part); relayed: through a relay
+    reach: Optional[pydantic.constr(strict=True, regex=r"^(direct|client|relayed)$")] = None
     step: Count
     total: Count
     loss: Optional[Seconds] = None

@@ -214,20 +214,21 @@ def render(snap: dict[str, Any]) -> Group:
         head.append(f"\nfewer contributors online than the minimum group size ({snap['min_group_size']}): rounds wait", style="yellow")
 
     peers = Table(title="peers", title_justify="left", expand=False, pad_edge=False)
-    for col, kw in (("name", {}), ("peer", {"style": "dim"}), ("phase", {}), ("base", {}), ("progress", {}), ("loss", {"justify": "right"}),
+    for col, kw in (("name", {}), ("peer", {"style": "dim"}), ("reach", {}), ("phase", {}), ("base", {}), ("progress", {}), ("loss", {"justify": "right"}),
                     ("ex/s", {"justify": "right"}), ("device", {}), ("uptime", {"justify": "right"}), ("last round", {"justify": "right"})):
         peers.add_column(col, **kw)
     for p in snap["peers"]:
         stale = newest is not None and p["version"] < newest["version"]
         peers.add_row(  # names and devices are other peers' words: Text, never markup
-            Text(p.get("name") or "-"), Text(p["peer"][:12]), Text(p["phase"], style=PHASE_STYLE.get(p["phase"], "")),
+            Text(p.get("name") or "-"), Text(p["peer"][:12]), Text(p.get("reach") or "-", style="yellow" if p.get("reach") == "client" else ""),
+            Text(p["phase"], style=PHASE_STYLE.get(p["phase"], "")),
             Text(f"v{p['version']}", style="yellow" if stale else ""), _progress_cell(p),
             f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
             f"{p['examples_per_second']:.1f}" if p.get("examples_per_second") is not None else "-",
             Text(p["device"]), _duration(p["uptime"]), _duration(p.get("last_round_seconds")),
         )
     if not snap["peers"]:
-        peers.add_row("(no peer is publishing metrics)", *[""] * 9)
+        peers.add_row("(no peer is publishing metrics)", *[""] * 10)
 
     history = Table(title="versions", title_justify="left", pad_edge=False)
     for col in ("version", "hash", "contributors", "round", "since parent", "committed"):

@@ -76,3 +76,64 @@ def two_halves():
     finally:
         for ns in (a, b):
             _ip("netns", "del", ns, check=False)  # the veth pair goes with them
+
+
+@dataclass
+class HomeNetwork:
+    """A "public" namespace, and home namespaces each behind its own router namespace that masquerades
+    (NAT): a home peer dials out to the public network; nothing outside its home can dial it, and two
+    homes cannot reach each other at all."""
+
+    public: str
+    public_ip: str  # where public peers listen
+    homes: list[str]
+    home_ips: list[str]  # private addresses, unroutable from anywhere but their own home
+
+    def run_in(self, ns: str, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", ns, *cmd]
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=True)
+
+
+@contextlib.contextmanager
+def home_networks(count: int = 2):
+    """Make the public namespace (a bridge), ``count`` routers and ``count`` homes; skips without root,
+    ``ip`` or ``iptables``."""
+    namespaces_or_skip()
+    if shutil.which("iptables") is None:
+        pytest.skip("needs iptables (NAT inside a router namespace): apt-get install iptables")
+    tag = f"cfn{os.getpid() % 100000}"
+    pub = tag + "p"
+    routers, homes = [f"{tag}r{i}" for i in range(count)], [f"{tag}h{i}" for i in range(count)]
+    n = os.getpid() % 200
+    public_net = f"10.{150 + os.getpid() % 40}.{n}"
+    try:
+        for ns in [pub, *routers, *homes]:
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", pub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", pub, "addr", "add", f"{public_net}.1/24", "dev", "br0")
+        _ip("-n", pub, "link", "set", "br0", "up")
+        home_ips = []
+        for i, (router, home) in enumerate(zip(routers, homes)):
+            home_net = f"192.168.{n + i}"
+            _ip("link", "add", f"{tag}a{i}", "type", "veth", "peer", "name", f"{tag}b{i}")  # public bridge <-> router
+            _ip("link", "add", f"{tag}c{i}", "type", "veth", "peer", "name", f"{tag}d{i}")  # router <-> home
+            _ip("link", "set", f"{tag}a{i}", "netns", pub)
+            _ip("-n", pub, "link", "set", f"{tag}a{i}", "master", "br0")
+            _ip("-n", pub, "link", "set", f"{tag}a{i}", "up")
+            for dev, ns, addr in ((f"{tag}b{i}", router, f"{public_net}.{10 + i}/24"), (f"{tag}c{i}", router, f"{home_net}.1/24"),
+                                  (f"{tag}d{i}", home, f"{home_net}.2/24")):
+                _ip("link", "set", dev, "netns", ns)
+                _ip("-n", ns, "addr", "add", addr, "dev", dev)
+                _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", home, "route", "add", "default", "via", f"{home_net}.1")
+            _run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            _run("ip", "netns", "exec", router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", f"{tag}b{i}", "-j", "MASQUERADE")
+            home_ips.append(f"{home_net}.2")
+        yield HomeNetwork(pub, f"{public_net}.1", homes, home_ips)
+    finally:
+        for ns in [pub, *routers, *homes]:
+            _ip("netns", "del", ns, check=False)

@@ -315,6 +315,12 @@ class FusionAverager(DecentralizedAverager):
         async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message
 
+    async def add_p2p_handlers(self, p2p, wrapper=None, *, namespace=None, balanced=False) -> None:
+        await super().add_p2p_handlers(p2p, wrapper, namespace=namespace, balanced=balanced)
+        from coldfusion_p2p.swarm.reach import DIAL_BACK, DialBackServer
+
+        await p2p.add_binary_stream_handler(DIAL_BACK, DialBackServer().handle)  # "can you dial me?" for joiners
+
     async def rpc_download_state(self, _request: averaging_pb2.DownloadRequest, context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.DownloadData]:
         if not self._gate("a state download", context, presented=False):
@@ -511,7 +517,7 @@ class FusionAverager(DecentralizedAverager):
 def make_averager(
     dht: DHT, swarm_name: str, tensors: list[torch.Tensor], store_root: Path, compression: str,
     matchmaking_time: float, allreduce_timeout: float, min_group_size: int, chunk_timeout: float = 10.0,
-    admission: dict | None = None, label: str = "",
+    admission: dict | None = None, label: str = "", client_mode: bool = False,
 ) -> FusionAverager:
     """Start the averager process on the main thread (hivemind needs fork and installs signal handlers)."""
     if threading.current_thread() is not threading.main_thread():
@@ -534,6 +540,7 @@ def make_averager(
             next_chunk_timeout=chunk_timeout,  # a member silent this long is dropped (2x for a reducer)
             compression=wire_compression(compression),
             part_size_bytes=PART_SIZE_BYTES,
+            client_mode=client_mode,  # a peer others cannot dial: it sends its parts and reduces none
             allow_state_sharing=False,
             shutdown_timeout=5,
         )
