@@ -89,7 +89,7 @@ def test_plain_values_foreign_subkeys_long_expirations_and_forged_owners_are_ref
 def test_metrics_must_name_their_owner():
     value = {"swarm": "s", "peer": PEERS[0], "name": None, "role": "contributor", "version": 0, "hash": H0, "phase": "idle",
              "step": 0, "total": 0, "loss": None, "examples_per_second": None, "device": "cpu", "uptime": 1.0,
-             "last_round_seconds": None, "rounds": 0, "t": 1.0}
+             "last_round_seconds": None, "rounds": 0, "reach": "client", "t": 1.0}
     assert _node_validator().validate(_signed_record(0, R.METRICS_KEY, value))
     assert not _node_validator().validate(_signed_record(1, R.METRICS_KEY, value))  # peer 1 claiming peer 0's metrics
 

@@ -78,7 +78,7 @@ def test_status_reads_a_live_four_peer_swarm_and_forgets_peers_that_left(swarm, 
 def _metrics(records: S.SwarmRecords, name: str, **changes) -> dict:
     base = {"swarm": "s", "peer": records.peer_id, "name": name, "role": "contributor", "version": 0, "hash": "0" * 64,
             "phase": "training", "step": 1, "total": 10, "loss": 0.5, "examples_per_second": 3.0, "device": "cpu",
-            "uptime": 1.0, "last_round_seconds": None, "rounds": 0, "t": S.dht_time()}
+            "uptime": 1.0, "last_round_seconds": None, "rounds": 0, "reach": "direct", "t": S.dht_time()}
     return {**base, **changes}
 
 
