@@ -47,7 +47,8 @@ def worker(args) -> None:
     from coldfusion_p2p.strategies import Strategy
     from coldfusion_p2p.swarm import make_averager, quiet_hivemind, start_dht, visible_maddrs
 
-    quiet_hivemind()
+    if not os.environ.get("CFP2P_KEEP_LOGS"):
+        quiet_hivemind()
     torch.set_num_threads(1)
     work = Path(args.work)
     peers = [] if args.rank == 0 else (work / "root.maddrs").read_text().split()
@@ -66,7 +67,10 @@ def worker(args) -> None:
             time.sleep(0.1)
         result, matchmaking, allreduce, error = averager.run_step(1.0, {"i": args.rank}, timeout=900)
         (work / f"result-{args.rank}.json").write_text(json.dumps(
-            {"matchmaking": matchmaking, "allreduce": allreduce, "error": error, "clean": bool(result and result.get("clean"))}))
+            {"matchmaking": matchmaking, "allreduce": allreduce, "clean": bool(result and result.get("clean")),
+             "error": error or ("" if not result or result.get("clean") else
+                                f"{result.get('error')} failed {result.get('failed_size')} banned {result.get('banned')} "
+                                f"offenders {result.get('offenders')} {result.get('failure_reasons')}")}))
     finally:
         if averager is not None:
             averager.shutdown()
@@ -116,6 +120,9 @@ def run(size: int, rate: str, compression: str, values: int) -> dict:
             for p in procs:
                 p.wait(timeout=1200)
             results = [json.loads((Path(work) / f"result-{i}.json").read_text()) for i in range(size)]
+            if os.environ.get("CFP2P_KEEP_LOGS") and not all(r["clean"] for r in results):
+                for i in range(size):
+                    Path(os.environ["CFP2P_KEEP_LOGS"], f"log-{size}-{rate}-{compression}-{i}.txt").write_text((Path(work) / f"log-{i}").read_text())
         finally:
             for p in procs:
                 if p.poll() is None:

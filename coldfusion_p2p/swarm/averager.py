@@ -171,6 +171,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
 
         container.register_processed_part = checked_register
         self.failed_reducers: set[PeerID] = set()
+        self.failure_reasons: dict[PeerID, str] = {}  # reducer -> why this member's exchange with it failed
         register_failed = container.register_failed_reducer
 
         def noted_failed(peer_index: int):
@@ -188,7 +189,11 @@ class CanonicalAllReduceRunner(AllReduceRunner):
     async def _communicate_with_peer(self, peer_id: PeerID):
         peer_index = self.ordered_peer_ids.index(peer_id)
         if peer_id != self.peer_id:
-            return await super()._communicate_with_peer(peer_id)  # registers what the reducer sent: the average
+            try:
+                return await super()._communicate_with_peer(peer_id)  # registers what the reducer sent: the average
+            except Exception as e:  # noqa: BLE001 - kept for the verdict's reason, then raised as hivemind does
+                self.failure_reasons[peer_id] = f"{type(e).__name__}: {str(e)[:160]}"
+                raise
         sender_index = self.sender_peer_ids.index(peer_id)
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
             # its own part goes through the wire's compression like every other member's: the reducer then
@@ -399,6 +404,7 @@ class FusionAverager(DecentralizedAverager):
             "offenders": offenders,
             "outliers": far,
             "failed_reducers": sorted(peer_str(p) for p in runner.failed_reducers) if runner is not None else [],
+            "failure_reasons": {peer_str(p): why for p, why in runner.failure_reasons.items()} if runner is not None else {},
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "error": error,
         }
