@@ -134,7 +134,7 @@ def run(size: int, rate: str, compression: str, values: int) -> dict:
     took = max(r["allreduce"] for r in results)
     return {"peers": size, "rate": rate, "compression": compression, "values": values, "allreduce_s": took,
             "bound_s": bound, "share_of_bound": bound / took, "clean": all(r["clean"] for r in results),
-            "errors": [r["error"] for r in results if r["error"]]}
+            "errors": [r["error"] for r in results]}
 
 
 def main() -> None:
@@ -164,7 +164,7 @@ def main() -> None:
             for size in args.peers:
                 row = run(size, rate, compression, int(args.values))
                 rows.append(row)
-                note = "" if row["clean"] else f"  (unclean: {row['errors'][:1]})"
+                note = "" if row["clean"] else f"  (unclean: {row['errors']})"
                 print(f"{size:>5} {rate:>8} {compression:>8} {row['allreduce_s']:>13.1f} {row['bound_s']:>8.1f} "
                       f"{100 * row['share_of_bound']:>8.0f}%{note}", flush=True)
     if args.out:
