@@ -121,8 +121,9 @@ def _serve_meeting_point(initial_peers, authority, host_maddrs, identity, token,
         if maddrs_file:
             _write_atomically(Path(maddrs_file), " ".join(maddrs) + "\n")
         first = [p for p in initial_peers if "/p2p/" in p][:1]
-        log("hand this to contributors:  " + " ".join(f"--initial-peers {a}" for a in first + maddrs[:1])
-            + ("" if first else f" --authority {authority}"))
+        mine = [m for m in maddrs if "/ip4/127." not in m and "/ip6/::1/" not in m][:1] or maddrs[:1]
+        log("hand this to contributors:  " + " ".join(f"--initial-peers {a}" for a in first + mine)
+            + (f" --authority {authority}" if authority else ""))
 
     try:
         Contributor(opts, log=log).serve(ready=ready)

@@ -283,9 +283,21 @@ class Contributor:
                  "(sends its delta, reduces no part, serves no files)")
         self.log(f"to take a full part, forward TCP port {port} on your router to this machine and pass "
                  f"--host-maddrs /ip4/0.0.0.0/tcp/{port} --announce-maddrs /ip4/<public ip>/tcp/{port}")
-        self.dht.shutdown()
+        from coldfusion_p2p.swarm import stop_process
+
+        stop_process(self.dht)
         self.dht = self._start_dht(self._identity_used, client_mode=True)
         return "client"
+
+    def _servers(self) -> dict:
+        """Announced holders of bases that can serve them: a peer whose metrics say it is a client cannot
+        be dialled (its averager serves nothing), so downloads do not spend their tries on it."""
+        announced = self.records.announced()
+        try:
+            clients = {p for p, m in self.records.metrics().items() if m.reach == "client"}
+        except Exception:  # noqa: BLE001 - metrics are a hint: without them, try every holder
+            clients = set()
+        return {p: key for p, key in announced.items() if p not in clients}
 
     def _apply_admission(self, manifest: SwarmManifest) -> None:
         """Take the manifest's admission mode and revocation list (the heartbeat calls this on each new serial)."""
@@ -370,7 +382,7 @@ class Contributor:
                     shutil.copy(local / name, store.model_dir / name)
             return store.model_dir, body
         # the bootstrap peer serves the model files first: the authority is the one peer we already trust a little
-        holders = sorted(set(self.records.announced()) - {self.records.peer_id}, key=lambda p: (p != self.authority, p))
+        holders = sorted(set(self._servers()) - {self.records.peer_id}, key=lambda p: (p != self.authority, p))
         self.events.emit("download", f"downloading the model files from {len(holders)} peer(s)", what="model")
         from coldfusion_p2p.swarm import sha256_file
 
@@ -842,7 +854,7 @@ class Contributor:
             chain = CertChain(self.manifest.name, self.manifest.model.v0_hash, self.manifest.round.min_group_size,
                               self.admission.signed_by_member if self.admission.private else None)
             self.history = HistorySync(self.store, chain, self.records.peer_id, self.manifest.fusion.max_delta_ratio,
-                                       self._fetch, self.records.announced, self.log, strategy=self.strategy)
+                                       self._fetch, self._servers, self.log, strategy=self.strategy)
             self.history.load_local()
             self.events.emit("joined", f"joined swarm {self.manifest.name!r} as {self.records.peer_id[:12]}… (model {self.manifest.model.source}, v0 {self.manifest.model.v0_hash[:12]})", peer=self.records.peer_id, swarm=self.manifest.name)
             model_dir, local_v0 = self._prepare_model()

@@ -102,6 +102,9 @@ def kept_members(parts: list[torch.Tensor], factor: float) -> list[int]:
     center = median_center(parts)
     d2 = [float((p.double() - center).pow(2).sum()) for p in parts]
     median = sorted(d2)[n // 2]
+    if median == 0.0:  # most members agree bit for bit here (e.g. rows only weight decay moved): the
+        # radius is taken from the members' own lengths, so a member that did train these values stays
+        median = sorted(float(p.double().pow(2).sum()) for p in parts)[n // 2]
     return [i for i, d in enumerate(d2) if d <= factor * median]
 
 

@@ -64,6 +64,10 @@ def test_filtered_mean_of_honest_members_is_the_plain_mean_and_order_free():
     assert torch.equal(median_center(parts[:4]), (torch.sort(torch.stack(parts[:4]).double(), 0).values[1:3]).mean(0))
     assert kept_members(parts[:2] + [parts[0] * 1000], 25.0) == [0, 1]  # three: a majority can tell
     assert kept_members([parts[0], parts[0] * 1000], 25.0) == [0, 1]  # two: no majority, nobody is left out
+    # most members identical in a part (only weight decay moved it): one that trained it is kept, noise is not
+    same = [parts[0].clone() for _ in range(4)]
+    assert kept_members(same + [parts[0] * 1.5], 25.0) == [0, 1, 2, 3, 4]
+    assert kept_members(same + [parts[0] * 100], 25.0) == [0, 1, 2, 3]
 
 
 def test_a_member_inside_the_filters_radius_pulls_at_most_its_share_of_it():
