@@ -47,7 +47,7 @@ from coldfusion_p2p.fusion import body_delta, clip_to_norm, delta_norm, round_bo
 from coldfusion_p2p.plots import plot_lines  # noqa: E402
 from coldfusion_p2p.procs import Children, cli_command  # noqa: E402
 from coldfusion_p2p.store import VersionStore  # noqa: E402
-from coldfusion_p2p.strategies import median_center  # noqa: E402
+from coldfusion_p2p.strategies import filter_radius  # noqa: E402
 from coldfusion_p2p.swarm.averager import part_values  # noqa: E402
 from coldfusion_p2p.training import LocalTrainer, round_seed  # noqa: E402
 
@@ -128,11 +128,10 @@ def edge_attack(deltas: list[list[torch.Tensor]], size: int, factor: float = 25.
     for parts in zip(*deltas):
         chunks = []
         for cs in zip(*(p.reshape(-1).split(size) for p in parts)):
-            center = median_center(list(cs))
-            d2 = sorted(float((c.double() - center).pow(2).sum()) for c in cs)
+            center, _d2, limit = filter_radius(list(cs), factor)
             away = -sum(c.double() for c in cs)
             away = away / max(float(away.norm()), 1e-30)
-            chunks.append((center + 0.9 * (factor * d2[len(d2) // 2]) ** 0.5 * away).float())
+            chunks.append((center + 0.9 * limit ** 0.5 * away).float())
         out.append(torch.cat(chunks).reshape(parts[0].shape))
     return out
 

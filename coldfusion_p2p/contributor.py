@@ -266,15 +266,15 @@ class Contributor:
         """Ask an initial peer to dial this one back; when it cannot, restart the DHT as a client (it then
         needs no incoming connection) and say so. Returns the ``reach`` shown by `cfp2p status`."""
         from coldfusion_p2p.swarm import peer_of_maddr, visible_maddrs
-        from coldfusion_p2p.swarm.reach import REACHABLE, UNREACHABLE, check_reachable, listen_port
+        from coldfusion_p2p.swarm.reach import UNREACHABLE, check_reachable, listen_port
 
         peers = [p for p in dict.fromkeys(peer_of_maddr(m) for m in self.opts.initial_peers) if p]
         port = listen_port(list(self.opts.announce_maddrs or []) or visible_maddrs(self.dht))
         if not peers or port is None:
             return "direct"
         answer, by = check_reachable(self.dht, peers, port)
-        if answer == REACHABLE or answer != UNREACHABLE:
-            return "direct"  # an unknown answer (an older peer) keeps the old behaviour
+        if answer != UNREACHABLE:
+            return "direct"  # reachable, or unknown (an older peer): the old behaviour
         where = ", ".join(self.opts.announce_maddrs or []) or f"TCP port {port}"
         if self._role == "mirror":
             raise UserError(f"other peers cannot dial this meeting point at {where} (peer {by[:12]} tried): forward the port "
@@ -817,9 +817,7 @@ class Contributor:
             if ready is not None:
                 ready(visible_maddrs(self.dht))
             while not stop.wait(SERVE_SYNC_SECONDS):
-                self._check_standing()
-                if self._fatal:
-                    raise WorkError(self._fatal)
+                self._check_standing()  # raises once membership has ended
                 self._sync()
             return 0
 

@@ -93,19 +93,26 @@ def median_center(parts: list[torch.Tensor]) -> torch.Tensor:
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
-def kept_members(parts: list[torch.Tensor], factor: float) -> list[int]:
-    """Indices of the members within ``sqrt(factor)`` times the median member's distance from the
-    coordinate-wise median (all of them for fewer than three members: there is no majority to tell)."""
+def filter_radius(parts: list[torch.Tensor], factor: float) -> tuple[torch.Tensor, list[float], float]:
+    """``filtered_mean``'s rule on one part: (the coordinate-wise median, each member's squared distance
+    from it, the largest squared distance kept: ``factor`` times the median member's)."""
     n = len(parts)
-    if n < 3:
-        return list(range(n))
     center = median_center(parts)
     d2 = [float((p.double() - center).pow(2).sum()) for p in parts]
     median = sorted(d2)[n // 2]
     if median == 0.0:  # most members agree bit for bit here (e.g. rows only weight decay moved): the
         # radius is taken from the members' own lengths, so a member that did train these values stays
         median = sorted(float(p.double().pow(2).sum()) for p in parts)[n // 2]
-    return [i for i, d in enumerate(d2) if d <= factor * median]
+    return center, d2, factor * median
+
+
+def kept_members(parts: list[torch.Tensor], factor: float) -> list[int]:
+    """Indices of the members within ``sqrt(factor)`` times the median member's distance from the
+    coordinate-wise median (all of them for fewer than three members: there is no majority to tell)."""
+    if len(parts) < 3:
+        return list(range(len(parts)))
+    _center, d2, limit = filter_radius(parts, factor)
+    return [i for i, d in enumerate(d2) if d <= limit]
 
 
 def filtered_mean(parts: list[torch.Tensor], weights: list[float], factor: float = 25.0) -> torch.Tensor:

@@ -566,7 +566,7 @@ def wire_compression(name: str):
 
 def part_values(name: str) -> int:
     """Values per part of the all-reduce with the manifest's wire ``name``: hivemind splits every tensor
-    into parts of ``DEFAULT_PART_SIZE_BYTES`` after compression, whatever the group (a per-part strategy's
+    into parts of ``PART_SIZE_BYTES`` after compression, whatever the group (a per-part strategy's
     central computation needs the same parts)."""
     codec = wire_compression(name)
     info = CompressionInfo.from_tensor(torch.zeros(1))
