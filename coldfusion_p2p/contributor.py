@@ -145,6 +145,8 @@ class Contributor:
         self._phase = {"state": None}
         self.base: Base | None = None
         self._started = self._round_started = time.monotonic()
+        self._ready_complete = False  # the last look at the ready set found every expected peer ready
+        self._dht_mark: dict[str, int] = {}  # DHT load counted up to the last commit (or the first round's start)
         # what `cfp2p status` shows: swarm.metrics_record's fields that change as the peer works
         self._metrics = {"phase": "syncing", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
                          "last_round_seconds": None, "rounds": 0}
@@ -565,6 +567,7 @@ class Contributor:
             if start.start:
                 if settled or start.window_closed:
                     self.no_shows.after_window(start)
+                    self._ready_complete = not start.missing  # every expected peer is ready: the group is known
                     return list(start.ready)
                 settled = True  # look once more after a moment: another peer's records may be on their way
                 time.sleep(SETTLE_SECONDS)
@@ -665,10 +668,14 @@ class Contributor:
             t_gather = time.perf_counter() - t0
             self._set_phase("averaging", examples)
             group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_x{redo}"
-            # no target size: a count of ready peers can be short of the truth, and a leader that
-            # reaches it closes the group on a peer that arrives a moment later; gather for the
-            # whole matchmaking time instead (every ready peer gets there within about a second)
-            self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size,
+            # when every expected peer is ready, the group is known: a leader that holds all of them
+            # begins at once instead of gathering for the whole matchmaking time. A count that is short
+            # of the truth (a peer whose records this one has not seen yet) would close the group on
+            # it, so only then; after a closed window, or when the count is less than the swarm's
+            # minimum, the leader gathers for the whole time (it also does when a counted peer never comes)
+            group_of = len(set(expected) - set(self.offenders) - suspects)
+            target = group_of if self._ready_complete and group_of >= r.min_group_size else None
+            self.averager.set_round(group_prefix, target_group_size=target, min_group_size=r.min_group_size,
                                     rules=rules, excluded=sorted(set(self.offenders) | suspects))
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
@@ -744,6 +751,20 @@ class Contributor:
             self._set_phase("ready", examples)
         return "kept"
 
+    def _dht_load(self) -> dict[str, int]:
+        """DHT requests this peer's node has sent and served, and reads and writes of records it made, so far."""
+        from coldfusion_p2p.swarm import dht_requests
+
+        counts = dht_requests(self.dht) if self.dht is not None else {}
+        if not counts:
+            return {}
+        # hivemind's find and store handlers call its ping handler themselves: served pings are not requests
+        load = {"sent": sum(v for k, v in counts.items() if k.startswith("sent_")),
+                "served": counts.get("served_find", 0) + counts.get("served_store", 0), **counts}
+        if self.records is not None:
+            load.update(reads=self.records.calls["get"], writes=self.records.calls["store"])
+        return load
+
     def _allreduce_started(self) -> None:
         self._metrics["phase"] = "averaging"
         self.events.emit("allreduce", None, version=self.base.version)  # no log line: the progress bar shows it
@@ -765,6 +786,10 @@ class Contributor:
             # from the start of training to the commit; stored, so that re-published history keeps it
             "round_s": round(time.monotonic() - self._round_started, 3),
         })
+        now = self._dht_load()  # this peer's load on the DHT since its last commit (bench/scale.py reads it)
+        if now and self._dht_mark:
+            stats["dht"] = {k: v - self._dht_mark.get(k, 0) for k, v in now.items()}
+        self._dht_mark = now
         info = VersionInfo(base.version + 1, new_hash, parent=base.hash, contributors=group,
                            averaged_tensors=list(self.names), round_stats=stats)
         self._set_phase("storing")
@@ -891,6 +916,7 @@ class Contributor:
             self._sync()
             base = self.base
             self._round_started = time.monotonic()
+            self._dht_mark = self._dht_mark or self._dht_load()
             self._metrics.update(step=0, total=0, loss=None, examples_per_second=None)
             self._set_phase("training")
             body = M.load_body_module(model_dir, base.body)

@@ -17,6 +17,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from coldfusion_p2p import records as R
 from coldfusion_p2p.certs import Certificate, CertChain, check_certificate, max_drift, peer_id_of_public_key, sign_certificate
 from coldfusion_p2p.swarm import Identity, open_manifest, sign_manifest
+from coldfusion_p2p.swarm.node import CachedSignatureValidator
 from coldfusion_p2p.swarm.validation import ProtocolValidator
 
 KEYS = [RSAPrivateKey() for _ in range(4)]
@@ -53,7 +54,8 @@ def _signed_record(identity_index: int, key: str, value, ttl: float = 10.0, subk
 
 
 def _node_validator() -> CompositeValidator:
-    return CompositeValidator([RSASignatureValidator(RSAPrivateKey()), ProtocolValidator()])
+    """What a swarm node runs (``swarm.start_dht``): both checks remember the records they found valid."""
+    return CompositeValidator([CachedSignatureValidator(RSAPrivateKey()), ProtocolValidator()])
 
 
 def progress(**kw):
@@ -62,6 +64,26 @@ def progress(**kw):
 
 def test_a_well_formed_owned_record_passes():
     assert _node_validator().validate(_signed_record(0, R.PROGRESS_KEY, progress()))
+
+
+def test_a_record_read_again_is_not_checked_again_but_any_changed_byte_is(monkeypatch):
+    from hivemind.utils.crypto import RSAPublicKey
+
+    checks = []
+    verify = RSAPublicKey.verify
+    monkeypatch.setattr(RSAPublicKey, "verify", lambda self, data, sig: checks.append(1) or verify(self, data, sig))
+    node, good = _node_validator(), _signed_record(0, R.PROGRESS_KEY, progress())
+    assert all(node.validate(good) for _ in range(5)) and len(checks) == 1
+    forged_value = MSGPackSerializer.dumps(progress(state="ready"))
+    signature_part = good.value[good.value.rindex(b"[signature:"):] if b"[signature:" in good.value else b""
+    for bad in (
+        DHTRecord(good.key, good.subkey, forged_value + signature_part, good.expiration_time),  # another value, the same signature
+        DHTRecord(good.key, good.subkey, good.value, good.expiration_time + 1),  # a later expiration than was signed
+        DHTRecord(good.key, MSGPackSerializer.dumps(RSASignatureValidator(KEYS[1]).local_public_key), good.value, good.expiration_time),
+    ):
+        assert not node.validate(bad)
+    too_long = _signed_record(0, R.PROGRESS_KEY, progress(), ttl=10 ** 6)
+    assert not node.validate(too_long) and not node.validate(too_long)  # a refusal is never remembered as valid
 
 
 @pytest.mark.parametrize("bad", [

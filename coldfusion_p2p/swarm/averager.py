@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import InvalidStateError
 import hashlib
 import math
 import re
@@ -49,6 +50,7 @@ MAX_GROUP = 256  # members a verdict can list
 PART_FIRST_READ_TIMEOUT = 10.0  # seconds a caller has to send the first message of a part
 GROUP_SETUP_TIMEOUT = 30.0  # seconds a part waits for its group to be registered here
 PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce (1 and 2 MiB measured no faster: bench/allreduce.py)
+LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 
 
@@ -270,6 +272,11 @@ class FusionAverager(DecentralizedAverager):
             self._step_inputs = [t.clone() for t in tensors]
         try:
             await super()._step(step=step, future_for_init=future_for_init)
+        except InvalidStateError:
+            # the caller gave up on this step (the swarm moved on) while hivemind was setting its result:
+            # nothing is lost, and hivemind would print the error as a never-retrieved task's traceback
+            if not step.cancelled():
+                raise
         finally:
             self._step_inputs = None
 
@@ -480,8 +487,11 @@ class FusionAverager(DecentralizedAverager):
     async def _set_round(self, group_prefix: str, target: int | None, min_size: int, rules: dict, excluded: list[str], future: MPFuture):
         mm = self._matchmaking
         mm.group_key_manager.prefix = group_prefix
+        # the leader's cap only: the key manager's copy must stay None, since hivemind 1.1.12 draws
+        # the next key's bits with rng.sample(range(target), group size), which raises for a
+        # follower whose own count is smaller than the group its leader formed
         mm.target_group_size = mm.potential_leaders.target_group_size = target
-        mm.group_key_manager.target_group_size = target
+        mm.group_key_manager.target_group_size = None
         mm.min_group_size = min_size
         self._rules, self._excluded = dict(rules), set(excluded)
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
@@ -493,6 +503,8 @@ class FusionAverager(DecentralizedAverager):
                 return await join_leader(leader)
 
             mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
+            leaders = mm.potential_leaders
+            leaders._update_queue_periodically = lambda key_manager: _paced_leader_lookups(leaders, key_manager)
         future.set_result(None)
 
     def set_admission(self, state: dict, label: str = "") -> None:
@@ -518,6 +530,41 @@ class FusionAverager(DecentralizedAverager):
             return
         async for msg in serve_blob(Path(self._store_root), name):
             yield msg
+
+
+async def _paced_leader_lookups(leaders, key_manager) -> None:
+    """hivemind 1.1.12's ``PotentialLeaders._update_queue_periodically``, at most one lookup per ``LEADER_LOOKUP_INTERVAL``.
+
+    hivemind asks for a new look whenever its queue holds no earlier leader: for the peer that is the
+    leader itself, that is all the time, so it read the group key back to back for the whole
+    matchmaking time (about 1,300 DHT requests a round with two peers, measured by bench/scale.py)
+    and took CPU from the all-reduce on small machines. A follower still looks at once when it
+    starts; only repeated looks wait. The rest is hivemind's loop unchanged."""
+    from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS as DISCREPANCY
+
+    last = -math.inf
+    while get_dht_time() < leaders.search_end_time:
+        pause = last + LEADER_LOOKUP_INTERVAL - time.monotonic()
+        if pause > 0:
+            await asyncio.sleep(pause)
+        last = time.monotonic()
+        new_peers = await key_manager.get_averagers(key_manager.current_key, only_active=True)
+        leaders.max_assured_time = max(leaders.max_assured_time, get_dht_time() + leaders.min_matchmaking_time - DISCREPANCY)
+        leaders.leader_queue.clear()
+        for peer, peer_expiration_time in new_peers:
+            if peer == leaders.peer_id or (peer, peer_expiration_time) in leaders.past_attempts:
+                continue
+            leaders.leader_queue.store(peer, peer_expiration_time, peer_expiration_time)
+            leaders.max_assured_time = max(leaders.max_assured_time, peer_expiration_time - DISCREPANCY)
+        leaders.update_finished.set()
+        waits = {asyncio.create_task(leaders.running.wait()), asyncio.create_task(leaders.update_triggered.wait())}
+        try:
+            await asyncio.wait(waits, return_when=asyncio.ALL_COMPLETED,
+                               timeout=leaders.search_end_time - get_dht_time() if math.isfinite(leaders.search_end_time) else None)
+        finally:
+            for task in waits:
+                task.cancel()  # hivemind leaves these waiting when its search ends
+        leaders.update_triggered.clear()
 
 
 def make_averager(

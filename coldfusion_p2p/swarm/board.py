@@ -66,9 +66,11 @@ class SwarmRecords:
         self._lock = threading.Lock()
         self.public_keys: dict[str, str] = {}  # peer id -> ssh-rsa key, from the owner subkeys of records read
         self.revoked: frozenset = frozenset()  # peers the swarm's authority revoked: their records are ignored
+        self.calls = {"get": 0, "store": 0}  # reads and writes this peer made (each is several DHT requests)
 
     def _store(self, key: str, value: dict, ttl: float, wait: bool = True) -> bool:
         with self._lock:
+            self.calls["store"] += 1
             future = self.dht.store(key, value, expiration_time=dht_time() + ttl, subkey=self.dht.owner_subkey, return_future=True)
         if not wait:
             return True
@@ -81,6 +83,7 @@ class SwarmRecords:
     def _read(self, key: str) -> dict[str, Any]:
         """Every valid record at ``key``, by writer's peer id; only this swarm's (all, for the manifest key)."""
         with self._lock:
+            self.calls["get"] += 1
             future = self.dht.get(key, latest=True, return_future=True)
         try:
             found = future.result(timeout=DHT_CALL_TIMEOUT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import tempfile
 import threading
 import time
 import traceback
+import typing
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -20,7 +22,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.errors import UserError, WorkError
-from coldfusion_p2p.swarm.validation import ProtocolValidator
+from coldfusion_p2p.swarm.validation import ProtocolValidator, ValidCache
 
 
 def quiet_hivemind() -> None:
@@ -176,11 +178,72 @@ class _LockedSend:
         return getattr(self._conn, name)
 
 
+_RPC_KINDS = ("ping", "store", "find")
+_rpc_counts: dict[str, int] = {}  # in the DHT process: DHT requests this node sent ("sent_find") and served ("served_find")
+
+
+def _count_dht_requests() -> None:
+    """Count every DHT request the node sends and serves (called in the DHT process, before its node starts).
+
+    One ``dht.get`` or ``dht.store`` is several requests (a lookup asks the closest nodes it knows, then
+    theirs), so these counts, not the number of calls, are the load a peer puts on the swarm."""
+    from hivemind.dht.protocol import DHTProtocol
+
+    if getattr(DHTProtocol, "_cfp2p_counted", False):
+        return
+    for kind in _RPC_KINDS:
+        for prefix, side in (("call_", "sent_"), ("rpc_", "served_")):
+            original, label = getattr(DHTProtocol, prefix + kind), side + kind
+            _rpc_counts[label] = 0
+            if prefix == "rpc_":  # hivemind registers rpc_* handlers by their (self, request, context) signature
+                async def counted(self, request, context, *, _original=original, _label=label):
+                    _rpc_counts[_label] += 1
+                    return await _original(self, request, context)
+            else:
+                async def counted(self, *args, _original=original, _label=label, **kwargs):
+                    _rpc_counts[_label] += 1
+                    return await _original(self, *args, **kwargs)
+            functools.update_wrapper(counted, original)
+            del counted.__wrapped__  # getfullargspec must see the wrapper's own arguments,
+            counted.__annotations__ = typing.get_type_hints(original)  # and the hints are resolved where they were written
+            setattr(DHTProtocol, prefix + kind, counted)
+    DHTProtocol._cfp2p_counted = True
+
+
+async def _read_dht_requests(_dht, _node) -> dict[str, int]:
+    return dict(_rpc_counts)
+
+
+def dht_requests(dht: DHT, timeout: float = 5.0) -> dict[str, int]:
+    """How many DHT requests this peer's node has sent and served since it started, by kind ({} if it cannot say)."""
+    try:
+        return dht.run_coroutine(_read_dht_requests, return_future=True).result(timeout=timeout)
+    except Exception:  # noqa: BLE001 - a count is a courtesy: never a reason to fail
+        return {}
+
+
+class CachedSignatureValidator(RSASignatureValidator):
+    """hivemind's signature check, done once per record: a record read again is known valid (``ValidCache``)."""
+
+    def __init__(self, private_key=None):
+        super().__init__(private_key)
+        self._valid = ValidCache()
+
+    def validate(self, record) -> bool:
+        if self._valid.known(record):
+            return True
+        if super().validate(record):
+            self._valid.add(record)
+            return True
+        return False
+
+
 class SwarmDHT(DHT):
-    """hivemind's DHT, but a request from a process that has since exited cannot kill it."""
+    """hivemind's DHT, but a request from a process that has since exited cannot kill it; it counts its requests."""
 
     def run(self) -> None:
         self._inner_pipe = _SturdyPipe(self._inner_pipe)
+        _count_dht_requests()
         super().run()
 
 
@@ -234,7 +297,7 @@ def start_dht(
     key = load_identity(identity_path or fresh)
     # a key made a moment ago is nobody's; a watcher (client mode) may share a member's key with its contributor
     extra = {} if identity_path and not client_mode else {"check_if_identity_free": False}
-    signer = RSASignatureValidator(key)
+    signer = CachedSignatureValidator(key)
     authorizer = None
     if token is not None:
         from coldfusion_p2p.membership import TokenError
