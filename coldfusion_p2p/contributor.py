@@ -565,7 +565,10 @@ class Contributor:
             )
             start = round_start(view, r.min_group_size, r.round_window)
             if start.start:
-                if settled or start.window_closed:
+                # the second look is for records on their way: when every maker of this base is ready and
+                # nobody is training, there are none to wait for (a peer that joins now trains first)
+                everyone = bool(base.contributors) and set(base.contributors) <= set(start.ready) and not start.missing
+                if settled or start.window_closed or everyone:
                     self.no_shows.after_window(start)
                     self._ready_complete = not start.missing  # every expected peer is ready: the group is known
                     return list(start.ready)
