@@ -145,7 +145,6 @@ class Contributor:
         self._phase = {"state": None}
         self.base: Base | None = None
         self._started = self._round_started = time.monotonic()
-        self._ready_complete = False  # the last look at the ready set found every expected peer ready
         self._dht_mark: dict[str, int] = {}  # DHT load counted up to the last commit (or the first round's start)
         # what `cfp2p status` shows: swarm.metrics_record's fields that change as the peer works
         self._metrics = {"phase": "syncing", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
@@ -565,12 +564,8 @@ class Contributor:
             )
             start = round_start(view, r.min_group_size, r.round_window)
             if start.start:
-                # the second look is for records on their way: when every maker of this base is ready and
-                # nobody is training, there are none to wait for (a peer that joins now trains first)
-                everyone = bool(base.contributors) and set(base.contributors) <= set(start.ready) and not start.missing
-                if settled or start.window_closed or everyone:
+                if settled or start.window_closed:
                     self.no_shows.after_window(start)
-                    self._ready_complete = not start.missing  # every expected peer is ready: the group is known
                     return list(start.ready)
                 settled = True  # look once more after a moment: another peer's records may be on their way
                 time.sleep(SETTLE_SECONDS)
@@ -671,14 +666,14 @@ class Contributor:
             t_gather = time.perf_counter() - t0
             self._set_phase("averaging", examples)
             group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_x{redo}"
-            # when every expected peer is ready, the group is known: a leader that holds all of them
-            # begins at once instead of gathering for the whole matchmaking time. A count that is short
-            # of the truth (a peer whose records this one has not seen yet) would close the group on
-            # it, so only then; after a closed window, or when the count is less than the swarm's
-            # minimum, the leader gathers for the whole time (it also does when a counted peer never comes)
-            group_of = len(set(expected) - set(self.offenders) - suspects)
-            target = group_of if self._ready_complete and group_of >= r.min_group_size else None
-            self.averager.set_round(group_prefix, target_group_size=target, min_group_size=r.min_group_size,
+            # no target size: a count of ready peers can be short of the truth, and a leader that
+            # reaches it closes the group on a peer that arrives a moment later; gather for the
+            # whole matchmaking time instead (every ready peer gets there within about a second).
+            # (Tried this stop: beginning once every expected peer had joined, by count and then by
+            # identity. With rounds of a second or two, as in the tests, peers' views of who is
+            # ready differ often enough to split rounds, and a revoked member's last rounds forked
+            # a private swarm: see the notes of issue 11.)
+            self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size,
                                     rules=rules, excluded=sorted(set(self.offenders) | suspects))
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
