@@ -230,12 +230,7 @@ class CachedSignatureValidator(RSASignatureValidator):
         self._valid = ValidCache()
 
     def validate(self, record) -> bool:
-        if self._valid.known(record):
-            return True
-        if super().validate(record):
-            self._valid.add(record)
-            return True
-        return False
+        return self._valid.valid(record, super().validate)
 
 
 class SwarmDHT(DHT):

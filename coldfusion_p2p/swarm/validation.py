@@ -6,6 +6,10 @@ and expiration must be the owner's), then this one, on the value with the signat
 
 from __future__ import annotations
 
+import hashlib
+import struct
+from typing import Callable
+
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -14,7 +18,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p import records as R
 
-VALID_CACHE_SIZE = 50_000  # records remembered as valid, per validator (a few MB)
+VALID_CACHE_SIZE = 50_000  # records remembered as valid, per validator (32-byte digests: a few MB at most)
 
 
 class ValidCache:
@@ -24,18 +28,28 @@ class ValidCache:
     is validated on arrival: with 16 local peers, validating the same unchanged records (an RSA
     signature check and a schema parse each) took about half of every DHT process's CPU
     (bench/scale.py). Only a True verdict is kept, and only where it cannot turn False with time:
-    a signature over fixed bytes, and an expiration within the TTL from now (``now`` only grows)."""
+    a signature over fixed bytes, and an expiration within the TTL from now (``now`` only grows).
+    A record is remembered by a digest of all its bytes, so that large records sent on purpose
+    cannot grow the cache beyond its count."""
 
     def __init__(self, size: int = VALID_CACHE_SIZE):
         self.size, self._seen = size, set()
 
-    def known(self, record: DHTRecord) -> bool:
-        return (record.key, record.subkey, record.value, record.expiration_time) in self._seen
-
-    def add(self, record: DHTRecord) -> None:
+    def valid(self, record: DHTRecord, check: Callable[[DHTRecord], bool]) -> bool:
+        """``check(record)``, or True at once for a record it passed before."""
+        digest = hashlib.sha256()
+        for part in (record.key, record.subkey, record.value, struct.pack("<d", record.expiration_time)):
+            digest.update(struct.pack("<Q", len(part)))
+            digest.update(part)
+        key = digest.digest()
+        if key in self._seen:
+            return True
+        if not check(record):
+            return False
         if len(self._seen) >= self.size:
             self._seen.clear()
-        self._seen.add((record.key, record.subkey, record.value, record.expiration_time))
+        self._seen.add(key)
+        return True
 
 
 _KIND_BY_ID = {DHTID.generate(source=key).to_bytes(): kind for key, kind in R.KINDS.items()}
@@ -57,12 +71,7 @@ class ProtocolValidator(RecordValidatorBase):
         kind = _KIND_BY_ID.get(record.key)
         if kind is None:
             return True
-        if self._valid.known(record):
-            return True
-        if self._check(kind, record):
-            self._valid.add(record)
-            return True
-        return False
+        return self._valid.valid(record, lambda r: self._check(kind, r))
 
     @staticmethod
     def _check(kind: R.RecordKind, record: DHTRecord) -> bool:
