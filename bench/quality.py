@@ -45,7 +45,7 @@ from coldfusion_p2p.evaluate import EvalSettings, evaluate, subset  # noqa: E402
 from coldfusion_p2p.config import SwarmManifest  # noqa: E402
 from coldfusion_p2p.fusion import body_delta, clip_to_norm, delta_norm, round_bound  # noqa: E402
 from coldfusion_p2p.plots import plot_lines  # noqa: E402
-from coldfusion_p2p.procs import Children, cli_command  # noqa: E402
+from coldfusion_p2p.procs import Children, cli_command, wait_for_address  # noqa: E402
 from coldfusion_p2p.store import VersionStore  # noqa: E402
 from coldfusion_p2p.strategies import filter_radius  # noqa: E402
 from coldfusion_p2p.swarm.averager import part_values  # noqa: E402
@@ -237,12 +237,7 @@ def p2p(args, out: Path, files: list[Path]) -> list[M.BodyState]:
     with Children() as children:
         boot = children.start(cli_command("bootstrap", "--config", str(config), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                                           "--maddrs-file", str(maddrs), "--store", str(work / "bootstrap")), work / "bootstrap.log")
-        deadline = time.monotonic() + 300
-        while not (maddrs.is_file() and maddrs.read_text().strip()):
-            if boot.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the bootstrap peer did not come up; see {work / 'bootstrap.log'}")
-            time.sleep(0.5)
-        peer = maddrs.read_text().split()[0]
+        peer = wait_for_address(maddrs, boot, work / "bootstrap.log", timeout=300)  # a WorkError: one line from main
         procs = []
         for f in files:
             store = work / f"peer-{f.stem}"

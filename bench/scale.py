@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coldfusion_p2p import model as M  # noqa: E402
 from coldfusion_p2p.demo import DEMO_DATA  # noqa: E402
-from coldfusion_p2p.procs import Children, cli_command  # noqa: E402
+from coldfusion_p2p.errors import WorkError  # noqa: E402
+from coldfusion_p2p.procs import Children, cli_command, wait_for_address  # noqa: E402
 
 MANIFEST = """
 [swarm]
@@ -71,12 +72,10 @@ def run_swarm(work: Path, peers: int, rounds: int, source: str, examples: int, m
         boot = children.start(cli_command("bootstrap", "--config", str(config), "--identity", str(work / "boot.key"),
                                           "--store", str(work / "boot"), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                                           "--maddrs-file", str(maddrs)), work / "bootstrap.log")
-        deadline = time.monotonic() + 120
-        while not (maddrs.is_file() and maddrs.read_text().strip()):
-            if boot.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the bootstrap peer did not come up: see {work / 'bootstrap.log'}")
-            time.sleep(0.2)
-        initial = maddrs.read_text().split()[0]
+        try:
+            initial = wait_for_address(maddrs, boot, work / "bootstrap.log", timeout=120)
+        except WorkError as e:
+            raise SystemExit(f"{e}: see {work / 'bootstrap.log'}") from None
         procs = {}
         for i in range(peers):
             name = f"peer-{i:02d}"

@@ -17,8 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from coldfusion_p2p.errors import WorkError
-from coldfusion_p2p.procs import Children, cli_command
+from coldfusion_p2p.procs import Children, cli_command, wait_for_address
 
 DEMO_DATA = Path(__file__).with_name("demo_data")
 DEMO_PEERS = (("ada", "sms_spam"), ("ben", "rotten_tomatoes"), ("cy", "trec6"))
@@ -105,18 +104,6 @@ def _live_table(peers: list[PeerView], started: float) -> Table:
     return table
 
 
-def _wait_for_file(path: Path, proc, log: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().split()[0]
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
-            raise WorkError(f"the bootstrap peer exited early ({' '.join(tail) or 'no output'})")
-        time.sleep(0.2)
-    raise WorkError(f"the bootstrap peer did not start listening within {timeout:.0f}s")
-
-
 def run_demo(workdir: Path | None, rounds: int, model: str, examples_per_round: int, console: Console, timeout: float = 900) -> bool:
     """Run the demo swarm to the end; True when every peer committed every round and all agree."""
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="cfp2p-demo-"))
@@ -134,7 +121,7 @@ def run_demo(workdir: Path | None, rounds: int, model: str, examples_per_round: 
                         "--store", str(work / "bootstrap")),
             work / "bootstrap.log",
         )
-        initial_peer = _wait_for_file(maddrs_file, boot, work / "bootstrap.log", timeout=180)
+        initial_peer = wait_for_address(maddrs_file, boot, work / "bootstrap.log", timeout=180)
         console.print(f"bootstrap peer is up: [cyan]{initial_peer}[/cyan]")
         peers, procs = [], []
         for name, dataset in DEMO_PEERS:

@@ -28,6 +28,22 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def wait_for_address(path: Path, proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    """The first address a starting bootstrap peer writes to ``path`` (its ``--maddrs-file``); a one-line
+    WorkError when it exits first or does not write one within ``timeout`` seconds."""
+    from coldfusion_p2p.errors import WorkError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().split()[0]
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+            raise WorkError(f"the bootstrap peer exited early ({' '.join(tail) or 'no output'})")
+        time.sleep(0.2)
+    raise WorkError(f"the bootstrap peer did not start listening within {timeout:.0f}s")
+
+
 class Children:
     """A set of started process groups; ``stop()`` (or leaving the ``with``) ends them all."""
 
