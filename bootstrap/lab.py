@@ -8,6 +8,8 @@ serial, published within seconds). Layout (every file 0600, the folder 0700)::
     lab/swarm.toml        the swarm's settings (edit, then restart the bootstrap peer)
     lab/members.json      who was admitted: name, peer id, public key, expiry
     lab/revoked.json      peer ids refused everywhere
+    lab/signed_until.json revoked peer id -> the newest version its signatures count on (the bootstrap
+                          peer writes it when it publishes the revocation: the history before stays certified)
     lab/store/            v0, the model files, the signed manifest (published-manifest.json)
 """
 
@@ -23,6 +25,7 @@ from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.membership import TokenError, make_token, peer_of_key
 
 KEY_FILE, CONFIG_FILE, MEMBERS_FILE, REVOKED_FILE, STORE_DIR = "authority.key", "swarm.toml", "members.json", "revoked.json", "store"
+SIGNED_UNTIL_FILE = "signed_until.json"
 
 
 def _private_write(path: Path, text: str) -> None:
@@ -41,6 +44,8 @@ def _toml_value(v) -> str:
         return json.dumps(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table: {"key" = value, ...}
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -108,6 +113,22 @@ def revoked(lab: str | Path) -> list[str]:
     return sorted({p for p in data if isinstance(p, str)}) if isinstance(data, list) else []
 
 
+def signed_until(lab: str | Path) -> dict[str, int]:
+    """Revoked peer id -> the newest version its signatures count on (empty when missing or unreadable)."""
+    try:
+        data = json.loads((Path(lab) / SIGNED_UNTIL_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {p: v for p, v in data.items() if isinstance(p, str) and type(v) is int and v >= 0}
+
+
+def record_signed_until(lab: str | Path, lines: dict[str, int]) -> None:
+    """Keep the line the bootstrap peer drew for newly revoked peers (a line once drawn never moves)."""
+    _private_write(Path(lab) / SIGNED_UNTIL_FILE, json.dumps({**lines, **signed_until(lab)}, indent=1, sort_keys=True))
+
+
 def admit(lab: str, public_key: str, name: str, lifetime: float, out: str | None) -> tuple[dict, Path]:
     """Issue a token for ``public_key`` (the line `cfp2p id` prints); writes it to ``out`` (default NAME.token)."""
     folder = _lab(lab)
@@ -162,6 +183,8 @@ def lab_manifest(lab: str | Path) -> SwarmManifest:
     folder = _lab(str(lab))
     manifest = SwarmManifest.from_toml(folder / CONFIG_FILE)
     manifest.admission.revoked = sorted(set(manifest.admission.revoked) | set(revoked(folder)))
+    lines = {p: v for p, v in signed_until(folder).items() if p in manifest.admission.revoked}
+    manifest.admission.signed_until = {**lines, **manifest.admission.signed_until}
     return manifest.validate()
 
 

@@ -56,6 +56,43 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def newest_certified(records, manifest: SwarmManifest, admission) -> int:
+    """The newest version whose certificate, as members published it in their history records, checks out
+    under ``admission`` (the rules before a revocation); 0 when none does."""
+    from coldfusion_p2p.certs import Certificate, check_certificate
+
+    admitted = admission.signed_by_member if admission is not None and admission.private else None
+    best = 0
+    for record in records.history().values():
+        for entry in record.entries:
+            try:
+                cert = Certificate.from_dict(entry.cert)
+            except (ValueError, TypeError, KeyError):
+                continue
+            if cert.version > best and check_certificate(cert, manifest.name, manifest.round.min_group_size, admitted).ok:
+                best = cert.version
+    return best
+
+
+def _draw_revocation_line(lab: str, manifest: SwarmManifest, records, admission, pending: set[str], log) -> None:
+    """Newly revoked peers' signatures count up to the newest certified version the members published (so
+    the history they helped make stays certified for everyone, newcomers included) and on nothing later."""
+    from coldfusion_p2p.bootstrap import lab as L
+
+    pending = {p for p in pending if p not in manifest.admission.signed_until}
+    if not pending:
+        return
+    try:
+        head = newest_certified(records, manifest, admission)
+    except Exception as e:  # noqa: BLE001 - records another peer wrote are no reason to stop
+        log(f"could not read the members' history ({type(e).__name__}); the revoked keys' signatures count on nothing")
+        return
+    lines = {p: head for p in sorted(pending)}
+    L.record_signed_until(lab, lines)
+    manifest.admission.signed_until = {**lines, **manifest.admission.signed_until}
+    log(f"revoked {len(lines)} peer(s): their signatures count on versions up to v{head}, the newest certified one the members published")
+
+
 def run_bootstrap(
     config: str | None,
     host_maddrs: list[str],
@@ -113,7 +150,7 @@ def run_bootstrap(
             from coldfusion_p2p.certs import peer_id_of_public_key
 
             admission = Admission(manifest.admission.mode, manifest.name, peer_id_of_public_key(me.public_key.encode()),
-                                  frozenset(manifest.admission.revoked))
+                                  frozenset(manifest.admission.revoked), dict(manifest.admission.signed_until))
             token = make_token(me, manifest.name, "bootstrap", me.public_key, 365 * 86400.0)
         dht = start_dht([], host_maddrs, identity_path=identity, announce_maddrs=announce_maddrs, token=token,
                         admission=admission, refusals=refusals)
@@ -123,6 +160,17 @@ def run_bootstrap(
             admission=admission.state() if admission is not None else None, label="[bootstrap] ",
         )
         records = SwarmRecords(dht, manifest.name)
+        if lab is not None:  # revoked while this peer was down: draw the line at the history the members hold now
+            pending = set(L.revoked(lab)) - set(L.signed_until(lab))
+            if pending:
+                for _ in range(5):  # members' records reach a restarted node within seconds
+                    if records.history() or stop.wait(2.0):
+                        break
+                before = Admission(admission.mode, admission.swarm, admission.authority, admission.revoked - pending,
+                                   dict(admission.signed_until)) if admission is not None else None
+                _draw_revocation_line(lab, manifest, records, before, pending, log)
+                if admission is not None:
+                    admission.signed_until = dict(manifest.admission.signed_until)
         # signed with this peer's identity key: the swarm's authority, which `/p2p/<id>` in --initial-peers pins
         signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
         records.publish_manifest(signed)
@@ -149,10 +197,13 @@ def run_bootstrap(
         while not stop.wait(ANNOUNCE_SECONDS):
             beats += 1
             if lab is not None and not set(L.revoked(lab)) <= set(manifest.admission.revoked):  # `cfp2p bootstrap revoke` ran
+                pending = set(L.revoked(lab)) - set(manifest.admission.revoked)
+                _draw_revocation_line(lab, manifest, records, admission, pending, log)
                 manifest.admission.revoked = sorted(set(manifest.admission.revoked) | set(L.revoked(lab)))
                 signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
                 records.publish_manifest(signed)
                 if admission is not None:
+                    admission.signed_until = dict(manifest.admission.signed_until)
                     admission.revoked = frozenset(manifest.admission.revoked)
                     push_revoked(dht, manifest.admission.revoked)
                     averager.set_admission(admission.state(), "[bootstrap] ")

@@ -181,15 +181,16 @@ class CertCheck:
 def check_certificate(cert: Certificate, swarm: str, min_signers: int, admitted=None) -> CertCheck:
     """Valid signatures of listed members (peer id = hash of the signing key), at least ``min_signers``.
 
-    ``admitted(peer, token) -> bool``, when given, restricts whose signatures count (private swarms:
-    the token the certificate carries for that signer must have been issued for it).
+    ``admitted(peer, token, version) -> bool``, when given, restricts whose signatures count (private
+    swarms: the token the certificate carries for that signer must have been issued for it, and the
+    signer not revoked before this version).
     """
     if cert.swarm != swarm:
         return CertCheck(False, f"certificate is for swarm {cert.swarm!r}")
     payload = cert.payload()
     signers = []
     for peer, (key, sig) in cert.signatures.items():
-        if peer not in cert.members or (admitted is not None and not admitted(peer, cert.tokens.get(peer))):
+        if peer not in cert.members or (admitted is not None and not admitted(peer, cert.tokens.get(peer), cert.version)):
             continue
         try:
             if peer_id_of_public_key(key.encode()) != peer:
@@ -242,6 +243,27 @@ class CertChain:
             if reason is not None:
                 return reason
         return None
+
+    def recheck(self, suspect=None) -> list[tuple[int, str]]:
+        """Check the accepted certificates again (the rules behind ``admitted`` changed: a revocation) and drop
+        those that fail now, with every version built on them; the dropped (version, hash), oldest first.
+
+        ``suspect(cert) -> bool``, when given, picks the certificates worth checking again (for example
+        those a revoked peer signed); the others keep their verdict.
+        """
+        dropped: list[tuple[int, str]] = []
+        for key in sorted(self._certs):
+            cert = self._certs[key]
+            gone = not self.accepts(cert.version - 1, cert.parent)
+            if not gone and (suspect is None or suspect(cert)):
+                result = check_certificate(cert, self.swarm, self.min_signers, self.admitted)
+                gone = not result.ok
+                if result.ok:
+                    self._signers[key] = len(result.signers)
+            if gone:
+                del self._certs[key], self._signers[key]
+                dropped.append(key)
+        return dropped
 
     def lineage(self, version: int, body_hash: str) -> list[Certificate]:
         """The certificates from v1 to (version, hash), oldest first."""

@@ -164,6 +164,9 @@ class Contributor:
         self.token: dict | None = None  # this peer's membership token (private swarms)
         self.admission = Admission()  # who may take part; open unless the manifest says otherwise
         self._admission_changed = False  # set by the heartbeat, applied to the averager by the main thread
+        self._recheck_history = False  # set by the heartbeat on a new revocation: the main thread checks the history again
+        self._base_withdrawn = False  # set by the heartbeat: a revocation withdrew a signature our base's history needs
+        self._manifest_lock = threading.Lock()
         self._fatal: str | None = None  # why this peer must stop (its membership expired or was revoked)
 
     # ---------------------------------------------------------------- setup
@@ -303,14 +306,18 @@ class Contributor:
     def _apply_admission(self, manifest: SwarmManifest) -> None:
         """Take the manifest's admission mode and revocation list (the heartbeat calls this on each new serial)."""
         a = manifest.admission
-        revoked = frozenset(a.revoked)
+        revoked, until = frozenset(a.revoked), dict(a.signed_until)
         first = not self.admission.private and a.mode != "open"
         if first:
-            self.admission = Admission(a.mode, manifest.name, self.authority, revoked)
+            self.admission = Admission(a.mode, manifest.name, self.authority, revoked, until)
             self._admission_changed = True
-        if self.admission.private and (first or revoked != self.admission.revoked):
+        if self.admission.private and (first or revoked != self.admission.revoked or until != self.admission.signed_until):
+            self.admission.signed_until = until  # before the revocation itself: a signature never counts by mistake
             self.admission.revoked = revoked
             self._admission_changed = True
+            self._recheck_history = True
+            if self.history is not None and self.base is not None and not self._still_certified(self.base):
+                self._base_withdrawn = True  # leave the round on it now; the main thread falls back
             from coldfusion_p2p.swarm.gate import push_revoked
 
             with self.records._lock:  # the DHT node refuses revoked peers' calls and answers from now on
@@ -331,6 +338,46 @@ class Contributor:
         if self._admission_changed and self.averager is not None:
             self._admission_changed = False
             self.averager.set_admission(self.admission.state(), f"[{self.opts.name}] " if self.opts.name else "")
+        if self._recheck_history and self.history is not None and self.base is not None:
+            self._recheck_history = False
+            self._drop_withdrawn_versions()
+
+    def _withdrawn_signer(self, cert: Certificate) -> bool:
+        return any(self.admission.withdrawn(p, cert.version) for p in cert.signatures)
+
+    def _still_certified(self, base) -> bool:
+        """Whether ``base``'s history still checks out under the current revocations (any thread; reads only)."""
+        try:
+            lineage = self.history.chain.lineage(base.version, base.hash)
+        except KeyError:
+            return True  # not a version of the chain (v0, or one being acquired): nothing to withdraw
+        admitted = self.admission.signed_by_member
+        return all(check_certificate(c, self.manifest.name, self.manifest.round.min_group_size, admitted).ok
+                   for c in lineage if self._withdrawn_signer(c))
+
+    def _drop_withdrawn_versions(self) -> None:
+        """A revocation withdrew signatures: versions that needed them are no longer certified, for any peer.
+        Our own such versions go to ``retired/`` and this peer falls back to its newest version that is
+        still certified, then syncs with the swarm like the loser of a fork (main thread only)."""
+        dropped = self.history.chain.recheck(suspect=self._withdrawn_signer)
+        self._base_withdrawn = False
+        if not dropped:
+            return
+        self.log(f"a revocation withdrew signatures that {len(dropped)} version(s) this peer accepted needed "
+                 f"(v{dropped[0][0]}{f' to v{dropped[-1][0]}' if len(dropped) > 1 else ''}); they are no longer certified")
+        if self.history.chain.accepts(self.base.version, self.base.hash):
+            return
+        held = self.history.latest_local()
+        if held is None:
+            raise WorkError("a revocation left this peer's store with no certified version to go back to")
+        for info in self.store.list():
+            if info.version > held.version:
+                self.log(f"retired our v{info.version} ({info.hash[:12]}), no longer certified, to {self.store.retire(info.version)}")
+        self.store.retire_certificates_from(held.version + 1)
+        self.events.emit("fork", f"v{self.base.version} ({self.base.hash[:12]}) lost its certificate to a revocation; "
+                                 f"back to v{held.version} ({held.hash[:12]}), then syncing", version=held.version, hash=held.hash)
+        self.base = held
+        self.records.announce_base(held.version, held.hash)
 
     def _download_verified(self, name: str, dest: Path, check: Callable[[Path], str | None], holders: list[str]) -> None:
         """Fetch ``name`` from the first holder whose bytes pass ``check`` (None = good, else a reason)."""
@@ -490,8 +537,12 @@ class Contributor:
         if entries:
             self.records.publish_history(entries)
 
-    def _refresh_manifest(self) -> None:
+    def _refresh_manifest(self, publish: bool = True) -> None:
         """Keep the newest manifest the authority signed, and re-publish it (it outlives the bootstrap peer)."""
+        with self._manifest_lock:  # the heartbeat and the main thread (before each round) both look
+            self._refresh_manifest_locked(publish)
+
+    def _refresh_manifest_locked(self, publish: bool) -> None:
         found = self.records.manifests(self.authority).get(self.manifest.name)
         if found is not None and found[0] > self.manifest_serial:
             self.manifest_serial, self.signed_manifest = found[0], found[2]
@@ -505,7 +556,8 @@ class Contributor:
             self.log(f"the swarm's authority published manifest serial {found[0]}"
                      + (f" ({revoked} more revoked peer(s), cut from the next round)" if revoked > 0 else "")
                      + "; this peer re-publishes it (restart to apply other new settings)")
-        self.records.publish_manifest(self.signed_manifest)
+        if publish:
+            self.records.publish_manifest(self.signed_manifest)
 
     def _heartbeat(self) -> None:
         last_manifest = last_history = 0.0
@@ -544,6 +596,8 @@ class Contributor:
         while True:
             if self._fatal:
                 raise UserError(self._fatal)
+            if self._base_withdrawn:
+                return None
             if time.monotonic() - last_look > 2.0:
                 last_look = time.monotonic()
                 if self._newer_base_exists():
@@ -650,12 +704,19 @@ class Contributor:
         weight, delta = self._contribution(delta, examples, bound)
         redo, failures = 0, 0
         suspects: set[str] = set()  # members this peer saw fail it in this round: left out of its redos
+        if self.admission.private:  # a revocation published since the last heartbeat applies to this round already
+            try:
+                self._refresh_manifest(publish=False)
+            except Exception as e:  # noqa: BLE001 - the heartbeat looks again within seconds
+                self.log(f"could not read the swarm's manifest before the round ({type(e).__name__}); going on")
         t0 = time.perf_counter()
         while failures < r.max_attempts:
             self._check_standing()
+            if self.base is not base or self._base_withdrawn:
+                return "withdrawn"
             expected = self._wait_for_group()
             if expected is None:
-                return "superseded"
+                return "withdrawn" if self._base_withdrawn else "superseded"
             # a peer that arrives while the group redoes an unverified all-reduce joins it at its redo level
             # (only the levels of peers known to be real: the base's makers and this peer's past group mates,
             # so that verdicts from made-up identities cannot steer it to an empty key)
@@ -682,9 +743,11 @@ class Contributor:
                              + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
             result, t_match, t_allreduce, error = self.averager.run_step(
                 weight, {"examples": examples, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
-                give_up=lambda: self._fatal is not None or self._newer_base_exists(), on_allreduce=self._allreduce_started,
+                give_up=lambda: self._fatal is not None or self._base_withdrawn or self._newer_base_exists(), on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             if result is None:
+                if self._base_withdrawn:
+                    return "withdrawn"
                 if self._newer_base_exists():
                     return "superseded"
                 self.events.emit("retry", f"no group formed on v{base.version} ({error or 'timeout'}); trying again", redo=redo)
@@ -951,6 +1014,8 @@ class Contributor:
                 committed += 1
             elif outcome == "superseded":
                 self.events.emit("stale", f"the swarm moved past v{base.version} before this peer's delta was fused; dropping it and syncing")
+            elif outcome == "withdrawn":
+                self.events.emit("stale", f"a revocation withdrew the certificate of v{base.version}; dropping this peer's delta on it")
             self._set_phase("idle")
         self.records.set_progress(self.base.version, self.base.hash, "left", wait=True)  # nobody waits for us now
         self._phase = {"state": "left"}

@@ -9,8 +9,13 @@ token is useless without the key. The swarm's signed manifest carries the admiss
 
 Expiry gates access (DHT calls, rounds, downloads) but not history: a certificate's signature
 counts if its signer's token was issued by the authority for this swarm, so the versions a member
-co-signed before its token expired stay certified. Revocation also withdraws the key's signatures:
-certificates carry no trustworthy time, and a revoked key must not help certify new versions.
+co-signed before its token expired stay certified. Revocation also withdraws the key's signatures,
+but only from a point in the history on: certificates carry no trustworthy time, but they carry a
+version number, so the manifest's ``signed_until`` names, for each revoked peer, the newest version
+its signature still counts on (the newest certified version the bootstrap peer saw when it published
+the revocation). Every peer, a newcomer included, then draws the same line: the history the
+revoked member helped make before stays certified, and no version after it can lean on its key. A
+revoked peer missing from ``signed_until`` has every signature withdrawn (a stolen key).
 """
 
 from __future__ import annotations
@@ -153,6 +158,7 @@ class Admission:
     swarm: str = ""
     authority: str = ""
     revoked: frozenset = frozenset()
+    signed_until: dict = field(default_factory=dict)  # revoked peer -> newest version its signature counts on
     _valid: dict = field(default_factory=dict)  # peer -> its token, checked
 
     @property
@@ -185,25 +191,34 @@ class Admission:
     def token_of(self, peer: str) -> dict | None:
         return self._valid.get(peer)
 
-    def signed_by_member(self, peer: str, token: Any) -> bool:
-        """Whether a certificate signature of ``peer`` counts: its token was issued for it in this swarm, and it
-        is not revoked (expiry aside: a token that was valid keeps its signatures).
+    def signed_by_member(self, peer: str, token: Any, version: int | None = None) -> bool:
+        """Whether ``peer``'s signature on the certificate of ``version`` counts: its token was issued for it
+        in this swarm (expiry aside: a token that was valid keeps its signatures), and it was not revoked
+        before that version (``signed_until``; without a version, a revoked peer's signature never counts).
 
-        Revocation withdraws a key's signatures too: a revoked key and one accomplice must not certify
-        versions from then on, and a certificate carries no trustworthy time to tell old ones apart.
+        Revocation withdraws a key's signatures from the revocation's version on: a revoked key and one
+        accomplice must not certify versions from then on, while what it co-signed before stays certified.
         """
         if not self.private:
             return True
-        return token_problem(token, self.swarm, self.authority, time.time(), peer=peer, revoked=self.revoked,
-                             check_expiry=False) is None
+        if peer in self.revoked:
+            until = self.signed_until.get(peer)
+            if version is None or until is None or version > until:
+                return False
+        return token_problem(token, self.swarm, self.authority, time.time(), peer=peer, check_expiry=False) is None
+
+    def withdrawn(self, peer: str, version: int) -> bool:
+        """Whether ``peer``'s signatures on ``version`` were withdrawn by a revocation."""
+        return self.private and peer in self.revoked and version > self.signed_until.get(peer, -1)
 
     def state(self) -> dict:
         """What another process needs to rebuild this (see ``from_state``)."""
-        return {"mode": self.mode, "swarm": self.swarm, "authority": self.authority, "revoked": sorted(self.revoked)}
+        return {"mode": self.mode, "swarm": self.swarm, "authority": self.authority, "revoked": sorted(self.revoked),
+                "signed_until": dict(self.signed_until)}
 
     @classmethod
     def from_state(cls, state: dict) -> "Admission":
-        return cls(state["mode"], state["swarm"], state["authority"], frozenset(state["revoked"]))
+        return cls(state["mode"], state["swarm"], state["authority"], frozenset(state["revoked"]), dict(state.get("signed_until") or {}))
 
 
 def public_key_line(public_key: str) -> str:

@@ -59,7 +59,9 @@ class StatusView:
         from coldfusion_p2p.membership import Admission
 
         a = manifest.get("admission") or {}
-        return Admission(a.get("mode", "open"), name, self.authority or "", frozenset(a.get("revoked", ())))
+        until = a.get("signed_until")
+        until = {p: v for p, v in until.items() if isinstance(p, str) and type(v) is int} if isinstance(until, dict) else {}
+        return Admission(a.get("mode", "open"), name, self.authority or "", frozenset(a.get("revoked", ())), until)
 
     def _members(self, rec, admission) -> list[dict]:
         """A private swarm's members as their own records show them: tokens issued by the authority, with expiry."""

@@ -178,14 +178,15 @@ class VersionStore:
             if path.is_file():
                 if path.read_text() == text:
                     continue
-                self._retire_certs_from(cert["version"])
+                self.retire_certificates_from(cert["version"])
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(text)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
 
-    def _retire_certs_from(self, version: int) -> None:
+    def retire_certificates_from(self, version: int) -> None:
+        """Move the certificates of ``version`` and later to ``retired/`` (they were one history)."""
         dest = self.root / "retired" / f"certs-from-v{version:06d}-{int(time.time() * 1000)}"
         for path in sorted((self.root / "certs").glob("v[0-9]*.json")):
             if int(path.stem[1:]) >= version:

@@ -96,6 +96,114 @@ def test_certificates_count_only_signers_with_tokens_in_a_private_swarm():
     assert not check_certificate(swapped, "lab", 2, adm.signed_by_member).ok
 
 
+def _signed(version: int, parent: str, signers, tokens: dict, new: str | None = None) -> Certificate:
+    """A certificate of (version, parent) signed by ``signers`` (its new hash names the version and its signers)."""
+    new = new or (f"{version:02x}{len(signers):02x}".ljust(64, "0") if len(signers) < 3 else f"{version:02x}ff".ljust(64, "0"))
+    cert = Certificate("lab", version, parent, new, "ab" * 8, tuple(sorted(peer(m) for m in signers)))
+    for m in signers:
+        cert = cert.with_signature(peer(m), m.public_key, sign_certificate(cert, peer(m), m))
+    return cert.with_tokens({peer(m): tokens[peer(m)] for m in signers})
+
+
+def test_a_revocation_withdraws_signatures_after_its_version_only_and_the_chain_drops_what_needed_them():
+    from coldfusion_p2p.certs import CertChain
+
+    ann, bob, cy = MEMBERS
+    tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
+    adm = Admission("members", "lab", peer(AUTHORITY))
+    chain = CertChain("lab", "0" * 64, 2, adm.signed_by_member)
+    # v1..v4 made by ann and cy alone (groups of two), a v3 by all three on the side, and v5 on ann+cy's v4
+    line, parent = [], "0" * 64
+    for v in range(1, 6):
+        line.append(_signed(v, parent, [ann, cy], tokens))
+        parent = line[-1].hash
+    side = _signed(3, line[1].hash, [ann, bob, cy], tokens)
+    assert chain.add_many(line) is None and chain.add(side) is None
+    # without a line drawn, a revoked key's signatures count on nothing (a stolen key)
+    adm.revoked = frozenset([peer(cy)])
+    assert not adm.signed_by_member(peer(cy), tokens[peer(cy)], 1) and adm.withdrawn(peer(cy), 0)
+    # the line at v2: what cy co-signed up to v2 stays certified, nothing after it may lean on cy's key
+    adm.signed_until = {peer(cy): 2}
+    assert adm.signed_by_member(peer(cy), tokens[peer(cy)], 2) and not adm.signed_by_member(peer(cy), tokens[peer(cy)], 3)
+    assert not adm.signed_by_member(peer(cy), tokens[peer(cy)])  # no version: no count
+    assert adm.signed_by_member(peer(ann), tokens[peer(ann)], 99)
+    withdrawn = lambda c: any(adm.withdrawn(p, c.version) for p in c.signatures)  # noqa: E731
+    dropped = chain.recheck(suspect=withdrawn)
+    assert dropped == [(3, line[2].hash), (4, line[3].hash), (5, line[4].hash)]  # v3 needed cy; v4 and v5 build on it
+    assert chain.accepts(1, line[0].hash) and chain.accepts(2, line[1].hash)
+    assert chain.accepts(3, side.hash) and chain.signers(3, side.hash) == 2  # ann and bob still certify it
+    assert chain.recheck() == []  # nothing more to drop
+    # a newcomer's chain, built after the revocation, draws the same line
+    fresh = CertChain("lab", "0" * 64, 2, adm.signed_by_member)
+    assert fresh.add_many(line[:2] + [side]) is None
+    assert "1 valid member signature" in fresh.add(line[2])
+
+
+def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goes_back_and_retires_them(tmp_path):
+    """The fork a revocation made: ann and cy fused v3 and v4 before ann saw cy revoked (at v2). Once ann
+    sees it, her v3 and v4 are no longer certified for anyone; she goes back to v2 and keeps them under retired/."""
+    import torch
+
+    from coldfusion_p2p import model as M
+    from coldfusion_p2p.certs import CertChain
+    from coldfusion_p2p.contributor import Contributor, JoinOptions
+    from coldfusion_p2p.store import VersionInfo, VersionStore
+    from coldfusion_p2p.sync import HistorySync
+
+    ann, bob, cy = MEMBERS
+    tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
+    lines, announced = [], []
+    c = Contributor(JoinOptions(initial_peers=[], data="unused", store=str(tmp_path)), log=lines.append)
+    c.store = VersionStore(tmp_path)
+    bodies = [{"w": torch.full((3,), float(v))} for v in range(5)]
+    hashes = [M.hash_body(b) for b in bodies]
+    c.manifest = SwarmManifest.from_dict({"name": "lab", "admission": {"mode": "members"}})
+    c.admission = Admission("members", "lab", peer(AUTHORITY))
+    chain = CertChain("lab", hashes[0], 2, c.admission.signed_by_member)
+    c.store.save(bodies[0], VersionInfo(0, hashes[0], None))
+    certs = [_signed(v, hashes[v - 1], [ann, cy], tokens, new=hashes[v]) for v in range(1, 5)]
+    for v, cert in enumerate(certs, 1):
+        c.store.save(bodies[v], VersionInfo(v, hashes[v], hashes[v - 1], sorted(cert.members)))
+    c.store.save_certificates([cert.to_dict() for cert in certs])
+    c.history = HistorySync(c.store, chain, peer(ann), 0.05, fetch=None, announced=dict, log=lines.append)
+    c.history.load_local()
+    c.base = c.history.latest_local()
+    c.records = type("Records", (), {"announce_base": lambda self, v, h, wait=False: announced.append((v, h))})()
+    assert c.base.version == 4 and c._still_certified(c.base)
+
+    c.admission.signed_until, c.admission.revoked = {peer(cy): 2}, frozenset([peer(cy)])
+    assert not c._still_certified(c.base) 
+    c._recheck_history = c._base_withdrawn = True
+    c._check_standing()
+    assert (c.base.version, c.base.hash) == (2, hashes[2]) and announced == [(2, hashes[2])]
+    assert [i.version for i in c.store.list()] == [0, 1, 2] and not c._base_withdrawn
+    retired = sorted(p.name for p in (tmp_path / "retired").iterdir())
+    assert [n[:7] for n in retired if n.startswith("v")] == ["v000003", "v000004"]  # kept, never deleted
+    assert [Certificate.from_dict(d).version for d in c.store.certificates()] == [1, 2]
+    assert any("no longer certified" in line for line in lines)
+    c._recheck_history = True
+    c._check_standing()  # nothing more to drop: stays on v2
+    assert c.base.version == 2 and len(announced) == 1
+
+
+def test_the_revocation_line_travels_in_the_manifest_and_the_lab(tmp_path):
+    cy = peer(MEMBERS[2])
+    m = SwarmManifest.from_dict({"admission": {"mode": "members", "revoked": [cy], "signed_until": {cy: 7}}})
+    assert m.admission.signed_until == {cy: 7} and SwarmManifest.from_dict(m.to_dict()).admission.signed_until == {cy: 7}
+    for bad in ({cy: -1}, {cy: 1.5}, {"alice": 3}, {cy: "3"}, {cy: True}):
+        with pytest.raises(UserError, match="signed_until"):
+            SwarmManifest.from_dict({"admission": {"signed_until": bad}})
+    state = Admission("members", "lab", peer(AUTHORITY), frozenset([cy]), {cy: 7}).state()
+    assert json.loads(json.dumps(state)) == state and Admission.from_state(state).signed_until == {cy: 7}
+    from coldfusion_p2p.bootstrap import lab as L
+
+    L.record_signed_until(tmp_path, {cy: 7})
+    L.record_signed_until(tmp_path, {cy: 9, "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG": 9})  # a line once drawn never moves
+    assert L.signed_until(tmp_path) == {cy: 7, "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG": 9}
+    (tmp_path / L.SIGNED_UNTIL_FILE).write_text("[1, 2")
+    assert L.signed_until(tmp_path) == {}
+
+
 def test_enroll_desk_limits_new_keys_per_address_and_hour_but_renews_known_ones(tmp_path):
     keys = [Identity(RSAPrivateKey()) for _ in range(5)]
     desk = EnrollDesk(AUTHORITY, "lab", "enroll", 86400.0, per_address=2, per_hour=3, registry=tmp_path / "members.json")

@@ -69,6 +69,20 @@ def test_members_only_swarm_refuses_an_intruder_on_every_path_and_cuts_a_revoked
     swarm.wait_for(lambda: made_after_revocation() and _newest(stores["bob"]) >= _newest(stores["ann"]), 150,
                    "a version of a round after the revocation")
     assert all(tokens["cy"]["member"] not in c.members for c in made_after_revocation())  # cut from the next round
+    # the bootstrap peer drew the revocation's line at the members' newest certified version: cy's signatures
+    # count up to it and no further, and the members' whole history checks out under it, for a newcomer too
+    from coldfusion_p2p.certs import CertChain
+    from coldfusion_p2p.config import SwarmManifest
+    from coldfusion_p2p.membership import Admission
+
+    line = L.signed_until(swarm.lab).get(tokens["cy"]["member"])
+    assert line is not None and line >= 1, L.signed_until(swarm.lab)
+    assert f"their signatures count on versions up to v{line}" in (tmp_path / "bootstrap.log").read_text(errors="replace")
+    settings = SwarmManifest.from_toml(swarm.lab / L.CONFIG_FILE)
+    newcomer = Admission("members", "test", peer_of_maddr(boot), frozenset([tokens["cy"]["member"]]), {tokens["cy"]["member"]: line})
+    for name in ("ann", "bob"):
+        chain = CertChain("test", stores[name].read_info(0).hash, settings.round.min_group_size, newcomer.signed_by_member)
+        assert chain.add_many(_certs(tmp_path / name)) is None
     assert all(p.poll() is None for n, p in procs.items() if n != "cy")  # no member process exited
     # a member's view of the swarm: the intruder's metrics never reached it; members are listed with their expiry
     key, token = swarm.member("watcher")
