@@ -24,7 +24,7 @@ from coldfusion_p2p import model as M  # noqa: E402
 from coldfusion_p2p.config import TrainingSpec  # noqa: E402
 from coldfusion_p2p.data import load_private_data  # noqa: E402
 from coldfusion_p2p.demo import DEMO_DATA  # noqa: E402
-from coldfusion_p2p.training import LocalTrainer, pick_device  # noqa: E402
+from coldfusion_p2p.training import LocalTrainer, amp_dtype_for, pick_device  # noqa: E402
 
 
 def join_loop(trainer: LocalTrainer, folder: Path, seed: int) -> float:
@@ -34,8 +34,9 @@ def join_loop(trainer: LocalTrainer, folder: Path, seed: int) -> float:
     return (len(marks) - 1) * trainer.spec.batch_size / (marks[-1] - marks[0])
 
 
-def plain_loop(trainer: LocalTrainer, folder: Path, seed: int, device: torch.device) -> float:
-    """The textbook loop on the same batches: tokenize, forward, cross-entropy, backward, AdamW."""
+def plain_loop(trainer: LocalTrainer, folder: Path, seed: int, device: torch.device, amp: torch.dtype | None = None) -> float:
+    """The textbook loop on the same batches: tokenize, forward, cross-entropy, backward, AdamW (under
+    autocast to ``amp`` when given, as the join loop runs on a GPU)."""
     torch.manual_seed(seed)
     body = M.load_body_module(folder).to(device).train()
     head = M.new_head(folder, trainer.data.num_labels).to(device).train()
@@ -47,7 +48,8 @@ def plain_loop(trainer: LocalTrainer, folder: Path, seed: int, device: torch.dev
         enc = trainer.tokenizer(texts[i:i + trainer.spec.batch_size], padding=True, truncation=True,
                                 max_length=trainer.max_length, return_tensors="pt").to(device)
         y = torch.tensor(labels[i:i + trainer.spec.batch_size], device=device)
-        loss = loss_fn(head(body(**enc).last_hidden_state, enc["attention_mask"]), y)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = loss_fn(head(body(**enc).last_hidden_state.float(), enc["attention_mask"]), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -66,6 +68,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", help="the join loop's: auto, fp32, bf16 or fp16 (auto: see training.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,14 +78,28 @@ def main() -> None:
     device = pick_device(args.device)
     data = load_private_data(args.data)
     spec = TrainingSpec(lr=1e-4, batch_size=args.batch_size, examples_per_round=args.examples)
-    trainer = LocalTrainer(AutoTokenizer.from_pretrained(folder), data, M.new_head(folder, data.num_labels), spec, args.max_length, device)
-    joined, plain = [], []
+    trainer = LocalTrainer(AutoTokenizer.from_pretrained(folder), data, M.new_head(folder, data.num_labels), spec, args.max_length, device,
+                           precision=args.precision)
+    parameters = sum(p.numel() for p in M.load_body_module(folder).parameters())
+    amp = amp_dtype_for(args.precision, device, parameters)  # the join loop's autocast (None: float32)
+    # on a GPU, the plain loop runs both ways: like the join loop, and the other way (what autocast buys or costs)
+    other = None if device.type != "cuda" else (None if amp is not None else amp_dtype_for("bf16", device, parameters))
+    joined, plain, plain_other = [], [], []
+    name = lambda dtype: "float32" if dtype is None else str(dtype).replace("torch.", "")  # noqa: E731
     for r in range(args.repeats):
         joined.append(join_loop(trainer, folder, r))
-        plain.append(plain_loop(trainer, folder, r, device))
-        print(f"repeat {r + 1}: join loop {joined[-1]:.1f} ex/s, plain loop {plain[-1]:.1f} ex/s", flush=True)
-    print(f"{args.model} on {device}, batch {args.batch_size}, max_length {args.max_length}, {torch.get_num_threads()} thread(s): "
-          f"join loop {max(joined):.1f} ex/s, plain PyTorch {max(plain):.1f} ex/s, ratio {max(joined) / max(plain):.3f}")
+        plain.append(plain_loop(trainer, folder, r, device, amp))
+        line = f"repeat {r + 1}: join loop {joined[-1]:.1f} ex/s, plain loop {plain[-1]:.1f} ex/s ({name(amp)})"
+        if device.type == "cuda":
+            plain_other.append(plain_loop(trainer, folder, r, device, other if amp is None else None))
+            line += f", plain {name(other if amp is None else None)} {plain_other[-1]:.1f} ex/s"
+        print(line, flush=True)
+    where = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"{torch.get_num_threads()} thread(s)"
+    print(f"{Path(args.model).name} ({parameters / 1e6:.1f}M parameters) on {device} ({where}), batch {args.batch_size}, "
+          f"max_length {args.max_length}, {name(amp)}: join loop {max(joined):.1f} ex/s, plain PyTorch {max(plain):.1f} ex/s, "
+          f"ratio {max(joined) / max(plain):.3f}"
+          + (f"; plain {name(other if amp is None else None)} {max(plain_other):.1f} ex/s, "
+             f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if plain_other else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,8 @@ def join(
     swarm: Optional[str] = typer.Option(None, "--swarm", help="swarm name, when the DHT hosts several"),
     model: Optional[str] = typer.Option(None, "--model", help="local model folder or built-in name (default: the swarm's; downloaded from peers if missing)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    precision: str = typer.Option("auto", "--precision", help="training on a GPU: auto (bf16 autocast for bodies of 200M parameters "
+                                  "and more, float32 below, where autocast was slower), fp32, bf16 or fp16"),
     weight: Optional[str] = typer.Option(None, "--weight", help="the swarm's manifest sets the weighting rule and every reducer enforces it; "
                                          "a value other than the manifest's is refused"),
     authority: Optional[str] = typer.Option(None, "--authority", help="peer id whose signature the swarm manifest must carry "
@@ -285,7 +287,7 @@ def join(
     _quiet_libraries()
     opts = JoinOptions(
         initial_peers=initial_peers, data=str(data), store=str(store), text_column=text_column, label_column=label_column,
-        rounds=rounds, swarm=swarm, model=model, device=device, weighting=weight, host_maddrs=host_maddrs,
+        rounds=rounds, swarm=swarm, model=model, device=device, precision=precision, weighting=weight, host_maddrs=host_maddrs,
         announce_maddrs=announce_maddrs, threads=threads, keep_finetuned=keep_finetuned,
         events=str(events) if events else None, max_wait=max_wait, name=name, authority=authority,
         identity=str(identity) if identity else None, token=str(token) if token else None,

@@ -41,7 +41,7 @@ from coldfusion_p2p.membership import CLOCK_SLACK, MAX_TOKEN_BYTES, Admission, T
 from coldfusion_p2p.protocol import CommitDecision, NoShows, RoundView, VerdictView, decide_commit, round_start
 from coldfusion_p2p.store import VersionInfo, VersionStore
 from coldfusion_p2p.sync import Held, HistorySync
-from coldfusion_p2p.training import LocalTrainer, pick_device, round_seed
+from coldfusion_p2p.training import LocalTrainer, amp_dtype_for, pick_device, round_seed
 
 HEARTBEAT_SECONDS = 4.0
 MANIFEST_REFRESH_SECONDS = 12.0  # how soon a new manifest (a revocation) reaches this peer
@@ -63,6 +63,7 @@ class JoinOptions:
     swarm: str | None = None  # which swarm, when a DHT announces several
     model: str | None = None  # a local model folder or built-in name; else the manifest's, else from peers
     device: str = "auto"
+    precision: str = "auto"  # training on a GPU: auto, fp32, bf16 or fp16 (training.amp_dtype_for)
     weighting: str | None = None  # must match the manifest's rule (kept so that a mismatch is a clear error)
     host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"])
     announce_maddrs: list[str] | None = None
@@ -879,6 +880,7 @@ class Contributor:
         opts = self.opts
         data = load_private_data(opts.data, opts.text_column, opts.label_column)  # bad data fails before the network
         device = pick_device(opts.device)
+        amp_dtype_for(opts.precision, device, 0)  # an unknown --precision is refused before joining
         self._device = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         if opts.threads:
             torch.set_num_threads(opts.threads)
@@ -970,7 +972,8 @@ class Contributor:
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         head = self._load_head(data, model_dir)
-        trainer = LocalTrainer(tokenizer, data, head, self.manifest.training, self.manifest.tokenizer.max_length, device)
+        trainer = LocalTrainer(tokenizer, data, head, self.manifest.training, self.manifest.tokenizer.max_length, device,
+                               precision=self.opts.precision)
         committed = 0
         while self.opts.rounds is None or committed < self.opts.rounds:
             self._check_standing()

@@ -56,15 +56,36 @@ class TrainResult:
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# On a GPU, autocast pays only for bodies large enough that matrix work outweighs the casts and kernel
+# launches it adds. Measured on an H200 (bench/train_speed.py, batch 16-64, max_length 64-128; README,
+# "Training on a GPU"): all-MiniLM-L6-v2 (22.7M parameters) trains 20-36% slower under bf16 autocast
+# than in float32, a BERT-base-sized body (110M) the same either way, a BERT-large-sized one (335M) 1.65x
+# faster. "auto" autocasts from this many parameters on.
+AUTOCAST_MIN_PARAMETERS = 200_000_000
+
+
+def amp_dtype_for(precision: str, device: torch.device, parameters: int) -> torch.dtype | None:
+    """The autocast dtype for a body of ``parameters`` on ``device`` (None: float32)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if device.type != "cuda" or precision == "fp32" or (precision == "auto" and parameters < AUTOCAST_MIN_PARAMETERS):
+        return None
+    if precision == "fp16" or not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 class LocalTrainer:
     """Owns a contributor's tokenizer, head and device; finetunes a body for one round at a time."""
 
-    def __init__(self, tokenizer, data: PrivateData, head: ClassifierHead, spec: TrainingSpec, max_length: int, device: torch.device):
+    def __init__(self, tokenizer, data: PrivateData, head: ClassifierHead, spec: TrainingSpec, max_length: int, device: torch.device,
+                 precision: str = "auto"):
         self.tokenizer, self.data, self.head, self.spec = tokenizer, data, head, spec
         self.max_length, self.device = max_length, device
-        self.amp_dtype = None
-        if device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        amp_dtype_for(precision, torch.device("cpu"), 0)  # refuse an unknown precision now, not in a round
+        self.precision = precision
+        self.amp_dtype: torch.dtype | None = None  # set per body by ``train`` (and ``evaluate``)
 
     def _batches(self, texts: list[str], labels: list[int], batch_size: int):
         for i in range(0, len(texts), batch_size):
@@ -90,6 +111,7 @@ class LocalTrainer:
         """Finetune ``body`` (in place) and the head for one round."""
         start = time.perf_counter()
         torch.manual_seed(round_seed)
+        self.amp_dtype = amp_dtype_for(self.precision, self.device, sum(p.numel() for p in body.parameters()))
         body.to(self.device).train()
         self.head.to(self.device).train()
         texts, labels = self.round_examples(round_seed)
@@ -105,16 +127,19 @@ class LocalTrainer:
         losses: list[float] = []
         for step, (enc, y) in enumerate(self._batches(texts, labels, self.spec.batch_size), start=1):
             loss = loss_fn(self._forward(body, enc), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"local training diverged at step {step} (loss {loss.item()})")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            # the step's one wait for the GPU, once the backward pass is queued (a check before it stalled
+            # the queue between forward and backward); nothing has been applied to the weights yet
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"local training diverged at step {step} (loss {value})")
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(value)
             if progress:
                 progress(step, total, losses[-1])
         body.to("cpu")
@@ -129,6 +154,7 @@ class LocalTrainer:
         texts, labels = self.data.eval_texts[:limit], self.data.eval_labels[:limit]
         if not texts:
             return None
+        self.amp_dtype = amp_dtype_for(self.precision, self.device, sum(p.numel() for p in body.parameters()))
         body.to(self.device).eval()
         self.head.to(self.device).eval()
         correct = 0

@@ -142,3 +142,38 @@ def test_a_body_missing_a_weight_the_checkpoint_holds_is_refused(tiny):
     extra = dict(body, **{"not.a.weight": torch.zeros(2)})
     with pytest.raises(UserError, match="has tensors this model does not"):
         M.load_body_module(folder, extra)
+
+
+def test_training_precision_follows_the_body_size_on_a_gpu_and_is_float32_on_the_cpu():
+    from coldfusion_p2p.training import AUTOCAST_MIN_PARAMETERS, amp_dtype_for
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert all(amp_dtype_for(p, cpu, 10**9) is None for p in ("auto", "fp32", "bf16", "fp16"))
+    assert amp_dtype_for("auto", gpu, AUTOCAST_MIN_PARAMETERS - 1) is None  # small bodies train faster in float32
+    assert amp_dtype_for("fp32", gpu, 10**9) is None
+    with pytest.raises(UserError, match="unknown precision"):
+        amp_dtype_for("half", cpu, 0)
+
+
+def test_a_diverging_round_stops_before_its_step_touches_the_weights(tiny_model_dir):
+    """The loop waits for the GPU once a step, after the backward pass: a non-finite loss still stops it
+    before the optimizer moves a weight."""
+    from transformers import AutoTokenizer
+
+    from coldfusion_p2p.config import TrainingSpec
+    from coldfusion_p2p.data import PrivateData
+    from coldfusion_p2p.training import LocalTrainer
+
+    data = PrivateData("d", ["a", "b"], ["good text", "bad text"] * 8, [0, 1] * 8, [], [], 0)
+    head = M.new_head(tiny_model_dir, 2)
+    trainer = LocalTrainer(AutoTokenizer.from_pretrained(tiny_model_dir), data, head, TrainingSpec(batch_size=4, examples_per_round=8),
+                           16, torch.device("cpu"))
+    body = M.load_body_module(tiny_model_dir)
+    before = {k: v.clone() for k, v in M.body_state(body).items()}
+    with torch.no_grad():
+        next(head.parameters()).fill_(float("nan"))  # a head gone bad: the first loss is NaN
+    head_before = [p.clone() for p in head.parameters()]
+    with pytest.raises(FloatingPointError, match="diverged at step 1"):
+        trainer.train(body, 0)
+    assert all(torch.equal(before[k], v) for k, v in M.body_state(body).items())
+    assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(head_before, head.parameters()))
