@@ -317,8 +317,11 @@ class Contributor:
             self.admission.revoked = revoked
             self._admission_changed = True
             self._recheck_history = True
-            if self.history is not None and self.base is not None and not self._still_certified(self.base):
-                self._base_withdrawn = True  # leave the round on it now; the main thread falls back
+            try:
+                if self.history is not None and self.base is not None and not self._still_certified(self.base):
+                    self._base_withdrawn = True  # leave the round on it now; the main thread falls back
+            except Exception as e:  # noqa: BLE001 - the main thread checks the whole history again anyway
+                self.log(f"could not check this peer's base against the new revocations ({type(e).__name__}); checking before the next round")
             from coldfusion_p2p.swarm.gate import push_revoked
 
             with self.records._lock:  # the DHT node refuses revoked peers' calls and answers from now on

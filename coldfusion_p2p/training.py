@@ -59,7 +59,7 @@ ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, loss)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # On a GPU, autocast pays only for bodies large enough that matrix work outweighs the casts and kernel
 # launches it adds. Measured on an H200 (bench/train_speed.py, batch 16-64, max_length 64-128; README,
-# "Training on a GPU"): all-MiniLM-L6-v2 (22.7M parameters) trains 20-36% slower under bf16 autocast
+# "Training on a GPU"): all-MiniLM-L6-v2 (22.7M parameters) trains 15-36% slower under bf16 autocast
 # than in float32, a BERT-base-sized body (110M) the same either way, a BERT-large-sized one (335M) 1.65x
 # faster. "auto" autocasts from this many parameters on.
 AUTOCAST_MIN_PARAMETERS = 200_000_000
