@@ -32,29 +32,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coldfusion_p2p import model as M  # noqa: E402
+from coldfusion_p2p.bootstrap.lab import manifest_toml  # noqa: E402
+from coldfusion_p2p.config import SwarmManifest  # noqa: E402
 from coldfusion_p2p.demo import DEMO_DATA  # noqa: E402
 from coldfusion_p2p.errors import WorkError  # noqa: E402
 from coldfusion_p2p.procs import Children, cli_command, wait_for_address  # noqa: E402
 
-MANIFEST = """
-[swarm]
-name = "scale-{peers}"
-[model]
-source = "{source}"
-[tokenizer]
-max_length = 32
-[training]
-lr = 1e-3
-batch_size = 16
-examples_per_round = {examples}
-[round]
-min_group_size = {min_group}
-round_window = 120.0
-matchmaking_time = {matchmaking}
-verify_timeout = 30.0
-chunk_timeout = 10.0
-allreduce_timeout = 120.0
-"""
 PHASES = ("gather_s", "matchmaking_s", "allreduce_s", "verify_s", "store_s")
 DATASETS = ("sms_spam", "rotten_tomatoes", "trec6")
 
@@ -65,8 +48,12 @@ def run_swarm(work: Path, peers: int, rounds: int, source: str, examples: int, m
     work.mkdir(parents=True, exist_ok=True)
     min_group_size = min(min_group, peers) if min_group else peers
     config = work / "swarm.toml"
-    config.write_text(MANIFEST.format(peers=peers, source=source, examples=examples, matchmaking=matchmaking,
-                                      min_group=min_group_size))
+    config.write_text(manifest_toml(SwarmManifest.from_dict({
+        "swarm": {"name": f"scale-{peers}"}, "model": {"source": source}, "tokenizer": {"max_length": 32},
+        "training": {"lr": 1e-3, "batch_size": 16, "examples_per_round": examples},
+        "round": {"min_group_size": min_group_size, "round_window": 120.0, "matchmaking_time": matchmaking, "verify_timeout": 30.0,
+                  "chunk_timeout": 10.0, "allreduce_timeout": 120.0},
+    }, where="the bench's manifest")))
     maddrs = work / "bootstrap.maddrs"
     with Children() as children:
         boot = children.start(cli_command("bootstrap", "--config", str(config), "--identity", str(work / "boot.key"),
