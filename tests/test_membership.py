@@ -186,6 +186,34 @@ def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goe
     assert c.base.version == 2 and len(announced) == 1
 
 
+def test_the_revocation_line_counts_only_history_entries_whose_certificates_check_out():
+    """The bootstrap peer draws the line from records members wrote: a forged, malformed or foreign entry
+    must not move it (a higher line would let the revoked key keep certifying)."""
+    from types import SimpleNamespace
+
+    from coldfusion_p2p.bootstrap.peer import newest_certified
+
+    ann, bob, cy = MEMBERS
+    tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
+    honest = _signed(4, "0" * 64, [ann, bob], tokens)
+    alone = _signed(9, "0" * 64, [cy], tokens)  # one signer: the swarm needs two
+    outsider = Identity(RSAPrivateKey())
+    no_token = _signed(8, "0" * 64, [ann], tokens)
+    no_token = no_token.with_signature(peer(outsider), outsider.public_key, sign_certificate(no_token, peer(outsider), outsider))
+    bad_signature = _signed(7, "0" * 64, [ann, bob], tokens)
+    bad_signature = bad_signature.with_signature(peer(bob), bob.public_key, bad_signature.signatures[peer(ann)][1])
+    foreign = Certificate("other", 6, "0" * 64, "6" * 64, "ab" * 8, tuple(sorted(peer(m) for m in (ann, bob))))
+    for m in (ann, bob):
+        foreign = foreign.with_signature(peer(m), m.public_key, sign_certificate(foreign, peer(m), m))
+    entries = [honest.to_dict(), alone.to_dict(), no_token.to_dict(), bad_signature.to_dict(), foreign.with_tokens(tokens).to_dict(),
+               {"version": 99}, {}, {"version": 50, "signatures": "x"}]
+    records = SimpleNamespace(history=lambda: {f"p{i}": SimpleNamespace(entries=[SimpleNamespace(cert=c)]) for i, c in enumerate(entries)})
+    manifest = SwarmManifest.from_dict({"name": "lab", "admission": {"mode": "members"}})
+    assert newest_certified(records, manifest, Admission("members", "lab", peer(AUTHORITY))) == 4
+    empty = SimpleNamespace(history=dict)
+    assert newest_certified(empty, manifest, Admission("members", "lab", peer(AUTHORITY))) == 0
+
+
 def test_the_revocation_line_travels_in_the_manifest_and_the_lab(tmp_path):
     cy = peer(MEMBERS[2])
     m = SwarmManifest.from_dict({"admission": {"mode": "members", "revoked": [cy], "signed_until": {cy: 7}}})
