@@ -71,6 +71,13 @@ def worker(args) -> None:
              "error": error or ("" if not result or result.get("clean") else
                                 f"{result.get('error')} failed {result.get('failed_size')} banned {result.get('banned')} "
                                 f"offenders {result.get('offenders')} {result.get('failure_reasons')}")}))
+        # A member's own result can be complete while the averages it reduces for the others are still
+        # queued in its rate-limited uplink (its p2pd's and the kernel's buffers): leaving now would cut
+        # them off mid-stream. ``cfp2p join`` never does that (it commits only after every member's
+        # verdict, so after every member has its result); here every worker waits for all the results.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not all((work / f"result-{i}.json").exists() for i in range(args.size)):
+            time.sleep(0.2)
     finally:
         if averager is not None:
             averager.shutdown()

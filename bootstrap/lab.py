@@ -8,8 +8,10 @@ serial, published within seconds). Layout (every file 0600, the folder 0700)::
     lab/swarm.toml        the swarm's settings (edit, then restart the bootstrap peer)
     lab/members.json      who was admitted: name, peer id, public key, expiry
     lab/revoked.json      peer ids refused everywhere
-    lab/signed_until.json revoked peer id -> the newest version its signatures count on (the bootstrap
-                          peer writes it when it publishes the revocation: the history before stays certified)
+    lab/signed_until.json revoked peer id -> {version, hash}: its signatures count on that version and its
+                          ancestors (the bootstrap peer writes it when it publishes the revocation: the
+                          history before stays certified)
+    lab/followed_head.json the head of the certified history the bootstrap peer followed last
     lab/store/            v0, the model files, the signed manifest (published-manifest.json)
 """
 
@@ -20,12 +22,13 @@ import os
 import time
 from pathlib import Path
 
-from coldfusion_p2p.config import SwarmManifest
+from coldfusion_p2p.config import PEER_RE, SwarmManifest
 from coldfusion_p2p.errors import UserError
-from coldfusion_p2p.membership import TokenError, make_token, peer_of_key
+from coldfusion_p2p.membership import TokenError, make_line, make_token, parse_line, peer_of_key
 
 KEY_FILE, CONFIG_FILE, MEMBERS_FILE, REVOKED_FILE, STORE_DIR = "authority.key", "swarm.toml", "members.json", "revoked.json", "store"
 SIGNED_UNTIL_FILE = "signed_until.json"
+HEAD_FILE = "followed_head.json"
 
 
 def _private_write(path: Path, text: str) -> None:
@@ -35,13 +38,30 @@ def _private_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _toml_string(v: str) -> str:
+    """A TOML basic string: printable characters as they are, the rest escaped (a lone surrogate, which
+    no UTF-8 file can hold, as U+FFFD)."""
+    out = []
+    for c in v:
+        n = ord(c)
+        if c in '"\\':
+            out.append("\\" + c)
+        elif 0xD800 <= n < 0xE000:
+            out.append("\\uFFFD")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(f"\\u{n:04X}" if n < 0x10000 else f"\\U{n:08X}")
+    return '"' + "".join(out) + '"'
+
+
 def _toml_value(v) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return _toml_string(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):  # an inline table: {"key" = value, ...}
@@ -105,28 +125,43 @@ def members(lab: str) -> dict:
 
 
 def revoked(lab: str | Path) -> list[str]:
-    """The lab's revoked peer ids (empty when the file is missing or unreadable)."""
+    """The lab's revoked peer ids (empty when the file is missing or unreadable; anything not a peer id is left out)."""
     try:
         data = json.loads((Path(lab) / REVOKED_FILE).read_text())
     except (OSError, ValueError):
         return []
-    return sorted({p for p in data if isinstance(p, str)}) if isinstance(data, list) else []
+    return sorted({p for p in data if isinstance(p, str) and PEER_RE.match(p)}) if isinstance(data, list) else []
 
 
-def signed_until(lab: str | Path) -> dict[str, int]:
-    """Revoked peer id -> the newest version its signatures count on (empty when missing or unreadable)."""
+def signed_until(lab: str | Path) -> dict[str, dict]:
+    """Revoked peer id -> its line, {"version", "hash"} (empty when missing or unreadable; malformed lines left out)."""
     try:
         data = json.loads((Path(lab) / SIGNED_UNTIL_FILE).read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict):
         return {}
-    return {p: v for p, v in data.items() if isinstance(p, str) and type(v) is int and v >= 0}
+    return {p: v for p, v in data.items() if isinstance(p, str) and PEER_RE.match(p) and parse_line(v) is not None}
 
 
-def record_signed_until(lab: str | Path, lines: dict[str, int]) -> None:
-    """Keep the line the bootstrap peer drew for newly revoked peers (a line once drawn never moves)."""
-    _private_write(Path(lab) / SIGNED_UNTIL_FILE, json.dumps({**lines, **signed_until(lab)}, indent=1, sort_keys=True))
+def record_signed_until(lab: str | Path, lines: dict[str, dict]) -> None:
+    """Keep the lines the bootstrap peer just published for newly revoked peers (exactly what it signed; the
+    line of a peer no longer revoked is dropped, so a second revocation draws a new one)."""
+    listed = set(revoked(lab))
+    kept = {p: v for p, v in signed_until(lab).items() if p in listed}
+    _private_write(Path(lab) / SIGNED_UNTIL_FILE, json.dumps({**kept, **lines}, indent=1, sort_keys=True))
+
+
+def followed_head(lab: str | Path) -> tuple[int, str] | None:
+    """The head of the certified history the bootstrap peer followed last (None when unknown)."""
+    try:
+        return parse_line(json.loads((Path(lab) / HEAD_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def record_followed_head(lab: str | Path, head: tuple[int, str]) -> None:
+    _private_write(Path(lab) / HEAD_FILE, json.dumps(make_line(*head)))
 
 
 def admit(lab: str, public_key: str, name: str, lifetime: float, out: str | None) -> tuple[dict, Path]:
@@ -168,7 +203,7 @@ def revoke(lab: str, who: str) -> tuple[str, str]:
                         + ", ".join(str(m.get("peer")) for m in found))
     if found:
         name, peer = str(found[0].get("name")), str(found[0].get("peer"))
-    elif who.startswith("Qm") and 30 <= len(who) <= 60:
+    elif PEER_RE.match(who):
         name, peer = "(not in members.json)", who
     else:
         raise UserError(f"no member named {who!r} in {folder / MEMBERS_FILE}; give a name from it or a peer id")

@@ -56,41 +56,120 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def newest_certified(records, manifest: SwarmManifest, admission) -> int:
-    """The newest version whose certificate, as members published it in their history records, checks out
-    under ``admission`` (the rules before a revocation); 0 when none does."""
-    from coldfusion_p2p.certs import Certificate, check_certificate
-
-    admitted = admission.signed_by_member if admission is not None and admission.private else None
-    best = 0
-    for record in records.history().values():
-        for entry in record.entries:
-            try:
-                cert = Certificate.from_dict(entry.cert)
-            except (ValueError, TypeError, KeyError):
-                continue
-            if cert.version > best and check_certificate(cert, manifest.name, manifest.round.min_group_size, admitted).ok:
-                best = cert.version
-    return best
+HISTORY_GRACE_SECONDS = 75.0  # members publish their history on every new base, and at least once a minute
+FOLLOW_BUDGET = 128  # certificates checked per heartbeat (each costs up to MAX_MEMBERS signature checks)
 
 
-def _draw_revocation_line(lab: str, manifest: SwarmManifest, records, admission, pending: set[str], log) -> None:
-    """Newly revoked peers' signatures count up to the newest certified version the members published (so
-    the history they helped make stays certified for everyone, newcomers included) and on nothing later."""
-    from coldfusion_p2p.bootstrap import lab as L
+class HistoryFollower:
+    """The certified history the members publish, checked as a member checks it (a chain back to v0,
+    the revocations so far): a new revocation's line is drawn at its head, the version the fork rule
+    picks among those members announce. Records come from other peers: a certificate that does not
+    chain to v0 or check out never moves the head, and an empty or failed read keeps the last head."""
+
+    def __init__(self, manifest: SwarmManifest, admission, me: str, head: tuple[int, str] | None = None):
+        from coldfusion_p2p.certs import CertChain
+
+        private = admission is not None and admission.private
+        self.chain = CertChain(manifest.name, manifest.model.v0_hash, manifest.round.min_group_size,
+                               (lambda peer, token, version=None: admission.signed_by_member(peer, token, version)) if private else None,
+                               (lambda: admission.lines()) if private else None)
+        self.me, self.v0 = me, (0, manifest.model.v0_hash)
+        self.head = head  # (version, hash): from the lab's file at start, then the best seen
+        self.fresh = False  # whether the head was seen announced since this peer started
+        self._refused: set[bytes] = set()
+
+    def _rank(self, key: tuple[int, str]) -> tuple:
+        return (key[0], self.chain.signers(*key), tuple(-ord(c) for c in key[1]))
+
+    def update(self, records) -> tuple[int, str] | None:
+        """Take the members' newest history and announcements; the head (None: nothing seen yet)."""
+        import hashlib
+
+        from coldfusion_p2p.certs import Certificate
+
+        fresh = []
+        for record in records.history().values():
+            for entry in record.entries:
+                try:
+                    cert = Certificate.from_dict(entry.cert)
+                except (ValueError, TypeError, KeyError):
+                    continue
+                digest = hashlib.sha256(repr(sorted(entry.cert.items())).encode()).digest()
+                if not self.chain.accepts(cert.version, cert.hash) and digest not in self._refused:
+                    fresh.append((cert, digest))
+        fresh.sort(key=lambda cd: cd[0].version)
+        for cert, digest in fresh[:FOLLOW_BUDGET]:
+            reason = self.chain.add(cert)
+            if reason is not None and "parent" not in reason:  # a parent may come later; a bad signature never mends
+                self._refused.add(digest)
+                if len(self._refused) > 100_000:
+                    self._refused.clear()
+        announced = {key for key in records.announced().values() if self.chain.accepts(*key) and key[0] > 0}
+        if self.head is not None and self.head != self.v0 and self.chain.accepts(*self.head):
+            announced.add(self.head)
+        if announced:
+            best = max(announced, key=self._rank)
+            if self.head is None or best[0] >= self.head[0] or not self.chain.accepts(*self.head):
+                self.head, self.fresh = best, True
+        return self.head
+
+    def forget_revoked(self, revoked) -> None:
+        """A revocation was applied: drop what no longer checks out (the head falls back with it)."""
+        self.chain.recheck(suspect=lambda cert: any(p in revoked for p in cert.signatures))
+        self._refused.clear()
+
+
+def _draw_revocation_line(lab: str, manifest: SwarmManifest, follower: HistoryFollower | None, pending: set[str], log,
+                          waited: float) -> bool:
+    """Newly revoked peers' signatures count on the head of the history the bootstrap peer follows and its
+    ancestors (so what they helped make stays certified for everyone, newcomers included) and on nothing
+    else. False while no head is known and the members may not have published their history yet."""
+    from coldfusion_p2p.membership import make_line
 
     pending = {p for p in pending if p not in manifest.admission.signed_until}
     if not pending:
-        return
+        return True
+    head = follower.head if follower is not None else None
+    if (head is None or not follower.fresh) and waited < HISTORY_GRACE_SECONDS:
+        return False  # the members' history may not have reached this peer yet (a restart): a line too low costs versions
+    if head is None:
+        head = follower.v0 if follower is not None else (0, manifest.model.v0_hash)
+        log(f"no certified history seen in {waited:.0f} s: the revoked keys' signatures count on nothing")
+    lines = {p: make_line(*head) for p in sorted(pending)}
+    manifest.admission.signed_until = {**manifest.admission.signed_until, **lines}
+    log(f"revoked {len(lines)} peer(s): their signatures count on v{head[0]} ({head[1][:12]}) and its ancestors, "
+        "the head of the certified history the members announce, and on nothing else")
+    return True
+
+
+def _publish_revocations(lab, manifest, follower, admission, pending, dht, store, records, averager, log, waited) -> dict | bool | None:
+    """Draw the newly revoked peers' line, then sign and publish the manifest with them; the signed manifest,
+    None while the line waits for the members' history, False when the result would not be a valid manifest."""
+    from coldfusion_p2p.bootstrap import lab as L
+    from coldfusion_p2p.swarm import sign_manifest
+    from coldfusion_p2p.swarm.gate import push_revoked
+
+    if not _draw_revocation_line(lab, manifest, follower, pending, log, waited):
+        return None
+    before = (list(manifest.admission.revoked), dict(manifest.admission.signed_until))
+    manifest.admission.revoked = sorted(set(manifest.admission.revoked) | set(pending))
     try:
-        head = newest_certified(records, manifest, admission)
-    except Exception as e:  # noqa: BLE001 - records another peer wrote are no reason to stop
-        log(f"could not read the members' history ({type(e).__name__}); the revoked keys' signatures count on nothing")
-        return
-    lines = {p: head for p in sorted(pending)}
-    L.record_signed_until(lab, lines)
-    manifest.admission.signed_until = {**lines, **manifest.admission.signed_until}
-    log(f"revoked {len(lines)} peer(s): their signatures count on versions up to v{head}, the newest certified one the members published")
+        manifest.validate()
+    except UserError as e:  # never sign what members would refuse: the serial would be spent for nothing
+        manifest.admission.revoked, manifest.admission.signed_until = before
+        log(f"not publishing the revocation of {len(pending)} peer(s): {e}")
+        return False
+    L.record_signed_until(lab, {p: manifest.admission.signed_until[p] for p in pending if p in manifest.admission.signed_until})
+    signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
+    records.publish_manifest(signed)
+    if admission is not None:
+        admission.signed_until = dict(manifest.admission.signed_until)
+        admission.revoked = frozenset(manifest.admission.revoked)
+        push_revoked(dht, manifest.admission.revoked)
+        averager.set_admission(admission.state(), "[bootstrap] ")
+    follower.forget_revoked(frozenset(manifest.admission.revoked))
+    log(f"published manifest serial {signed['serial']}: {len(manifest.admission.revoked)} revoked peer(s)")
+    return signed
 
 
 def run_bootstrap(
@@ -110,13 +189,17 @@ def run_bootstrap(
     from coldfusion_p2p.swarm import (
         SwarmRecords, make_averager, metrics_record, quiet_hivemind, sign_manifest, start_dht, stop_process, visible_maddrs,
     )
-    from coldfusion_p2p.swarm.gate import EnrollDesk, EnrollService, RefusalLog, push_revoked
+    from coldfusion_p2p.swarm.gate import EnrollDesk, EnrollService, RefusalLog
     from coldfusion_p2p.swarm.node import Identity, _new_identity_file, load_identity
 
     from coldfusion_p2p.bootstrap import lab as L
 
     if lab is not None:
         manifest = L.lab_manifest(lab)
+        # revoked while this peer was down: published from the loop once its line is drawn (at the head of the
+        # history the members announce), never before: without a line every signature of the key would go
+        manifest.admission.revoked = sorted(p for p in manifest.admission.revoked
+                                            if p in manifest.admission.signed_until or p not in L.revoked(lab))
         identity, store_dir = str(Path(lab) / L.KEY_FILE), str(Path(lab) / L.STORE_DIR)
         registry = Path(lab) / L.MEMBERS_FILE
     else:
@@ -160,17 +243,7 @@ def run_bootstrap(
             admission=admission.state() if admission is not None else None, label="[bootstrap] ",
         )
         records = SwarmRecords(dht, manifest.name)
-        if lab is not None:  # revoked while this peer was down: draw the line at the history the members hold now
-            pending = set(L.revoked(lab)) - set(L.signed_until(lab))
-            if pending:
-                for _ in range(5):  # members' records reach a restarted node within seconds
-                    if records.history() or stop.wait(2.0):
-                        break
-                before = Admission(admission.mode, admission.swarm, admission.authority, admission.revoked - pending,
-                                   dict(admission.signed_until)) if admission is not None else None
-                _draw_revocation_line(lab, manifest, records, before, pending, log)
-                if admission is not None:
-                    admission.signed_until = dict(manifest.admission.signed_until)
+        follower = HistoryFollower(manifest, admission, records.peer_id, L.followed_head(lab) if lab is not None else None)
         # signed with this peer's identity key: the swarm's authority, which `/p2p/<id>` in --initial-peers pins
         signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
         records.publish_manifest(signed)
@@ -193,21 +266,24 @@ def run_bootstrap(
                                   hash=manifest.model.v0_hash, phase="serving", uptime=time.monotonic() - started)
 
         records.publish_metrics(metrics())
-        beats = 0
+        beats, unpublishable = 0, set()
         while not stop.wait(ANNOUNCE_SECONDS):
             beats += 1
-            if lab is not None and not set(L.revoked(lab)) <= set(manifest.admission.revoked):  # `cfp2p bootstrap revoke` ran
-                pending = set(L.revoked(lab)) - set(manifest.admission.revoked)
-                _draw_revocation_line(lab, manifest, records, admission, pending, log)
-                manifest.admission.revoked = sorted(set(manifest.admission.revoked) | set(L.revoked(lab)))
-                signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
-                records.publish_manifest(signed)
-                if admission is not None:
-                    admission.signed_until = dict(manifest.admission.signed_until)
-                    admission.revoked = frozenset(manifest.admission.revoked)
-                    push_revoked(dht, manifest.admission.revoked)
-                    averager.set_admission(admission.state(), "[bootstrap] ")
-                log(f"published manifest serial {signed['serial']}: {len(manifest.admission.revoked)} revoked peer(s)")
+            try:
+                head = follower.update(records)
+                if lab is not None and head is not None and head != L.followed_head(lab):
+                    L.record_followed_head(lab, head)
+            except Exception as e:  # noqa: BLE001 - records other peers wrote are no reason to stop
+                if beats % 12 == 1:
+                    log(f"could not read the members' history ({type(e).__name__}); keeping the last head")
+            pending = set(L.revoked(lab)) - set(manifest.admission.revoked) - unpublishable if lab is not None else set()
+            if pending:  # `cfp2p bootstrap revoke` ran
+                published = _publish_revocations(lab, manifest, follower, admission, pending, dht, store, records, averager,
+                                                 log, time.monotonic() - started)
+                if published is False:
+                    unpublishable |= pending  # said once; fix the lab's files and restart
+                elif published is not None:
+                    signed = published
             records.announce_base(0, manifest.model.v0_hash)
             records.publish_metrics(metrics())
             if beats % 12 == 0:

@@ -204,65 +204,158 @@ def check_certificate(cert: Certificate, swarm: str, min_signers: int, admitted=
     return CertCheck(True, "", tuple(sorted(signers)))
 
 
+MAX_PENDING = 4096  # versions kept waiting for a revocation line's version to show up
+
+
 class CertChain:
     """The certified versions this peer accepts: v0 (from the manifest), then each certificate whose
-    parent is already accepted. Forks are kept side by side; the fork rule picks among them."""
+    parent is already accepted. Forks are kept side by side; the fork rule picks among them.
 
-    def __init__(self, swarm: str, v0_hash: str, min_signers: int, admitted=None):
+    ``lines() -> {revoked peer: (version, hash)}`` (private swarms, ``Admission.lines``): a revoked
+    peer's signature counts only on the line's version and its ancestors. A certificate that needs such
+    a signature is linked (its descendants can be checked) but not accepted until the line's version
+    is linked and the certificate lies on its lineage; once the line's version is known, one off its
+    lineage is refused for good. So a revoked key and one accomplice gain nothing by signing new
+    versions below its line, and a newcomer still accepts the history the key helped make.
+    """
+
+    def __init__(self, swarm: str, v0_hash: str, min_signers: int, admitted=None, lines=None):
         self.swarm, self.v0_hash, self.min_signers, self.admitted = swarm, v0_hash, min_signers, admitted
+        self.lines = lines
         self._certs: dict[tuple[int, str], Certificate] = {}
-        self._signers: dict[tuple[int, str], int] = {(0, v0_hash): 0}
+        self._signers: dict[tuple[int, str], int] = {(0, v0_hash): 0}  # linked versions -> signatures counted
+        self._plain: dict[tuple[int, str], int] = {}  # -> signatures that count without any revocation line
+        self._leans: dict[tuple[int, str], frozenset] = {}  # -> revoked signers counted on the strength of their line
+        self._pending: set[tuple[int, str]] = set()  # linked, not accepted: waiting for a line's version
 
     def accepts(self, version: int, body_hash: str) -> bool:
-        return (version, body_hash) in self._signers
+        key = (version, body_hash)
+        return key in self._signers and key not in self._pending
 
     def signers(self, version: int, body_hash: str) -> int:
-        return self._signers.get((version, body_hash), 0)
+        return self._signers.get((version, body_hash), 0) if self.accepts(version, body_hash) else 0
 
     def certificate(self, version: int, body_hash: str) -> Certificate | None:
-        return self._certs.get((version, body_hash))
+        return self._certs.get((version, body_hash)) if self.accepts(version, body_hash) else None
 
-    def add(self, cert: Certificate) -> str | None:
-        """Accept ``cert``; None when accepted (or already), else why not."""
+    def _current_lines(self) -> dict[str, tuple[int, str]]:
+        return dict(self.lines()) if self.lines is not None else {}
+
+    def _link(self, cert: Certificate, lines: dict) -> str | None:
         key = (cert.version, cert.hash)
         if key in self._signers:
             return None
-        if not self.accepts(cert.version - 1, cert.parent):
+        if (cert.version - 1, cert.parent) not in self._signers:
             return f"v{cert.version}'s parent {cert.parent[:12]} is not a version this peer accepts"
         result = check_certificate(cert, self.swarm, self.min_signers, self.admitted)
         if not result.ok:
             return f"v{cert.version} ({cert.hash[:12]}): {result.reason}"
+        leaning = frozenset(p for p in result.signers if p in lines)
+        if leaning and len(result.signers) - len(leaning) < self.min_signers and len(self._pending) >= MAX_PENDING:
+            return f"v{cert.version} ({cert.hash[:12]}): too many versions already wait for a revocation line"
         self._certs[key] = cert
         self._signers[key] = len(result.signers)
+        self._plain[key] = len(result.signers) - len(leaning)
+        if leaning:
+            self._leans[key] = leaning
         return None
+
+    def _settle(self, lines: dict) -> list[tuple[int, str]]:
+        """Recompute which linked versions wait for a line; drop (and return) those that never can be accepted:
+        they need a revoked signature, the line's version is known, and they are not on its lineage."""
+        self._pending = set()
+        if not self._leans:
+            return []
+        on_line: dict[str, set | None] = {}
+        for peer, (version, body_hash) in lines.items():
+            if (version, body_hash) not in self._signers:
+                on_line[peer] = None  # not known yet: certificates leaning on it wait
+                continue
+            walk, key = set(), (version, body_hash)
+            while key[0] > 0 and key in self._certs:
+                walk.add(key)
+                key = (key[0] - 1, self._certs[key].parent)
+            on_line[peer] = walk
+        doomed: set[tuple[int, str]] = set()
+        for key in sorted(self._certs):
+            parent = (key[0] - 1, self._certs[key].parent)
+            if parent in doomed:
+                doomed.add(key)
+                continue
+            leaning = self._leans.get(key, frozenset())
+            counted = self._plain[key] + sum(1 for p in leaning if on_line.get(p) and key in on_line[p])
+            if counted >= self.min_signers:
+                if parent in self._pending:
+                    self._pending.add(key)
+                continue
+            if all(on_line.get(p) is not None for p in leaning):
+                doomed.add(key)  # every line it leans on is known, and it is not on enough of them
+            else:
+                self._pending.add(key)
+        for key in doomed:
+            self._forget(key)
+        return sorted(doomed)
+
+    def _forget(self, key: tuple[int, str]) -> None:
+        del self._certs[key], self._signers[key], self._plain[key]
+        self._leans.pop(key, None)
+        self._pending.discard(key)
+
+    def add(self, cert: Certificate) -> str | None:
+        """Accept ``cert``; None when accepted, linked waiting for a revocation line (``accepts`` says which),
+        or already known; else why not."""
+        lines = self._current_lines()
+        reason = self._link(cert, lines)
+        if reason is None and self._leans:
+            if (cert.version, cert.hash) in self._settle(lines):
+                return f"v{cert.version} ({cert.hash[:12]}) needs a revoked peer's signature off the history its revocation kept"
+        return reason
 
     def add_many(self, certs: Iterable[Certificate]) -> str | None:
         """Accept certificates in version order; stops at the first refused one and says why."""
+        lines = self._current_lines()
+        reason = None
         for cert in sorted(certs, key=lambda c: c.version):
-            reason = self.add(cert)
+            reason = self._link(cert, lines)
             if reason is not None:
-                return reason
-        return None
+                break
+        if self._leans:
+            doomed = self._settle(lines)
+            if doomed and reason is None:
+                v, h = doomed[0]
+                reason = f"v{v} ({h[:12]}) needs a revoked peer's signature off the history its revocation kept"
+        return reason
 
-    def recheck(self, suspect=None) -> list[tuple[int, str]]:
-        """Check the accepted certificates again (the rules behind ``admitted`` changed: a revocation) and drop
-        those that fail now, with every version built on them; the dropped (version, hash), oldest first.
+    def recheck(self, suspect=None, dry_run: bool = False) -> list[tuple[int, str]]:
+        """Check the accepted certificates again (the rules behind ``admitted`` or ``lines`` changed: a revocation)
+        and drop those that are not accepted now, with every version built on them; the dropped versions that
+        were accepted before, oldest first. ``dry_run``: only say which (any thread; changes nothing).
 
         ``suspect(cert) -> bool``, when given, picks the certificates worth checking again (for example
         those a revoked peer signed); the others keep their verdict.
         """
-        dropped: list[tuple[int, str]] = []
+        before = {k for k in self._certs if k not in self._pending}
+        fresh = CertChain(self.swarm, self.v0_hash, self.min_signers, self.admitted, self.lines)
+        lines = fresh._current_lines()
         for key in sorted(self._certs):
             cert = self._certs[key]
-            gone = not self.accepts(cert.version - 1, cert.parent)
-            if not gone and (suspect is None or suspect(cert)):
-                result = check_certificate(cert, self.swarm, self.min_signers, self.admitted)
-                gone = not result.ok
-                if result.ok:
-                    self._signers[key] = len(result.signers)
-            if gone:
-                del self._certs[key], self._signers[key]
-                dropped.append(key)
+            if (key[0] - 1, cert.parent) not in fresh._signers:
+                continue
+            if suspect is None or suspect(cert):
+                fresh._link(cert, lines)
+            else:  # keeps its verdict, and its count
+                fresh._certs[key], fresh._signers[key] = cert, self._signers[key]
+                fresh._plain[key] = self._plain[key]
+                if key in self._leans:
+                    fresh._leans[key] = self._leans[key]
+        fresh._settle(lines)
+        for key in list(fresh._pending):  # waiting for a line is not accepted: forget them (a sync brings them back)
+            if key in fresh._certs:
+                fresh._forget(key)
+        dropped = sorted(k for k in before if k not in fresh._certs)
+        if not dry_run:
+            self._certs, self._signers, self._plain = fresh._certs, fresh._signers, fresh._plain
+            self._leans, self._pending = fresh._leans, fresh._pending
         return dropped
 
     def lineage(self, version: int, body_hash: str) -> list[Certificate]:
@@ -270,7 +363,7 @@ class CertChain:
         out = []
         while version > 0:
             cert = self._certs.get((version, body_hash))
-            if cert is None:
+            if cert is None or (version, body_hash) in self._pending:
                 raise KeyError(f"v{version} ({body_hash[:12]}) is not accepted")
             out.append(cert)
             version, body_hash = version - 1, cert.parent

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coldfusion_p2p.errors import UserError
+from coldfusion_p2p.membership import parse_line
 
 STRATEGIES = ("mean", "weighted", "nesterov", "trimmed_mean", "filtered_mean")  # coldfusion_p2p/strategies.py
 COMPRESSIONS = ("none", "float16", "8bit")  # deltas on the wire (swarm/averager.py:wire_compression)
@@ -81,8 +82,9 @@ class AdmissionSpec:
     # enroll: the bootstrap peer issues a token to any new key, a few per source address an hour, and can revoke it
     mode: str = "open"
     revoked: list = field(default_factory=list)  # peer ids refused everywhere (`cfp2p bootstrap revoke`)
-    # revoked peer id -> the newest version its certificate signatures still count on (the bootstrap peer
-    # fills it in when it publishes a revocation); a revoked peer not listed has all its signatures withdrawn
+    # revoked peer id -> {version, hash}: the certified version its signatures still count on, with its
+    # ancestors (the bootstrap peer fills it in when it publishes a revocation); a revoked peer not listed
+    # has all its signatures withdrawn
     signed_until: dict = field(default_factory=dict)
     enroll_days: float = 30.0  # lifetime of a token the bootstrap peer issues in enroll mode
     enroll_per_address: int = 3  # new keys enrolled per source address an hour
@@ -140,9 +142,9 @@ class SwarmManifest:
             problems.append("admission.mode must be 'open', 'members' or 'enroll'")
         if not all(isinstance(p, str) and PEER_RE.match(p) for p in a.revoked) or len(a.revoked) > 10_000:
             problems.append("admission.revoked must list peer ids (Qm…)")
-        if (len(a.signed_until) > 10_000
-                or not all(isinstance(p, str) and PEER_RE.match(p) and type(v) is int and 0 <= v < 2**53 for p, v in a.signed_until.items())):
-            problems.append("admission.signed_until must map peer ids (Qm…) to versions (whole numbers from 0)")
+        if (not isinstance(a.signed_until, dict) or len(a.signed_until) > 10_000
+                or not all(isinstance(p, str) and PEER_RE.match(p) and parse_line(v) is not None for p, v in a.signed_until.items())):
+            problems.append("admission.signed_until must map peer ids (Qm…) to {version = N, hash = \"<64 hex>\"}")
         if not (0 < a.enroll_days <= 3650) or a.enroll_per_address < 1 or a.enroll_per_hour < 1:
             problems.append("admission.enroll_days must be within (0, 3650] days; the enroll rates must be positive")
         if problems:

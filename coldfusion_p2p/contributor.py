@@ -347,17 +347,12 @@ class Contributor:
             self._drop_withdrawn_versions()
 
     def _withdrawn_signer(self, cert: Certificate) -> bool:
-        return any(self.admission.withdrawn(p, cert.version) for p in cert.signatures)
+        """Whether a revoked peer signed ``cert`` (its signature may count only on its line's lineage now)."""
+        return any(p in self.admission.revoked for p in cert.signatures)
 
     def _still_certified(self, base) -> bool:
         """Whether ``base``'s history still checks out under the current revocations (any thread; reads only)."""
-        try:
-            lineage = self.history.chain.lineage(base.version, base.hash)
-        except KeyError:
-            return True  # not a version of the chain (v0, or one being acquired): nothing to withdraw
-        admitted = self.admission.signed_by_member
-        return all(check_certificate(c, self.manifest.name, self.manifest.round.min_group_size, admitted).ok
-                   for c in lineage if self._withdrawn_signer(c))
+        return (base.version, base.hash) not in self.history.chain.recheck(suspect=self._withdrawn_signer, dry_run=True)
 
     def _drop_withdrawn_versions(self) -> None:
         """A revocation withdrew signatures: versions that needed them are no longer certified, for any peer.
@@ -565,6 +560,7 @@ class Contributor:
 
     def _heartbeat(self) -> None:
         last_manifest = last_history = 0.0
+        history_of = None  # the base whose history was published last
         while not self._stop_heartbeat.wait(HEARTBEAT_SECONDS):
             try:
                 base, phase = self.base, dict(self._phase)
@@ -577,8 +573,13 @@ class Contributor:
                 if time.monotonic() - last_manifest > MANIFEST_REFRESH_SECONDS:
                     self._refresh_manifest()
                     last_manifest = time.monotonic()
+                # a new base's certificate is published at once: the bootstrap peer draws a revocation's line at
+                # the head of the history it follows, so a slow publication would cost the swarm those versions
+                key = (base.version, base.hash) if base is not None else None
+                if time.monotonic() - last_history > 60 or key != history_of:
+                    self._publish_history()
+                    history_of = key
                     if time.monotonic() - last_history > 60:
-                        self._publish_history()
                         if self.token is not None:
                             self.records.publish_membership(self.token)
                         last_history = time.monotonic()
@@ -795,7 +796,8 @@ class Contributor:
                 signed = signed.with_tokens({**{p: g.get("token") for p, g in result["gathered"].items() if isinstance(g, dict)},
                                              me: self.token})
             t_verify = time.perf_counter() - t1
-            admitted = self.admission.signed_by_member if self.admission.private else None
+            # a new version never counts a revoked peer's signature, whatever its line (that is for history)
+            admitted = (lambda peer, token, version: self.admission.signed_by_member(peer, token)) if self.admission.private else None
             if decision.action == "commit" and check_certificate(signed, self.manifest.name, r.min_group_size, admitted).ok:
                 self._commit(new_body, new_hash, signed, decision, redo, result, delta_norm(averaged),
                              {"gather_s": t_gather, "matchmaking_s": t_match, "allreduce_s": t_allreduce, "verify_s": t_verify})
@@ -940,8 +942,10 @@ class Contributor:
             self._apply_admission(self.manifest)
             self._check_standing()
             _store_identity(self.store, self.manifest, self.authority)
+            private = self.admission.private  # the heartbeat may replace or update self.admission: look it up each time
             chain = CertChain(self.manifest.name, self.manifest.model.v0_hash, self.manifest.round.min_group_size,
-                              self.admission.signed_by_member if self.admission.private else None)
+                              (lambda peer, token, version=None: self.admission.signed_by_member(peer, token, version)) if private else None,
+                              (lambda: self.admission.lines()) if private else None)
             self.history = HistorySync(self.store, chain, self.records.peer_id, self.manifest.fusion.max_delta_ratio,
                                        self._fetch, self._servers, self.log, strategy=self.strategy)
             self.history.load_local()

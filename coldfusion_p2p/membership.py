@@ -10,12 +10,14 @@ token is useless without the key. The swarm's signed manifest carries the admiss
 Expiry gates access (DHT calls, rounds, downloads) but not history: a certificate's signature
 counts if its signer's token was issued by the authority for this swarm, so the versions a member
 co-signed before its token expired stay certified. Revocation also withdraws the key's signatures,
-but only from a point in the history on: certificates carry no trustworthy time, but they carry a
-version number, so the manifest's ``signed_until`` names, for each revoked peer, the newest version
-its signature still counts on (the newest certified version the bootstrap peer saw when it published
-the revocation). Every peer, a newcomer included, then draws the same line: the history the
-revoked member helped make before stays certified, and no version after it can lean on its key. A
-revoked peer missing from ``signed_until`` has every signature withdrawn (a stolen key).
+but only from a point in the history on. Certificates carry no trustworthy time, so the manifest's
+``signed_until`` pins, for each revoked peer, one certified version (number and body hash, the head
+of the history the bootstrap peer followed when it published the revocation): the revoked key's
+signature counts on that version and its ancestors, and on nothing else (``CertChain`` walks the
+lineage). A version number alone would not do: the revoked key and one accomplice could still sign
+new versions below it, and a forged high number would keep the key signing for ever. Every peer, a
+newcomer included, draws the same line. A revoked peer missing from ``signed_until`` has every
+signature withdrawn (a stolen key).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ class Admission:
     swarm: str = ""
     authority: str = ""
     revoked: frozenset = frozenset()
-    signed_until: dict = field(default_factory=dict)  # revoked peer -> newest version its signature counts on
+    signed_until: dict = field(default_factory=dict)  # revoked peer -> {"version", "hash"}: the version its signature counts up to
     _valid: dict = field(default_factory=dict)  # peer -> its token, checked
 
     @property
@@ -192,24 +194,35 @@ class Admission:
         return self._valid.get(peer)
 
     def signed_by_member(self, peer: str, token: Any, version: int | None = None) -> bool:
-        """Whether ``peer``'s signature on the certificate of ``version`` counts: its token was issued for it
-        in this swarm (expiry aside: a token that was valid keeps its signatures), and it was not revoked
-        before that version (``signed_until``; without a version, a revoked peer's signature never counts).
-
-        Revocation withdraws a key's signatures from the revocation's version on: a revoked key and one
-        accomplice must not certify versions from then on, while what it co-signed before stays certified.
+        """Whether ``peer``'s signature on the certificate of ``version`` may count: its token was issued for it
+        in this swarm (expiry aside: a token that was valid keeps its signatures) and, for a revoked peer, the
+        version is not above its line (``signed_until``; without a version, a revoked peer's signature never
+        counts). For a revoked peer this is necessary, not enough: ``CertChain`` counts it only on the line's
+        lineage (``lines``), so that the key and one accomplice cannot sign new versions below the line.
         """
         if not self.private:
             return True
         if peer in self.revoked:
-            until = self.signed_until.get(peer)
-            if version is None or until is None or version > until:
+            line = parse_line(self.signed_until.get(peer))
+            if version is None or line is None or version > line[0]:
                 return False
         return token_problem(token, self.swarm, self.authority, time.time(), peer=peer, check_expiry=False) is None
 
+    def lines(self) -> dict[str, tuple[int, str]]:
+        """Revoked peer -> (version, hash) its signatures count up to, along that version's lineage only."""
+        if not self.private:
+            return {}
+        out = {}
+        for peer in self.revoked:
+            line = parse_line(self.signed_until.get(peer))
+            if line is not None:
+                out[peer] = line
+        return out
+
     def withdrawn(self, peer: str, version: int) -> bool:
-        """Whether ``peer``'s signatures on ``version`` were withdrawn by a revocation."""
-        return self.private and peer in self.revoked and version > self.signed_until.get(peer, -1)
+        """Whether ``peer``'s signatures on ``version`` were withdrawn outright (above its line, or no line)."""
+        line = parse_line(self.signed_until.get(peer))
+        return self.private and peer in self.revoked and (line is None or version > line[0])
 
     def state(self) -> dict:
         """What another process needs to rebuild this (see ``from_state``)."""
@@ -219,6 +232,26 @@ class Admission:
     @classmethod
     def from_state(cls, state: dict) -> "Admission":
         return cls(state["mode"], state["swarm"], state["authority"], frozenset(state["revoked"]), dict(state.get("signed_until") or {}))
+
+
+_LINE_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_line(value: Any) -> tuple[int, str] | None:
+    """A revocation line, ``{"version": v, "hash": h}``, as (v, h); None for anything else."""
+    if not isinstance(value, dict) or set(value) != {"version", "hash"}:
+        return None
+    version, body_hash = value["version"], value["hash"]
+    if type(version) is not int or not 0 <= version < 2**53 or not isinstance(body_hash, str) or not _LINE_HASH.match(body_hash):
+        return None
+    return version, body_hash
+
+
+def make_line(version: int, body_hash: str) -> dict:
+    line = {"version": version, "hash": body_hash}
+    if parse_line(line) is None:
+        raise ValueError(f"not a revocation line: v{version} {body_hash[:16]!r}")
+    return line
 
 
 def public_key_line(public_key: str) -> str:

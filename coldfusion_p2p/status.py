@@ -40,9 +40,10 @@ class StatusView:
         if self._history is None or self._history.chain.swarm != name:
             rec = SwarmRecords(self.records.dht, name)
             self._tmp = tempfile.TemporaryDirectory(prefix="cfp2p-status-")
-            admission = self._admission(name, manifest)
+            admission = self._chain_admission = self._admission(name, manifest)
             chain = CertChain(name, manifest["model"]["v0_hash"], int(manifest["round"]["min_group_size"]),
-                              admission.signed_by_member if admission.private else None)
+                              admission.signed_by_member if admission.private else None,
+                              admission.lines if admission.private else None)
 
             def fetch(peer, blob, dest, max_bytes, timeout=10.0, on_bytes=None):
                 fetch_blob(rec.dht, name, peer, blob, dest, timeout=timeout, max_bytes=max_bytes, token=self.token)
@@ -53,14 +54,19 @@ class StatusView:
             self._history = HistorySync(VersionStore(self._tmp.name), chain, rec.peer_id, float(manifest["fusion"]["max_delta_ratio"]),
                                         fetch, rec.announced, log=lambda _msg: None, strategy=strategy)
             self._rec = rec
+        else:  # a newer manifest (watch mode): its revocations apply to the history verified so far
+            admission, now = self._chain_admission, self._admission(name, manifest)
+            if admission.private and (now.revoked, now.signed_until) != (admission.revoked, admission.signed_until):
+                admission.signed_until, admission.revoked = now.signed_until, now.revoked
+                self._history.chain.recheck(suspect=lambda cert: any(p in now.revoked for p in cert.signatures))
         return self._history, self._rec
 
     def _admission(self, name: str, manifest: dict):
-        from coldfusion_p2p.membership import Admission
+        from coldfusion_p2p.membership import Admission, parse_line
 
         a = manifest.get("admission") or {}
         until = a.get("signed_until")
-        until = {p: v for p, v in until.items() if isinstance(p, str) and type(v) is int} if isinstance(until, dict) else {}
+        until = {p: v for p, v in until.items() if isinstance(p, str) and parse_line(v) is not None} if isinstance(until, dict) else {}
         return Admission(a.get("mode", "open"), name, self.authority or "", frozenset(a.get("revoked", ())), until)
 
     def _members(self, rec, admission) -> list[dict]:

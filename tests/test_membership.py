@@ -11,7 +11,7 @@ from coldfusion_p2p.certs import Certificate, check_certificate, peer_id_of_publ
 from coldfusion_p2p.config import SwarmManifest
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.membership import (
-    CLOCK_SLACK, Admission, TokenError, make_token, parse_duration, parse_token, token_problem,
+    CLOCK_SLACK, Admission, TokenError, make_line, make_token, parse_duration, parse_token, token_problem,
 )
 from coldfusion_p2p.swarm import Identity
 from coldfusion_p2p.swarm.gate import EnrollDesk, RefusalLog
@@ -105,13 +105,13 @@ def _signed(version: int, parent: str, signers, tokens: dict, new: str | None = 
     return cert.with_tokens({peer(m): tokens[peer(m)] for m in signers})
 
 
-def test_a_revocation_withdraws_signatures_after_its_version_only_and_the_chain_drops_what_needed_them():
+def test_a_revocation_withdraws_signatures_off_its_line_only_and_the_chain_drops_what_needed_them():
     from coldfusion_p2p.certs import CertChain
 
     ann, bob, cy = MEMBERS
     tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
     adm = Admission("members", "lab", peer(AUTHORITY))
-    chain = CertChain("lab", "0" * 64, 2, adm.signed_by_member)
+    chain = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
     # v1..v4 made by ann and cy alone (groups of two), a v3 by all three on the side, and v5 on ann+cy's v4
     line, parent = [], "0" * 64
     for v in range(1, 6):
@@ -122,21 +122,42 @@ def test_a_revocation_withdraws_signatures_after_its_version_only_and_the_chain_
     # without a line drawn, a revoked key's signatures count on nothing (a stolen key)
     adm.revoked = frozenset([peer(cy)])
     assert not adm.signed_by_member(peer(cy), tokens[peer(cy)], 1) and adm.withdrawn(peer(cy), 0)
-    # the line at v2: what cy co-signed up to v2 stays certified, nothing after it may lean on cy's key
-    adm.signed_until = {peer(cy): 2}
+    # the line at v2: what cy co-signed on v2's lineage stays certified, nothing else may lean on cy's key
+    adm.signed_until = {peer(cy): make_line(2, line[1].hash)}
     assert adm.signed_by_member(peer(cy), tokens[peer(cy)], 2) and not adm.signed_by_member(peer(cy), tokens[peer(cy)], 3)
     assert not adm.signed_by_member(peer(cy), tokens[peer(cy)])  # no version: no count
     assert adm.signed_by_member(peer(ann), tokens[peer(ann)], 99)
-    withdrawn = lambda c: any(adm.withdrawn(p, c.version) for p in c.signatures)  # noqa: E731
-    dropped = chain.recheck(suspect=withdrawn)
+    revoked_signer = lambda c: any(p in adm.revoked for p in c.signatures)  # noqa: E731
+    assert chain.recheck(suspect=revoked_signer, dry_run=True) == [(3, line[2].hash), (4, line[3].hash), (5, line[4].hash)]
+    assert chain.accepts(5, line[4].hash)  # a dry run changes nothing
+    dropped = chain.recheck(suspect=revoked_signer)
     assert dropped == [(3, line[2].hash), (4, line[3].hash), (5, line[4].hash)]  # v3 needed cy; v4 and v5 build on it
     assert chain.accepts(1, line[0].hash) and chain.accepts(2, line[1].hash)
     assert chain.accepts(3, side.hash) and chain.signers(3, side.hash) == 2  # ann and bob still certify it
     assert chain.recheck() == []  # nothing more to drop
+    # cy and an accomplice sign new versions below the line after the revocation: off its lineage, refused
+    forged = [_signed(1, "0" * 64, [ann, cy], tokens, new="f1".ljust(64, "0"))]
+    forged.append(_signed(2, forged[0].hash, [ann, cy], tokens, new="f2".ljust(64, "0")))
+    rival = _signed(2, line[0].hash, [ann, cy], tokens, new="e2".ljust(64, "0"))  # a rival v2 on the real v1
+    for cert in (forged[0], rival):
+        assert "off the history its revocation kept" in chain.add(cert)
+        assert not chain.accepts(cert.version, cert.hash)
     # a newcomer's chain, built after the revocation, draws the same line
-    fresh = CertChain("lab", "0" * 64, 2, adm.signed_by_member)
+    fresh = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
     assert fresh.add_many(line[:2] + [side]) is None
+    assert all(fresh.accepts(c.version, c.hash) for c in line[:2] + [side])
     assert "1 valid member signature" in fresh.add(line[2])
+    # a newcomer that sees the forged branch before the real history: it waits, unaccepted, until the line's
+    # version shows up, and is then refused; the real history is accepted
+    first = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
+    assert first.add_many(forged) is None and not any(first.accepts(c.version, c.hash) for c in forged)
+    assert first.signers(2, forged[1].hash) == 0 and first.certificate(2, forged[1].hash) is None
+    assert "off the history its revocation kept" in first.add_many(line[:2] + [rival])
+    assert first.accepts(2, line[1].hash) and not first.accepts(2, rival.hash) and not first.accepts(1, forged[0].hash)
+    # without a line, none of cy's signatures counts: ann+cy's history is not certified
+    adm.signed_until = {}
+    stolen = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
+    assert "1 valid member signature" in stolen.add(line[0])
 
 
 def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goes_back_and_retires_them(tmp_path):
@@ -159,7 +180,7 @@ def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goe
     hashes = [M.hash_body(b) for b in bodies]
     c.manifest = SwarmManifest.from_dict({"name": "lab", "admission": {"mode": "members"}})
     c.admission = Admission("members", "lab", peer(AUTHORITY))
-    chain = CertChain("lab", hashes[0], 2, c.admission.signed_by_member)
+    chain = CertChain("lab", hashes[0], 2, c.admission.signed_by_member, c.admission.lines)
     c.store.save(bodies[0], VersionInfo(0, hashes[0], None))
     certs = [_signed(v, hashes[v - 1], [ann, cy], tokens, new=hashes[v]) for v in range(1, 5)]
     for v, cert in enumerate(certs, 1):
@@ -171,8 +192,8 @@ def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goe
     c.records = type("Records", (), {"announce_base": lambda self, v, h, wait=False: announced.append((v, h))})()
     assert c.base.version == 4 and c._still_certified(c.base)
 
-    c.admission.signed_until, c.admission.revoked = {peer(cy): 2}, frozenset([peer(cy)])
-    assert not c._still_certified(c.base) 
+    c.admission.signed_until, c.admission.revoked = {peer(cy): make_line(2, hashes[2])}, frozenset([peer(cy)])
+    assert not c._still_certified(c.base)
     c._recheck_history = c._base_withdrawn = True
     c._check_standing()
     assert (c.base.version, c.base.hash) == (2, hashes[2]) and announced == [(2, hashes[2])]
@@ -186,48 +207,95 @@ def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goe
     assert c.base.version == 2 and len(announced) == 1
 
 
-def test_the_revocation_line_counts_only_history_entries_whose_certificates_check_out():
-    """The bootstrap peer draws the line from records members wrote: a forged, malformed or foreign entry
-    must not move it (a higher line would let the revoked key keep certifying)."""
+def _records(entries, announced):
     from types import SimpleNamespace
 
-    from coldfusion_p2p.bootstrap.peer import newest_certified
+    return SimpleNamespace(history=lambda: {f"p{i}": SimpleNamespace(entries=[SimpleNamespace(cert=c)]) for i, c in enumerate(entries)},
+                           announced=lambda: {f"a{i}": key for i, key in enumerate(announced)})
+
+
+def test_the_bootstrap_peer_draws_the_line_at_the_head_of_the_history_it_follows_not_at_what_records_claim(tmp_path):
+    """The bootstrap peer draws a revocation's line from records members wrote: a forged, malformed, foreign or
+    unchained entry, or a huge version, must not move it, and an empty read must not lower it."""
+    from coldfusion_p2p.bootstrap import lab as L
+    from coldfusion_p2p.bootstrap.peer import HistoryFollower, _draw_revocation_line
 
     ann, bob, cy = MEMBERS
     tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
-    honest = _signed(4, "0" * 64, [ann, bob], tokens)
-    alone = _signed(9, "0" * 64, [cy], tokens)  # one signer: the swarm needs two
+    honest, parent = [], "0" * 64
+    for v in range(1, 5):
+        honest.append(_signed(v, parent, [ann, bob] if v % 2 else [ann, cy], tokens))
+        parent = honest[-1].hash
+    alone = _signed(5, honest[-1].hash, [cy], tokens)  # one signer: the swarm needs two
+    unchained = _signed(2**53 - 1, "9" * 64, [ann, cy], tokens)  # two valid signers, but no chain back to v0
+    huge = _signed(2**60, "9" * 64, [ann, cy], tokens)
     outsider = Identity(RSAPrivateKey())
-    no_token = _signed(8, "0" * 64, [ann], tokens)
+    no_token = _signed(5, honest[-1].hash, [ann], tokens)
     no_token = no_token.with_signature(peer(outsider), outsider.public_key, sign_certificate(no_token, peer(outsider), outsider))
-    bad_signature = _signed(7, "0" * 64, [ann, bob], tokens)
+    bad_signature = _signed(5, honest[-1].hash, [ann, bob], tokens)
     bad_signature = bad_signature.with_signature(peer(bob), bob.public_key, bad_signature.signatures[peer(ann)][1])
-    foreign = Certificate("other", 6, "0" * 64, "6" * 64, "ab" * 8, tuple(sorted(peer(m) for m in (ann, bob))))
+    foreign = Certificate("other", 5, honest[-1].hash, "6" * 64, "ab" * 8, tuple(sorted(peer(m) for m in (ann, bob))))
     for m in (ann, bob):
         foreign = foreign.with_signature(peer(m), m.public_key, sign_certificate(foreign, peer(m), m))
-    entries = [honest.to_dict(), alone.to_dict(), no_token.to_dict(), bad_signature.to_dict(), foreign.with_tokens(tokens).to_dict(),
-               {"version": 99}, {}, {"version": 50, "signatures": "x"}]
-    records = SimpleNamespace(history=lambda: {f"p{i}": SimpleNamespace(entries=[SimpleNamespace(cert=c)]) for i, c in enumerate(entries)})
-    manifest = SwarmManifest.from_dict({"name": "lab", "admission": {"mode": "members"}})
-    assert newest_certified(records, manifest, Admission("members", "lab", peer(AUTHORITY))) == 4
-    empty = SimpleNamespace(history=dict)
-    assert newest_certified(empty, manifest, Admission("members", "lab", peer(AUTHORITY))) == 0
+    junk = [alone.to_dict(), unchained.to_dict(), huge.to_dict(), no_token.to_dict(), bad_signature.to_dict(),
+            foreign.with_tokens(tokens).to_dict(), {"version": 99}, {}, {"version": 50, "signatures": "x"}]
+    announced = [(c.version, c.hash) for c in (alone, unchained, no_token, bad_signature, foreign)] + [(4, honest[-1].hash)]
+    manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
+    admission = Admission("members", "lab", peer(AUTHORITY))
+    follower = HistoryFollower(manifest, admission, peer(AUTHORITY))
+    assert follower.update(_records(junk + [c.to_dict() for c in honest], announced)) == (4, honest[-1].hash)
+    assert follower.update(_records([], [])) == (4, honest[-1].hash)  # an empty (or withheld) read keeps the head
+    (tmp_path / L.REVOKED_FILE).write_text(json.dumps([peer(cy)]))
+    logged = []
+    assert _draw_revocation_line(str(tmp_path), manifest, follower, {peer(cy)}, logged.append, waited=1.0)
+    assert manifest.admission.signed_until == {peer(cy): make_line(4, honest[-1].hash)}
+    assert "v4" in logged[-1] and manifest.validate()
+    # restarted with a head from the lab's file and nothing seen yet: the line waits for the members' history
+    restarted = HistoryFollower(manifest, admission, peer(AUTHORITY), head=(2, honest[1].hash))
+    fresh_manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
+    assert not _draw_revocation_line(str(tmp_path), fresh_manifest, restarted, {peer(cy)}, logged.append, waited=10.0)
+    assert fresh_manifest.admission.signed_until == {}
+    assert restarted.update(_records([c.to_dict() for c in honest], [(4, honest[-1].hash)])) == (4, honest[-1].hash)
+    assert _draw_revocation_line(str(tmp_path), fresh_manifest, restarted, {peer(cy)}, logged.append, waited=10.0)
+    # nothing ever seen, after the grace period: the key's signatures count on nothing (the line at v0)
+    empty_manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
+    blind = HistoryFollower(empty_manifest, admission, peer(AUTHORITY))
+    blind.update(_records([], []))
+    assert not _draw_revocation_line(str(tmp_path), empty_manifest, blind, {peer(cy)}, logged.append, waited=10.0)
+    assert _draw_revocation_line(str(tmp_path), empty_manifest, blind, {peer(cy)}, logged.append, waited=600.0)
+    assert empty_manifest.admission.signed_until == {peer(cy): make_line(0, "0" * 64)}
 
 
 def test_the_revocation_line_travels_in_the_manifest_and_the_lab(tmp_path):
-    cy = peer(MEMBERS[2])
-    m = SwarmManifest.from_dict({"admission": {"mode": "members", "revoked": [cy], "signed_until": {cy: 7}}})
-    assert m.admission.signed_until == {cy: 7} and SwarmManifest.from_dict(m.to_dict()).admission.signed_until == {cy: 7}
-    for bad in ({cy: -1}, {cy: 1.5}, {"alice": 3}, {cy: "3"}, {cy: True}):
+    cy, other = peer(MEMBERS[2]), "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
+    line = make_line(7, "a" * 64)
+    m = SwarmManifest.from_dict({"admission": {"mode": "members", "revoked": [cy], "signed_until": {cy: line}}})
+    assert m.admission.signed_until == {cy: line} and SwarmManifest.from_dict(m.to_dict()).admission.signed_until == {cy: line}
+    for bad in ({cy: 7}, {cy: {"version": -1, "hash": "a" * 64}}, {cy: {"version": 2**53, "hash": "a" * 64}},
+                {cy: {"version": 1.5, "hash": "a" * 64}}, {cy: {"version": True, "hash": "a" * 64}},
+                {cy: {"version": 3, "hash": "A" * 64}}, {cy: {"version": 3, "hash": "a" * 64, "x": 1}}, {"alice": line}, [cy]):
         with pytest.raises(UserError, match="signed_until"):
             SwarmManifest.from_dict({"admission": {"signed_until": bad}})
-    state = Admission("members", "lab", peer(AUTHORITY), frozenset([cy]), {cy: 7}).state()
-    assert json.loads(json.dumps(state)) == state and Admission.from_state(state).signed_until == {cy: 7}
+    state = Admission("members", "lab", peer(AUTHORITY), frozenset([cy]), {cy: line}).state()
+    assert json.loads(json.dumps(state)) == state and Admission.from_state(state).lines() == {cy: (7, "a" * 64)}
     from coldfusion_p2p.bootstrap import lab as L
 
-    L.record_signed_until(tmp_path, {cy: 7})
-    L.record_signed_until(tmp_path, {cy: 9, "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG": 9})  # a line once drawn never moves
-    assert L.signed_until(tmp_path) == {cy: 7, "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG": 9}
+    (tmp_path / L.REVOKED_FILE).write_text(json.dumps([cy, other, "Qm not a peer id with spaces 0000000"]))
+    assert L.revoked(tmp_path) == sorted([cy, other])  # a typo in the file never reaches a signed manifest
+    L.record_signed_until(tmp_path, {cy: line})
+    L.record_signed_until(tmp_path, {other: make_line(9, "b" * 64)})
+    assert L.signed_until(tmp_path) == {cy: line, other: make_line(9, "b" * 64)}
+    # cy un-revoked, then revoked again later: the new line is the one published and kept, not the old one
+    (tmp_path / L.REVOKED_FILE).write_text(json.dumps([other]))
+    L.record_signed_until(tmp_path, {})
+    assert L.signed_until(tmp_path) == {other: make_line(9, "b" * 64)}
+    (tmp_path / L.REVOKED_FILE).write_text(json.dumps([cy, other]))
+    L.record_signed_until(tmp_path, {cy: make_line(50, "c" * 64)})
+    assert L.signed_until(tmp_path)[cy] == make_line(50, "c" * 64)
+    (tmp_path / L.SIGNED_UNTIL_FILE).write_text(json.dumps({cy: 7, other: {"version": 2**60, "hash": "b" * 64}}))
+    assert L.signed_until(tmp_path) == {}  # old or out-of-range lines are left out, never signed
+    L.record_followed_head(tmp_path, (12, "d" * 64))
+    assert L.followed_head(tmp_path) == (12, "d" * 64)
     (tmp_path / L.SIGNED_UNTIL_FILE).write_text("[1, 2")
     assert L.signed_until(tmp_path) == {}
 

@@ -76,13 +76,16 @@ def test_members_only_swarm_refuses_an_intruder_on_every_path_and_cuts_a_revoked
     from coldfusion_p2p.membership import Admission
 
     line = L.signed_until(swarm.lab).get(tokens["cy"]["member"])
-    assert line is not None and line >= 1, L.signed_until(swarm.lab)
-    assert f"their signatures count on versions up to v{line}" in (tmp_path / "bootstrap.log").read_text(errors="replace")
+    assert line is not None and line["version"] >= 1, L.signed_until(swarm.lab)
+    assert f"their signatures count on v{line['version']} ({line['hash'][:12]}) and its ancestors" in (
+        tmp_path / "bootstrap.log").read_text(errors="replace")
     settings = SwarmManifest.from_toml(swarm.lab / L.CONFIG_FILE)
     newcomer = Admission("members", "test", peer_of_maddr(boot), frozenset([tokens["cy"]["member"]]), {tokens["cy"]["member"]: line})
     for name in ("ann", "bob"):
-        chain = CertChain("test", stores[name].read_info(0).hash, settings.round.min_group_size, newcomer.signed_by_member)
-        assert chain.add_many(_certs(tmp_path / name)) is None
+        chain = CertChain("test", stores[name].read_info(0).hash, settings.round.min_group_size, newcomer.signed_by_member,
+                          newcomer.lines)
+        certs = _certs(tmp_path / name)
+        assert chain.add_many(certs) is None and all(chain.accepts(c.version, c.hash) for c in certs)
     assert all(p.poll() is None for n, p in procs.items() if n != "cy")  # no member process exited
     # a member's view of the swarm: the intruder's metrics never reached it; members are listed with their expiry
     key, token = swarm.member("watcher")
