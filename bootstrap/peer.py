@@ -62,12 +62,15 @@ FOLLOW_BUDGET = 128  # certificates checked per heartbeat (each costs up to MAX_
 
 class HistoryFollower:
     """The certified history the members publish, checked as a member checks it (a chain back to v0,
-    the revocations so far): a new revocation's line is drawn at its head, the version the fork rule
-    picks among those members announce. Records come from other peers: a certificate that does not
-    chain to v0 or check out never moves the head, and an empty or failed read keeps the last head."""
+    the revocations so far): a new revocation's line is drawn at its head. Records come from other
+    peers: a certificate that does not chain to v0 or check out never moves the head, an empty or
+    failed read keeps the last head, and a version is linked only along the lineage of one that is
+    announced (from the history records, or fetched from its holders as a member syncing would)."""
 
-    def __init__(self, manifest: SwarmManifest, admission, me: str, head: tuple[int, str] | None = None):
+    def __init__(self, manifest: SwarmManifest, admission, me: str, head: tuple[int, str] | None = None,
+                 fetch=None, store=None):
         from coldfusion_p2p.certs import CertChain
+        from coldfusion_p2p.sync import HistorySync
 
         private = admission is not None and admission.private
         self.chain = CertChain(manifest.name, manifest.model.v0_hash, manifest.round.min_group_size,
@@ -76,47 +79,67 @@ class HistoryFollower:
         self.me, self.v0 = me, (0, manifest.model.v0_hash)
         self.head = head  # (version, hash): from the lab's file at start, then the best seen
         self.fresh = False  # whether the head was seen announced since this peer started
-        self._refused: set[bytes] = set()
+        self.announcers: dict[tuple[int, str], set[str]] = {}  # accepted versions -> who announced them last
+        self._announced: dict = {}
+        self._sync = HistorySync(store, self.chain, me, manifest.fusion.max_delta_ratio, fetch, lambda: dict(self._announced),
+                                 log=lambda _msg: None) if fetch is not None and store is not None else None
 
-    def _rank(self, key: tuple[int, str]) -> tuple:
-        return (key[0], self.chain.signers(*key), tuple(-ord(c) for c in key[1]))
+    def _rank(self, key: tuple[int, str], exclude=frozenset()) -> tuple:
+        """Most distinct announcers first (those about to be revoked not counted), then the fork rule."""
+        holders = len(self.announcers.get(key, set()) - set(exclude))
+        return (holders, key[0], self.chain.signers(*key), tuple(-ord(c) for c in key[1]))
 
     def update(self, records) -> tuple[int, str] | None:
         """Take the members' newest history and announcements; the head (None: nothing seen yet)."""
-        import hashlib
-
         from coldfusion_p2p.certs import Certificate
 
-        fresh = []
+        self._announced = dict(records.announced())
+        by_key: dict[tuple[int, str], dict] = {}
         for record in records.history().values():
-            for entry in record.entries:
+            for entry in record.entries[:16]:
+                if isinstance(entry.cert, dict):
+                    by_key.setdefault((entry.v, entry.hash), entry.cert)
+        for target in sorted(set(self._announced.values()), reverse=True)[:64]:
+            if self.chain.accepts(*target) or target[0] <= 0:
+                continue
+            path, key = [], target  # only along an announced version's lineage: other entries cost nothing
+            while key in by_key and not self.chain.accepts(*key) and len(path) < FOLLOW_BUDGET:
                 try:
-                    cert = Certificate.from_dict(entry.cert)
-                except (ValueError, TypeError, KeyError):
-                    continue
-                digest = hashlib.sha256(repr(sorted(entry.cert.items())).encode()).digest()
-                if not self.chain.accepts(cert.version, cert.hash) and digest not in self._refused:
-                    fresh.append((cert, digest))
-        fresh.sort(key=lambda cd: cd[0].version)
-        for cert, digest in fresh[:FOLLOW_BUDGET]:
-            reason = self.chain.add(cert)
-            if reason is not None and "parent" not in reason:  # a parent may come later; a bad signature never mends
-                self._refused.add(digest)
-                if len(self._refused) > 100_000:
-                    self._refused.clear()
-        announced = {key for key in records.announced().values() if self.chain.accepts(*key) and key[0] > 0}
-        if self.head is not None and self.head != self.v0 and self.chain.accepts(*self.head):
-            announced.add(self.head)
-        if announced:
-            best = max(announced, key=self._rank)
-            if self.head is None or best[0] >= self.head[0] or not self.chain.accepts(*self.head):
-                self.head, self.fresh = best, True
+                    cert = Certificate.from_dict(by_key[key])
+                except (ValueError, TypeError, KeyError, RecursionError):
+                    break
+                if (cert.version, cert.hash) != key:
+                    break
+                path.append(cert)
+                key = (key[0] - 1, cert.parent)
+            if path:
+                self.chain.add_many(path, target=target)
+        if self._sync is not None:  # versions whose lineage the records do not reach: ask their holders
+            try:
+                self._sync.look(self.head)
+            except Exception:  # noqa: BLE001 - a holder's answer is no reason to stop
+                pass
+        self.announcers = {}
+        for peer, key in self._announced.items():
+            if key[0] > 0 and self.chain.accepts(*key):
+                self.announcers.setdefault(key, set()).add(peer)
+        if self.announcers:
+            self.head, self.fresh = max(self.announcers, key=self._rank), True
+        return self.head
+
+    def head_for(self, revoked) -> tuple[int, str] | None:
+        """The head to pin a line at for ``revoked``: the accepted version most members announce, not counting
+        the peers being revoked (so the key and one accomplice cannot aim the line at a fork of their own)."""
+        if self.announcers:
+            return max(self.announcers, key=lambda key: self._rank(key, revoked))
         return self.head
 
     def forget_revoked(self, revoked) -> None:
         """A revocation was applied: drop what no longer checks out (the head falls back with it)."""
         self.chain.recheck(suspect=lambda cert: any(p in revoked for p in cert.signatures))
-        self._refused.clear()
+        if self.head is not None and self.head != self.v0 and not self.chain.accepts(*self.head):
+            self.head = None
+        self.announcers = {k: v for k, v in self.announcers.items() if self.chain.accepts(*k)}
 
 
 def _draw_revocation_line(lab: str, manifest: SwarmManifest, follower: HistoryFollower | None, pending: set[str], log,
@@ -129,7 +152,7 @@ def _draw_revocation_line(lab: str, manifest: SwarmManifest, follower: HistoryFo
     pending = {p for p in pending if p not in manifest.admission.signed_until}
     if not pending:
         return True
-    head = follower.head if follower is not None else None
+    head = follower.head_for(pending) if follower is not None else None
     if (head is None or not follower.fresh) and waited < HISTORY_GRACE_SECONDS:
         return False  # the members' history may not have reached this peer yet (a restart): a line too low costs versions
     if head is None:
@@ -137,9 +160,32 @@ def _draw_revocation_line(lab: str, manifest: SwarmManifest, follower: HistoryFo
         log(f"no certified history seen in {waited:.0f} s: the revoked keys' signatures count on nothing")
     lines = {p: make_line(*head) for p in sorted(pending)}
     manifest.admission.signed_until = {**manifest.admission.signed_until, **lines}
+    seen = "the head of the certified history the members announce" if follower is not None and follower.fresh else \
+        "the last head this peer followed (no member announced a certified version since it started)"
     log(f"revoked {len(lines)} peer(s): their signatures count on v{head[0]} ({head[1][:12]}) and its ancestors, "
-        "the head of the certified history the members announce, and on nothing else")
+        f"{seen}, and on nothing else")
     return True
+
+
+def _recover_published_lines(lab: str, manifest: SwarmManifest, log) -> None:
+    """Lines this peer published before (its last signed manifest) that the lab's file lacks (lost, or an older
+    format): kept, so that a restart never takes a published revocation back while a new line is drawn."""
+    from coldfusion_p2p.bootstrap import lab as L
+    from coldfusion_p2p.membership import parse_line
+
+    try:
+        lines = json.loads((Path(lab) / L.STORE_DIR / "published-manifest.json").read_text())["manifest"]["admission"]["signed_until"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if not isinstance(lines, dict):
+        return
+    revoked = set(L.revoked(lab))
+    found = {p: v for p, v in lines.items() if p in revoked and p not in manifest.admission.signed_until and parse_line(v) is not None}
+    if found:
+        manifest.admission.signed_until = {**manifest.admission.signed_until, **found}
+        manifest.admission.revoked = sorted(set(manifest.admission.revoked) | set(found))
+        L.record_signed_until(lab, found)
+        log(f"kept the published revocation line(s) of {len(found)} peer(s) that {L.SIGNED_UNTIL_FILE} lacked")
 
 
 def _publish_revocations(lab, manifest, follower, admission, pending, dht, store, records, averager, log, waited) -> dict | bool | None:
@@ -196,6 +242,7 @@ def run_bootstrap(
 
     if lab is not None:
         manifest = L.lab_manifest(lab)
+        _recover_published_lines(lab, manifest, log)
         # revoked while this peer was down: published from the loop once its line is drawn (at the head of the
         # history the members announce), never before: without a line every signature of the key would go
         manifest.admission.revoked = sorted(p for p in manifest.admission.revoked
@@ -243,7 +290,13 @@ def run_bootstrap(
             admission=admission.state() if admission is not None else None, label="[bootstrap] ",
         )
         records = SwarmRecords(dht, manifest.name)
-        follower = HistoryFollower(manifest, admission, records.peer_id, L.followed_head(lab) if lab is not None else None)
+        from coldfusion_p2p.swarm import fetch_blob
+
+        def fetch(peer, blob, dest, max_bytes, timeout=10.0, on_bytes=None):
+            fetch_blob(dht, manifest.name, peer, blob, dest, timeout=timeout, max_bytes=max_bytes, token=token)
+
+        follower = HistoryFollower(manifest, admission, records.peer_id, L.followed_head(lab) if lab is not None else None,
+                                   fetch=fetch, store=store)
         # signed with this peer's identity key: the swarm's authority, which `/p2p/<id>` in --initial-peers pins
         signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
         records.publish_manifest(signed)

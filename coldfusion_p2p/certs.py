@@ -241,7 +241,7 @@ class CertChain:
     def _current_lines(self) -> dict[str, tuple[int, str]]:
         return dict(self.lines()) if self.lines is not None else {}
 
-    def _link(self, cert: Certificate, lines: dict) -> str | None:
+    def _link(self, cert: Certificate, lines: dict, waiting: int | None = None) -> str | None:
         key = (cert.version, cert.hash)
         if key in self._signers:
             return None
@@ -251,7 +251,8 @@ class CertChain:
         if not result.ok:
             return f"v{cert.version} ({cert.hash[:12]}): {result.reason}"
         leaning = frozenset(p for p in result.signers if p in lines)
-        if leaning and len(result.signers) - len(leaning) < self.min_signers and len(self._pending) >= MAX_PENDING:
+        waiting = len(self._pending) if waiting is None else waiting
+        if leaning and len(result.signers) - len(leaning) < self.min_signers and waiting >= MAX_PENDING:
             return f"v{cert.version} ({cert.hash[:12]}): too many versions already wait for a revocation line"
         self._certs[key] = cert
         self._signers[key] = len(result.signers)
@@ -311,14 +312,29 @@ class CertChain:
                 return f"v{cert.version} ({cert.hash[:12]}) needs a revoked peer's signature off the history its revocation kept"
         return reason
 
-    def add_many(self, certs: Iterable[Certificate]) -> str | None:
-        """Accept certificates in version order; stops at the first refused one and says why."""
+    def add_many(self, certs: Iterable[Certificate], target: tuple[int, str] | None = None) -> str | None:
+        """Accept certificates in version order; stops at the first refused one and says why.
+
+        ``target`` (version, hash): only the certificates on its lineage within ``certs`` are looked at (a
+        holder's answer for one version: whatever else it sent is no business of this peer's chain)."""
+        certs = list(certs)
+        if target is not None:
+            by_key: dict[tuple[int, str], Certificate] = {}
+            for cert in certs:
+                by_key.setdefault((cert.version, cert.hash), cert)
+            path, key = [], target
+            while key in by_key and key not in self._signers and len(path) <= len(certs):
+                path.append(by_key[key])
+                key = (key[0] - 1, by_key[key].parent)
+            certs = path
         lines = self._current_lines()
-        reason = None
+        reason, waiting = None, len(self._pending)
         for cert in sorted(certs, key=lambda c: c.version):
-            reason = self._link(cert, lines)
+            reason = self._link(cert, lines, waiting)
             if reason is not None:
                 break
+            key = (cert.version, cert.hash)
+            waiting += key in self._leans and self._plain[key] < self.min_signers
         if self._leans:
             doomed = self._settle(lines)
             if doomed and reason is None:
@@ -328,8 +344,9 @@ class CertChain:
 
     def recheck(self, suspect=None, dry_run: bool = False) -> list[tuple[int, str]]:
         """Check the accepted certificates again (the rules behind ``admitted`` or ``lines`` changed: a revocation)
-        and drop those that are not accepted now, with every version built on them; the dropped versions that
-        were accepted before, oldest first. ``dry_run``: only say which (any thread; changes nothing).
+        and drop those that fail now, with every version built on them; the dropped versions that were accepted
+        before, oldest first. One that needs a line whose version this peer has not seen yet is kept, waiting
+        (not accepted, not dropped). ``dry_run``: only say which (any thread; changes nothing).
 
         ``suspect(cert) -> bool``, when given, picks the certificates worth checking again (for example
         those a revoked peer signed); the others keep their verdict.
@@ -348,10 +365,7 @@ class CertChain:
                 fresh._plain[key] = self._plain[key]
                 if key in self._leans:
                     fresh._leans[key] = self._leans[key]
-        fresh._settle(lines)
-        for key in list(fresh._pending):  # waiting for a line is not accepted: forget them (a sync brings them back)
-            if key in fresh._certs:
-                fresh._forget(key)
+        fresh._settle(lines)  # versions waiting for a line's version (a line ahead of this peer) are kept, waiting
         dropped = sorted(k for k in before if k not in fresh._certs)
         if not dry_run:
             self._certs, self._signers, self._plain = fresh._certs, fresh._signers, fresh._plain

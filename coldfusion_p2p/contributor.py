@@ -364,7 +364,7 @@ class Contributor:
             return
         self.log(f"a revocation withdrew signatures that {len(dropped)} version(s) this peer accepted needed "
                  f"(v{dropped[0][0]}{f' to v{dropped[-1][0]}' if len(dropped) > 1 else ''}); they are no longer certified")
-        if self.history.chain.accepts(self.base.version, self.base.hash):
+        if (self.base.version, self.base.hash) not in dropped:  # still certified (or waiting for a line ahead of us)
             return
         held = self.history.latest_local()
         if held is None:

@@ -152,7 +152,7 @@ class HistorySync:
                     problems.append(problem)
                     lied |= not transport
                     break
-                reason = self.chain.add_many(c for c in certs if c.version <= version)
+                reason = self.chain.add_many(certs, target=key)
                 if self.chain.accepts(version, body_hash):
                     return
                 lied = True

@@ -210,7 +210,10 @@ def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goe
 def _records(entries, announced):
     from types import SimpleNamespace
 
-    return SimpleNamespace(history=lambda: {f"p{i}": SimpleNamespace(entries=[SimpleNamespace(cert=c)]) for i, c in enumerate(entries)},
+    def entry(c):
+        return SimpleNamespace(cert=c, v=c.get("version", 0) if isinstance(c.get("version"), int) else 0, hash=str(c.get("hash")))
+
+    return SimpleNamespace(history=lambda: {f"p{i}": SimpleNamespace(entries=[entry(c)]) for i, c in enumerate(entries)},
                            announced=lambda: {f"a{i}": key for i, key in enumerate(announced)})
 
 
@@ -264,6 +267,51 @@ def test_the_bootstrap_peer_draws_the_line_at_the_head_of_the_history_it_follows
     assert not _draw_revocation_line(str(tmp_path), empty_manifest, blind, {peer(cy)}, logged.append, waited=10.0)
     assert _draw_revocation_line(str(tmp_path), empty_manifest, blind, {peer(cy)}, logged.append, waited=600.0)
     assert empty_manifest.admission.signed_until == {peer(cy): make_line(0, "0" * 64)}
+
+
+def test_the_revoked_key_and_an_accomplice_cannot_aim_the_line_at_a_fork_of_their_own():
+    """A fork of bare certificates, higher than the real head and announced by the revoked peer and one
+    accomplice: the line goes to the version most other members announce."""
+    from coldfusion_p2p.bootstrap.peer import HistoryFollower
+
+    ann, bob, cy = MEMBERS
+    dan = Identity(RSAPrivateKey())
+    tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS + [dan])}
+    honest, decoy = [], []
+    for chain_, signers, n, tag in ((honest, [ann, bob], 4, "a"), (decoy, [cy, dan], 9, "d")):
+        parent = "0" * 64
+        for v in range(1, n + 1):
+            chain_.append(_signed(v, parent, signers, tokens, new=f"{tag}{v:02x}".ljust(64, "0")))
+            parent = chain_[-1].hash
+    manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
+    follower = HistoryFollower(manifest, Admission("members", "lab", peer(AUTHORITY)), peer(AUTHORITY))
+    records = _records([c.to_dict() for c in honest + decoy], [])
+    records.announced = lambda: {peer(ann): (4, honest[-1].hash), peer(bob): (4, honest[-1].hash),
+                                 peer(cy): (9, decoy[-1].hash), peer(dan): (9, decoy[-1].hash)}
+    follower.update(records)
+    assert follower.chain.accepts(9, decoy[-1].hash)  # a certified fork, as far as certificates go
+    assert follower.head_for({peer(cy)}) == (4, honest[-1].hash)
+
+
+def test_a_line_ahead_of_a_peer_keeps_its_history_waiting_not_dropped_and_junk_off_the_target_is_ignored():
+    from coldfusion_p2p.certs import CertChain
+
+    ann, bob, cy = MEMBERS
+    tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
+    line, parent = [], "0" * 64
+    for v in range(1, 5):
+        line.append(_signed(v, parent, [ann, cy], tokens))
+        parent = line[-1].hash
+    adm = Admission("members", "lab", peer(AUTHORITY))
+    chain = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
+    junk = [_signed(1, "0" * 64, [ann, cy], tokens, new=f"e{i:03x}".ljust(64, "0")) for i in range(5)]
+    assert chain.add_many(junk + line[:3], target=(3, line[2].hash)) is None
+    assert not any(chain.accepts(1, j.hash) or chain.certificate(1, j.hash) for j in junk)  # off the target's lineage
+    # cy revoked with its line at v4, which this peer (at v3) has not seen: v1..v3 wait, nothing is dropped
+    adm.revoked, adm.signed_until = frozenset([peer(cy)]), {peer(cy): make_line(4, line[3].hash)}
+    assert chain.recheck(suspect=lambda c: peer(cy) in c.signatures, dry_run=True) == []
+    assert chain.recheck(suspect=lambda c: peer(cy) in c.signatures) == [] and not chain.accepts(3, line[2].hash)
+    assert chain.add(line[3]) is None and all(chain.accepts(c.version, c.hash) for c in line)
 
 
 def test_the_revocation_line_travels_in_the_manifest_and_the_lab(tmp_path):
