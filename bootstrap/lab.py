@@ -8,8 +8,8 @@ serial, published within seconds). Layout (every file 0600, the folder 0700)::
     lab/swarm.toml        the swarm's settings (edit, then restart the bootstrap peer)
     lab/members.json      who was admitted: name, peer id, public key, expiry
     lab/revoked.json      peer ids refused everywhere
-    lab/signed_until.json revoked peer id -> {version, hash}: its signatures count on that version and its
-                          ancestors (the bootstrap peer writes it when it publishes the revocation: the
+    lab/signed_until.json revoked peer id -> {version, hash, lineage}: its signatures count on that version
+                          and its ancestors (the bootstrap peer writes it when it publishes the revocation: the
                           history before stays certified)
     lab/followed_head.json the head of the certified history the bootstrap peer followed last
     lab/store/            v0, the model files, the signed manifest (published-manifest.json)
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from coldfusion_p2p.config import PEER_RE, SwarmManifest
 from coldfusion_p2p.errors import UserError
-from coldfusion_p2p.membership import TokenError, make_line, make_token, parse_line, peer_of_key
+from coldfusion_p2p.membership import TokenError, make_token, parse_line, peer_of_key
 
 KEY_FILE, CONFIG_FILE, MEMBERS_FILE, REVOKED_FILE, STORE_DIR = "authority.key", "swarm.toml", "members.json", "revoked.json", "store"
 SIGNED_UNTIL_FILE = "signed_until.json"
@@ -155,13 +155,16 @@ def record_signed_until(lab: str | Path, lines: dict[str, dict]) -> None:
 def followed_head(lab: str | Path) -> tuple[int, str] | None:
     """The head of the certified history the bootstrap peer followed last (None when unknown)."""
     try:
-        return parse_line(json.loads((Path(lab) / HEAD_FILE).read_text()))
+        data = json.loads((Path(lab) / HEAD_FILE).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(data, dict) or type(data.get("version")) is not int or not isinstance(data.get("hash"), str):
+        return None
+    return data["version"], data["hash"]
 
 
 def record_followed_head(lab: str | Path, head: tuple[int, str]) -> None:
-    _private_write(Path(lab) / HEAD_FILE, json.dumps(make_line(*head)))
+    _private_write(Path(lab) / HEAD_FILE, json.dumps({"version": int(head[0]), "hash": str(head[1])}))
 
 
 def admit(lab: str, public_key: str, name: str, lifetime: float, out: str | None) -> tuple[dict, Path]:

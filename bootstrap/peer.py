@@ -147,6 +147,7 @@ def _draw_revocation_line(lab: str, manifest: SwarmManifest, follower: HistoryFo
     """Newly revoked peers' signatures count on the head of the history the bootstrap peer follows and its
     ancestors (so what they helped make stays certified for everyone, newcomers included) and on nothing
     else. False while no head is known and the members may not have published their history yet."""
+    from coldfusion_p2p.certs import lineage_digest
     from coldfusion_p2p.membership import make_line
 
     pending = {p for p in pending if p not in manifest.admission.signed_until}
@@ -155,15 +156,21 @@ def _draw_revocation_line(lab: str, manifest: SwarmManifest, follower: HistoryFo
     head = follower.head_for(pending) if follower is not None else None
     if (head is None or not follower.fresh) and waited < HISTORY_GRACE_SECONDS:
         return False  # the members' history may not have reached this peer yet (a restart): a line too low costs versions
+    v0 = follower.v0 if follower is not None else (0, manifest.model.v0_hash)
     if head is None:
-        head = follower.v0 if follower is not None else (0, manifest.model.v0_hash)
+        head = v0
         log(f"no certified history seen in {waited:.0f} s: the revoked keys' signatures count on nothing")
-    lines = {p: make_line(*head) for p in sorted(pending)}
+    if head[0] == 0:
+        lineage = []
+    else:
+        try:  # the line pins the path to the head, not only the head (see certs.lineage_digest)
+            lineage = [c.hash for c in follower.chain.lineage(*head)]
+        except KeyError:  # the last head this peer followed, not verified since it started: wait for the members
+            return False
+    lines = {p: make_line(head[0], head[1], lineage_digest(v0[1], lineage)) for p in sorted(pending)}
     manifest.admission.signed_until = {**manifest.admission.signed_until, **lines}
-    seen = "the head of the certified history the members announce" if follower is not None and follower.fresh else \
-        "the last head this peer followed (no member announced a certified version since it started)"
     log(f"revoked {len(lines)} peer(s): their signatures count on v{head[0]} ({head[1][:12]}) and its ancestors, "
-        f"{seen}, and on nothing else")
+        "the head of the certified history the members announce, and on nothing else")
     return True
 
 
@@ -333,6 +340,8 @@ def run_bootstrap(
             if pending:  # `cfp2p bootstrap revoke` ran
                 published = _publish_revocations(lab, manifest, follower, admission, pending, dht, store, records, averager,
                                                  log, time.monotonic() - started)
+                if published is None and beats % 12 == 0:
+                    log(f"the revocation of {len(pending)} peer(s) waits for a member to announce a certified version")
                 if published is False:
                     unpublishable |= pending  # said once; fix the lab's files and restart
                 elif published is not None:

@@ -204,6 +204,14 @@ def check_certificate(cert: Certificate, swarm: str, min_signers: int, admitted=
     return CertCheck(True, "", tuple(sorted(signers)))
 
 
+def lineage_digest(v0_hash: str, hashes: Iterable[str]) -> str:
+    """One hash for a path of versions: v0's hash, then each version's body hash in order (v1 first)."""
+    digest = hashlib.sha256(v0_hash.encode()).hexdigest()
+    for body_hash in hashes:
+        digest = hashlib.sha256((digest + body_hash).encode()).hexdigest()
+    return digest
+
+
 MAX_PENDING = 4096  # versions kept waiting for a revocation line's version to show up
 
 
@@ -211,7 +219,7 @@ class CertChain:
     """The certified versions this peer accepts: v0 (from the manifest), then each certificate whose
     parent is already accepted. Forks are kept side by side; the fork rule picks among them.
 
-    ``lines() -> {revoked peer: (version, hash)}`` (private swarms, ``Admission.lines``): a revoked
+    ``lines() -> {revoked peer: (version, hash, lineage digest)}`` (private swarms, ``Admission.lines``): a revoked
     peer's signature counts only on the line's version and its ancestors. A certificate that needs such
     a signature is linked (its descendants can be checked) but not accepted until the line's version
     is linked and the certificate lies on its lineage; once the line's version is known, one off its
@@ -268,15 +276,17 @@ class CertChain:
         if not self._leans:
             return []
         on_line: dict[str, set | None] = {}
-        for peer, (version, body_hash) in lines.items():
+        for peer, (version, body_hash, digest) in lines.items():
             if (version, body_hash) not in self._signers:
                 on_line[peer] = None  # not known yet: certificates leaning on it wait
                 continue
-            walk, key = set(), (version, body_hash)
+            walk, key = [], (version, body_hash)
             while key[0] > 0 and key in self._certs:
-                walk.add(key)
+                walk.append(key)
                 key = (key[0] - 1, self._certs[key].parent)
-            on_line[peer] = walk
+            # the line pins the path: reached through other parents (certificates forged for the same versions), it
+            # stays unknown here, and what leans on it waits, rather than counting the key on a forged path
+            on_line[peer] = set(walk) if lineage_digest(self.v0_hash, [h for _, h in reversed(walk)]) == digest else None
         doomed: set[tuple[int, str]] = set()
         for key in sorted(self._certs):
             parent = (key[0] - 1, self._certs[key].parent)

@@ -208,8 +208,8 @@ class Admission:
                 return False
         return token_problem(token, self.swarm, self.authority, time.time(), peer=peer, check_expiry=False) is None
 
-    def lines(self) -> dict[str, tuple[int, str]]:
-        """Revoked peer -> (version, hash) its signatures count up to, along that version's lineage only."""
+    def lines(self) -> dict[str, tuple[int, str, str]]:
+        """Revoked peer -> (version, hash, lineage digest) its signatures count up to, along that lineage only."""
         if not self.private:
             return {}
         out = {}
@@ -237,18 +237,21 @@ class Admission:
 _LINE_HASH = re.compile(r"^[0-9a-f]{64}$")
 
 
-def parse_line(value: Any) -> tuple[int, str] | None:
-    """A revocation line, ``{"version": v, "hash": h}``, as (v, h); None for anything else."""
-    if not isinstance(value, dict) or set(value) != {"version", "hash"}:
+def parse_line(value: Any) -> tuple[int, str, str] | None:
+    """A revocation line, ``{"version": v, "hash": h, "lineage": d}``, as (v, h, d); None for anything else.
+    ``d`` is ``certs.lineage_digest`` of the hashes from v0 to (v, h): it pins the path, not only its end."""
+    if not isinstance(value, dict) or set(value) != {"version", "hash", "lineage"}:
         return None
-    version, body_hash = value["version"], value["hash"]
-    if type(version) is not int or not 0 <= version < 2**53 or not isinstance(body_hash, str) or not _LINE_HASH.match(body_hash):
+    version, body_hash, lineage = value["version"], value["hash"], value["lineage"]
+    if type(version) is not int or not 0 <= version < 2**53:
         return None
-    return version, body_hash
+    if not all(isinstance(x, str) and _LINE_HASH.match(x) for x in (body_hash, lineage)):
+        return None
+    return version, body_hash, lineage
 
 
-def make_line(version: int, body_hash: str) -> dict:
-    line = {"version": version, "hash": body_hash}
+def make_line(version: int, body_hash: str, lineage: str) -> dict:
+    line = {"version": version, "hash": body_hash, "lineage": lineage}
     if parse_line(line) is None:
         raise ValueError(f"not a revocation line: v{version} {body_hash[:16]!r}")
     return line

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from coldfusion_p2p.certs import Certificate, check_certificate, peer_id_of_public_key, sign_certificate
+from coldfusion_p2p.certs import Certificate, check_certificate, lineage_digest, peer_id_of_public_key, sign_certificate
 from coldfusion_p2p.config import SwarmManifest
 from coldfusion_p2p.errors import UserError
 from coldfusion_p2p.membership import (
@@ -123,7 +123,7 @@ def test_a_revocation_withdraws_signatures_off_its_line_only_and_the_chain_drops
     adm.revoked = frozenset([peer(cy)])
     assert not adm.signed_by_member(peer(cy), tokens[peer(cy)], 1) and adm.withdrawn(peer(cy), 0)
     # the line at v2: what cy co-signed on v2's lineage stays certified, nothing else may lean on cy's key
-    adm.signed_until = {peer(cy): make_line(2, line[1].hash)}
+    adm.signed_until = {peer(cy): make_line(2, line[1].hash, lineage_digest("0" * 64, [line[0].hash, line[1].hash]))}
     assert adm.signed_by_member(peer(cy), tokens[peer(cy)], 2) and not adm.signed_by_member(peer(cy), tokens[peer(cy)], 3)
     assert not adm.signed_by_member(peer(cy), tokens[peer(cy)])  # no version: no count
     assert adm.signed_by_member(peer(ann), tokens[peer(ann)], 99)
@@ -192,7 +192,8 @@ def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goe
     c.records = type("Records", (), {"announce_base": lambda self, v, h, wait=False: announced.append((v, h))})()
     assert c.base.version == 4 and c._still_certified(c.base)
 
-    c.admission.signed_until, c.admission.revoked = {peer(cy): make_line(2, hashes[2])}, frozenset([peer(cy)])
+    c.admission.signed_until = {peer(cy): make_line(2, hashes[2], lineage_digest(hashes[0], hashes[1:3]))}
+    c.admission.revoked = frozenset([peer(cy)])
     assert not c._still_certified(c.base)
     c._recheck_history = c._base_withdrawn = True
     c._check_standing()
@@ -251,7 +252,7 @@ def test_the_bootstrap_peer_draws_the_line_at_the_head_of_the_history_it_follows
     (tmp_path / L.REVOKED_FILE).write_text(json.dumps([peer(cy)]))
     logged = []
     assert _draw_revocation_line(str(tmp_path), manifest, follower, {peer(cy)}, logged.append, waited=1.0)
-    assert manifest.admission.signed_until == {peer(cy): make_line(4, honest[-1].hash)}
+    assert manifest.admission.signed_until == {peer(cy): make_line(4, honest[-1].hash, lineage_digest("0" * 64, [c.hash for c in honest]))}
     assert "v4" in logged[-1] and manifest.validate()
     # restarted with a head from the lab's file and nothing seen yet: the line waits for the members' history
     restarted = HistoryFollower(manifest, admission, peer(AUTHORITY), head=(2, honest[1].hash))
@@ -266,7 +267,7 @@ def test_the_bootstrap_peer_draws_the_line_at_the_head_of_the_history_it_follows
     blind.update(_records([], []))
     assert not _draw_revocation_line(str(tmp_path), empty_manifest, blind, {peer(cy)}, logged.append, waited=10.0)
     assert _draw_revocation_line(str(tmp_path), empty_manifest, blind, {peer(cy)}, logged.append, waited=600.0)
-    assert empty_manifest.admission.signed_until == {peer(cy): make_line(0, "0" * 64)}
+    assert empty_manifest.admission.signed_until == {peer(cy): make_line(0, "0" * 64, lineage_digest("0" * 64, []))}
 
 
 def test_the_revoked_key_and_an_accomplice_cannot_aim_the_line_at_a_fork_of_their_own():
@@ -293,6 +294,34 @@ def test_the_revoked_key_and_an_accomplice_cannot_aim_the_line_at_a_fork_of_thei
     assert follower.head_for({peer(cy)}) == (4, honest[-1].hash)
 
 
+def test_a_certificate_forged_for_a_version_on_the_line_does_not_carry_the_revoked_key_onto_a_forged_path():
+    """The revoked key and an accomplice sign a path of their own from v0 and a certificate for the line's own
+    (version, hash) on top of it. A newcomer that links theirs first must not count the key on that path."""
+    from coldfusion_p2p.certs import CertChain
+
+    ann, bob, cy = MEMBERS
+    tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
+    honest, parent = [], "0" * 64
+    for v in range(1, 5):
+        honest.append(_signed(v, parent, [ann, cy], tokens))
+        parent = honest[-1].hash
+    forged, parent = [], "0" * 64
+    for v in range(1, 4):
+        forged.append(_signed(v, parent, [bob, cy], tokens, new=f"b{v:02x}".ljust(64, "0")))
+        parent = forged[-1].hash
+    top = _signed(4, forged[-1].hash, [bob, cy], tokens, new=honest[-1].hash)  # the line's (version, hash), forged parent
+    adm = Admission("members", "lab", peer(AUTHORITY), frozenset([peer(cy)]),
+                    {peer(cy): make_line(4, honest[-1].hash, lineage_digest("0" * 64, [c.hash for c in honest]))})
+    newcomer = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
+    assert newcomer.add_many(forged + [top]) is None
+    newcomer.add_many(honest)
+    assert not any(newcomer.accepts(c.version, c.hash) for c in forged + honest)  # waits; never the forged path
+    member = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)  # holds the real history already
+    assert member.add_many(honest) is None and all(member.accepts(c.version, c.hash) for c in honest)
+    assert "off the history its revocation kept" in member.add_many(forged)
+    assert not any(member.accepts(c.version, c.hash) for c in forged)
+
+
 def test_a_line_ahead_of_a_peer_keeps_its_history_waiting_not_dropped_and_junk_off_the_target_is_ignored():
     from coldfusion_p2p.certs import CertChain
 
@@ -308,7 +337,7 @@ def test_a_line_ahead_of_a_peer_keeps_its_history_waiting_not_dropped_and_junk_o
     assert chain.add_many(junk + line[:3], target=(3, line[2].hash)) is None
     assert not any(chain.accepts(1, j.hash) or chain.certificate(1, j.hash) for j in junk)  # off the target's lineage
     # cy revoked with its line at v4, which this peer (at v3) has not seen: v1..v3 wait, nothing is dropped
-    adm.revoked, adm.signed_until = frozenset([peer(cy)]), {peer(cy): make_line(4, line[3].hash)}
+    adm.revoked, adm.signed_until = frozenset([peer(cy)]), {peer(cy): make_line(4, line[3].hash, lineage_digest("0" * 64, [c.hash for c in line]))}
     assert chain.recheck(suspect=lambda c: peer(cy) in c.signatures, dry_run=True) == []
     assert chain.recheck(suspect=lambda c: peer(cy) in c.signatures) == [] and not chain.accepts(3, line[2].hash)
     assert chain.add(line[3]) is None and all(chain.accepts(c.version, c.hash) for c in line)
@@ -316,31 +345,32 @@ def test_a_line_ahead_of_a_peer_keeps_its_history_waiting_not_dropped_and_junk_o
 
 def test_the_revocation_line_travels_in_the_manifest_and_the_lab(tmp_path):
     cy, other = peer(MEMBERS[2]), "QmYwAPJzv5CZsnA625s3Xf2nemtYgPpHdWEz79ojWnPbdG"
-    line = make_line(7, "a" * 64)
+    line = make_line(7, "a" * 64, "f" * 64)
     m = SwarmManifest.from_dict({"admission": {"mode": "members", "revoked": [cy], "signed_until": {cy: line}}})
     assert m.admission.signed_until == {cy: line} and SwarmManifest.from_dict(m.to_dict()).admission.signed_until == {cy: line}
-    for bad in ({cy: 7}, {cy: {"version": -1, "hash": "a" * 64}}, {cy: {"version": 2**53, "hash": "a" * 64}},
-                {cy: {"version": 1.5, "hash": "a" * 64}}, {cy: {"version": True, "hash": "a" * 64}},
-                {cy: {"version": 3, "hash": "A" * 64}}, {cy: {"version": 3, "hash": "a" * 64, "x": 1}}, {"alice": line}, [cy]):
+    bad_lines = [7, {"version": -1}, {"version": 2**53}, {"version": 1.5}, {"version": True}, {"hash": "A" * 64},
+                 {"lineage": "xyz"}, {"x": 1}]
+    for bad in [{cy: b if not isinstance(b, dict) else {**line, **b}} for b in bad_lines] + [{cy: {"version": 3, "hash": "a" * 64}},
+                                                                                          {"alice": line}, [cy]]:
         with pytest.raises(UserError, match="signed_until"):
             SwarmManifest.from_dict({"admission": {"signed_until": bad}})
     state = Admission("members", "lab", peer(AUTHORITY), frozenset([cy]), {cy: line}).state()
-    assert json.loads(json.dumps(state)) == state and Admission.from_state(state).lines() == {cy: (7, "a" * 64)}
+    assert json.loads(json.dumps(state)) == state and Admission.from_state(state).lines() == {cy: (7, "a" * 64, "f" * 64)}
     from coldfusion_p2p.bootstrap import lab as L
 
     (tmp_path / L.REVOKED_FILE).write_text(json.dumps([cy, other, "Qm not a peer id with spaces 0000000"]))
     assert L.revoked(tmp_path) == sorted([cy, other])  # a typo in the file never reaches a signed manifest
     L.record_signed_until(tmp_path, {cy: line})
-    L.record_signed_until(tmp_path, {other: make_line(9, "b" * 64)})
-    assert L.signed_until(tmp_path) == {cy: line, other: make_line(9, "b" * 64)}
+    L.record_signed_until(tmp_path, {other: make_line(9, "b" * 64, "f" * 64)})
+    assert L.signed_until(tmp_path) == {cy: line, other: make_line(9, "b" * 64, "f" * 64)}
     # cy un-revoked, then revoked again later: the new line is the one published and kept, not the old one
     (tmp_path / L.REVOKED_FILE).write_text(json.dumps([other]))
     L.record_signed_until(tmp_path, {})
-    assert L.signed_until(tmp_path) == {other: make_line(9, "b" * 64)}
+    assert L.signed_until(tmp_path) == {other: make_line(9, "b" * 64, "f" * 64)}
     (tmp_path / L.REVOKED_FILE).write_text(json.dumps([cy, other]))
-    L.record_signed_until(tmp_path, {cy: make_line(50, "c" * 64)})
-    assert L.signed_until(tmp_path)[cy] == make_line(50, "c" * 64)
-    (tmp_path / L.SIGNED_UNTIL_FILE).write_text(json.dumps({cy: 7, other: {"version": 2**60, "hash": "b" * 64}}))
+    L.record_signed_until(tmp_path, {cy: make_line(50, "c" * 64, "f" * 64)})
+    assert L.signed_until(tmp_path)[cy] == make_line(50, "c" * 64, "f" * 64)
+    (tmp_path / L.SIGNED_UNTIL_FILE).write_text(json.dumps({cy: 7, other: {"version": 2**60, "hash": "b" * 64, "lineage": "f" * 64}}))
     assert L.signed_until(tmp_path) == {}  # old or out-of-range lines are left out, never signed
     L.record_followed_head(tmp_path, (12, "d" * 64))
     assert L.followed_head(tmp_path) == (12, "d" * 64)
