@@ -68,7 +68,7 @@ class HistoryFollower:
     announced (from the history records, or fetched from its holders as a member syncing would)."""
 
     def __init__(self, manifest: SwarmManifest, admission, me: str, head: tuple[int, str] | None = None,
-                 fetch=None, store=None):
+                 fetch=None, store=None, members=None):
         from coldfusion_p2p.certs import CertChain
         from coldfusion_p2p.sync import HistorySync
 
@@ -77,6 +77,9 @@ class HistoryFollower:
                                (lambda peer, token, version=None: admission.signed_by_member(peer, token, version)) if private else None,
                                (lambda: admission.lines()) if private else None)
         self.me, self.v0 = me, (0, manifest.model.v0_hash)
+        # members(peer, token) -> whether a membership record admits its writer (private swarms), else None
+        self.members = members if members is not None else (
+            (lambda peer, raw: admission.problem(peer, raw) is None) if private else None)
         self.head = head  # (version, hash): from the lab's file at start, then the best seen
         self.fresh = False  # whether the head was seen announced since this peer started
         self.announcers: dict[tuple[int, str], set[str]] = {}  # accepted versions -> who announced them last
@@ -84,21 +87,38 @@ class HistoryFollower:
         self._sync = HistorySync(store, self.chain, me, manifest.fusion.max_delta_ratio, fetch, lambda: dict(self._announced),
                                  log=lambda _msg: None) if fetch is not None and store is not None else None
 
-    def _rank(self, key: tuple[int, str], exclude=frozenset()) -> tuple:
-        """Most distinct announcers first (those about to be revoked not counted), then the fork rule."""
-        holders = len(self.announcers.get(key, set()) - set(exclude))
-        return (holders, key[0], self.chain.signers(*key), tuple(-ord(c) for c in key[1]))
+    def _rank(self, key: tuple[int, str]) -> tuple:
+        """The fork rule: highest version, then most signatures, then the smaller hash."""
+        return (key[0], self.chain.signers(*key), tuple(-ord(c) for c in key[1]))
+
+    def _descends(self, key: tuple[int, str], ancestor: tuple[int, str]) -> bool:
+        while key[0] > ancestor[0]:
+            cert = self.chain.certificate(*key)
+            if cert is None:
+                return False
+            key = (key[0] - 1, cert.parent)
+        return key == ancestor
 
     def update(self, records) -> tuple[int, str] | None:
         """Take the members' newest history and announcements; the head (None: nothing seen yet)."""
         from coldfusion_p2p.certs import Certificate
 
-        self._announced = dict(records.announced())
+        announced = dict(records.announced())
+        if self.members is not None:  # only members' announcements count (a member can write under throwaway keys)
+            try:
+                admitted = {p for p, raw in records.memberships().items() if self.members(p, raw)}
+            except Exception:  # noqa: BLE001 - no membership records read: keep the last view
+                admitted = None
+            if admitted is None:
+                return self.head
+            announced = {p: key for p, key in announced.items() if p in admitted}
+        self._announced = announced
         by_key: dict[tuple[int, str], dict] = {}
         for record in records.history().values():
             for entry in record.entries[:16]:
                 if isinstance(entry.cert, dict):
                     by_key.setdefault((entry.v, entry.hash), entry.cert)
+        batch = []
         for target in sorted(set(self._announced.values()), reverse=True)[:64]:
             if self.chain.accepts(*target) or target[0] <= 0:
                 continue
@@ -112,8 +132,9 @@ class HistoryFollower:
                     break
                 path.append(cert)
                 key = (key[0] - 1, cert.parent)
-            if path:
-                self.chain.add_many(path, target=target)
+            batch += path
+        if batch:  # one settle for all of them
+            self.chain.add_many(batch)
         if self._sync is not None:  # versions whose lineage the records do not reach: ask their holders
             try:
                 self._sync.look(self.head)
@@ -124,14 +145,24 @@ class HistoryFollower:
             if key[0] > 0 and self.chain.accepts(*key):
                 self.announcers.setdefault(key, set()).add(peer)
         if self.announcers:
-            self.head, self.fresh = max(self.announcers, key=self._rank), True
+            self.head, self.fresh = self.head_for(frozenset()), True
         return self.head
 
     def head_for(self, revoked) -> tuple[int, str] | None:
-        """The head to pin a line at for ``revoked``: the accepted version most members announce, not counting
-        the peers being revoked (so the key and one accomplice cannot aim the line at a fork of their own)."""
-        if self.announcers:
-            return max(self.announcers, key=lambda key: self._rank(key, revoked))
+        """The head to pin a line at for ``revoked``: by the fork rule (what members will follow), among the
+        accepted versions that at least two members announce, themselves or through a descendant, not
+        counting the peers being revoked: the key and one accomplice cannot aim the line at a fork of their
+        own. With fewer than two such members, the last head, if it is still supported."""
+        support: dict[tuple[int, str], set[str]] = {}
+        peers = {p: k for k, ps in self.announcers.items() for p in ps if p not in revoked}
+        for key in self.announcers:
+            support[key] = {p for p, theirs in peers.items() if self._descends(theirs, key)}
+        need = min(2, len(peers))
+        pool = [key for key, who in support.items() if who and len(who) >= need]
+        if need < 2 and self.head is not None and self.head in support and support[self.head]:
+            return self.head
+        if pool:
+            return max(pool, key=self._rank)
         return self.head
 
     def forget_revoked(self, revoked) -> None:
@@ -218,6 +249,7 @@ def _publish_revocations(lab, manifest, follower, admission, pending, dht, store
     if admission is not None:
         admission.signed_until = dict(manifest.admission.signed_until)
         admission.revoked = frozenset(manifest.admission.revoked)
+        records.revoked = admission.revoked  # their records are ignored from now on
         push_revoked(dht, manifest.admission.revoked)
         averager.set_admission(admission.state(), "[bootstrap] ")
     follower.forget_revoked(frozenset(manifest.admission.revoked))
@@ -297,6 +329,8 @@ def run_bootstrap(
             admission=admission.state() if admission is not None else None, label="[bootstrap] ",
         )
         records = SwarmRecords(dht, manifest.name)
+        if admission is not None:
+            records.revoked = admission.revoked  # their records are ignored
         from coldfusion_p2p.swarm import fetch_blob
 
         def fetch(peer, blob, dest, max_bytes, timeout=10.0, on_bytes=None):

@@ -316,8 +316,9 @@ class CertChain:
         """Accept ``cert``; None when accepted, linked waiting for a revocation line (``accepts`` says which),
         or already known; else why not."""
         lines = self._current_lines()
+        known = (cert.version, cert.hash) in self._signers
         reason = self._link(cert, lines)
-        if reason is None and self._leans:
+        if reason is None and not known and self._leans:  # nothing new linked: nothing to settle
             if (cert.version, cert.hash) in self._settle(lines):
                 return f"v{cert.version} ({cert.hash[:12]}) needs a revoked peer's signature off the history its revocation kept"
         return reason
@@ -337,15 +338,27 @@ class CertChain:
                 path.append(by_key[key])
                 key = (key[0] - 1, by_key[key].parent)
             certs = path
+            if self._pending and len(self._pending) + len(path) > MAX_PENDING:
+                # the waiting room is full (of forks signed below a line, say): make room for the version asked
+                # for; what is evicted waits off this lineage, and comes back if its own holders are asked again
+                below = set()
+                while key in self._certs:  # the linked part of the lineage asked for stays
+                    below.add(key)
+                    key = (key[0] - 1, self._certs[key].parent)
+                for gone in sorted(self._pending - below, reverse=True):  # descendants first
+                    if gone in self._certs:
+                        self._forget(gone)
         lines = self._current_lines()
-        reason, waiting = None, len(self._pending)
+        reason, waiting, linked = None, len(self._pending), 0
         for cert in sorted(certs, key=lambda c: c.version):
+            known = (cert.version, cert.hash) in self._signers
             reason = self._link(cert, lines, waiting)
             if reason is not None:
                 break
             key = (cert.version, cert.hash)
+            linked += not known
             waiting += key in self._leans and self._plain[key] < self.min_signers
-        if self._leans:
+        if self._leans and linked:
             doomed = self._settle(lines)
             if doomed and reason is None:
                 v, h = doomed[0]

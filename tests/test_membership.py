@@ -208,14 +208,15 @@ def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goe
     assert c.base.version == 2 and len(announced) == 1
 
 
-def _records(entries, announced):
+def _records(entries, announced: dict, tokens: dict):
+    """History records holding ``entries``, bases records ``announced`` (peer -> key), membership records ``tokens``."""
     from types import SimpleNamespace
 
     def entry(c):
         return SimpleNamespace(cert=c, v=c.get("version", 0) if isinstance(c.get("version"), int) else 0, hash=str(c.get("hash")))
 
     return SimpleNamespace(history=lambda: {f"p{i}": SimpleNamespace(entries=[entry(c)]) for i, c in enumerate(entries)},
-                           announced=lambda: {f"a{i}": key for i, key in enumerate(announced)})
+                           announced=lambda: dict(announced), memberships=lambda: {p: json.dumps(t) for p, t in tokens.items()})
 
 
 def test_the_bootstrap_peer_draws_the_line_at_the_head_of_the_history_it_follows_not_at_what_records_claim(tmp_path):
@@ -243,12 +244,14 @@ def test_the_bootstrap_peer_draws_the_line_at_the_head_of_the_history_it_follows
         foreign = foreign.with_signature(peer(m), m.public_key, sign_certificate(foreign, peer(m), m))
     junk = [alone.to_dict(), unchained.to_dict(), huge.to_dict(), no_token.to_dict(), bad_signature.to_dict(),
             foreign.with_tokens(tokens).to_dict(), {"version": 99}, {}, {"version": 50, "signatures": "x"}]
-    announced = [(c.version, c.hash) for c in (alone, unchained, no_token, bad_signature, foreign)] + [(4, honest[-1].hash)]
+    junk_keys = [(c.version, c.hash) for c in (alone, unchained, no_token, bad_signature, foreign)]
+    announced = {peer(ann): (4, honest[-1].hash), peer(bob): (4, honest[-1].hash), peer(cy): junk_keys[0],
+                 **{f"Qm{'x' * 40}{i}": key for i, key in enumerate(junk_keys)}}  # throwaway writers: not members
     manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
     admission = Admission("members", "lab", peer(AUTHORITY))
     follower = HistoryFollower(manifest, admission, peer(AUTHORITY))
-    assert follower.update(_records(junk + [c.to_dict() for c in honest], announced)) == (4, honest[-1].hash)
-    assert follower.update(_records([], [])) == (4, honest[-1].hash)  # an empty (or withheld) read keeps the head
+    assert follower.update(_records(junk + [c.to_dict() for c in honest], announced, tokens)) == (4, honest[-1].hash)
+    assert follower.update(_records([], {}, {})) == (4, honest[-1].hash)  # an empty (or withheld) read keeps the head
     (tmp_path / L.REVOKED_FILE).write_text(json.dumps([peer(cy)]))
     logged = []
     assert _draw_revocation_line(str(tmp_path), manifest, follower, {peer(cy)}, logged.append, waited=1.0)
@@ -259,12 +262,12 @@ def test_the_bootstrap_peer_draws_the_line_at_the_head_of_the_history_it_follows
     fresh_manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
     assert not _draw_revocation_line(str(tmp_path), fresh_manifest, restarted, {peer(cy)}, logged.append, waited=10.0)
     assert fresh_manifest.admission.signed_until == {}
-    assert restarted.update(_records([c.to_dict() for c in honest], [(4, honest[-1].hash)])) == (4, honest[-1].hash)
+    assert restarted.update(_records([c.to_dict() for c in honest], announced, tokens)) == (4, honest[-1].hash)
     assert _draw_revocation_line(str(tmp_path), fresh_manifest, restarted, {peer(cy)}, logged.append, waited=10.0)
     # nothing ever seen, after the grace period: the key's signatures count on nothing (the line at v0)
     empty_manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
     blind = HistoryFollower(empty_manifest, admission, peer(AUTHORITY))
-    blind.update(_records([], []))
+    blind.update(_records([], {}, {}))
     assert not _draw_revocation_line(str(tmp_path), empty_manifest, blind, {peer(cy)}, logged.append, waited=10.0)
     assert _draw_revocation_line(str(tmp_path), empty_manifest, blind, {peer(cy)}, logged.append, waited=600.0)
     assert empty_manifest.admission.signed_until == {peer(cy): make_line(0, "0" * 64, lineage_digest("0" * 64, []))}
@@ -286,12 +289,14 @@ def test_the_revoked_key_and_an_accomplice_cannot_aim_the_line_at_a_fork_of_thei
             parent = chain_[-1].hash
     manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
     follower = HistoryFollower(manifest, Admission("members", "lab", peer(AUTHORITY)), peer(AUTHORITY))
-    records = _records([c.to_dict() for c in honest + decoy], [])
-    records.announced = lambda: {peer(ann): (4, honest[-1].hash), peer(bob): (4, honest[-1].hash),
-                                 peer(cy): (9, decoy[-1].hash), peer(dan): (9, decoy[-1].hash)}
-    follower.update(records)
+    throwaway = {f"Qm{'y' * 40}{i}": (9, decoy[-1].hash) for i in range(5)}  # owner keys with no membership token
+    announced = {peer(ann): (4, honest[-1].hash), peer(bob): (4, honest[-1].hash),
+                 peer(cy): (9, decoy[-1].hash), peer(dan): (9, decoy[-1].hash), **throwaway}
+    follower.update(_records([c.to_dict() for c in honest + decoy], announced, tokens))
     assert follower.chain.accepts(9, decoy[-1].hash)  # a certified fork, as far as certificates go
     assert follower.head_for({peer(cy)}) == (4, honest[-1].hash)
+    # with the accomplice revoked as well, the honest members still decide
+    assert follower.head_for({peer(cy), peer(dan)}) == (4, honest[-1].hash)
 
 
 def test_a_certificate_forged_for_a_version_on_the_line_does_not_carry_the_revoked_key_onto_a_forged_path():
@@ -341,6 +346,18 @@ def test_a_line_ahead_of_a_peer_keeps_its_history_waiting_not_dropped_and_junk_o
     assert chain.recheck(suspect=lambda c: peer(cy) in c.signatures, dry_run=True) == []
     assert chain.recheck(suspect=lambda c: peer(cy) in c.signatures) == [] and not chain.accepts(3, line[2].hash)
     assert chain.add(line[3]) is None and all(chain.accepts(c.version, c.hash) for c in line)
+    # a full waiting room makes way for the lineage asked for, not the other way round
+    import coldfusion_p2p.certs as C
+
+    small, saved = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines), C.MAX_PENDING
+    C.MAX_PENDING = 4
+    try:
+        for i, j in enumerate(_signed(1, "0" * 64, [bob, cy], tokens, new=f"c{i:03x}".ljust(64, "0")) for i in range(4)):
+            small.add_many([j], target=(1, j.hash))
+        assert len(small._pending) == 4
+        assert small.add_many(line, target=(4, line[3].hash)) is None and all(small.accepts(c.version, c.hash) for c in line)
+    finally:
+        C.MAX_PENDING = saved
 
 
 def test_the_revocation_line_travels_in_the_manifest_and_the_lab(tmp_path):
