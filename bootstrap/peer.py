@@ -57,6 +57,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 HISTORY_GRACE_SECONDS = 75.0  # members publish their history on every new base, and at least once a minute
+SUPPORT_DEPTH = 64  # versions below the newest announced one that members' support is counted for
 FOLLOW_BUDGET = 128  # certificates checked per heartbeat (each costs up to MAX_MEMBERS signature checks)
 
 
@@ -91,13 +92,6 @@ class HistoryFollower:
         """The fork rule: highest version, then most signatures, then the smaller hash."""
         return (key[0], self.chain.signers(*key), tuple(-ord(c) for c in key[1]))
 
-    def _descends(self, key: tuple[int, str], ancestor: tuple[int, str]) -> bool:
-        while key[0] > ancestor[0]:
-            cert = self.chain.certificate(*key)
-            if cert is None:
-                return False
-            key = (key[0] - 1, cert.parent)
-        return key == ancestor
 
     def update(self, records) -> tuple[int, str] | None:
         """Take the members' newest history and announcements; the head (None: nothing seen yet)."""
@@ -144,26 +138,33 @@ class HistoryFollower:
         for peer, key in self._announced.items():
             if key[0] > 0 and self.chain.accepts(*key):
                 self.announcers.setdefault(key, set()).add(peer)
-        if self.announcers:
-            self.head, self.fresh = self.head_for(frozenset()), True
+        if self.announcers:  # where members go: the fork rule over what they announce (an old version never lowers it)
+            self.head, self.fresh = max(self.announcers, key=self._rank), True
         return self.head
 
     def head_for(self, revoked) -> tuple[int, str] | None:
         """The head to pin a line at for ``revoked``: by the fork rule (what members will follow), among the
-        accepted versions that at least two members announce, themselves or through a descendant, not
-        counting the peers being revoked: the key and one accomplice cannot aim the line at a fork of their
-        own. With fewer than two such members, the last head, if it is still supported."""
-        support: dict[tuple[int, str], set[str]] = {}
+        accepted versions that at least two members announce, themselves or through a descendant, not counting
+        the peers being revoked (the key and one accomplice cannot aim the line at a fork of their own, nor pull
+        it down). With one such member, its own version; with none, the head members last went to."""
         peers = {p: k for k, ps in self.announcers.items() for p in ps if p not in revoked}
-        for key in self.announcers:
-            support[key] = {p for p, theirs in peers.items() if self._descends(theirs, key)}
-        need = min(2, len(peers))
-        pool = [key for key, who in support.items() if who and len(who) >= need]
-        if need < 2 and self.head is not None and self.head in support and support[self.head]:
+        if len(peers) == 1:
+            return next(iter(peers.values()))
+        if not peers:
             return self.head
-        if pool:
-            return max(pool, key=self._rank)
-        return self.head
+        top = max(k[0] for k in peers.values())
+        support: dict[tuple[int, str], set[str]] = {}
+        for peer, key in peers.items():  # each member supports its version and its ancestors, SUPPORT_DEPTH down
+            for _ in range(SUPPORT_DEPTH):
+                if key[0] < top - SUPPORT_DEPTH or key[0] <= 0:
+                    break
+                support.setdefault(key, set()).add(peer)
+                cert = self.chain.certificate(*key)
+                if cert is None:
+                    break
+                key = (key[0] - 1, cert.parent)
+        pool = [key for key, who in support.items() if len(who) >= 2]
+        return max(pool, key=self._rank) if pool else max(peers.values(), key=self._rank)
 
     def forget_revoked(self, revoked) -> None:
         """A revocation was applied: drop what no longer checks out (the head falls back with it)."""

@@ -249,7 +249,7 @@ class CertChain:
     def _current_lines(self) -> dict[str, tuple[int, str]]:
         return dict(self.lines()) if self.lines is not None else {}
 
-    def _link(self, cert: Certificate, lines: dict, waiting: int | None = None) -> str | None:
+    def _link(self, cert: Certificate, lines: dict) -> str | None:
         key = (cert.version, cert.hash)
         if key in self._signers:
             return None
@@ -259,9 +259,6 @@ class CertChain:
         if not result.ok:
             return f"v{cert.version} ({cert.hash[:12]}): {result.reason}"
         leaning = frozenset(p for p in result.signers if p in lines)
-        waiting = len(self._pending) if waiting is None else waiting
-        if leaning and len(result.signers) - len(leaning) < self.min_signers and waiting >= MAX_PENDING:
-            return f"v{cert.version} ({cert.hash[:12]}): too many versions already wait for a revocation line"
         self._certs[key] = cert
         self._signers[key] = len(result.signers)
         self._plain[key] = len(result.signers) - len(leaning)
@@ -316,12 +313,31 @@ class CertChain:
         """Accept ``cert``; None when accepted, linked waiting for a revocation line (``accepts`` says which),
         or already known; else why not."""
         lines = self._current_lines()
-        known = (cert.version, cert.hash) in self._signers
+        key = (cert.version, cert.hash)
+        known = key in self._signers
         reason = self._link(cert, lines)
         if reason is None and not known and self._leans:  # nothing new linked: nothing to settle
-            if (cert.version, cert.hash) in self._settle(lines):
+            if key in self._settle(lines):
                 return f"v{cert.version} ({cert.hash[:12]}) needs a revoked peer's signature off the history its revocation kept"
+            self._bound_waiting(key)
+            if key not in self._certs:
+                return f"v{cert.version} ({cert.hash[:12]}): too many versions already wait for a revocation line"
         return reason
+
+    def _bound_waiting(self, keep: tuple[int, str] | None) -> None:
+        """At most MAX_PENDING versions wait for a line: beyond that the newest waiting ones are let go (each comes
+        back when its holders are asked again), except ``keep`` and its lineage, the one this peer asked for."""
+        if len(self._pending) <= MAX_PENDING:
+            return
+        below, key = set(), keep
+        while key is not None and key in self._certs:
+            below.add(key)
+            key = (key[0] - 1, self._certs[key].parent)
+        for gone in sorted(self._pending - below, reverse=True):  # descendants before their parents
+            if len(self._pending) <= MAX_PENDING:
+                break
+            if gone in self._certs:
+                self._forget(gone)
 
     def add_many(self, certs: Iterable[Certificate], target: tuple[int, str] | None = None) -> str | None:
         """Accept certificates in version order; stops at the first refused one and says why.
@@ -338,31 +354,23 @@ class CertChain:
                 path.append(by_key[key])
                 key = (key[0] - 1, by_key[key].parent)
             certs = path
-            if self._pending and len(self._pending) + len(path) > MAX_PENDING:
-                # the waiting room is full (of forks signed below a line, say): make room for the version asked
-                # for; what is evicted waits off this lineage, and comes back if its own holders are asked again
-                below = set()
-                while key in self._certs:  # the linked part of the lineage asked for stays
-                    below.add(key)
-                    key = (key[0] - 1, self._certs[key].parent)
-                for gone in sorted(self._pending - below, reverse=True):  # descendants first
-                    if gone in self._certs:
-                        self._forget(gone)
         lines = self._current_lines()
-        reason, waiting, linked = None, len(self._pending), 0
+        reason, linked, seen = None, 0, set()
         for cert in sorted(certs, key=lambda c: c.version):
-            known = (cert.version, cert.hash) in self._signers
-            reason = self._link(cert, lines, waiting)
+            key = (cert.version, cert.hash)
+            if key in seen or key in self._signers:
+                continue
+            seen.add(key)
+            reason = self._link(cert, lines)
             if reason is not None:
                 break
-            key = (cert.version, cert.hash)
-            linked += not known
-            waiting += key in self._leans and self._plain[key] < self.min_signers
+            linked += 1
         if self._leans and linked:
-            doomed = self._settle(lines)
+            doomed = [k for k in self._settle(lines) if k in seen]  # others dropped now were never part of this batch
             if doomed and reason is None:
                 v, h = doomed[0]
                 reason = f"v{v} ({h[:12]}) needs a revoked peer's signature off the history its revocation kept"
+            self._bound_waiting(target)
         return reason
 
     def recheck(self, suspect=None, dry_run: bool = False) -> list[tuple[int, str]]:

@@ -297,6 +297,10 @@ def test_the_revoked_key_and_an_accomplice_cannot_aim_the_line_at_a_fork_of_thei
     assert follower.head_for({peer(cy)}) == (4, honest[-1].hash)
     # with the accomplice revoked as well, the honest members still decide
     assert follower.head_for({peer(cy), peer(dan)}) == (4, honest[-1].hash)
+    # the peer being revoked announces an old version to pull its line down: one honest member at v4 is enough
+    lone = {peer(ann): (4, honest[-1].hash), peer(cy): (1, honest[0].hash)}
+    follower.update(_records([c.to_dict() for c in honest], lone, tokens))
+    assert follower.head == (4, honest[-1].hash) and follower.head_for({peer(cy)}) == (4, honest[-1].hash)
 
 
 def test_a_certificate_forged_for_a_version_on_the_line_does_not_carry_the_revoked_key_onto_a_forged_path():
@@ -356,6 +360,15 @@ def test_a_line_ahead_of_a_peer_keeps_its_history_waiting_not_dropped_and_junk_o
             small.add_many([j], target=(1, j.hash))
         assert len(small._pending) == 4
         assert small.add_many(line, target=(4, line[3].hash)) is None and all(small.accepts(c.version, c.hash) for c in line)
+        # a line whose own lineage holds more leaning versions than the waiting room: a newcomer still takes it whole
+        long_line, parent = [], "0" * 64
+        for v in range(1, 8):
+            long_line.append(_signed(v, parent, [ann, cy], tokens, new=f"d{v:02x}".ljust(64, "0")))
+            parent = long_line[-1].hash
+        adm.signed_until = {peer(cy): make_line(7, parent, lineage_digest("0" * 64, [c.hash for c in long_line]))}
+        newcomer = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
+        assert newcomer.add_many(long_line, target=(7, parent)) is None
+        assert all(newcomer.accepts(c.version, c.hash) for c in long_line)
     finally:
         C.MAX_PENDING = saved
 
