@@ -360,6 +360,10 @@ class Contributor:
         still certified, then syncs with the swarm like the loser of a fork (main thread only)."""
         dropped = self.history.chain.recheck(suspect=self._withdrawn_signer)
         self._base_withdrawn = False
+        key = (self.base.version, self.base.hash)
+        if key not in dropped and key[0] > 0 and not self.history.chain.accepts(*key):
+            self.log(f"v{key[0]} ({key[1][:12]}) waits for the version a revocation's line names; this peer keeps it "
+                     "and takes that version when it syncs")
         if not dropped:
             return
         self.log(f"a revocation withdrew signatures that {len(dropped)} version(s) this peer accepted needed "

@@ -206,6 +206,12 @@ def test_a_peer_whose_newest_versions_lose_their_certificate_to_a_revocation_goe
     c._recheck_history = True
     c._check_standing()  # nothing more to drop: stays on v2
     assert c.base.version == 2 and len(announced) == 1
+    # a newer line, at a version this peer has not seen: its history waits, kept, and it says so
+    c.admission.signed_until = {peer(cy): make_line(5, "5" * 64, "f" * 64)}
+    c._recheck_history = True
+    c._check_standing()
+    assert c.base.version == 2 and [i.version for i in c.store.list()] == [0, 1, 2] and len(announced) == 1
+    assert any("waits for the version a revocation's line names" in line for line in lines)
 
 
 def _records(entries, announced: dict, tokens: dict):
