@@ -84,6 +84,7 @@ class HistoryFollower:
         self.head = head  # (version, hash): from the lab's file at start, then the best seen
         self.fresh = False  # whether the head was seen announced since this peer started
         self.announcers: dict[tuple[int, str], set[str]] = {}  # accepted versions -> who announced them last
+        self.paths: dict[str, list[dict]] = {}  # lineage digest -> the certificates of a drawn line's path
         self._announced: dict = {}
         self._sync = HistorySync(store, self.chain, me, manifest.fusion.max_delta_ratio, fetch, lambda: dict(self._announced),
                                  log=lambda _msg: None) if fetch is not None and store is not None else None
@@ -192,14 +193,16 @@ def _draw_revocation_line(lab: str, manifest: SwarmManifest, follower: HistoryFo
     if head is None:
         head = v0
         log(f"no certified history seen in {waited:.0f} s: the revoked keys' signatures count on nothing")
-    if head[0] == 0:
-        lineage = []
-    else:
+    path = []
+    if head[0] > 0:
         try:  # the line pins the path to the head, not only the head (see certs.lineage_digest)
-            lineage = [c.hash for c in follower.chain.lineage(*head)]
+            path = follower.chain.lineage(*head)
         except KeyError:  # the last head this peer followed, not verified since it started: wait for the members
             return False
-    lines = {p: make_line(head[0], head[1], lineage_digest(v0[1], lineage)) for p in sorted(pending)}
+    digest = lineage_digest(v0[1], [c.hash for c in path])
+    if follower is not None and path:
+        follower.paths[digest] = [c.to_dict() for c in path]  # kept and served: the branch may lose a fork later
+    lines = {p: make_line(head[0], head[1], digest) for p in sorted(pending)}
     manifest.admission.signed_until = {**manifest.admission.signed_until, **lines}
     log(f"revoked {len(lines)} peer(s): their signatures count on v{head[0]} ({head[1][:12]}) and its ancestors, "
         "the head of the certified history the members announce, and on nothing else")
@@ -245,6 +248,13 @@ def _publish_revocations(lab, manifest, follower, admission, pending, dht, store
         log(f"not publishing the revocation of {len(pending)} peer(s): {e}")
         return False
     L.record_signed_until(lab, {p: manifest.admission.signed_until[p] for p in pending if p in manifest.admission.signed_until})
+    from coldfusion_p2p.swarm.transfer import LINES_DIR
+
+    for digest, certs in follower.paths.items():  # served as line/<digest>: who waits for the line can fetch its path
+        path = store.root / LINES_DIR / f"{digest}.json"
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            _write_atomically(path, json.dumps(certs))
     signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
     records.publish_manifest(signed)
     if admission is not None:

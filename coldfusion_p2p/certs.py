@@ -222,8 +222,8 @@ class CertChain:
     ``lines() -> {revoked peer: (version, hash, lineage digest)}`` (private swarms, ``Admission.lines``): a revoked
     peer's signature counts only on the line's version and its ancestors. A certificate that needs such
     a signature is linked (its descendants can be checked) but not accepted until the line's version
-    is linked and the certificate lies on its lineage; once the line's version is known, one off its
-    lineage is refused for good. So a revoked key and one accomplice gain nothing by signing new
+    is linked through the very path the line's digest names and the certificate lies on it; once that
+    path is known, one off it is refused for good. So a revoked key and one accomplice gain nothing by signing new
     versions below its line, and a newcomer still accepts the history the key helped make.
     """
 
@@ -245,6 +245,26 @@ class CertChain:
 
     def certificate(self, version: int, body_hash: str) -> Certificate | None:
         return self._certs.get((version, body_hash)) if self.accepts(version, body_hash) else None
+
+    def links(self, version: int, body_hash: str) -> bool:
+        """Whether (version, hash) is linked: accepted, or waiting for a revocation line's version."""
+        return (version, body_hash) in self._signers
+
+    def waiting(self) -> int:
+        """How many linked versions wait for a revocation line's version."""
+        return len(self._pending)
+
+    def unlinked_lines(self) -> dict:
+        """Revoked peer -> its line (version, hash, digest), for lines whose path this chain has not linked."""
+        out = {}
+        for peer, (version, body_hash, digest) in self._current_lines().items():
+            walk, key = [], (version, body_hash)
+            while key[0] > 0 and key in self._certs:
+                walk.append(key[1])
+                key = (key[0] - 1, self._certs[key].parent)
+            if key[0] > 0 or lineage_digest(self.v0_hash, walk[::-1]) != digest:
+                out[peer] = (version, body_hash, digest)
+        return out
 
     def _current_lines(self) -> dict[str, tuple[int, str]]:
         return dict(self.lines()) if self.lines is not None else {}

@@ -952,6 +952,7 @@ class Contributor:
                               (lambda: self.admission.lines()) if private else None)
             self.history = HistorySync(self.store, chain, self.records.peer_id, self.manifest.fusion.max_delta_ratio,
                                        self._fetch, self._servers, self.log, strategy=self.strategy)
+            self.history.line_source = self.authority if private else None  # keeps revocation lines' paths
             self.history.load_local()
             self.events.emit("joined", f"joined swarm {self.manifest.name!r} as {self.records.peer_id[:12]}… (model {self.manifest.model.source}, v0 {self.manifest.model.v0_hash[:12]})", peer=self.records.peer_id, swarm=self.manifest.name)
             model_dir, local_v0 = self._prepare_model()

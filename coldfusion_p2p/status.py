@@ -53,6 +53,7 @@ class StatusView:
             strategy = SwarmManifest.from_dict(manifest, where="the swarm manifest").strategy()  # nesterov's bases move further
             self._history = HistorySync(VersionStore(self._tmp.name), chain, rec.peer_id, float(manifest["fusion"]["max_delta_ratio"]),
                                         fetch, rec.announced, log=lambda _msg: None, strategy=strategy)
+            self._history.line_source = self.authority if admission.private and self.authority else None
             self._rec = rec
         else:  # a newer manifest (watch mode): its revocations apply to the history verified so far
             admission, now = self._chain_admission, self._admission(name, manifest)

@@ -87,6 +87,8 @@ class HistorySync:
         self.skip = SkipList()
         self.store_names: list[str] = []  # the body's tensor names, to keep from a holder's info
         self._last_note, self._quiet = -1e9, 0
+        self.line_source: str | None = None  # the peer that keeps revocation lines' paths (the swarm's authority)
+        self._line_tries: dict[str, float] = {}
 
     # ---------------------------------------------------------------- the local history
     def load_local(self) -> None:
@@ -119,8 +121,30 @@ class HistorySync:
         return sorted(cert.members) if cert else []
 
     # ---------------------------------------------------------------- looking at the swarm
+    def _fetch_line_paths(self) -> None:
+        """Versions wait for a revocation line whose version this peer has not linked (its branch may have lost
+        a fork since, and nobody else serves it): fetch the line's path from the swarm's authority, which keeps
+        it. At most once a minute per line; the path is checked like any holder's answer."""
+        if self.line_source is None or not self.chain.waiting():
+            return
+        for version, body_hash, digest in set(self.chain.unlinked_lines().values()):
+            if time.monotonic() < self._line_tries.get(digest, -1e9) + 60.0:
+                continue
+            self._line_tries[digest] = time.monotonic()
+            with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".line-") as tmp:
+                dest = Path(tmp) / "line.json"
+                try:
+                    self.fetch(self.line_source, f"line/{digest}", dest, max_bytes=min(MAX_CERT_BYTES, (version + 2) * 300_000),
+                               timeout=CERT_FETCH_TIMEOUT)
+                    raw = json.loads(dest.read_text())
+                    certs = [Certificate.from_dict(c) for c in raw] if isinstance(raw, list) else []
+                except Exception:  # noqa: BLE001 - the authority may be down or not keep it: try again later
+                    continue
+            self.chain.add_many(certs, target=(version, body_hash))
+
     def look(self, current: Version | None) -> BaseChoice | None:
         """The base the fork rule picks over certified announcements, if it is not ``current``."""
+        self._fetch_line_paths()
         announced = self.announced()
         floor = current or (0, "")
         for key, holders in to_verify(announced, self.chain.accepts, floor, self.me, self.skip.current())[:MAX_VERIFY_PER_LOOK]:
@@ -153,6 +177,11 @@ class HistorySync:
                     lied |= not transport
                     break
                 reason = self.chain.add_many(certs, target=key)
+                if self.chain.links(version, body_hash) and not self.chain.accepts(version, body_hash):
+                    self._fetch_line_paths()  # it waits for a revocation line's path: ask for it now
+                    if not self.chain.accepts(version, body_hash):
+                        self.skip.add(key, "it waits for the version a revocation line names", RETRY_SECONDS)
+                        return
                 if self.chain.accepts(version, body_hash):
                     return
                 lied = True

@@ -263,6 +263,8 @@ def test_the_bootstrap_peer_draws_the_line_at_the_head_of_the_history_it_follows
     assert _draw_revocation_line(str(tmp_path), manifest, follower, {peer(cy)}, logged.append, waited=1.0)
     assert manifest.admission.signed_until == {peer(cy): make_line(4, honest[-1].hash, lineage_digest("0" * 64, [c.hash for c in honest]))}
     assert "v4" in logged[-1] and manifest.validate()
+    digest = lineage_digest("0" * 64, [c.hash for c in honest])
+    assert [Certificate.from_dict(c).hash for c in follower.paths[digest]] == [c.hash for c in honest]  # kept, to serve
     # restarted with a head from the lab's file and nothing seen yet: the line waits for the members' history
     restarted = HistoryFollower(manifest, admission, peer(AUTHORITY), head=(2, honest[1].hash))
     fresh_manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
@@ -377,6 +379,49 @@ def test_a_line_ahead_of_a_peer_keeps_its_history_waiting_not_dropped_and_junk_o
         assert all(newcomer.accepts(c.version, c.hash) for c in long_line)
     finally:
         C.MAX_PENDING = saved
+
+
+def test_a_newcomer_takes_a_history_whose_revocation_line_lies_on_a_branch_that_lost_a_fork(tmp_path):
+    """cy co-signed v1 and v2, then branch A (ann+cy) made v3 and v4 while branch B (ann+bob) made v3..v5.
+    cy's line was drawn at A's v4; B won the fork rule, so nobody serves A any more. A newcomer fetches
+    B's history, finds v1 and v2 waiting for the line, and gets the line's path from the authority."""
+    from coldfusion_p2p.certs import CertChain
+    from coldfusion_p2p.store import VersionStore
+    from coldfusion_p2p.sync import HistorySync
+
+    ann, bob, cy = MEMBERS
+    tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
+    shared, parent = [], "0" * 64
+    for v in (1, 2):
+        shared.append(_signed(v, parent, [ann, cy], tokens))
+        parent = shared[-1].hash
+    a = [_signed(3, parent, [ann, cy], tokens, new="a3".ljust(64, "0"))]
+    a.append(_signed(4, a[0].hash, [ann, cy], tokens, new="a4".ljust(64, "0")))
+    b, parent = [], shared[-1].hash
+    for v in (3, 4, 5):
+        b.append(_signed(v, parent, [ann, bob], tokens, new=f"b{v}".ljust(64, "0")))
+        parent = b[-1].hash
+    digest = lineage_digest("0" * 64, [c.hash for c in shared + a])
+    adm = Admission("members", "lab", peer(AUTHORITY), frozenset([peer(cy)]), {peer(cy): make_line(4, a[-1].hash, digest)})
+    served = {"certs": [c.to_dict() for c in shared + b], f"line/{digest}": [c.to_dict() for c in shared + a]}
+    asked = []
+
+    def fetch(who, name, dest, max_bytes, timeout=10.0, on_bytes=None):
+        asked.append((who, name))
+        key = "certs" if name.startswith("certs/") else name
+        if key not in served or (key != "certs" and who != peer(AUTHORITY)):
+            raise RuntimeError("missing")
+        dest.write_text(json.dumps(served[key]))
+
+    chain = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
+    sync = HistorySync(VersionStore(tmp_path), chain, peer(MEMBERS[0]), 0.05, fetch, lambda: {peer(bob): (5, b[-1].hash)}, log=print)
+    assert sync.look(None) is None and chain.links(5, b[-1].hash) and not chain.accepts(5, b[-1].hash)  # waits
+    sync.line_source = peer(AUTHORITY)
+    sync.skip = type(sync.skip)()
+    choice = sync.look(None)
+    assert (peer(AUTHORITY), f"line/{digest}") in asked
+    assert choice is not None and (choice.version, choice.hash) == (5, b[-1].hash)
+    assert all(chain.accepts(c.version, c.hash) for c in shared + a + b)
 
 
 def test_the_revocation_line_travels_in_the_manifest_and_the_lab(tmp_path):

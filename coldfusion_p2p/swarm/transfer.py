@@ -2,7 +2,7 @@
 
 Blob names: ``model/<file>`` (config and tokenizer files), ``version/<v>`` (a base's body),
 ``info/<v>`` (its manifest), ``certs/<v>`` (the certificates of the server's history from v on, as
-one JSON list). A fetch trusts nothing it receives: the size the server announces must be within
+one JSON list), ``line/<digest>`` (the bootstrap peer's copy of a revocation line's path, one JSON list). A fetch trusts nothing it receives: the size the server announces must be within
 the caller's limit, the bytes must add up to it, and the caller checks the content (hashes,
 certificates) before anything is kept.
 """
@@ -23,6 +23,7 @@ from coldfusion_p2p.model import MODEL_FILE_NAMES
 from coldfusion_p2p.store import BODY_FILE, MANIFEST_FILE, VersionStore
 
 CHUNK_BYTES = 1 << 20
+LINES_DIR = "lines"
 MAX_CERT_CHAIN = 100_000
 
 
@@ -51,6 +52,8 @@ def _blob(root: Path, name: str) -> Path | bytes | None:
     kind, _, rest = name.partition("/")
     if kind == "model" and rest in MODEL_FILE_NAMES:
         return root / "model" / rest
+    if kind == "line" and len(rest) == 64 and all(c in "0123456789abcdef" for c in rest):
+        return root / LINES_DIR / f"{rest}.json"  # the certificates of a revocation line's path (bootstrap peer)
     if not (rest.isdigit() and len(rest) <= 9):
         return None
     version = int(rest)
