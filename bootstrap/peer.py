@@ -374,9 +374,9 @@ def run_bootstrap(
         beats, unpublishable = 0, set()
         while not stop.wait(ANNOUNCE_SECONDS):
             beats += 1
-            try:
-                head = follower.update(records)
-                if lab is not None and head is not None and head != L.followed_head(lab):
+            try:  # only a lab's private swarm revokes: an open swarm has no line to draw, and no history to follow
+                head = follower.update(records) if lab is not None and private else None
+                if head is not None and head != L.followed_head(lab):
                     L.record_followed_head(lab, head)
             except Exception as e:  # noqa: BLE001 - records other peers wrote are no reason to stop
                 if beats % 12 == 1:

@@ -79,6 +79,8 @@ def test_members_only_swarm_refuses_an_intruder_on_every_path_and_cuts_a_revoked
     assert line is not None and line["version"] >= 1, L.signed_until(swarm.lab)
     assert f"their signatures count on v{line['version']} ({line['hash'][:12]}) and its ancestors" in (
         tmp_path / "bootstrap.log").read_text(errors="replace")
+    kept = json.loads((swarm.lab / L.STORE_DIR / "lines" / f"{line['lineage']}.json").read_text())  # served as line/<digest>
+    assert [c["hash"] for c in kept][-1] == line["hash"] and len(kept) == line["version"]
     settings = SwarmManifest.from_toml(swarm.lab / L.CONFIG_FILE)
     newcomer = Admission("members", "test", peer_of_maddr(boot), frozenset([tokens["cy"]["member"]]), {tokens["cy"]["member"]: line})
     for name in ("ann", "bob"):
