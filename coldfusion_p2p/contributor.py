@@ -866,8 +866,10 @@ class Contributor:
         self._set_phase("storing")
         if self.history.chain.add(cert) is not None:  # cannot happen with a certificate checked above
             raise WorkError(f"could not certify v{info.version}")
+        # the certificate before the body: a stop between the two (SIGTERM, a crash) leaves a certificate without a
+        # body, which nothing lists or uses, never a stored version without its certificate
+        self.history.record_commit(cert)
         self.store.save(new_body, info)
-        self.history.record_commit(cert)  # the certificate after the body: a crash between leaves an uncertified body, never used
         stats["store_s"] = round(time.perf_counter() - t_store, 3)
         self._metrics.update(rounds=self._metrics["rounds"] + 1, last_round_seconds=stats["round_s"])
         self.base = Base(info.version, new_hash, new_body, group)

@@ -257,9 +257,11 @@ class HistorySync:
                 return None
             self.store_names = list(body)
             info = self._info(choice, tmpdir)
-            self._adopt_lineage(choice)
-            if existing is not None:  # only now that its replacement is verified
+            # only now that its replacement is verified; and before the certificates change, so that a stop anywhere
+            # in between (SIGTERM) never leaves a stored body under another version's certificate
+            if existing is not None:
                 self.log(f"retired our v{choice.version} ({existing.hash[:12]}) to {self.store.retire(choice.version)}")
+            self._adopt_lineage(choice)
             self.store.save(body, info)
             return Held(choice.version, choice.hash, body, self._makers(*key))
         finally:
