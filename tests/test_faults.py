@@ -157,6 +157,7 @@ def test_a_bad_member_every_round_is_bounded_by_the_robust_strategy_and_named(sw
             assert moved > 0.15 * sent_norm, (moved, honest_norm, sent_norm)  # a fifth of the noise, and the honest part
 
 
+@pytest.mark.slow  # the suite's 15 minutes on 2 cores: ~50 s of it; other real swarms cover the default run
 def test_straggler_does_not_stall_the_round_and_drops_its_stale_work(swarm, tmp_path):
     """cy is frozen (SIGSTOP) mid-training past the round window: ann and bob fuse v1 without it;
     thawed, cy finds v1, drops its stale delta, syncs, and contributes to v2."""

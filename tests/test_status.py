@@ -6,6 +6,7 @@ import json
 import subprocess
 import time
 
+import pytest
 from rich.console import Console
 
 from coldfusion_p2p import records as R
@@ -25,6 +26,7 @@ def _joined_peer(swarm, name: str) -> str:
     return next(e["peer"] for e in swarm.events(name) if e["event"] == "joined")
 
 
+@pytest.mark.slow  # the suite's 15 minutes on 2 cores: ~50 s of it; other real swarms cover the default run
 def test_status_reads_a_live_four_peer_swarm_and_forgets_peers_that_left(swarm, tmp_path):
     boot = swarm.start_bootstrap("tiny-bert", min_group_size=3)
     names = ("ann", "bob", "cy")
