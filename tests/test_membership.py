@@ -105,6 +105,17 @@ def _signed(version: int, parent: str, signers, tokens: dict, new: str | None = 
     return cert.with_tokens({peer(m): tokens[peer(m)] for m in signers})
 
 
+def _path(versions, parent: str, signers, tokens: dict, tag: str | None = None) -> list[Certificate]:
+    """Certificates of ``versions``, each on the one before (the first on ``parent``); ``signers`` is a list, or a
+    function of the version; with ``tag``, the new hashes are ``tag`` and the version (else ``_signed``'s)."""
+    out = []
+    for v in versions:
+        who = signers(v) if callable(signers) else signers
+        out.append(_signed(v, parent, who, tokens, new=f"{tag}{v:02x}".ljust(64, "0") if tag else None))
+        parent = out[-1].hash
+    return out
+
+
 def test_a_revocation_withdraws_signatures_off_its_line_only_and_the_chain_drops_what_needed_them():
     from coldfusion_p2p.certs import CertChain
 
@@ -113,10 +124,7 @@ def test_a_revocation_withdraws_signatures_off_its_line_only_and_the_chain_drops
     adm = Admission("members", "lab", peer(AUTHORITY))
     chain = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
     # v1..v4 made by ann and cy alone (groups of two), a v3 by all three on the side, and v5 on ann+cy's v4
-    line, parent = [], "0" * 64
-    for v in range(1, 6):
-        line.append(_signed(v, parent, [ann, cy], tokens))
-        parent = line[-1].hash
+    line = _path(range(1, 6), "0" * 64, [ann, cy], tokens)
     side = _signed(3, line[1].hash, [ann, bob, cy], tokens)
     assert chain.add_many(line) is None and chain.add(side) is None
     # without a line drawn, a revoked key's signatures count on nothing (a stolen key)
@@ -233,10 +241,7 @@ def test_the_bootstrap_peer_draws_the_line_at_the_head_of_the_history_it_follows
 
     ann, bob, cy = MEMBERS
     tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
-    honest, parent = [], "0" * 64
-    for v in range(1, 5):
-        honest.append(_signed(v, parent, [ann, bob] if v % 2 else [ann, cy], tokens))
-        parent = honest[-1].hash
+    honest = _path(range(1, 5), "0" * 64, lambda v: [ann, bob] if v % 2 else [ann, cy], tokens)
     alone = _signed(5, honest[-1].hash, [cy], tokens)  # one signer: the swarm needs two
     unchained = _signed(2**53 - 1, "9" * 64, [ann, cy], tokens)  # two valid signers, but no chain back to v0
     huge = _signed(2**60, "9" * 64, [ann, cy], tokens)
@@ -289,12 +294,7 @@ def test_the_revoked_key_and_an_accomplice_cannot_aim_the_line_at_a_fork_of_thei
     ann, bob, cy = MEMBERS
     dan = Identity(RSAPrivateKey())
     tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS + [dan])}
-    honest, decoy = [], []
-    for chain_, signers, n, tag in ((honest, [ann, bob], 4, "a"), (decoy, [cy, dan], 9, "d")):
-        parent = "0" * 64
-        for v in range(1, n + 1):
-            chain_.append(_signed(v, parent, signers, tokens, new=f"{tag}{v:02x}".ljust(64, "0")))
-            parent = chain_[-1].hash
+    honest, decoy = _path(range(1, 5), "0" * 64, [ann, bob], tokens, "a"), _path(range(1, 10), "0" * 64, [cy, dan], tokens, "d")
     manifest = SwarmManifest.from_dict({"name": "lab", "model": {"v0_hash": "0" * 64}, "admission": {"mode": "members"}})
     follower = HistoryFollower(manifest, Admission("members", "lab", peer(AUTHORITY)), peer(AUTHORITY))
     throwaway = {f"Qm{'y' * 40}{i}": (9, decoy[-1].hash) for i in range(5)}  # owner keys with no membership token
@@ -318,14 +318,7 @@ def test_a_certificate_forged_for_a_version_on_the_line_does_not_carry_the_revok
 
     ann, bob, cy = MEMBERS
     tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
-    honest, parent = [], "0" * 64
-    for v in range(1, 5):
-        honest.append(_signed(v, parent, [ann, cy], tokens))
-        parent = honest[-1].hash
-    forged, parent = [], "0" * 64
-    for v in range(1, 4):
-        forged.append(_signed(v, parent, [bob, cy], tokens, new=f"b{v:02x}".ljust(64, "0")))
-        parent = forged[-1].hash
+    honest, forged = _path(range(1, 5), "0" * 64, [ann, cy], tokens), _path(range(1, 4), "0" * 64, [bob, cy], tokens, "b")
     top = _signed(4, forged[-1].hash, [bob, cy], tokens, new=honest[-1].hash)  # the line's (version, hash), forged parent
     adm = Admission("members", "lab", peer(AUTHORITY), frozenset([peer(cy)]),
                     {peer(cy): make_line(4, honest[-1].hash, lineage_digest("0" * 64, [c.hash for c in honest]))})
@@ -344,10 +337,7 @@ def test_a_line_ahead_of_a_peer_keeps_its_history_waiting_not_dropped_and_junk_o
 
     ann, bob, cy = MEMBERS
     tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
-    line, parent = [], "0" * 64
-    for v in range(1, 5):
-        line.append(_signed(v, parent, [ann, cy], tokens))
-        parent = line[-1].hash
+    line = _path(range(1, 5), "0" * 64, [ann, cy], tokens)
     adm = Admission("members", "lab", peer(AUTHORITY))
     chain = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
     junk = [_signed(1, "0" * 64, [ann, cy], tokens, new=f"e{i:03x}".ljust(64, "0")) for i in range(5)]
@@ -369,10 +359,8 @@ def test_a_line_ahead_of_a_peer_keeps_its_history_waiting_not_dropped_and_junk_o
         assert len(small._pending) == 4
         assert small.add_many(line, target=(4, line[3].hash)) is None and all(small.accepts(c.version, c.hash) for c in line)
         # a line whose own lineage holds more leaning versions than the waiting room: a newcomer still takes it whole
-        long_line, parent = [], "0" * 64
-        for v in range(1, 8):
-            long_line.append(_signed(v, parent, [ann, cy], tokens, new=f"d{v:02x}".ljust(64, "0")))
-            parent = long_line[-1].hash
+        long_line = _path(range(1, 8), "0" * 64, [ann, cy], tokens, "d")
+        parent = long_line[-1].hash
         adm.signed_until = {peer(cy): make_line(7, parent, lineage_digest("0" * 64, [c.hash for c in long_line]))}
         newcomer = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
         assert newcomer.add_many(long_line, target=(7, parent)) is None
@@ -391,16 +379,8 @@ def test_a_newcomer_takes_a_history_whose_revocation_line_lies_on_a_branch_that_
 
     ann, bob, cy = MEMBERS
     tokens = {peer(m): make_token(AUTHORITY, "lab", f"m{i}", m.public_key, 3600.0) for i, m in enumerate(MEMBERS)}
-    shared, parent = [], "0" * 64
-    for v in (1, 2):
-        shared.append(_signed(v, parent, [ann, cy], tokens))
-        parent = shared[-1].hash
-    a = [_signed(3, parent, [ann, cy], tokens, new="a3".ljust(64, "0"))]
-    a.append(_signed(4, a[0].hash, [ann, cy], tokens, new="a4".ljust(64, "0")))
-    b, parent = [], shared[-1].hash
-    for v in (3, 4, 5):
-        b.append(_signed(v, parent, [ann, bob], tokens, new=f"b{v}".ljust(64, "0")))
-        parent = b[-1].hash
+    shared = _path((1, 2), "0" * 64, [ann, cy], tokens)
+    a, b = _path((3, 4), shared[-1].hash, [ann, cy], tokens, "a"), _path((3, 4, 5), shared[-1].hash, [ann, bob], tokens, "b")
     digest = lineage_digest("0" * 64, [c.hash for c in shared + a])
     adm = Admission("members", "lab", peer(AUTHORITY), frozenset([peer(cy)]), {peer(cy): make_line(4, a[-1].hash, digest)})
     served = {"certs": [c.to_dict() for c in shared + b], f"line/{digest}": [c.to_dict() for c in shared + a]}
