@@ -7,6 +7,7 @@ peers know each other.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -93,7 +94,6 @@ class HistoryFollower:
         """The fork rule: highest version, then most signatures, then the smaller hash."""
         return (key[0], self.chain.signers(*key), tuple(-ord(c) for c in key[1]))
 
-
     def update(self, records) -> tuple[int, str] | None:
         """Take the members' newest history and announcements; the head (None: nothing seen yet)."""
         from coldfusion_p2p.certs import Certificate
@@ -169,7 +169,9 @@ class HistoryFollower:
 
     def forget_revoked(self, revoked) -> None:
         """A revocation was applied: drop what no longer checks out (the head falls back with it)."""
-        self.chain.recheck(suspect=lambda cert: any(p in revoked for p in cert.signatures))
+        from coldfusion_p2p.certs import signed_by_any
+
+        self.chain.recheck(suspect=signed_by_any(revoked))
         if self.head is not None and self.head != self.v0 and not self.chain.accepts(*self.head):
             self.head = None
         self.announcers = {k: v for k, v in self.announcers.items() if self.chain.accepts(*k)}
@@ -344,11 +346,9 @@ def run_bootstrap(
             records.revoked = admission.revoked  # their records are ignored
         from coldfusion_p2p.swarm import fetch_blob
 
-        def fetch(peer, blob, dest, max_bytes, timeout=10.0, on_bytes=None):
-            fetch_blob(dht, manifest.name, peer, blob, dest, timeout=timeout, max_bytes=max_bytes, token=token)
-
-        follower = HistoryFollower(manifest, admission, records.peer_id, L.followed_head(lab) if lab is not None else None,
-                                   fetch=fetch, store=store)
+        followed = L.followed_head(lab) if lab is not None else None  # the head last written to the lab
+        follower = HistoryFollower(manifest, admission, records.peer_id, followed,
+                                   fetch=functools.partial(fetch_blob, dht, manifest.name, token=token), store=store)
         # signed with this peer's identity key: the swarm's authority, which `/p2p/<id>` in --initial-peers pins
         signed = sign_manifest(dht.identity, manifest.to_dict(), manifest_serial(store.root, manifest.to_dict()))
         records.publish_manifest(signed)
@@ -376,8 +376,9 @@ def run_bootstrap(
             beats += 1
             try:  # only a lab's private swarm revokes: an open swarm has no line to draw, and no history to follow
                 head = follower.update(records) if lab is not None and private else None
-                if head is not None and head != L.followed_head(lab):
+                if head is not None and head != followed:
                     L.record_followed_head(lab, head)
+                    followed = head
             except Exception as e:  # noqa: BLE001 - records other peers wrote are no reason to stop
                 if beats % 12 == 1:
                     log(f"could not read the members' history ({type(e).__name__}); keeping the last head")

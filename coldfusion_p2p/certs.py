@@ -212,6 +212,12 @@ def lineage_digest(v0_hash: str, hashes: Iterable[str]) -> str:
     return digest
 
 
+def signed_by_any(peers):
+    """``suspect`` for ``CertChain.recheck``: certificates any of ``peers`` signed (a revocation's)."""
+    peers = frozenset(peers)
+    return lambda cert: any(p in peers for p in cert.signatures)
+
+
 MAX_PENDING = 4096  # versions kept waiting for a revocation line's version to show up
 
 
@@ -256,15 +262,22 @@ class CertChain:
 
     def unlinked_lines(self) -> dict:
         """Revoked peer -> its line (version, hash, digest), for lines whose path this chain has not linked."""
-        out = {}
-        for peer, (version, body_hash, digest) in self._current_lines().items():
-            walk, key = [], (version, body_hash)
-            while key[0] > 0 and key in self._certs:
-                walk.append(key[1])
-                key = (key[0] - 1, self._certs[key].parent)
-            if key[0] > 0 or lineage_digest(self.v0_hash, walk[::-1]) != digest:
-                out[peer] = (version, body_hash, digest)
-        return out
+        return {peer: line for peer, line in self._current_lines().items() if self._line_path(*line) is None}
+
+    def _down(self, key: tuple[int, str]):
+        """``key`` and its linked ancestors, newest first (v0 not included)."""
+        while key in self._certs:
+            yield key
+            key = (key[0] - 1, self._certs[key].parent)
+
+    def _line_path(self, version: int, body_hash: str, digest: str) -> set | None:
+        """The versions of a line's path when this chain links (version, hash) through the very path ``digest``
+        names; else None (not linked yet, or reached through other parents: certificates forged for the same
+        versions, on which the revoked key must not count)."""
+        if (version, body_hash) not in self._signers:
+            return None
+        walk = list(self._down((version, body_hash)))  # a linked version's ancestors are linked, down to v0
+        return set(walk) if lineage_digest(self.v0_hash, [h for _, h in reversed(walk)]) == digest else None
 
     def _current_lines(self) -> dict[str, tuple[int, str]]:
         return dict(self.lines()) if self.lines is not None else {}
@@ -292,18 +305,8 @@ class CertChain:
         self._pending = set()
         if not self._leans:
             return []
-        on_line: dict[str, set | None] = {}
-        for peer, (version, body_hash, digest) in lines.items():
-            if (version, body_hash) not in self._signers:
-                on_line[peer] = None  # not known yet: certificates leaning on it wait
-                continue
-            walk, key = [], (version, body_hash)
-            while key[0] > 0 and key in self._certs:
-                walk.append(key)
-                key = (key[0] - 1, self._certs[key].parent)
-            # the line pins the path: reached through other parents (certificates forged for the same versions), it
-            # stays unknown here, and what leans on it waits, rather than counting the key on a forged path
-            on_line[peer] = set(walk) if lineage_digest(self.v0_hash, [h for _, h in reversed(walk)]) == digest else None
+        # a line whose path is not linked (not yet, or only through forged parents) is unknown: what leans on it waits
+        on_line = {peer: self._line_path(*line) for peer, line in lines.items()}
         doomed: set[tuple[int, str]] = set()
         for key in sorted(self._certs):
             parent = (key[0] - 1, self._certs[key].parent)
@@ -349,10 +352,7 @@ class CertChain:
         back when its holders are asked again), except ``keep`` and its lineage, the one this peer asked for."""
         if len(self._pending) <= MAX_PENDING:
             return
-        below, key = set(), keep
-        while key is not None and key in self._certs:
-            below.add(key)
-            key = (key[0] - 1, self._certs[key].parent)
+        below = set(self._down(keep)) if keep is not None else set()
         for gone in sorted(self._pending - below, reverse=True):  # descendants before their parents
             if len(self._pending) <= MAX_PENDING:
                 break

@@ -35,7 +35,9 @@ from coldfusion_p2p import model as M
 from coldfusion_p2p.config import SwarmManifest
 from coldfusion_p2p.data import PrivateData, load_private_data
 from coldfusion_p2p.errors import UserError, WorkError
-from coldfusion_p2p.certs import Certificate, CertChain, check_certificate, peer_id_of_public_key, sign_certificate, verify_signature
+from coldfusion_p2p.certs import (
+    Certificate, CertChain, check_certificate, peer_id_of_public_key, sign_certificate, signed_by_any, verify_signature,
+)
 from coldfusion_p2p.fusion import body_delta, check_delta, clip_to_norm, delta_norm, round_bound
 from coldfusion_p2p.membership import CLOCK_SLACK, MAX_TOKEN_BYTES, Admission, TokenError, describe, parse_token, token_problem
 from coldfusion_p2p.protocol import CommitDecision, NoShows, RoundView, VerdictView, decide_commit, round_start
@@ -346,19 +348,15 @@ class Contributor:
             self._recheck_history = False
             self._drop_withdrawn_versions()
 
-    def _withdrawn_signer(self, cert: Certificate) -> bool:
-        """Whether a revoked peer signed ``cert`` (its signature may count only on its line's lineage now)."""
-        return any(p in self.admission.revoked for p in cert.signatures)
-
     def _still_certified(self, base) -> bool:
         """Whether ``base``'s history still checks out under the current revocations (any thread; reads only)."""
-        return (base.version, base.hash) not in self.history.chain.recheck(suspect=self._withdrawn_signer, dry_run=True)
+        return (base.version, base.hash) not in self.history.chain.recheck(suspect=signed_by_any(self.admission.revoked), dry_run=True)
 
     def _drop_withdrawn_versions(self) -> None:
         """A revocation withdrew signatures: versions that needed them are no longer certified, for any peer.
         Our own such versions go to ``retired/`` and this peer falls back to its newest version that is
         still certified, then syncs with the swarm like the loser of a fork (main thread only)."""
-        dropped = self.history.chain.recheck(suspect=self._withdrawn_signer)
+        dropped = self.history.chain.recheck(suspect=signed_by_any(self.admission.revoked))
         self._base_withdrawn = False
         key = (self.base.version, self.base.hash)
         if key not in dropped and key[0] > 0 and not self.history.chain.accepts(*key):
@@ -368,7 +366,7 @@ class Contributor:
             return
         self.log(f"a revocation withdrew signatures that {len(dropped)} version(s) this peer accepted needed "
                  f"(v{dropped[0][0]}{f' to v{dropped[-1][0]}' if len(dropped) > 1 else ''}); they are no longer certified")
-        if (self.base.version, self.base.hash) not in dropped:  # still certified (or waiting for a line ahead of us)
+        if key not in dropped:  # still certified (or waiting for a line ahead of us)
             return
         held = self.history.latest_local()
         if held is None:

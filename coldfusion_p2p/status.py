@@ -30,9 +30,10 @@ class StatusView:
         self._tmp = None
 
     def _sync_for(self, name: str, manifest: dict):
+        import functools
         import tempfile
 
-        from coldfusion_p2p.certs import CertChain
+        from coldfusion_p2p.certs import CertChain, signed_by_any
         from coldfusion_p2p.store import VersionStore
         from coldfusion_p2p.swarm import SwarmRecords, fetch_blob
         from coldfusion_p2p.sync import HistorySync
@@ -44,9 +45,7 @@ class StatusView:
             chain = CertChain(name, manifest["model"]["v0_hash"], int(manifest["round"]["min_group_size"]),
                               admission.signed_by_member if admission.private else None,
                               admission.lines if admission.private else None)
-
-            def fetch(peer, blob, dest, max_bytes, timeout=10.0, on_bytes=None):
-                fetch_blob(rec.dht, name, peer, blob, dest, timeout=timeout, max_bytes=max_bytes, token=self.token)
+            fetch = functools.partial(fetch_blob, rec.dht, name, token=self.token)  # HistorySync passes the rest by name
 
             from coldfusion_p2p.config import SwarmManifest
 
@@ -59,7 +58,7 @@ class StatusView:
             admission, now = self._chain_admission, self._admission(name, manifest)
             if admission.private and (now.revoked, now.signed_until) != (admission.revoked, admission.signed_until):
                 admission.signed_until, admission.revoked = now.signed_until, now.revoked
-                self._history.chain.recheck(suspect=lambda cert: any(p in now.revoked for p in cert.signatures))
+                self._history.chain.recheck(suspect=signed_by_any(now.revoked))
         return self._history, self._rec
 
     def _admission(self, name: str, manifest: dict):

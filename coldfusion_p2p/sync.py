@@ -131,16 +131,12 @@ class HistorySync:
             if time.monotonic() < self._line_tries.get(digest, -1e9) + 60.0:
                 continue
             self._line_tries[digest] = time.monotonic()
-            with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".line-") as tmp:
-                dest = Path(tmp) / "line.json"
-                try:
-                    self.fetch(self.line_source, f"line/{digest}", dest, max_bytes=min(MAX_CERT_BYTES, (version + 2) * 300_000),
-                               timeout=CERT_FETCH_TIMEOUT)
-                    raw = json.loads(dest.read_text())
-                    certs = [Certificate.from_dict(c) for c in raw] if isinstance(raw, list) else []
-                except Exception:  # noqa: BLE001 - the authority may be down or not keep it: try again later
-                    continue
-            self.chain.add_many(certs, target=(version, body_hash))
+            try:
+                certs, _problem, _transport = self._fetch_cert_list(self.line_source, f"line/{digest}", version)
+            except Exception:  # noqa: BLE001 - whatever went wrong, it is no reason to stop this peer
+                certs = None
+            if certs is not None:  # else the authority is down or does not keep it: again in a minute
+                self.chain.add_many(certs, target=(version, body_hash))
 
     def look(self, current: Version | None) -> BaseChoice | None:
         """The base the fork rule picks over certified announcements, if it is not ``current``."""
@@ -201,13 +197,17 @@ class HistorySync:
 
     def _fetch_certs(self, peer: str, start: int, version: int) -> tuple[list[Certificate] | None, str, bool]:
         """(certificates, problem, whether the problem was the transfer rather than the content)."""
+        return self._fetch_cert_list(peer, f"certs/{start}", version - start)
+
+    def _fetch_cert_list(self, peer: str, name: str, count: int) -> tuple[list[Certificate] | None, str, bool]:
+        """A blob holding a JSON list of about ``count`` certificates: (certificates, problem, whether the problem
+        was the transfer rather than the content)."""
         from coldfusion_p2p.swarm import BlobError
 
         with tempfile.TemporaryDirectory(dir=self.store.root, prefix=".certs-") as tmp:
             dest = Path(tmp) / "certs.json"
             try:
-                self.fetch(peer, f"certs/{start}", dest, max_bytes=min(MAX_CERT_BYTES, (version - start + 2) * 300_000),
-                           timeout=CERT_FETCH_TIMEOUT)
+                self.fetch(peer, name, dest, max_bytes=min(MAX_CERT_BYTES, (count + 2) * 300_000), timeout=CERT_FETCH_TIMEOUT)
                 raw = json.loads(dest.read_text())
                 if not isinstance(raw, list):
                     raise ValueError("not a list")
