@@ -309,6 +309,11 @@ def test_the_revoked_key_and_an_accomplice_cannot_aim_the_line_at_a_fork_of_thei
     lone = {peer(ann): (4, honest[-1].hash), peer(cy): (1, honest[0].hash)}
     follower.update(_records([c.to_dict() for c in honest], lone, tokens))
     assert follower.head == (4, honest[-1].hash) and follower.head_for({peer(cy)}) == (4, honest[-1].hash)
+    # membership records are the writers' own: junk, someone else's token or none admits nobody, and breaks nothing
+    junk_members = _records([c.to_dict() for c in honest + decoy], announced, {})
+    junk_members.memberships = lambda: {peer(ann): "{", peer(bob): 5, peer(cy): json.dumps(tokens[peer(ann)]), peer(dan): None}
+    blank = HistoryFollower(manifest, Admission("members", "lab", peer(AUTHORITY)), peer(AUTHORITY))
+    assert blank.update(junk_members) is None and blank.announcers == {}
 
 
 def test_a_certificate_forged_for_a_version_on_the_line_does_not_carry_the_revoked_key_onto_a_forged_path():
@@ -391,8 +396,16 @@ def test_a_newcomer_takes_a_history_whose_revocation_line_lies_on_a_branch_that_
         key = "certs" if name.startswith("certs/") else name
         if key not in served or (key != "certs" and who != peer(AUTHORITY)):
             raise RuntimeError("missing")
-        dest.write_text(json.dumps(served[key]))
+        dest.write_text(served[key] if isinstance(served[key], str) else json.dumps(served[key]))
 
+    # the authority's answer is checked like any holder's: junk, or certificates off the line, change nothing
+    for junk in ("{", json.dumps({"a": 1}), json.dumps([{"version": "x"}]), json.dumps([c.to_dict() for c in shared + b])):
+        served[f"line/{digest}"] = json.loads(junk) if junk.startswith(("[", "{\"")) else junk
+        lost = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
+        probe = HistorySync(VersionStore(tmp_path / "probe"), lost, peer(ann), 0.05, fetch, lambda: {peer(bob): (5, b[-1].hash)}, log=print)
+        probe.line_source = peer(AUTHORITY)
+        assert probe.look(None) is None and not lost.accepts(5, b[-1].hash)
+    served[f"line/{digest}"] = [c.to_dict() for c in shared + a]
     chain = CertChain("lab", "0" * 64, 2, adm.signed_by_member, adm.lines)
     sync = HistorySync(VersionStore(tmp_path), chain, peer(MEMBERS[0]), 0.05, fetch, lambda: {peer(bob): (5, b[-1].hash)}, log=print)
     assert sync.look(None) is None and chain.links(5, b[-1].hash) and not chain.accepts(5, b[-1].hash)  # waits
