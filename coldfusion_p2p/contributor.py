@@ -704,6 +704,7 @@ class Contributor:
         together; a peer that found no group simply tries the same key again.
         """
         from coldfusion_p2p.swarm import averager_prefix
+        from coldfusion_p2p.swarm.averager import MAX_GROUP
 
         r = self.manifest.round
         names, base, me = self.names, self.base, self.records.peer_id
@@ -734,22 +735,20 @@ class Contributor:
             t_gather = time.perf_counter() - t0
             self._set_phase("averaging", examples)
             group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_x{redo}"
-            # no target size: a count of ready peers can be short of the truth, and a leader that
-            # reaches it closes the group on a peer that arrives a moment later; gather for the
-            # whole matchmaking time instead (every ready peer gets there within about a second).
-            # (Tried this stop: beginning once every expected peer had joined, by count and then by
-            # identity. With rounds of a second or two, as in the tests, peers' views of who is
-            # ready differ often enough to split rounds, and a revoked member's last rounds forked
-            # a private swarm: see the notes of issue 11.)
+            # no target size (a count of ready peers can be short of the truth): the leader begins once its
+            # group holds every peer that any member's round waits for, else at the end of the matchmaking time
+            excluded = set(self.offenders) | suspects
+            expect = sorted(set(expected) - excluded)
+            expect = expect if len(expect) <= MAX_GROUP else []  # a view a group cannot hold: the whole time
             self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size,
-                                    rules=rules, excluded=sorted(set(self.offenders) | suspects))
+                                    rules=rules, excluded=sorted(excluded), expect=expect)
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
                     t.copy_(d)
             self.events.emit("averaging", f"round on v{base.version}: averaging with up to {len(expected)} ready peer(s)"
                              + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
             result, t_match, t_allreduce, error = self.averager.run_step(
-                weight, {"examples": examples, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
+                weight, {"examples": examples, "expect": expect, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
                 give_up=lambda: self._fatal is not None or self._base_withdrawn or self._newer_base_exists(), on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             if result is None:

@@ -12,7 +12,8 @@ from coldfusion_p2p.swarm import make_averager, start_dht
 
 
 @contextlib.contextmanager
-def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, target: int, rules: dict | None = None):
+def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, target: int | None, rules: dict | None = None,
+                    matchmaking_time: float = 2.0):
     """Real peers (DHT, averager process, p2pd) on loopback, one per input list (three unless more
     inputs are given); all shut down after."""
     dhts, averagers = [], []
@@ -22,7 +23,7 @@ def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, targe
         peers = [str(a) for a in first.get_visible_maddrs()]
         dhts += [start_dht(peers, ["/ip4/127.0.0.1/tcp/0"]) for _ in range(len(inputs) - 1)]
         for dht, tensors in zip(dhts, inputs):
-            av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, compression, 2.0, 60.0, 2)
+            av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, compression, matchmaking_time, 60.0, 2)
             av.set_round(group_prefix, target, 2, rules=rules)
             averagers.append(av)
         yield dhts, averagers

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import torch
 from hivemind.averaging.matchmaking import PotentialLeaders
 from hivemind.p2p import PeerID
 
@@ -52,3 +53,54 @@ def test_hivemind_alone_looks_up_back_to_back_and_the_paced_loop_does_not():
     assert paced[0] < 0.05, "the first look must not wait"
     gaps = [b - a for a, b in zip(paced, paced[1:])]
     assert gaps and min(gaps) >= LEADER_LOOKUP_INTERVAL * 0.9, gaps
+
+
+# --- the early start, with real averagers (DHT, averager process, p2pd) on loopback -------------------
+MATCHMAKING = 8.0  # long, so that a group that waits out the whole time is told apart from one that begins early
+
+
+def _step(averagers, expects: dict[int, list[str]], prefix: str, late: dict[int, float] | None = None):
+    """One step on every averager, each told whom its round waits for: seconds to each one's result, and its group."""
+    late = late or {}
+    for i, av in enumerate(averagers):
+        av.set_round(prefix, None, 2, expect=expects[i])
+    t0, controls = time.monotonic(), {}
+    for i in sorted(range(len(averagers)), key=lambda i: late.get(i, 0.0)):
+        time.sleep(max(0.0, t0 + late.get(i, 0.0) - time.monotonic()))
+        controls[i] = averagers[i].step(weight=1.0, gather={"expect": expects[i]}, timeout=3 * MATCHMAKING, wait=False)
+    done, results = {}, {}
+    while len(done) < len(controls):
+        for i, c in controls.items():
+            if i not in done and c.done():
+                done[i] = time.monotonic() - t0
+                results[i] = c.result()
+        time.sleep(0.02)
+    return [done[i] for i in sorted(done)], [sorted(results[i]["group"]) for i in sorted(results)]
+
+
+def test_a_leader_begins_once_its_group_holds_every_peer_that_any_member_waits_for(tmp_path):
+    from tests.test_allreduce import three_averagers
+    from coldfusion_p2p.swarm.node import peer_str
+
+    inputs = [[torch.full((1000,), float(i))] for i in range(3)]
+    with three_averagers(tmp_path, inputs, "none", "t_early_warmup", None, matchmaking_time=MATCHMAKING) as (_, averagers):
+        ids = [peer_str(av.peer_id) for av in averagers]
+        everyone = {i: sorted(ids) for i in range(3)}
+
+        # every member waits for the same three peers: the leader begins as soon as they are in
+        times, groups = _step(averagers, everyone, "t_early_same_view")
+        assert all(g == sorted(ids) for g in groups), groups
+        assert max(times) < MATCHMAKING / 2, f"a complete group waited {max(times):.1f}s of the {MATCHMAKING}s matchmaking time"
+
+        # one member waits for a peer that never comes (a made-up id): the group waits out the whole time
+        phantom = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+        times, groups = _step(averagers, {**everyone, 1: sorted(ids + [phantom])}, "t_early_phantom")
+        assert all(g == sorted(ids) for g in groups), groups
+        assert min(times) > MATCHMAKING * 0.7, f"a group began after {min(times):.1f}s although a member still waited for a peer"
+
+        # the first peer saw only itself and the second ready; the second also saw the third, which comes
+        # 2.5 s later: whoever leads, the group waits for the third (the union of its members' views)
+        views = {0: sorted(ids[:2]), 1: sorted(ids), 2: sorted(ids)}
+        times, groups = _step(averagers, views, "t_early_wider_view", late={2: 2.5})
+        assert all(g == sorted(ids) for g in groups), groups
+        assert max(times) < MATCHMAKING, times

@@ -51,6 +51,8 @@ PART_FIRST_READ_TIMEOUT = 10.0  # seconds a caller has to send the first message
 GROUP_SETUP_TIMEOUT = 30.0  # seconds a part waits for its group to be registered here
 PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce (1 and 2 MiB measured no faster: bench/allreduce.py)
 LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
+EARLY_START_GRACE = 0.5  # seconds a leader gathers at least, so that a better leader can still be found
+EARLY_START_POLL = 0.05  # seconds between a leader's looks at whether its group is complete
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 
 
@@ -241,6 +243,7 @@ class FusionAverager(DecentralizedAverager):
         self._step_inputs: list[torch.Tensor] | None = None
         self._rules: dict = {}
         self._excluded: set[str] = set()
+        self._expect: frozenset[str] = frozenset()  # the ready peers this peer's round waits for (``_start_when_complete``)
         # set before the process starts: its handlers must refuse outsiders from their first call
         self._admission = Admission.from_state(admission) if admission else Admission()
         self._refusals = RefusalLog(label)
@@ -257,19 +260,70 @@ class FusionAverager(DecentralizedAverager):
         self._refusals(what, f"{peer[:12]}…", why)
         return False
 
-    def _token_in(self, gather_blob: bytes):
+    def _user_in(self, gather_blob: bytes) -> dict:
+        """The gathered data a member put in its join request (``run_step``'s ``gather``); {} if malformed."""
         try:
             _, _, user = self.serializer.loads(gather_blob)
             user = self.serializer.loads(user)  # hivemind serializes the user's part once more on its own
-            return user.get("token") if isinstance(user, dict) else None
-        except Exception:  # noqa: BLE001 - a malformed request carries no token
+            return user if isinstance(user, dict) else {}
+        except Exception:  # noqa: BLE001 - a malformed request carries nothing
+            return {}
+
+    def _token_in(self, gather_blob: bytes):
+        return self._user_in(gather_blob).get("token")
+
+    def _expect_in(self, gather_blob: bytes) -> frozenset[str] | None:
+        """The peers a member's round waits for, as it said in its join request; None if it said nothing usable."""
+        expect = self._user_in(gather_blob).get("expect")
+        if not isinstance(expect, list) or not 0 < len(expect) <= MAX_GROUP or not all(isinstance(p, str) for p in expect):
             return None
+        return frozenset(expect)
+
+    def _group_complete(self) -> bool:
+        """Whether this leader holds everyone its group waits for (``_start_when_complete``)."""
+        mm = self._matchmaking
+        members = {peer_str(self.peer_id)} | {peer_str(p) for p in mm.current_followers}
+        if not self._expect or len(members) < max(2, mm.min_group_size):
+            return False
+        wanted = set(self._expect)
+        for request in mm.current_followers.values():
+            expect = self._expect_in(request.gather)
+            if expect is None:  # a member that did not say whom it waits for: gather for the whole time
+                return False
+            wanted |= expect
+        return wanted <= members
+
+    async def _start_when_complete(self, started: float) -> None:
+        """Begin the all-reduce as soon as this peer leads a *complete* group, not at the end of the matchmaking time.
+
+        Every member says in its join request which ready peers its round waits for (``expect``).
+        The group is complete when it holds each of them: the union of all its members' views, not
+        the leader's alone. So a member that saw one more ready peer holds the group open until that
+        peer has joined too, and a view that names a peer that never comes (or a member that names
+        peers that do not exist) only brings back the whole matchmaking time. The leader gathers
+        for at least ``EARLY_START_GRACE``, so that a better leader (one every member would follow)
+        is still found and this group disbanded into it, as hivemind does.
+        """
+        mm = self._matchmaking
+        while True:
+            await asyncio.sleep(EARLY_START_POLL)
+            if time.monotonic() - started < EARLY_START_GRACE or not mm.current_followers:
+                continue
+            if not mm.is_looking_for_group or mm.assembled_group.done() or mm.current_leader is not None:
+                continue
+            if not self._group_complete():
+                continue
+            async with mm.lock_request_join_group:
+                if (mm.is_looking_for_group and not mm.assembled_group.done() and mm.current_leader is None
+                        and mm.current_followers and self._group_complete()):
+                    await mm.leader_assemble_group()
 
     async def _step(self, *, step, future_for_init):
         # hivemind retries a failed all-reduce within the same step, on tensors that the failed try
         # already overwrote in part: keep this step's inputs so that every try starts from them
         with self.get_tensors() as tensors:
             self._step_inputs = [t.clone() for t in tensors]
+        early = asyncio.create_task(self._start_when_complete(time.monotonic())) if not self.client_mode else None
         try:
             await super()._step(step=step, future_for_init=future_for_init)
         except InvalidStateError:
@@ -279,6 +333,8 @@ class FusionAverager(DecentralizedAverager):
                 raise
         finally:
             self._step_inputs = None
+            if early is not None:
+                early.cancel()
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
         if not self._gate("a request to join a group", context, self._token_in(request.gather)):
@@ -477,14 +533,20 @@ class FusionAverager(DecentralizedAverager):
 
     # --- per-round settings, called through the control pipe ------------------------------------
     def set_round(self, group_prefix: str, target_group_size: int | None, min_group_size: int, rules: dict | None = None,
-                  excluded: list[str] | None = None) -> None:
-        """Move to a round's matchmaking key, with its rules (weights, part bound) and the peers to refuse."""
+                  excluded: list[str] | None = None, expect: list[str] | None = None) -> None:
+        """Move to a round's matchmaking key, with its rules (weights, part bound) and the peers to refuse.
+
+        ``expect``: the ready peers this round waits for (this peer among them). As a leader, this peer
+        begins once its group holds them and every member's own ``expect`` (which each member must also
+        pass in ``run_step``'s gather): see ``_start_when_complete``. Without it, the whole matchmaking time."""
         future = MPFuture()
         self._outer_pipe.send(("_set_round", [], dict(group_prefix=group_prefix, target=target_group_size, min_size=min_group_size,
-                                                      rules=rules or {}, excluded=list(excluded or ()), future=future)))
+                                                      rules=rules or {}, excluded=list(excluded or ()), expect=list(expect or ()),
+                                                      future=future)))
         future.result()
 
-    async def _set_round(self, group_prefix: str, target: int | None, min_size: int, rules: dict, excluded: list[str], future: MPFuture):
+    async def _set_round(self, group_prefix: str, target: int | None, min_size: int, rules: dict, excluded: list[str],
+                         future: MPFuture, expect: tuple[str, ...] = ()):
         mm = self._matchmaking
         mm.group_key_manager.prefix = group_prefix
         # the leader's cap only: the key manager's copy must stay None, since hivemind 1.1.12 draws
@@ -494,6 +556,7 @@ class FusionAverager(DecentralizedAverager):
         mm.group_key_manager.target_group_size = None
         mm.min_group_size = min_size
         self._rules, self._excluded = dict(rules), set(excluded)
+        self._expect = frozenset(expect) if 0 < len(expect) <= MAX_GROUP else frozenset()
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
