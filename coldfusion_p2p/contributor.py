@@ -49,7 +49,10 @@ HEARTBEAT_SECONDS = 4.0
 MANIFEST_REFRESH_SECONDS = 12.0  # how soon a new manifest (a revocation) reaches this peer
 SERVE_SYNC_SECONDS = 5.0  # how often a second meeting point looks for a newer certified base
 ENROLLED_TOKEN, ENROLLED_KEY = "membership.token", "identity.key"  # what enrollment keeps in the store
-SETTLE_SECONDS = 1.0  # a second look before a round starts, so that peers' views of the records agree
+# a second look before a round starts, for a ready record on its way; short, since a leader holds its group open
+# for every peer that any member saw ready (``FusionAverager._start_when_complete``), and gathers 0.5 s at least
+SETTLE_SECONDS = 0.25
+VERDICT_POLL_SECONDS = 0.1  # between looks at the group's verdicts (a second or so per round)
 
 
 @dataclass
@@ -162,6 +165,7 @@ class Contributor:
         self.authority: str | None = None
         self.history: HistorySync | None = None
         self._base_norm: tuple[str, float] | None = None
+        self._body_module = None  # the body module of the last round, refilled with each new base (model.refill_body_module)
         self._first_seen: dict[tuple[int, str], dict[str, float]] = {}  # base -> peer -> when its ready record was first seen
         self._group_mates: set[str] = set()  # peers this one ran an all-reduce with
         self.token: dict | None = None  # this peer's membership token (private swarms)
@@ -681,7 +685,7 @@ class Contributor:
                                      timed_out=time.monotonic() > deadline)
             if decision.action != "wait":
                 return decision, signed
-            time.sleep(0.25)
+            time.sleep(VERDICT_POLL_SECONDS)
 
     def _signature_ok(self, peer: str, signature: str, payload: bytes) -> bool:
         key = self.records.public_keys.get(peer)  # the verdict's owner key: its hash is ``peer``
@@ -773,7 +777,7 @@ class Contributor:
             check = check_delta(averaged, float("inf"))
             new_body, new_hash, reason = None, "", check.reason
             if check.ok:
-                averaged, avg_norm, avg_clipped = clip_to_norm(averaged, bound)
+                averaged, avg_norm, avg_clipped = clip_to_norm(averaged, bound, norm=check.norm)
                 if avg_clipped:
                     reason = f"averaged delta norm {avg_norm:.4g} scaled down to the round's bound {bound:.4g}"
                 new_body = self.strategy.step(base.body, names, averaged)
@@ -994,7 +998,9 @@ class Contributor:
             self._dht_mark = self._dht_mark or self._dht_load()
             self._metrics.update(step=0, total=0, loss=None, examples_per_second=None)
             self._set_phase("training")
-            body = M.load_body_module(model_dir, base.body)
+            if self._body_module is None or not M.refill_body_module(self._body_module, base.body):
+                self._body_module = M.load_body_module(model_dir, base.body)
+            body = self._body_module
             seed = round_seed(self.manifest.training.seed, base.version, data.name)
             last = [0.0]
 
@@ -1011,7 +1017,6 @@ class Contributor:
 
             result = trainer.train(body, seed, progress)
             finetuned = M.body_state(body)
-            del body
             self._save_head(head, data)
             if self.opts.keep_finetuned:
                 dest = self.store.root / "finetuned"

@@ -53,13 +53,14 @@ def round_bound(base_norm: float, max_delta_ratio: float) -> float:
     return base_norm * max_delta_ratio
 
 
-def clip_to_norm(delta: list[torch.Tensor], bound: float) -> tuple[list[torch.Tensor], float, bool]:
+def clip_to_norm(delta: list[torch.Tensor], bound: float, norm: float | None = None) -> tuple[list[torch.Tensor], float, bool]:
     """``delta`` scaled down to L2 norm ``bound`` if it is longer: (delta, its norm before, clipped?).
 
     The scale is rounded to 7 significant digits so that every member, whatever its thread count
     (float64 sums can differ in the last bit), computes the same bytes from the same average.
+    ``norm``: ``delta_norm(delta)`` if the caller has it already (``check_delta`` computes it).
     """
-    norm = delta_norm(delta)
+    norm = delta_norm(delta) if norm is None else norm
     if norm <= bound:
         return delta, norm, False
     scale = float(f"{bound / norm:.7g}")

@@ -134,6 +134,47 @@ def test_a_checkpoint_without_a_pooler_gives_the_same_v0_in_every_process(tiny_m
     assert lines[0][0] == M.hash_body({k: v for k, v in weights.items() if not k.startswith("pooler.")})
 
 
+def test_a_refilled_module_is_the_module_a_fresh_build_gives_and_trains_the_same(tiny_model_dir, tmp_path):
+    """A round refills last round's module with the new base instead of building one: after a round of
+    real training on it, the refilled module holds exactly what a fresh build from that base holds
+    (the seeded pooler a pooler-less checkpoint lacks too), and the next round trains to the same bytes."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from coldfusion_p2p.config import TrainingSpec
+    from coldfusion_p2p.data import PrivateData
+    from coldfusion_p2p.training import LocalTrainer
+
+    folder = tmp_path / "no-pooler"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = M.load_tensors(folder / "model.safetensors")
+    M.save_tensors({k: v for k, v in weights.items() if not k.startswith("pooler.")}, folder / "model.safetensors", metadata={"format": "pt"})
+    data = PrivateData("d", ["a", "b"], ["good text", "bad text", "fine words", "poor words"] * 4, [0, 1, 0, 1] * 4, [], [], 0)
+
+    def trained(module, seed):
+        head = M.new_head(folder, 2)
+        trainer = LocalTrainer(AutoTokenizer.from_pretrained(folder), data, head, TrainingSpec(batch_size=4, examples_per_round=8),
+                               16, torch.device("cpu"))
+        trainer.train(module, seed)
+        return M.body_state(module)
+
+    v0 = M.body_state(M.load_body_module(folder))
+    module = M.load_body_module(folder, v0)
+    v1 = trained(module, 1)  # the module now holds a finetuned body, with gradients
+    assert any(not torch.equal(v1[k], v0[k]) for k in v0)
+    assert M.refill_body_module(module, v1)
+    fresh = M.load_body_module(folder, v1)
+    assert set(module.state_dict()) == set(fresh.state_dict())
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(module.state_dict()[k], v), k
+    assert all(p.grad is None for p in module.parameters())
+    second = trained(module, 2)
+    assert all(torch.equal(second[k], v) for k, v in trained(fresh, 2).items())
+    assert not M.refill_body_module(module, {k: v for k, v in v1.items() if k != sorted(v1)[3]})  # not this module's tensors
+    assert not M.refill_body_module(torch.nn.Linear(2, 2), v1)  # not built by load_body_module
+
+
 def test_a_body_missing_a_weight_the_checkpoint_holds_is_refused(tiny):
     folder, body = tiny
     partial = {k: v for k, v in body.items() if k != sorted(body)[3]}

@@ -179,7 +179,8 @@ class SwarmRecords:
         return {p: r for p, r in self._read(R.PROGRESS_KEY).items() if (r.v, r.hash) == (version, body_hash)}
 
     def publish_verdict(self, verdict: dict) -> None:
-        self._store(R.VERDICTS_KEY, {"swarm": self.swarm, **verdict}, VERDICT_TTL)
+        # not waited for: the peer goes on to read the others' verdicts (a failed store was never retried either)
+        self._store(R.VERDICTS_KEY, {"swarm": self.swarm, **verdict}, VERDICT_TTL, wait=False)
 
     def verdicts(self, version: int, body_hash: str) -> dict[str, R.VerdictRecord]:
         """Every member's latest verdict on a round of base (v, hash)."""
