@@ -807,7 +807,8 @@ class Contributor:
                 self._commit(new_body, new_hash, signed, decision, redo, result, delta_norm(averaged),
                              {"gather_s": t_gather, "matchmaking_s": t_match, "allreduce_s": t_allreduce, "verify_s": t_verify})
                 return "committed"
-            why = decision.reason or ("" if clean else (reason or why_unclean))
+            own = "" if clean else (reason or why_unclean)  # what was wrong with this peer's own view, said too
+            why = f"{decision.reason}: {own}" if decision.reason and own else (decision.reason or own)
             self.events.emit(
                 "unverified",
                 f"round on v{base.version} not verified ({why or 'disagreement'}"
@@ -875,7 +876,7 @@ class Contributor:
         self._metrics.update(rounds=self._metrics["rounds"] + 1, last_round_seconds=stats["round_s"])
         self.base = Base(info.version, new_hash, new_body, group)
         self.no_shows.seen(group)
-        self.records.announce_base(self.base.version, self.base.hash, wait=True)
+        self.records.announce_base(self.base.version, self.base.hash)  # not waited for: the heartbeat announces it again
         with contextlib.suppress(Exception):  # the history is a courtesy for `cfp2p status`
             self._publish_history()
         self.events.emit(

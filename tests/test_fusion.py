@@ -38,6 +38,11 @@ def test_check_delta_rejects_nan_inf_and_large_norm():
     assert check_delta(ok, 10).ok and math.isclose(delta_norm(ok), 2.0)
     assert not check_delta([torch.tensor([1.0, float("nan")])], 10).ok
     assert "NaN or Inf" in check_delta([torch.tensor([float("inf")])], 10).reason
+    # one pass over float32 values: the largest finite ones still make a finite float64 norm, one NaN anywhere does not
+    assert check_delta([torch.full((1000,), 3.4e38)], float("inf")).ok
+    assert "NaN or Inf" in check_delta([torch.zeros(10**6), torch.tensor([1.0, float("nan"), 2.0], dtype=torch.bfloat16)], 10).reason
+    assert "NaN or Inf" in check_delta([torch.tensor([float("-inf")], dtype=torch.float64)], 10).reason
+    assert "overflows" in check_delta([torch.full((3,), 1e200, dtype=torch.float64)], float("inf")).reason
     big = check_delta([torch.full((4,), 100.0)], 10)
     assert not big.ok and "exceeds" in big.reason
 

@@ -104,3 +104,27 @@ def test_a_leader_begins_once_its_group_holds_every_peer_that_any_member_waits_f
         times, groups = _step(averagers, views, "t_early_wider_view", late={2: 2.5})
         assert all(g == sorted(ids) for g in groups), groups
         assert max(times) < MATCHMAKING, times
+
+
+def test_whom_a_member_waits_for_counts_only_as_a_short_list_of_ids():
+    """A join request's ``expect`` is any member's word: anything but a list of at most MAX_GROUP strings
+    counts as saying nothing (and so brings back the whole matchmaking time), and never raises."""
+    from hivemind.utils.serializer import MSGPackSerializer as S
+
+    from coldfusion_p2p.swarm.averager import MAX_GROUP, FusionAverager
+
+    class Reader:
+        serializer = S
+        _user_in = FusionAverager._user_in
+        _expect_in = FusionAverager._expect_in
+
+    def blob(user):
+        return S.dumps([1.0, 0, S.dumps(user)])
+
+    reader = Reader()
+    assert reader._expect_in(blob({"expect": ["a", "b"], "examples": 3})) == {"a", "b"}
+    for junk in ({"expect": "ab"}, {"expect": [1, 2]}, {"expect": []}, {"expect": ["x"] * (MAX_GROUP + 1)},
+                 {"expect": {"a": 1}}, {}, [1, 2], None, "expect"):
+        assert reader._expect_in(blob(junk)) is None, junk
+    for raw in (b"", b"\xff\x00junk", S.dumps([1.0]), S.dumps([1.0, 0, b"\xc1"])):
+        assert reader._expect_in(raw) is None

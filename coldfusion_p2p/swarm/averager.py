@@ -244,6 +244,7 @@ class FusionAverager(DecentralizedAverager):
         self._rules: dict = {}
         self._excluded: set[str] = set()
         self._expect: frozenset[str] = frozenset()  # the ready peers this peer's round waits for (``_start_when_complete``)
+        self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, what it waits for)
         # set before the process starts: its handlers must refuse outsiders from their first call
         self._admission = Admission.from_state(admission) if admission else Admission()
         self._refusals = RefusalLog(label)
@@ -286,11 +287,11 @@ class FusionAverager(DecentralizedAverager):
         if not self._expect or len(members) < max(2, mm.min_group_size):
             return False
         wanted = set(self._expect)
-        for request in mm.current_followers.values():
-            expect = self._expect_in(request.gather)
-            if expect is None:  # a member that did not say whom it waits for: gather for the whole time
-                return False
-            wanted |= expect
+        for peer, request in mm.current_followers.items():
+            known = self._join_expects.get(peer_str(peer))  # parsed once, when it joined (rpc_join_group)
+            if known is None or known[0] is not request or known[1] is None:
+                return False  # a member that did not say whom it waits for: gather for the whole time
+            wanted |= known[1]
         return wanted <= members
 
     async def _start_when_complete(self, started: float) -> None:
@@ -343,6 +344,8 @@ class FusionAverager(DecentralizedAverager):
         if peer_str(context.remote_id) in self._excluded:
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)  # it broke the rules before
             return
+        if peer_str(context.remote_id) in self._join_expects or len(self._join_expects) < 4 * MAX_GROUP:
+            self._join_expects[peer_str(context.remote_id)] = (request, self._expect_in(request.gather))
         async for response in super().rpc_join_group(request, context):
             yield response
 
@@ -557,6 +560,7 @@ class FusionAverager(DecentralizedAverager):
         mm.min_group_size = min_size
         self._rules, self._excluded = dict(rules), set(excluded)
         self._expect = frozenset(expect) if 0 < len(expect) <= MAX_GROUP else frozenset()
+        self._join_expects = {}
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
