@@ -69,7 +69,7 @@ class FusionSpec:
 class RoundSpec:
     min_group_size: int = 2  # a peer alone waits instead of forking a private history
     round_window: float = 120.0  # seconds the ready peers wait for peers still training on the same base
-    matchmaking_time: float = 5.0  # seconds a leader gathers followers before the all-reduce
+    matchmaking_time: float = 5.0  # at most, seconds a leader gathers followers (it begins once its group is complete)
     allreduce_timeout: float = 180.0
     chunk_timeout: float = 10.0  # seconds without data before a sender is dropped from an all-reduce (2x for a reducer)
     verify_timeout: float = 30.0  # seconds to wait for the group's result hashes

@@ -244,7 +244,7 @@ class FusionAverager(DecentralizedAverager):
         self._rules: dict = {}
         self._excluded: set[str] = set()
         self._expect: frozenset[str] = frozenset()  # the ready peers this peer's round waits for (``_start_when_complete``)
-        self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, what it waits for)
+        self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
         # set before the process starts: its handlers must refuse outsiders from their first call
         self._admission = Admission.from_state(admission) if admission else Admission()
         self._refusals = RefusalLog(label)
@@ -288,7 +288,7 @@ class FusionAverager(DecentralizedAverager):
             return False
         wanted = set(self._expect)
         for peer, request in mm.current_followers.items():
-            known = self._join_expects.get(peer_str(peer))  # parsed once, when it joined (rpc_join_group)
+            known = self._join_expects.get(peer_str(peer))  # parsed once, when it was accepted (rpc_join_group)
             if known is None or known[0] is not request or known[1] is None:
                 return False  # a member that did not say whom it waits for: gather for the whole time
             wanted |= known[1]
@@ -344,10 +344,15 @@ class FusionAverager(DecentralizedAverager):
         if peer_str(context.remote_id) in self._excluded:
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)  # it broke the rules before
             return
-        if peer_str(context.remote_id) in self._join_expects or len(self._join_expects) < 4 * MAX_GROUP:
-            self._join_expects[peer_str(context.remote_id)] = (request, self._expect_in(request.gather))
-        async for response in super().rpc_join_group(request, context):
-            yield response
+        peer = peer_str(context.remote_id)
+        try:
+            async for response in super().rpc_join_group(request, context):
+                if response.code == averaging_pb2.ACCEPTED:  # a follower now: whom it waits for, parsed once
+                    self._join_expects[peer] = (request, self._expect_in(request.gather))
+                yield response
+        finally:  # only current followers' views are kept
+            if self._join_expects.get(peer, (None,))[0] is request:
+                del self._join_expects[peer]
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
