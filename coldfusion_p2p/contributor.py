@@ -52,7 +52,7 @@ ENROLLED_TOKEN, ENROLLED_KEY = "membership.token", "identity.key"  # what enroll
 # a second look before a round starts, for a ready record on its way; short, since a leader holds its group open
 # for every peer that any member saw ready (``FusionAverager._start_when_complete``), and gathers 0.5 s at least
 SETTLE_SECONDS = 0.25
-VERDICT_POLL_SECONDS = 0.1  # between looks at the group's verdicts (a second or so per round)
+VERDICT_POLL_SECONDS = (0.1, 0.5)  # between looks at the group's verdicts: the first, then backing off to the second
 
 
 @dataclass
@@ -672,6 +672,7 @@ class Contributor:
         me = self.records.peer_id
         deadline = time.monotonic() + self.manifest.round.verify_timeout
         payload = cert.payload()
+        pause = VERDICT_POLL_SECONDS[0]
         while True:
             views, signed = {}, cert
             for peer, v in self.records.verdicts(self.base.version, self.base.hash).items():
@@ -685,7 +686,8 @@ class Contributor:
                                      timed_out=time.monotonic() > deadline)
             if decision.action != "wait":
                 return decision, signed
-            time.sleep(VERDICT_POLL_SECONDS)
+            time.sleep(pause)
+            pause = min(pause * 1.5, VERDICT_POLL_SECONDS[1])  # a member that has not answered in a second or two is slow
 
     def _signature_ok(self, peer: str, signature: str, payload: bytes) -> bool:
         key = self.records.public_keys.get(peer)  # the verdict's owner key: its hash is ``peer``
@@ -1018,6 +1020,7 @@ class Contributor:
 
             result = trainer.train(body, seed, progress)
             finetuned = M.body_state(body)
+            body.zero_grad(set_to_none=True)  # the kept module's last gradients: as large as the body, and not needed
             self._save_head(head, data)
             if self.opts.keep_finetuned:
                 dest = self.store.root / "finetuned"

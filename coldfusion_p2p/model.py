@@ -97,12 +97,14 @@ def load_body_module(folder: Path, body: BodyState | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if body is None:
-            model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+            # float32 whatever dtype the config declares (transformers 5 honours it): v0 is what the checkpoint holds
+            model, info = AutoModel.from_pretrained(folder, output_loading_info=True, dtype=torch.float32)
             absent = set(info.get("missing_keys") or ())
         else:
             from coldfusion_p2p.strategies import model_tensors
 
-            model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+            # float32 whatever dtype the config declares: a half-precision build would round the base on loading
+            model = AutoModel.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
             missing, unexpected = model.load_state_dict(model_tensors(body), strict=False)  # a strategy's state is not the model's
             if unexpected:
                 raise UserError(f"the base has tensors this model does not ({', '.join(sorted(unexpected)[:3])}): it is not this model's")
@@ -131,8 +133,9 @@ def refill_body_module(module: nn.Module, body: BodyState) -> bool:
     initial = getattr(module, "_cfp2p_absent_init", None)
     if initial is None:
         return False
-    state = {**model_tensors(body), **initial}
-    if set(state) != set(module.state_dict()):
+    weights = model_tensors(body)
+    state = {**weights, **initial}
+    if set(weights) & set(initial) or set(state) != set(module.state_dict()):
         return False
     module.to("cpu")
     for p in module.parameters():

@@ -90,7 +90,7 @@ def test_a_leader_begins_once_its_group_holds_every_peer_that_any_member_waits_f
         # every member waits for the same three peers: the leader begins as soon as they are in
         times, groups = _step(averagers, everyone, "t_early_same_view")
         assert all(g == sorted(ids) for g in groups), groups
-        assert max(times) < MATCHMAKING / 2, f"a complete group waited {max(times):.1f}s of the {MATCHMAKING}s matchmaking time"
+        assert max(times) < MATCHMAKING * 0.6, f"a complete group waited {max(times):.1f}s of the {MATCHMAKING}s matchmaking time"
 
         # one member waits for a peer that never comes (a made-up id): the group waits out the whole time
         phantom = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
@@ -121,10 +121,10 @@ def test_whom_a_member_waits_for_counts_only_as_a_short_list_of_ids():
     def blob(user):
         return S.dumps([1.0, 0, S.dumps(user)])
 
-    reader = Reader()
-    assert reader._expect_in(blob({"expect": ["a", "b"], "examples": 3})) == {"a", "b"}
-    for junk in ({"expect": "ab"}, {"expect": [1, 2]}, {"expect": []}, {"expect": ["x"] * (MAX_GROUP + 1)},
-                 {"expect": {"a": 1}}, {}, [1, 2], None, "expect"):
+    reader, a, b = Reader(), "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "QmZDr8wSWRTkTqZ7k6GytPPUBvDx4LfU3GrpVtRfSX3sDd"
+    assert reader._expect_in(blob({"expect": [a, b], "examples": 3})) == {a, b}
+    for junk in ({"expect": "ab"}, {"expect": [1, 2]}, {"expect": []}, {"expect": [a] * (MAX_GROUP + 1)},
+                 {"expect": [a, "x" * 10**6]}, {"expect": [a, "not a peer id"]}, {"expect": {a: 1}}, {}, [1, 2], None, "expect"):
         assert reader._expect_in(blob(junk)) is None, junk
     for raw in (b"", b"\xff\x00junk", S.dumps([1.0]), S.dumps([1.0, 0, b"\xc1"])):
         assert reader._expect_in(raw) is None

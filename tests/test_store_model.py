@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -150,6 +151,8 @@ def test_a_refilled_module_is_the_module_a_fresh_build_gives_and_trains_the_same
     shutil.copytree(tiny_model_dir, folder)
     weights = M.load_tensors(folder / "model.safetensors")
     M.save_tensors({k: v for k, v in weights.items() if not k.startswith("pooler.")}, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())  # a config that declares half precision (transformers
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}))  # 5 builds in it)
     data = PrivateData("d", ["a", "b"], ["good text", "bad text", "fine words", "poor words"] * 4, [0, 1, 0, 1] * 4, [], [], 0)
 
     def trained(module, seed):
@@ -160,11 +163,13 @@ def test_a_refilled_module_is_the_module_a_fresh_build_gives_and_trains_the_same
         return M.body_state(module)
 
     v0 = M.body_state(M.load_body_module(folder))
+    assert all(v.dtype == torch.float32 and torch.equal(v, weights[k]) for k, v in v0.items())  # what the checkpoint holds, unrounded
     module = M.load_body_module(folder, v0)
     v1 = trained(module, 1)  # the module now holds a finetuned body, with gradients
     assert any(not torch.equal(v1[k], v0[k]) for k in v0)
     assert M.refill_body_module(module, v1)
     fresh = M.load_body_module(folder, v1)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in v1.items())  # a build from a base holds it exactly
     assert set(module.state_dict()) == set(fresh.state_dict())
     for k, v in fresh.state_dict().items():
         assert torch.equal(module.state_dict()[k], v), k

@@ -36,6 +36,7 @@ from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter, azip
+from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -54,6 +55,7 @@ LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group le
 EARLY_START_GRACE = 0.5  # seconds a leader gathers at least, so that a better leader can still be found
 EARLY_START_POLL = 0.05  # seconds between a leader's looks at whether its group is complete
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
+logger = get_logger(__name__)
 
 
 def part_problem(part: torch.Tensor, bound: float) -> str | None:
@@ -245,6 +247,7 @@ class FusionAverager(DecentralizedAverager):
         self._excluded: set[str] = set()
         self._expect: frozenset[str] = frozenset()  # the ready peers this peer's round waits for (``_start_when_complete``)
         self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
+        self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
         # set before the process starts: its handlers must refuse outsiders from their first call
         self._admission = Admission.from_state(admission) if admission else Admission()
         self._refusals = RefusalLog(label)
@@ -276,23 +279,32 @@ class FusionAverager(DecentralizedAverager):
     def _expect_in(self, gather_blob: bytes) -> frozenset[str] | None:
         """The peers a member's round waits for, as it said in its join request; None if it said nothing usable."""
         expect = self._user_in(gather_blob).get("expect")
-        if not isinstance(expect, list) or not 0 < len(expect) <= MAX_GROUP or not all(isinstance(p, str) for p in expect):
+        if not isinstance(expect, list) or not 0 < len(expect) <= MAX_GROUP or not all(isinstance(p, str) and _PEER_RE.match(p) for p in expect):
             return None
         return frozenset(expect)
 
     def _group_complete(self) -> bool:
-        """Whether this leader holds everyone its group waits for (``_start_when_complete``)."""
+        """Whether this leader holds everyone its group waits for (``_start_when_complete``); worked out
+        again only when its followers change."""
         mm = self._matchmaking
-        members = {peer_str(self.peer_id)} | {peer_str(p) for p in mm.current_followers}
-        if not self._expect or len(members) < max(2, mm.min_group_size):
+        if not self._expect or not 0 < len(mm.current_followers) < MAX_GROUP:
             return False
+        followers = tuple((p, id(r)) for p, r in mm.current_followers.items())
+        if self._complete_for is not None and self._complete_for[0] == followers:
+            return self._complete_for[1]
+        members = {peer_str(self.peer_id)} | {peer_str(p) for p in mm.current_followers}
+        complete = len(members) >= max(2, mm.min_group_size)
         wanted = set(self._expect)
         for peer, request in mm.current_followers.items():
             known = self._join_expects.get(peer_str(peer))  # parsed once, when it was accepted (rpc_join_group)
-            if known is None or known[0] is not request or known[1] is None:
-                return False  # a member that did not say whom it waits for: gather for the whole time
+            if not complete or known is None or known[0] is not request or known[1] is None:
+                complete = False  # a member that did not say whom it waits for: gather for the whole time
+                break
             wanted |= known[1]
-        return wanted <= members
+        complete = complete and wanted <= members
+        if all(self._join_expects.get(peer_str(p), (None,))[0] is r for p, r in mm.current_followers.items()):
+            self._complete_for = (followers, complete)  # every follower's view is in: the answer holds until they change
+        return complete
 
     async def _start_when_complete(self, started: float) -> None:
         """Begin the all-reduce as soon as this peer leads a *complete* group, not at the end of the matchmaking time.
@@ -306,18 +318,23 @@ class FusionAverager(DecentralizedAverager):
         is still found and this group disbanded into it, as hivemind does.
         """
         mm = self._matchmaking
+        attempt, since = None, started
         while True:
             await asyncio.sleep(EARLY_START_POLL)
-            if time.monotonic() - started < EARLY_START_GRACE or not mm.current_followers:
-                continue
             if not mm.is_looking_for_group or mm.assembled_group.done() or mm.current_leader is not None:
                 continue
-            if not self._group_complete():
+            if mm.assembled_group is not attempt:  # hivemind looks again within the step: the grace counts afresh
+                attempt, since = mm.assembled_group, max(started, time.monotonic() - EARLY_START_POLL)
+            if time.monotonic() - since < EARLY_START_GRACE or not mm.current_followers or not self._group_complete():
                 continue
-            async with mm.lock_request_join_group:
-                if (mm.is_looking_for_group and not mm.assembled_group.done() and mm.current_leader is None
-                        and mm.current_followers and self._group_complete()):
-                    await mm.leader_assemble_group()
+            try:
+                async with mm.lock_request_join_group:
+                    if (mm.is_looking_for_group and not mm.assembled_group.done() and mm.current_leader is None
+                            and mm.current_followers and self._group_complete()):
+                        await mm.leader_assemble_group()
+            except Exception as e:  # noqa: BLE001 - hivemind's own path still assembles at the end of the matchmaking time
+                logger.warning(f"could not begin a complete group early ({type(e).__name__}: {str(e)[:120]})")
+                return
 
     async def _step(self, *, step, future_for_init):
         # hivemind retries a failed all-reduce within the same step, on tensors that the failed try
@@ -348,11 +365,12 @@ class FusionAverager(DecentralizedAverager):
         try:
             async for response in super().rpc_join_group(request, context):
                 if response.code == averaging_pb2.ACCEPTED:  # a follower now: whom it waits for, parsed once
-                    self._join_expects[peer] = (request, self._expect_in(request.gather))
+                    self._join_expects[peer], self._complete_for = (request, self._expect_in(request.gather)), None
                 yield response
         finally:  # only current followers' views are kept
             if self._join_expects.get(peer, (None,))[0] is request:
                 del self._join_expects[peer]
+                self._complete_for = None
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
@@ -554,7 +572,7 @@ class FusionAverager(DecentralizedAverager):
         future.result()
 
     async def _set_round(self, group_prefix: str, target: int | None, min_size: int, rules: dict, excluded: list[str],
-                         future: MPFuture, expect: tuple[str, ...] = ()):
+                         future: MPFuture, expect: list[str] | None = None):
         mm = self._matchmaking
         mm.group_key_manager.prefix = group_prefix
         # the leader's cap only: the key manager's copy must stay None, since hivemind 1.1.12 draws
@@ -564,8 +582,9 @@ class FusionAverager(DecentralizedAverager):
         mm.group_key_manager.target_group_size = None
         mm.min_group_size = min_size
         self._rules, self._excluded = dict(rules), set(excluded)
+        expect = list(expect or ())
         self._expect = frozenset(expect) if 0 < len(expect) <= MAX_GROUP else frozenset()
-        self._join_expects = {}
+        self._join_expects, self._complete_for = {}, None
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
