@@ -8,6 +8,7 @@ localhost; a live table shows their progress and a summary shows what happened.
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from coldfusion_p2p.procs import Children, cli_command, wait_for_address
 
 DEMO_DATA = Path(__file__).with_name("demo_data")
 DEMO_PEERS = (("ada", "sms_spam"), ("ben", "rotten_tomatoes"), ("cy", "trec6"))
+DEMO_MIN_GROUP = 2
 
 
 def demo_manifest(model: str, examples_per_round: int) -> str:
@@ -39,7 +41,7 @@ examples_per_round = {examples_per_round}
 outer_lr = 1.0
 weighting = "uniform"
 [round]
-min_group_size = 2
+min_group_size = {DEMO_MIN_GROUP}
 round_window = 120.0
 matchmaking_time = 3.0
 verify_timeout = 20.0
@@ -59,6 +61,7 @@ class PeerView:
     committed: list[dict] = field(default_factory=list)
     trained: list[dict] = field(default_factory=list)
     done: dict | None = None
+    hash: str | None = None  # of the newest base it holds (committed or synced to)
     _offset: int = 0
 
     def refresh(self) -> None:
@@ -85,11 +88,26 @@ class PeerView:
                     self.accuracy.append(ev["eval_accuracy"])
             elif kind == "committed":
                 self.committed.append(ev)
-                self.version = ev["version"]
+                self.version, self.hash = ev["version"], ev.get("hash")
+            elif kind == "synced":
+                self.version, self.hash = ev.get("version", self.version), ev.get("hash")
             elif kind == "waiting":
                 self.phase = "waiting"
             elif kind == "done":
-                self.done, self.phase = ev, "done"
+                self.done, self.phase, self.hash = ev, "done", ev.get("hash", self.hash)
+
+
+def stranded(peers: list[tuple[int | None, str | None]], min_group_size: int) -> list[int]:
+    """Which running peers can never finish their rounds: (exit code or None while running, hash of the
+    newest base it holds) per peer. A peer that lost a round (its delta came after the swarm had moved
+    on) needs one round more than the others; once they have finished and left, fewer than
+    ``min_group_size`` are left to run it. Such a peer is stranded once it holds the base every
+    finished peer ended on (it has synced: stopping it loses nothing)."""
+    running = [i for i, (code, _) in enumerate(peers) if code is None]
+    finals = {held for code, held in peers if code == 0}
+    if not running or len(running) >= min_group_size or len(finals) != 1 or None in finals:
+        return []
+    return [i for i in running if peers[i][1] in finals]
 
 
 def _live_table(peers: list[PeerView], started: float) -> Table:
@@ -136,19 +154,22 @@ def run_demo(workdir: Path | None, rounds: int, model: str, examples_per_round: 
                             "--threads", "1", "--events", str(events), "--name", name),
                 store / "join.log",
             ))
-        deadline = time.monotonic() + timeout
+        deadline, stopped = time.monotonic() + timeout, set()
         with Live(_live_table(peers, started), console=console, refresh_per_second=2, transient=False) as live:
             while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
                 for view in peers:
                     view.refresh()
                 live.update(_live_table(peers, started))
+                for i in set(stranded([(p.poll(), v.hash) for p, v in zip(procs, peers)], DEMO_MIN_GROUP)) - stopped:
+                    stopped.add(i)
+                    procs[i].send_signal(signal.SIGTERM)  # it shuts its own helpers down; its store keeps everything
                 time.sleep(0.5)
             for view in peers:
                 view.refresh()
             live.update(_live_table(peers, started))
         timed_out = any(p.poll() is None for p in procs)
     codes = [p.returncode for p in procs]
-    ok = _summary(console, peers, codes, work, rounds, time.monotonic() - started, timed_out)
+    ok = _summary(console, peers, codes, work, rounds, time.monotonic() - started, timed_out, stopped)
     if ok:
         _before_after(console, work / f"peer-{DEMO_PEERS[0][0]}", work)
     return ok
@@ -184,7 +205,8 @@ def _before_after(console: Console, store_dir: Path, work: Path) -> None:
     console.print(f"plot: {png}")
 
 
-def _summary(console: Console, peers: list[PeerView], codes: list[int], work: Path, rounds: int, seconds: float, timed_out: bool) -> bool:
+def _summary(console: Console, peers: list[PeerView], codes: list[int], work: Path, rounds: int, seconds: float, timed_out: bool,
+             stopped: set[int] = frozenset()) -> bool:
     breakdown = Table(title="where the time went, per round (seconds, mean over peers)")
     for col in ("version", "contributors", "finetune", "wait for group", "matchmaking", "all-reduce", "verify", "store", "hash"):
         breakdown.add_column(col)
@@ -216,9 +238,14 @@ def _summary(console: Console, peers: list[PeerView], codes: list[int], work: Pa
     console.print()
     console.print(breakdown)
     console.print(accuracy)
-    finals = {p.done["hash"] for p in peers if p.done}
-    ok = (not timed_out and all(c == 0 for c in codes) and all(len(p.committed) == rounds for p in peers)
-          and len(finals) == 1 and all(len(h) == 1 for h in hashes_by_version.values()))
+    finals = {p.done["hash"] for p in peers if p.done} | {peers[i].hash for i in stopped}
+    for i in sorted(stopped):
+        p = peers[i]
+        console.print(f"{p.name} lost a round (its delta came after the swarm had moved on), so it had {len(p.committed)} of {rounds} "
+                      f"round(s) when the others left; it holds the same v{p.version} and was stopped")
+    ok = (not timed_out and all(c == 0 or i in stopped for i, c in enumerate(codes))
+          and all(len(p.committed) == rounds or i in stopped for i, p in enumerate(peers))
+          and len(finals) == 1 and None not in finals and all(len(h) == 1 for h in hashes_by_version.values()))
     if ok:
         console.print(f"[bold green]done[/bold green] in {seconds:.0f}s: all {len(peers)} peers hold v{rounds} with one hash {next(iter(finals))[:16]}; "
                       f"stores and logs in {work}")
