@@ -302,8 +302,7 @@ class FusionAverager(DecentralizedAverager):
                 break
             wanted |= known[1]
         complete = complete and wanted <= members
-        if all(self._join_expects.get(peer_str(p), (None,))[0] is r for p, r in mm.current_followers.items()):
-            self._complete_for = (followers, complete)  # every follower's view is in: the answer holds until they change
+        self._complete_for = (followers, complete)  # holds until the followers or their views change (rpc_join_group)
         return complete
 
     async def _start_when_complete(self, started: float) -> None:
@@ -325,12 +324,11 @@ class FusionAverager(DecentralizedAverager):
                 continue
             if mm.assembled_group is not attempt:  # hivemind looks again within the step: the grace counts afresh
                 attempt, since = mm.assembled_group, max(started, time.monotonic() - EARLY_START_POLL)
-            if time.monotonic() - since < EARLY_START_GRACE or not mm.current_followers or not self._group_complete():
+            if time.monotonic() - since < EARLY_START_GRACE or not self._group_complete():
                 continue
             try:
                 async with mm.lock_request_join_group:
-                    if (mm.is_looking_for_group and not mm.assembled_group.done() and mm.current_leader is None
-                            and mm.current_followers and self._group_complete()):
+                    if mm.is_looking_for_group and not mm.assembled_group.done() and mm.current_leader is None and self._group_complete():
                         await mm.leader_assemble_group()
             except Exception as e:  # noqa: BLE001 - hivemind's own path still assembles at the end of the matchmaking time
                 logger.warning(f"could not begin a complete group early ({type(e).__name__}: {str(e)[:120]})")
