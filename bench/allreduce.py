@@ -10,6 +10,10 @@ For each group size and vector size it runs, in one process tree on this machine
 
     python bench/allreduce.py --peers 2 4 8 --values 22.7e6 110e6 --repeats 2
 
+Each size runs twice: parts over the direct lane (``swarm/lane.py``, what ``cfp2p join`` uses) and
+over hivemind's p2pd streams (``--transports`` picks); ``lanes`` is the share of member-to-reducer
+exchanges that went over a lane.
+
 Figures are printed, one row per (P, values), and written as JSON with ``--out``. On a shared
 machine every process competes for the same cores: run it alone.
 """
@@ -81,7 +85,7 @@ def gloo(size: int, values: int, repeats: int) -> float:
     return statistics.median(max(times[i] for _, times in per_rank) for i in range(repeats))
 
 
-def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_time: float) -> dict:
+def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_time: float, lane: bool = True) -> dict:
     """One fusion phase per repeat with ``size`` real averagers: medians of matchmaking, all-reduce, verify."""
     from coldfusion_p2p.strategies import Strategy
     from coldfusion_p2p.swarm import make_averager, quiet_hivemind, start_dht
@@ -97,7 +101,7 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
             dhts += [start_dht(peers, ["/ip4/127.0.0.1/tcp/0"]) for _ in range(size - 1)]
             for dht, tensors in zip(dhts, inputs):
                 averagers.append(make_averager(dht, "bench", [t.clone() for t in tensors], Path(tmp), compression,
-                                               matchmaking_time, 600.0, size))
+                                               matchmaking_time, 600.0, size, lane=lane))
             rules = {"min_weight": 1.0, "max_weight": 1.0, "part_bound": 1e9, "strategy": Strategy()}
             for rep in range(repeats):
                 for av, tensors in zip(averagers, inputs):
@@ -126,7 +130,8 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                     for t in ts:
                         h.update(t.numpy().tobytes())
                 verify = time.perf_counter() - t0
-                rows.append({"matchmaking": max(r[1] for r in results), "allreduce": max(r[2] for r in results),
+                rows.append({"lanes": sum(len(r[0].get("lanes", [])) for r in results) / max(1, size * (size - 1)),
+                             "matchmaking": max(r[1] for r in results), "allreduce": max(r[2] for r in results),
                              "verify": verify, "wall": wall + verify})
         finally:
             for av in averagers:
@@ -143,21 +148,26 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compression", choices=("none", "float16", "8bit"), default="none")
     ap.add_argument("--matchmaking-time", type=float, default=3.0, help="the manifest's round.matchmaking_time")
+    ap.add_argument("--transports", nargs="+", choices=("lane", "p2pd"), default=["lane", "p2pd"],
+                    help="lane: parts over the direct encrypted TCP lane (the default in cfp2p join); p2pd: over hivemind's streams")
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     rows = []
-    print(f"{'peers':>5} {'values':>8} {'gloo s':>8} {'cfp2p all-reduce s':>19} {'x gloo':>7} {'matchmaking s':>14} "
-          f"{'verify s':>9} {'fusion s':>9} {'x gloo':>7}", flush=True)
+    print(f"{'peers':>5} {'values':>8} {'gloo s':>8} {'transport':>9} {'lanes':>6} {'cfp2p all-reduce s':>19} {'x gloo':>7} "
+          f"{'matchmaking s':>14} {'verify s':>9} {'fusion s':>9} {'x gloo':>7}", flush=True)
     for values in (int(v) for v in args.values):
         for size in args.peers:
             g = gloo(size, values, args.repeats)
-            c = cfp2p(size, values, args.repeats, args.compression, args.matchmaking_time)
-            row = {"peers": size, "values": values, "compression": args.compression, "gloo_s": g, **{f"{k}_s": v for k, v in c.items()}}
-            rows.append(row)
-            print(f"{size:>5} {values / 1e6:>7.1f}M {g:>8.2f} {c['allreduce']:>19.2f} {c['allreduce'] / g:>7.1f} "
-                  f"{c['matchmaking']:>14.2f} {c['verify']:>9.2f} {c['wall']:>9.2f} {c['wall'] / g:>7.1f}", flush=True)
+            for transport in args.transports:
+                c = cfp2p(size, values, args.repeats, args.compression, args.matchmaking_time, lane=transport == "lane")
+                row = {"peers": size, "values": values, "compression": args.compression, "transport": transport, "gloo_s": g,
+                       **{f"{k}_s" if k != "lanes" else k: v for k, v in c.items()}}
+                rows.append(row)
+                print(f"{size:>5} {values / 1e6:>7.1f}M {g:>8.2f} {transport:>9} {c['lanes']:>6.0%} {c['allreduce']:>19.2f} "
+                      f"{c['allreduce'] / g:>7.1f} {c['matchmaking']:>14.2f} {c['verify']:>9.2f} {c['wall']:>9.2f} {c['wall'] / g:>7.1f}",
+                      flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

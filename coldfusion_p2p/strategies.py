@@ -70,8 +70,8 @@ def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tens
     parts arrived in does not matter), returned as float32."""
     acc = torch.zeros(parts[0].shape, dtype=torch.float64)
     for w, part in zip(weights, parts):
-        acc.add_(part.to(torch.float64), alpha=float(w))
-    return (acc / float(sum(weights))).float()
+        acc.add_(part, alpha=float(w))  # computed in float64 (type promotion), without a float64 copy of the part
+    return acc.div_(float(sum(weights))).float()
 
 
 def trimmed_mean(parts: list[torch.Tensor], trim: int) -> torch.Tensor:

@@ -13,17 +13,18 @@ from coldfusion_p2p.swarm import make_averager, start_dht
 
 @contextlib.contextmanager
 def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, target: int | None, rules: dict | None = None,
-                    matchmaking_time: float = 2.0):
+                    matchmaking_time: float = 2.0, lanes: list[bool] | None = None):
     """Real peers (DHT, averager process, p2pd) on loopback, one per input list (three unless more
-    inputs are given); all shut down after."""
+    inputs are given); all shut down after. ``lanes[i]`` False: peer i serves and uses no direct lane."""
     dhts, averagers = [], []
     try:
         first = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         dhts.append(first)
         peers = [str(a) for a in first.get_visible_maddrs()]
         dhts += [start_dht(peers, ["/ip4/127.0.0.1/tcp/0"]) for _ in range(len(inputs) - 1)]
-        for dht, tensors in zip(dhts, inputs):
-            av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, compression, matchmaking_time, 60.0, 2)
+        for i, (dht, tensors) in enumerate(zip(dhts, inputs)):
+            av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, compression, matchmaking_time, 60.0, 2,
+                               lane=True if lanes is None else lanes[i])
             av.set_round(group_prefix, target, 2, rules=rules)
             averagers.append(av)
         yield dhts, averagers
@@ -52,9 +53,14 @@ def test_all_reduce_is_bit_identical_on_every_member_and_reports_clean(tmp_path,
     inputs = [[torch.randn(s, generator=g) * (i + 1) for s in shapes] for i in range(3)]
     with three_averagers(tmp_path, inputs, compression, "t_r0_test_a1", 3) as (dhts, averagers):
         results, outputs = step_all(averagers, 60)
-    for r in results:
+        ids = [dht.peer_id.to_base58() for dht in dhts]
+    reducers = {me for me, r in zip(ids, results) if r["reduced_parts"] > 0}  # hivemind may leave a member no slice
+    assert len(reducers) >= 2, [r["reduced_parts"] for r in results]
+    for r, me in zip(results, ids):
         assert r["clean"] and r["failed_size"] == 0 and not r["banned"] and len(r["group"]) == 3
         assert sorted(v["i"] for v in r["gathered"].values()) == [0, 1, 2]
+        # every part to another member's reducer went over a direct lane
+        assert r["lanes"] == sorted(reducers - {me}), (me, r["lanes"], reducers)
     for k in range(len(shapes)):
         assert torch.equal(outputs[0][k], outputs[1][k]) and torch.equal(outputs[0][k], outputs[2][k])
         mean = torch.stack([inp[k] for inp in inputs]).mean(0)
@@ -199,3 +205,23 @@ def test_a_caller_hanging_up_early_cannot_cancel_the_groups_all_reduce(handler):
 
     cancelled = asyncio.run(scenario())
     assert cancelled == (handler == "hivemind")
+
+
+def test_a_member_without_a_lane_takes_part_over_p2pd_and_the_result_is_the_same(tmp_path):
+    """Peer 0 serves and uses no lane (as an older peer, or one that turned lanes off): the others
+    ask it for a grant, get none, and send their parts over p2pd; between themselves they use lanes.
+    The average is still exactly the network-free one on every member."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1024, 384), (777,)]  # enough parts for every member to reduce a slice
+    inputs = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    with three_averagers(tmp_path, inputs, "none", "t_r0_mixed", 3, lanes=[False, True, True]) as (dhts, averagers):
+        results, outputs = step_all(averagers, 60)
+        ids = [dht.peer_id.to_base58() for dht in dhts]
+    for r in results:
+        assert r["clean"] and r["failed_size"] == 0 and len(r["group"]) == 3 and r["reduced_parts"] > 0, r
+    assert results[0]["lanes"] == []
+    assert results[1]["lanes"] == [ids[2]] and results[2]["lanes"] == [ids[1]], (ids, [r["lanes"] for r in results])
+    expected = mean_delta(inputs)
+    for out in outputs:
+        for got, want in zip(out, expected):
+            assert torch.equal(got, want)

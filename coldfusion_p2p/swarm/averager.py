@@ -35,7 +35,7 @@ from hivemind.compression import (
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import achain, amap_in_executor, anext, as_aiter, azip
+from hivemind.utils.asyncio import achain, anext, as_aiter, azip
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
@@ -43,6 +43,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from coldfusion_p2p.membership import Admission
 from coldfusion_p2p.strategies import Strategy, influence, outliers
 from coldfusion_p2p.swarm.gate import RefusalLog
+from coldfusion_p2p.swarm.lane import GRANT_TIMEOUT, LaneDialer, LaneServer, exchange, listen_hosts
 from coldfusion_p2p.swarm.node import peer_str
 from coldfusion_p2p.swarm.transfer import serve_blob, split_blob_request
 
@@ -157,9 +158,12 @@ class CanonicalAllReduceRunner(AllReduceRunner):
     parts within the bound is within it). Offenders are kept in ``offenders``.
     """
 
-    def __init__(self, *args, rules: dict | None = None, **kwargs):
+    def __init__(self, *args, rules: dict | None = None, lanes: LaneDialer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.rules = rules or {}
+        self.lanes = lanes
+        self.lane_peers: set[PeerID] = set()  # reducers this member reached over a direct lane
+        self._channels: list = []
         self.offenders: dict[PeerID, str] = {}
         self.tensor_part_container.return_deltas = False  # failed parts then hold local values, not zeros
         self.tensor_part_reducer = StrategyPartReducer(self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders,
@@ -185,6 +189,14 @@ class CanonicalAllReduceRunner(AllReduceRunner):
             register_failed(peer_index)
 
         container.register_failed_reducer = noted_failed
+
+    def _get_peer_stub(self, peer: PeerID):
+        return _LaneStub(self, peer, super()._get_peer_stub(peer))
+
+    def finalize(self, *, cancel: bool = False, exception: BaseException | None = None):
+        super().finalize(cancel=cancel, exception=exception)
+        for channel in self._channels:  # a lane still open now belongs to a failed or abandoned exchange
+            channel.close()
 
     def _canonical(self, averaged_part: torch.Tensor) -> torch.Tensor:
         compression = self.tensor_part_container.compression
@@ -212,11 +224,8 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         sender = self.sender_peer_ids[sender_index]
         try:
             loop = asyncio.get_event_loop()
-            async for tensor_part, weight, part_compression in amap_in_executor(
-                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
-                stream,
-                max_prefetch=self.tensor_part_container.prefetch,
-            ):
+            async for msg in stream:  # decoded here: a thread hand-off per part cost more than decoding it (py-spy)
+                tensor_part, weight, part_compression = deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression
                 problem = part_violation(weight, tensor_part, self.rules)
                 if problem is not None:
                     self.offenders[sender] = problem
@@ -233,14 +242,39 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(sender)
 
 
+class _LaneStub:
+    """The runner's stub for one reducer: its parts go over a direct lane (``swarm/lane.py``) when the
+    reducer grants one and it can be reached, else over hivemind's p2pd stream."""
+
+    def __init__(self, runner: CanonicalAllReduceRunner, peer: PeerID, stub):
+        self.runner, self.peer, self.stub = runner, peer, stub
+
+    async def rpc_aggregate_part(self, inputs):
+        runner = self.runner
+        channel = None
+        if runner.lanes is not None:
+            async def ask(group_id: bytes) -> bytes:
+                return (await self.stub.rpc_open_lane(averaging_pb2.DownloadData(metadata=group_id))).metadata
+
+            channel = await runner.lanes.open(self.peer, runner.group_id, ask)
+        if channel is None:
+            return await self.stub.rpc_aggregate_part(inputs)
+        runner._channels.append(channel)
+        runner.lane_peers.add(self.peer)
+        return exchange(channel, inputs)
+
+
 class FusionAverager(DecentralizedAverager):
     """A DecentralizedAverager that (1) reports whether its own view of each all-reduce was clean and
     who broke the round's rules, (2) moves to a per-round matchmaking key with per-round rules,
     (3) refuses members it caught breaking them, and (4) serves the peer's store (bases,
     certificates, model files)."""
 
-    def __init__(self, *args, store_root: str, admission: dict | None = None, label: str = "", **kwargs):
+    def __init__(self, *args, store_root: str, admission: dict | None = None, label: str = "", lane: bool = True, **kwargs):
         self._store_root = str(store_root)
+        self._lane_on = lane  # serve and use direct lanes for the all-reduce's parts (``swarm/lane.py``)
+        self._lane_server: LaneServer | None = None
+        self._lane_dialer: LaneDialer | None = None
         self._runners: dict[bytes, Any] = {}
         self._step_inputs: list[torch.Tensor] | None = None
         self._rules: dict = {}
@@ -412,6 +446,45 @@ class FusionAverager(DecentralizedAverager):
         from coldfusion_p2p.swarm.reach import DIAL_BACK, DialBackServer
 
         await p2p.add_binary_stream_handler(DIAL_BACK, DialBackServer().handle)  # "can you dial me?" for joiners
+        if self._lane_on and self._lane_server is None:
+            server = LaneServer(self._serve_lane, PART_SIZE_BYTES)
+            try:
+                await server.start(listen_hosts(await p2p.get_visible_maddrs()))
+                self._lane_server = server
+            except Exception as e:  # noqa: BLE001 - without a lane, parts go over p2pd as before
+                logger.warning(f"no direct lane for the all-reduce ({type(e).__name__}: {str(e)[:120]}); parts go over p2pd")
+
+    async def rpc_open_lane(self, request: averaging_pb2.DownloadData, context: P2PContext) -> averaging_pb2.DownloadData:
+        """A lane grant (``swarm/lane.py``) for the caller, a member of this peer's group ``request.metadata``;
+        an empty answer refuses it, and the caller sends its parts over p2pd."""
+        group_id = request.metadata
+        if self._lane_server is None or not 0 < len(group_id) <= 64 or peer_str(context.remote_id) in self._excluded:
+            return averaging_pb2.DownloadData()
+        if group_id not in self._running_groups:  # the leader's answer with the group id may still be on its way here
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._pending_groups_registered.wait(), GRANT_TIMEOUT / 2)
+        future = self._running_groups.get(group_id)
+        if future is None:
+            return averaging_pb2.DownloadData()
+        try:  # the runner exists once this peer has checked the group's members (``_aggregate_with_group``)
+            runner = await asyncio.wait_for(asyncio.shield(future), GRANT_TIMEOUT / 2)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            if not future.cancelled() and not future.done():
+                return averaging_pb2.DownloadData()
+            raise
+        if context.remote_id not in runner.sender_peer_ids or not self._gate("a lane", context, presented=False):
+            return averaging_pb2.DownloadData()
+        return averaging_pb2.DownloadData(metadata=self._lane_server.grant(context.remote_id, group_id))
+
+    async def _serve_lane(self, peer: PeerID, group_id: bytes, messages) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """A lane's messages, taken as a p2pd stream from ``peer`` is: the same handler and checks."""
+        first = await asyncio.wait_for(anext(messages), PART_FIRST_READ_TIMEOUT)
+        if first.group_id != group_id:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        context = P2PContext(handle_name="cfp2p-lane", local_id=self.peer_id, remote_id=peer)
+        async for message in self.rpc_aggregate_part(achain(as_aiter(first), messages), context):
+            yield message
 
     async def rpc_download_state(self, _request: averaging_pb2.DownloadRequest, context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.DownloadData]:
@@ -423,6 +496,8 @@ class FusionAverager(DecentralizedAverager):
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         """The base class's all-reduce (hivemind 1.1.12) with the canonical runner, kept so its view can be checked."""
         group_id = group_info.group_id if group_id is None else group_id
+        if self._lane_on and self._lane_dialer is None:
+            self._lane_dialer = LaneDialer(self._p2p, PART_SIZE_BYTES)
         runner = CanonicalAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -431,6 +506,7 @@ class FusionAverager(DecentralizedAverager):
             group_id=group_id,
             ordered_peer_ids=group_info.peer_ids,
             rules=dict(self._rules),
+            lanes=self._lane_dialer,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
@@ -493,6 +569,7 @@ class FusionAverager(DecentralizedAverager):
             "failed_reducers": sorted(peer_str(p) for p in runner.failed_reducers) if runner is not None else [],
             "failure_reasons": {peer_str(p): why for p, why in runner.failure_reasons.items()} if runner is not None else {},
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
+            "lanes": sorted(peer_str(p) for p in runner.lane_peers) if runner is not None else [],
             "error": error,
         }
 
@@ -549,6 +626,9 @@ class FusionAverager(DecentralizedAverager):
         with contextlib.suppress(Exception):
             if not self.client_mode:
                 await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        if self._lane_server is not None:
+            with contextlib.suppress(Exception):
+                await self._lane_server.close()
         remaining = set()
         for group in self._running_groups.values():
             remaining.update(group.finalize(cancel=True))
@@ -659,7 +739,7 @@ async def _paced_leader_lookups(leaders, key_manager) -> None:
 def make_averager(
     dht: DHT, swarm_name: str, tensors: list[torch.Tensor], store_root: Path, compression: str,
     matchmaking_time: float, allreduce_timeout: float, min_group_size: int, chunk_timeout: float = 10.0,
-    admission: dict | None = None, label: str = "", client_mode: bool = False,
+    admission: dict | None = None, label: str = "", client_mode: bool = False, lane: bool = True,
 ) -> FusionAverager:
     """Start the averager process on the main thread (hivemind needs fork and installs signal handlers)."""
     if threading.current_thread() is not threading.main_thread():
@@ -683,6 +763,7 @@ def make_averager(
             compression=wire_compression(compression),
             part_size_bytes=PART_SIZE_BYTES,
             client_mode=client_mode,  # a peer others cannot dial: it sends its parts and reduces none
+            lane=lane,
             allow_state_sharing=False,
             shutdown_timeout=5,
         )

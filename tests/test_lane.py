@@ -1,0 +1,257 @@
+"""The direct lane (swarm/lane.py) against what an outsider or a peer on the path can send it: real
+TCP on loopback, real AES-GCM, a real server; only the averager behind it is a small echo."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+
+from coldfusion_p2p.swarm import lane
+from coldfusion_p2p.swarm.lane import MAGIC, Channel, LaneError, LaneServer, connection_host, exchange, listen_hosts, parse_grant
+
+PEER = PeerID.from_base58("QmSVH5LqDyHsXcmDHVeC2mewyMf3TeTiC42VWPorke4fQb")
+GROUP = b"group-1"
+
+
+def part(i: int, size: int = 1000) -> averaging_pb2.AveragingData:
+    return averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=GROUP, weight=float(i),
+                                       tensor_part=runtime_pb2.Tensor(buffer=bytes([i % 256]) * size, dtype="float32"))
+
+
+class Echo:
+    """The averager's side, as the server sees it: answers each part with its own bytes; records
+    what it was given and how its input stream ended."""
+
+    def __init__(self):
+        self.calls, self.seen, self.ended = [], [], []
+
+    async def __call__(self, peer, group_id, messages):
+        self.calls.append((peer, group_id))
+        try:
+            async for message in messages:
+                self.seen.append(message.weight)
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=message.tensor_part)
+            self.ended.append("clean")
+        except LaneError as e:
+            self.ended.append(str(e))
+
+
+async def served(echo=None):
+    server = LaneServer(echo or Echo(), part_size_bytes=1 << 16)
+    await server.start(["127.0.0.1"])
+    return server
+
+
+async def dial(port: int, hello: bytes) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, hello)
+    return sock
+
+
+async def closed_without_answer(sock: socket.socket) -> bool:
+    """True if the server hung up on us without sending a byte."""
+    data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 16), 5)
+    sock.close()
+    return data == b""
+
+
+def test_a_granted_sender_exchanges_parts_and_both_ends_see_an_authenticated_end():
+    async def scenario():
+        echo = Echo()
+        server = await served(echo)
+        try:
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            channel = Channel(await dial(port, MAGIC + token), key, outbound=True, frame_limit=1 << 20)
+            await channel.accepted()
+            answers = [a async for a in exchange(channel, _aiter([part(i) for i in range(1, 6)]))]
+            await asyncio.sleep(0.1)
+            return echo, answers
+        finally:
+            await server.close()
+
+    echo, answers = asyncio.run(scenario())
+    assert echo.calls == [(PEER, GROUP)]  # the peer libp2p authenticated when it asked, and its group
+    assert echo.seen == [1.0, 2.0, 3.0, 4.0, 5.0] and echo.ended == ["clean"]
+    assert [a.tensor_part.buffer for a in answers] == [bytes([i]) * 1000 for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("attack", ["no token", "wrong token", "token used twice", "expired grant", "wrong magic"])
+def test_a_connection_without_a_live_grant_is_closed_before_anything_reaches_the_averager(attack, monkeypatch):
+    monkeypatch.setattr(lane, "HELLO_TIMEOUT", 0.3)  # a silent connection is dropped after this
+    if attack == "expired grant":
+        monkeypatch.setattr(lane, "GRANT_TTL", -1.0)
+
+    async def scenario():
+        echo = Echo()
+        server = await served(echo)
+        try:
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            if attack == "token used twice":  # the first use is honest and complete
+                channel = Channel(await dial(port, MAGIC + token), key, outbound=True, frame_limit=1 << 20)
+                await channel.accepted()
+                assert len([a async for a in exchange(channel, _aiter([part(1)]))]) == 1
+            hello = {"no token": b"", "wrong token": MAGIC + bytes(16), "wrong magic": b"cfp2p-lane/0\n" + token}.get(attack, MAGIC + token)
+            return await closed_without_answer(await dial(port, hello)), echo
+        finally:
+            await server.close()
+
+    closed, echo = asyncio.run(scenario())
+    assert closed
+    assert len(echo.calls) == (1 if attack == "token used twice" else 0)
+
+
+async def sealed_frames(key: bytes, messages) -> list[bytes]:
+    """The frames a real sender's Channel puts on the wire for ``messages`` (None: the end)."""
+    here, there = socket.socketpair()
+    here.setblocking(False)
+    sender = Channel(here, key, outbound=True, frame_limit=1 << 20)
+    for message in messages:
+        await sender.send(message)
+    here.close()
+    wire = b""
+    while chunk := there.recv(1 << 20):
+        wire += chunk
+    there.close()
+    out, i = [], 0
+    while i < len(wire):
+        (n,) = struct.unpack("<I", wire[i:i + 4])
+        out.append(wire[i:i + 4 + n])
+        i += 4 + n
+    return out
+
+
+@pytest.mark.parametrize("attack", ["flipped byte", "replayed frame", "dropped frame", "cut before the end", "huge frame",
+                                    "wrong key", "not a message"])
+def test_a_tampered_lane_ends_with_an_error_and_never_passes_a_changed_part_on(attack):
+    """A peer on the path (or one that learned a token but not its key) can change, replay, drop or
+    cut frames: the server passes on only the frames before the first bad one, says the stream
+    failed (never a clean end), and goes on serving other grants."""
+
+    async def scenario():
+        echo = Echo()
+        server = await served(echo)
+        try:
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            wire = await sealed_frames(key if attack != "wrong key" else bytes(32), [part(1), part(2), part(3), None])
+            if attack == "flipped byte":
+                bad = bytearray(wire[1])
+                bad[40] ^= 1
+                wire[1] = bytes(bad)
+            elif attack == "replayed frame":
+                wire.insert(1, wire[0])
+            elif attack == "dropped frame":
+                del wire[1]
+            elif attack == "cut before the end":
+                wire = wire[:2]
+            elif attack == "huge frame":
+                wire[1] = struct.pack("<I", 1 << 30) + b"x" * 64
+            elif attack == "not a message":  # sealed with the right key and counter, but not a protobuf message
+                sealed = AESGCM(key).encrypt(lane._TO_REDUCER + struct.pack("<Q", 1), b"\xff\xff\xff", None)
+                wire[1] = struct.pack("<I", len(sealed)) + sealed
+            sock = await dial(port, MAGIC + token)
+            for frame in wire:
+                await asyncio.get_running_loop().sock_sendall(sock, frame)
+            sock.shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0.3)
+            sock.close()
+            # the server still serves an honest sender afterwards
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            channel = Channel(await dial(port, MAGIC + token), key, outbound=True, frame_limit=1 << 20)
+            await channel.accepted()
+            after = [a async for a in exchange(channel, _aiter([part(7)]))]
+            await asyncio.sleep(0.1)
+            return echo, after
+        finally:
+            await server.close()
+
+    echo, after = asyncio.run(scenario())
+    # the authentic frames before the first bad one, nothing after it
+    assert echo.seen[:-1] == {"wrong key": [], "cut before the end": [1.0, 2.0]}.get(attack, [1.0]), (attack, echo.seen)
+    assert echo.ended[0] != "clean", echo.ended
+    assert echo.seen[-1] == 7.0 and echo.ended[-1] == "clean" and len(after) == 1
+
+
+def test_the_sender_takes_a_lane_only_once_the_reducer_accepted_and_otherwise_p2pd(monkeypatch):
+    """``LaneDialer.open``: a channel only after the reducer's sealed acceptance; None (so the part
+    goes over p2pd) for a refusal, a dead port, a port whose listener never accepts, or a lying
+    grant; a peer whose lane failed is not tried again, one that only refused is."""
+
+    class Peers:  # the libp2p connection the dialer takes the reducer's address from
+        async def list_peers(self):
+            return [type("Info", (), {"peer_id": PEER, "addrs": ["/ip4/127.0.0.1/tcp/1"]})()]
+
+    async def scenario():
+        server = await served()
+        mute = socket.socket()
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(4)  # accepts connections and never answers
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        dead_port = free.getsockname()[1]
+        free.close()  # nothing listens here
+        out = {}
+        try:
+            for case, grant in [("refused", lambda: b""),
+                                ("granted", lambda: server.grant(PEER, GROUP)),
+                                ("dead port", lambda: struct.pack(">H", dead_port) + bytes(48)),
+                                ("mute listener", lambda: struct.pack(">H", mute.getsockname()[1]) + bytes(48)),
+                                ("lying grant", lambda: server.grant(PEER, GROUP)[:18] + bytes(32))]:
+                dialer = lane.LaneDialer(Peers(), 1 << 16)
+
+                async def ask(group_id, grant=grant):
+                    return grant()
+
+                channel = await dialer.open(PEER, GROUP, ask)
+                out[case] = (channel is not None, str(PEER) in dialer.broken)
+                if channel is not None:
+                    answers = [a async for a in exchange(channel, _aiter([part(3)]))]
+                    out[case] += (len(answers),)
+        finally:
+            mute.close()
+            await server.close()
+        return out
+
+    monkeypatch.setattr(lane, "CONNECT_TIMEOUT", 1.0)
+    out = asyncio.run(scenario())
+    assert out == {"refused": (False, False), "granted": (True, False, 1), "dead port": (False, True),
+                   "mute listener": (False, True), "lying grant": (False, True)}, out
+
+
+def test_grants_are_bounded_and_parsed_strictly():
+    async def scenario():
+        server = await served()
+        try:
+            for _ in range(lane.MAX_GRANTS + 50):
+                server.grant(PEER, GROUP)
+            return len(server._grants)
+        finally:
+            await server.close()
+
+    assert asyncio.run(scenario()) == lane.MAX_GRANTS
+    for junk in (b"", b"\x00" * 10, b"\x00\x00" + bytes(48), b"\x10\x00" + bytes(47), b"\x10\x00" + bytes(49)):
+        with pytest.raises(ValueError):
+            parse_grant(junk)
+    port, token, key = parse_grant(b"\x1f\x90" + bytes(range(48)))
+    assert port == 8080 and token == bytes(range(16)) and key == bytes(range(16, 48))
+
+
+def test_a_lane_goes_only_to_the_address_of_a_live_direct_connection():
+    assert connection_host(["/ip4/10.1.2.3/tcp/4001"]) == "10.1.2.3"
+    assert connection_host(["/ip4/1.2.3.4/tcp/1/p2p/QmRelay/p2p-circuit", "/ip6/::1/tcp/5"]) == "::1"
+    assert connection_host(["/dns4/example.org/tcp/1", "/ip4/999.1.1.1/tcp/1"]) is None
+    assert connection_host([]) is None
+    assert listen_hosts(["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/udp/1/quic", "/ip4/203.0.113.9/tcp/1"]) == ["127.0.0.1"]
+
+
+async def _aiter(items):
+    for item in items:
+        yield item
