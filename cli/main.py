@@ -277,6 +277,9 @@ def join(
     plain: bool = typer.Option(False, "--plain", help="log lines instead of progress bars, also on a terminal"),
     identity: Optional[Path] = typer.Option(None, "--identity", help="this peer's key file (`cfp2p id` creates one); default: a fresh key each run"),
     token: Optional[Path] = typer.Option(None, "--token", help="membership token of a private swarm, issued for --identity's key"),
+    lane_port: int = typer.Option(0, "--lane-port", min=-1, max=65535,
+                                  help="TCP port of the direct, encrypted lane that carries the all-reduce's parts (0: any free port; "
+                                       "-1: none, parts go over p2pd). Behind a router, forward it along with the p2p port"),
 ):
     """Join a swarm as a contributor: finetune on private data, fuse with peers, repeat.
 
@@ -290,7 +293,7 @@ def join(
         rounds=rounds, swarm=swarm, model=model, device=device, precision=precision, weighting=weight, host_maddrs=host_maddrs,
         announce_maddrs=announce_maddrs, threads=threads, keep_finetuned=keep_finetuned,
         events=str(events) if events else None, max_wait=max_wait, name=name, authority=authority,
-        identity=str(identity) if identity else None, token=str(token) if token else None,
+        identity=str(identity) if identity else None, token=str(token) if token else None, lane_port=lane_port,
     )
     try:
         if err.is_terminal and not plain:

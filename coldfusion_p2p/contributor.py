@@ -80,6 +80,7 @@ class JoinOptions:
     authority: str | None = None  # the peer id that must sign the manifest; default: the first initial peer's
     identity: str | None = None  # this peer's key file (created if missing); default: a fresh key each run
     token: str | None = None  # a private swarm's membership token for that key (`cfp2p bootstrap admit`)
+    lane_port: int = 0  # TCP port of the all-reduce's direct lane (swarm/lane.py): 0 any free one, -1 none (p2pd only)
 
 
 Base = Held  # (version, hash, body, contributors): the members who made it are expected in the next round
@@ -970,7 +971,7 @@ class Contributor:
                 self.store.root, self.manifest.fusion.compression, self.manifest.round.matchmaking_time,
                 self.manifest.round.allreduce_timeout, self.manifest.round.min_group_size, self.manifest.round.chunk_timeout,
                 admission=self.admission.state() if self.admission.private else None, label=f"[{opts.name}] " if opts.name else "",
-                client_mode=self.reach == "client",
+                client_mode=self.reach == "client", lane=opts.lane_port >= 0, lane_port=max(0, opts.lane_port),
             )
             if self.admission.private:
                 self._admission_changed = False

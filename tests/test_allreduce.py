@@ -225,3 +225,41 @@ def test_a_member_without_a_lane_takes_part_over_p2pd_and_the_result_is_the_same
     for out in outputs:
         for got, want in zip(out, expected):
             assert torch.equal(got, want)
+
+
+def test_a_lane_is_granted_only_to_a_member_of_a_running_group(tmp_path):
+    """``rpc_open_lane`` over real libp2p: a peer that is not in a group this averager runs (or names a
+    malformed group) gets no grant, within a bounded time; nothing is left waiting on the averager."""
+    import asyncio
+    import time
+
+    from hivemind.proto import averaging_pb2
+
+    from coldfusion_p2p.swarm.averager import FusionAverager, averager_prefix
+
+    g = torch.Generator().manual_seed(3)
+    inputs = [[torch.randn(300, generator=g)] for _ in range(2)]
+    with three_averagers(tmp_path, inputs, "none", "t_r0_grants", 2) as (dhts, averagers):
+        member = dhts[0].peer_id
+        outsider = start_dht([str(a) for a in dhts[0].get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"])
+        try:
+            async def ask(group_ids: list[bytes]):
+                p2p = await outsider.replicate_p2p()  # one for all calls: hivemind's unary calls hang on a second replica
+                try:
+                    stub = FusionAverager.get_stub(p2p, member, namespace=averager_prefix("t"))
+                    out = []
+                    for group_id in group_ids:
+                        started = time.monotonic()
+                        answer = await asyncio.wait_for(stub.rpc_open_lane(averaging_pb2.DownloadData(metadata=group_id)), 20)
+                        out.append((answer.metadata, time.monotonic() - started))
+                    return out
+                finally:
+                    await p2p.shutdown()
+
+            answers = asyncio.run(ask([b"no such group", b"", b"x" * 65]))
+            results, _ = step_all(averagers, 60)  # the averager still runs rounds afterwards
+        finally:
+            outsider.shutdown()
+    for grant, seconds in answers:
+        assert grant == b"" and seconds < 10, (grant, seconds)
+    assert all(r["clean"] for r in results)

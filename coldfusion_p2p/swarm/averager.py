@@ -195,8 +195,9 @@ class CanonicalAllReduceRunner(AllReduceRunner):
 
     def finalize(self, *, cancel: bool = False, exception: BaseException | None = None):
         super().finalize(cancel=cancel, exception=exception)
-        for channel in self._channels:  # a lane still open now belongs to a failed or abandoned exchange
-            channel.close()
+        if cancel or exception is not None:  # a lane still open now belongs to an abandoned exchange. After a
+            for channel in self._channels:  # clean finish each exchange reads its reducer's end, and closes itself
+                channel.close()
 
     def _canonical(self, averaged_part: torch.Tensor) -> torch.Tensor:
         compression = self.tensor_part_container.compression
@@ -270,9 +271,11 @@ class FusionAverager(DecentralizedAverager):
     (3) refuses members it caught breaking them, and (4) serves the peer's store (bases,
     certificates, model files)."""
 
-    def __init__(self, *args, store_root: str, admission: dict | None = None, label: str = "", lane: bool = True, **kwargs):
+    def __init__(self, *args, store_root: str, admission: dict | None = None, label: str = "", lane: bool = True, lane_port: int = 0,
+                 **kwargs):
         self._store_root = str(store_root)
         self._lane_on = lane  # serve and use direct lanes for the all-reduce's parts (``swarm/lane.py``)
+        self._lane_port = lane_port  # 0: any free port
         self._lane_server: LaneServer | None = None
         self._lane_dialer: LaneDialer | None = None
         self._runners: dict[bytes, Any] = {}
@@ -449,7 +452,7 @@ class FusionAverager(DecentralizedAverager):
         if self._lane_on and self._lane_server is None:
             server = LaneServer(self._serve_lane, PART_SIZE_BYTES)
             try:
-                await server.start(listen_hosts(await p2p.get_visible_maddrs()))
+                await server.start(listen_hosts(await p2p.get_visible_maddrs()), self._lane_port)
                 self._lane_server = server
             except Exception as e:  # noqa: BLE001 - without a lane, parts go over p2pd as before
                 logger.warning(f"no direct lane for the all-reduce ({type(e).__name__}: {str(e)[:120]}); parts go over p2pd")
@@ -739,7 +742,7 @@ async def _paced_leader_lookups(leaders, key_manager) -> None:
 def make_averager(
     dht: DHT, swarm_name: str, tensors: list[torch.Tensor], store_root: Path, compression: str,
     matchmaking_time: float, allreduce_timeout: float, min_group_size: int, chunk_timeout: float = 10.0,
-    admission: dict | None = None, label: str = "", client_mode: bool = False, lane: bool = True,
+    admission: dict | None = None, label: str = "", client_mode: bool = False, lane: bool = True, lane_port: int = 0,
 ) -> FusionAverager:
     """Start the averager process on the main thread (hivemind needs fork and installs signal handlers)."""
     if threading.current_thread() is not threading.main_thread():
@@ -764,6 +767,7 @@ def make_averager(
             part_size_bytes=PART_SIZE_BYTES,
             client_mode=client_mode,  # a peer others cannot dial: it sends its parts and reduces none
             lane=lane,
+            lane_port=lane_port,
             allow_state_sharing=False,
             shutdown_timeout=5,
         )

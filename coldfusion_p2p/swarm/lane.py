@@ -190,8 +190,9 @@ class LaneServer:
         self._tasks: set[asyncio.Task] = set()
         self.port = 0
 
-    async def start(self, hosts: list[str]) -> None:
-        """Listen on one port on each of ``hosts`` (all addresses if none)."""
+    async def start(self, hosts: list[str], port: int = 0) -> None:
+        """Listen on one port (``port``, or any free one for 0) on each of ``hosts`` (all addresses if none)."""
+        self.port = port
         for host in hosts or ["0.0.0.0"]:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
@@ -337,7 +338,10 @@ class LaneDialer:
             return None
         sock = None
         try:
-            answer = await asyncio.wait_for(ask(group_id), GRANT_TIMEOUT)
+            try:
+                answer = await asyncio.wait_for(ask(group_id), GRANT_TIMEOUT)
+            except asyncio.TimeoutError:
+                return None  # a reducer still setting up its group (or a slow one): ask again next time
             if not answer:
                 return None  # refused for this group only (e.g. not yet set up there): ask again next time
             port, token, secret = parse_grant(answer)
