@@ -150,9 +150,15 @@ def main() -> None:
     ap.add_argument("--matchmaking-time", type=float, default=3.0, help="the manifest's round.matchmaking_time")
     ap.add_argument("--transports", nargs="+", choices=("lane", "p2pd"), default=["lane", "p2pd"],
                     help="lane: parts over the direct encrypted TCP lane (the default in cfp2p join); p2pd: over hivemind's streams")
+    ap.add_argument("--seal-loopback", action="store_true",
+                    help="encrypt lanes over loopback too, as between machines (by default loopback lanes go unencrypted)")
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.seal_loopback:
+        from coldfusion_p2p.swarm import lane
+
+        lane.SEAL_LOOPBACK = True  # the averager processes fork from this one and keep it
 
     rows = []
     print(f"{'peers':>5} {'values':>8} {'gloo s':>8} {'transport':>9} {'lanes':>6} {'cfp2p all-reduce s':>19} {'x gloo':>7} "

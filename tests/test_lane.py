@@ -15,6 +15,12 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from coldfusion_p2p.swarm import lane
 from coldfusion_p2p.swarm.lane import MAGIC, Channel, LaneError, LaneServer, connection_host, exchange, listen_hosts, parse_grant
 
+@pytest.fixture(autouse=True)
+def sealed_on_loopback(monkeypatch):
+    """These tests run on loopback, where lanes go unencrypted: they test the cipher, so it is on."""
+    monkeypatch.setattr(lane, "SEAL_LOOPBACK", True)
+
+
 PEER = PeerID.from_base58("QmSVH5LqDyHsXcmDHVeC2mewyMf3TeTiC42VWPorke4fQb")
 GROUP = b"group-1"
 
@@ -224,6 +230,33 @@ def test_the_sender_takes_a_lane_only_once_the_reducer_accepted_and_otherwise_p2
     out = asyncio.run(scenario())
     assert out == {"refused": (False, False), "granted": (True, False, 1), "dead port": (False, True),
                    "mute listener": (False, True), "lying grant": (False, True)}, out
+
+
+def test_over_loopback_frames_go_unencrypted_and_the_token_still_decides_who_is_served(monkeypatch):
+    """Without the cipher (loopback only: ``sealed_for``), both ends agree on plain frames, the exchange
+    works the same, and a connection without a live token is still closed unserved."""
+    monkeypatch.setattr(lane, "SEAL_LOOPBACK", False)
+    assert not lane.sealed_for("127.0.0.1") and not lane.sealed_for("::1")
+    assert lane.sealed_for("10.0.0.2") and lane.sealed_for("192.168.1.5") and lane.sealed_for("not an address")
+
+    async def scenario():
+        echo = Echo()
+        server = await served(echo)
+        try:
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            sock = await dial(port, MAGIC + token)
+            channel = Channel(sock, key, outbound=True, frame_limit=1 << 20, sealed=False)
+            await channel.accepted()
+            answers = [a async for a in exchange(channel, _aiter([part(i) for i in (4, 5)]))]
+            refused = await closed_without_answer(await dial(port, MAGIC + token))  # used once already
+            await asyncio.sleep(0.1)
+            return echo, answers, refused
+        finally:
+            await server.close()
+
+    echo, answers, refused = asyncio.run(scenario())
+    assert echo.seen == [4.0, 5.0] and echo.ended == ["clean"] and len(echo.calls) == 1 and refused
+    assert [a.tensor_part.buffer for a in answers] == [bytes([4]) * 1000, bytes([5]) * 1000]
 
 
 def test_grants_are_bounded_and_parsed_strictly():

@@ -35,7 +35,7 @@ from hivemind.compression import (
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import achain, anext, as_aiter, azip
+from hivemind.utils.asyncio import achain, aiter_with_timeout, anext, as_aiter, attach_event_on_finished, azip
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
@@ -164,6 +164,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         self.lanes = lanes
         self.lane_peers: set[PeerID] = set()  # reducers this member reached over a direct lane
         self._channels: list = []
+        self._averages_sent: dict = {}  # (part index, compression) -> the encoded average (_serialized_average)
         self.offenders: dict[PeerID, str] = {}
         self.tensor_part_container.return_deltas = False  # failed parts then hold local values, not zeros
         self.tensor_part_reducer = StrategyPartReducer(self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders,
@@ -207,12 +208,29 @@ class CanonicalAllReduceRunner(AllReduceRunner):
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         peer_index = self.ordered_peer_ids.index(peer_id)
-        if peer_id != self.peer_id:
+        if peer_id != self.peer_id:  # hivemind 1.1.12's exchange, decoding in place (see _generate_input_for_peer)
+            container = self.tensor_part_container
             try:
-                return await super()._communicate_with_peer(peer_id)  # registers what the reducer sent: the average
-            except Exception as e:  # noqa: BLE001 - kept for the verdict's reason, then raised as hivemind does
-                self.failure_reasons[peer_id] = f"{type(e).__name__}: {str(e)[:160]}"
+                done_sending = asyncio.Event()
+                inputs = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+                stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+                if self.should_delay_results(self.peer_id):
+                    await done_sending.wait()
+                part_index = 0
+                async for msg in aiter_with_timeout(stream, self.reducer_timeout):
+                    if msg.code != averaging_pb2.AVERAGED_PART:
+                        raise AllreduceException(f"{peer_id} sent code {msg.code}")
+                    # registers what the reducer sent: the average (checked against the bound by checked_register)
+                    container.register_processed_part(peer_index, part_index, deserialize_torch_tensor(msg.tensor_part))
+                    part_index += 1
+                if part_index != container.num_parts_by_peer[peer_index]:
+                    raise AllreduceException(f"peer {peer_id} sent {part_index} parts, but we expected {container.num_parts_by_peer[peer_index]}")
+            except BaseException as e:
+                if isinstance(e, Exception):  # kept for the verdict's reason
+                    self.failure_reasons[peer_id] = f"{type(e).__name__}: {str(e)[:160]}"
+                container.register_failed_reducer(peer_index)
                 raise
+            return
         sender_index = self.sender_peer_ids.index(peer_id)
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
             # its own part goes through the wire's compression like every other member's: the reducer then
@@ -220,11 +238,35 @@ class CanonicalAllReduceRunner(AllReduceRunner):
             averaged_part = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, self._canonical(tensor_part), weight=self.weight)
             self.tensor_part_container.register_processed_part(peer_index, part_index, self._canonical(averaged_part))
 
+    async def _generate_input_for_peer(self, peer_index: int):
+        """hivemind 1.1.12's, encoding each part in place: its thread pool hand-off per 512 KiB part cost
+        more CPU than the encoding itself (py-spy, bench/allreduce.py), and on few cores the pool runs
+        nothing in parallel anyway."""
+        container = self.tensor_part_container
+        assert not container._inputs_consumed_by_peer[peer_index], "input parts of a given peer are already deallocated."
+        container._inputs_consumed_by_peer[peer_index] = True
+        for part_index, (part, info) in enumerate(container._input_parts_by_peer[peer_index]):
+            serialized = container.compression.compress(part, info)
+            if part_index == 0:
+                yield averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=self.group_id,
+                                                  tensor_part=serialized, weight=self.weight)
+            else:
+                yield averaging_pb2.AveragingData(tensor_part=serialized, weight=self.weight)
+            await asyncio.sleep(0)  # the other exchanges go on meanwhile
+
+    def _serialized_average(self, part_index: int, averaged_part: torch.Tensor, compression):
+        """The average of a part on the wire, encoded once for all the senders that asked in that compression."""
+        key = (part_index, compression)
+        if key not in self._averages_sent:
+            for old in [k for k in self._averages_sent if k[0] < part_index]:
+                del self._averages_sent[old]  # every sender is at this part or past it
+            self._averages_sent[key] = serialize_torch_tensor(averaged_part, compression)
+        return self._averages_sent[key]
+
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
         part_index = 0
         sender = self.sender_peer_ids[sender_index]
         try:
-            loop = asyncio.get_event_loop()
             async for msg in stream:  # decoded here: a thread hand-off per part cost more than decoding it (py-spy)
                 tensor_part, weight, part_compression = deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression
                 problem = part_violation(weight, tensor_part, self.rules)
@@ -236,8 +278,8 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                     part_index += 1
                 except BannedException:
                     break  # this sender was banned: its part is no longer aggregated
-                serialized = await loop.run_in_executor(None, lambda: serialize_torch_tensor(averaged_part, part_compression))
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
+                                                  tensor_part=self._serialized_average(part_index - 1, averaged_part, part_compression))
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(sender)

@@ -19,7 +19,8 @@ Trust comes from the libp2p channel, never from the lane itself:
 3. Every frame is AES-256-GCM under the grant's key, with a per-direction counter as nonce: a frame
    that was changed, replayed, reordered, or sent by anyone without the key fails to decrypt, and
    the lane ends. The stream's end is an authenticated empty frame, so a cut is never taken for an
-   end.
+   end. Over loopback only, frames go unencrypted (``sealed_for``): nothing leaves the machine, and
+   the cipher was the lane's largest cost there.
 
 So a lane's bytes come from the peer libp2p named, exactly as a p2pd stream's do, and the runner
 checks them as it checks any member's parts. Whatever fails (no grant: an older peer, or a lane
@@ -57,6 +58,7 @@ GRANT_TIMEOUT = 5.0  # seconds a sender waits for a grant before it takes the p2
 CONNECT_TIMEOUT = 3.0  # seconds a sender waits to connect before it takes the p2pd stream
 WRITE_TIMEOUT = 30.0  # seconds one frame may wait for the other end to read
 BROKEN_FOR = 600.0  # seconds a peer whose lane failed is reached over p2pd only
+SEAL_LOOPBACK = False  # encrypt lanes over loopback too (tests and ``bench/allreduce.py --seal-loopback``)
 _TO_REDUCER, _TO_SENDER = b"\x00\x00\x00\x01", b"\x00\x00\x00\x02"
 logger = get_logger(__name__)
 
@@ -77,10 +79,10 @@ class Channel:
     It reads straight into one buffer per frame (``sock_recv_into``): asyncio's stream reader copied
     every byte twice more, and was the largest cost of a lane when measured."""
 
-    def __init__(self, sock: socket.socket, key: bytes, *, outbound: bool, frame_limit: int):
+    def __init__(self, sock: socket.socket, key: bytes, *, outbound: bool, frame_limit: int, sealed: bool = True):
         self.sock = sock
         self._loop = asyncio.get_running_loop()
-        self._aead = AESGCM(key)
+        self._aead = AESGCM(key) if sealed else None  # None: loopback, where frames go as they are (``sealed_for``)
         self._send_prefix, self._recv_prefix = (_TO_REDUCER, _TO_SENDER) if outbound else (_TO_SENDER, _TO_REDUCER)
         self._sent = self._received = 0
         self._frame_limit = frame_limit
@@ -91,7 +93,7 @@ class Channel:
         await self._send_sealed(b"" if message is None else message.SerializeToString())
 
     async def _send_sealed(self, plain: bytes) -> None:
-        sealed = self._aead.encrypt(self._send_prefix + struct.pack("<Q", self._sent), plain, None)
+        sealed = self._aead.encrypt(self._send_prefix + struct.pack("<Q", self._sent), plain, None) if self._aead else plain
         self._sent += 1
         try:
             await asyncio.wait_for(self._loop.sock_sendall(self.sock, struct.pack("<I", len(sealed)) + sealed[:4096]), WRITE_TIMEOUT)
@@ -137,9 +139,12 @@ class Channel:
 
     async def _receive_plain(self) -> bytes:
         (length,) = struct.unpack("<I", await self._read_exactly(4))
-        if not 16 <= length <= self._frame_limit:
+        if not (16 if self._aead else 0) <= length <= self._frame_limit:
             raise LaneError(f"a frame of {length} bytes")
-        sealed = await self._read_exactly(length)
+        sealed = await self._read_exactly(length) if length else b""
+        if self._aead is None:
+            self._received += 1
+            return bytes(sealed)
         try:
             plain = self._aead.decrypt(self._recv_prefix + struct.pack("<Q", self._received), sealed, None)
         except InvalidTag as e:
@@ -165,6 +170,18 @@ class Grant:
 
 
 Serve = Callable[[PeerID, bytes, AsyncIterator[averaging_pb2.AveragingData]], AsyncIterator[averaging_pb2.AveragingData]]
+
+
+def sealed_for(host: str) -> bool:
+    """Whether a lane to or from ``host`` is encrypted: always, except over loopback, where the bytes
+    never leave this machine and only a process with root could read or change them (it could read
+    the averager's memory as well). The token, which only the libp2p channel carries, still decides
+    who is served. Both ends agree: the sender dials a loopback address exactly when the reducer sees
+    a loopback address dialling it."""
+    try:
+        return SEAL_LOOPBACK or not ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return True
 
 
 def _tuned(sock: socket.socket) -> socket.socket:
@@ -250,7 +267,7 @@ class LaneServer:
             grant = self._grants.pop(hello[len(MAGIC):], None) if hello.startswith(MAGIC) else None
             if grant is None or grant.expires < time.monotonic():
                 return
-            channel = Channel(sock, grant.key, outbound=False, frame_limit=self._frame_limit)
+            channel = Channel(sock, grant.key, outbound=False, frame_limit=self._frame_limit, sealed=sealed_for(_peer_host(sock)))
             await channel.accept()
             async for answer in self._serve(grant.peer, grant.group_id, channel.messages()):
                 await channel.send(answer)
@@ -268,6 +285,13 @@ class LaneServer:
         for task in list(self._tasks):
             task.cancel()
         self._grants.clear()
+
+
+def _peer_host(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except OSError:
+        return ""
 
 
 async def _read_hello(sock: socket.socket) -> bytes:
@@ -352,7 +376,7 @@ class LaneDialer:
             loop = asyncio.get_running_loop()
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
             await asyncio.wait_for(loop.sock_sendall(sock, MAGIC + token), CONNECT_TIMEOUT)
-            channel = Channel(sock, secret, outbound=True, frame_limit=self._frame_limit)
+            channel = Channel(sock, secret, outbound=True, frame_limit=self._frame_limit, sealed=sealed_for(host))
             # no part is sent before the reducer has taken the grant: until then the p2pd stream is still an option
             await asyncio.wait_for(channel.accepted(), CONNECT_TIMEOUT)
             return channel
