@@ -10,6 +10,9 @@ peer sends 2(P-1)/P of the vector through its uplink, so ``2(P-1)/P * bytes / ra
 Needs root, ``ip`` and ``tc`` (Linux). Nothing leaves this machine.
 
     python bench/slow_links.py --peers 2 4 --rates 100mbit 20mbit --compression none float16
+
+Each setting runs twice by default: parts over the direct lane (encrypted: the peers are on
+different addresses) and over hivemind's p2pd streams (``--transports``).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def worker(args) -> None:
             (work / "root.maddrs").write_text(" ".join(visible_maddrs(dht)))
         tensors = tensors_for(args.rank, args.values)
         averager = make_averager(dht, "slow", [t.clone() for t in tensors], work, args.compression, 3.0, 900.0, args.size,
-                                 chunk_timeout=120.0)
+                                 chunk_timeout=120.0, lane=args.transport == "lane")
         averager.set_round("slow_r0", args.size, args.size,
                            rules={"min_weight": 1.0, "max_weight": 1.0, "part_bound": 1e9, "strategy": Strategy()})
         (work / f"ready-{args.rank}").write_text("1")
@@ -68,6 +71,7 @@ def worker(args) -> None:
         result, matchmaking, allreduce, error = averager.run_step(1.0, {"i": args.rank}, timeout=900)
         (work / f"result-{args.rank}.json").write_text(json.dumps(
             {"matchmaking": matchmaking, "allreduce": allreduce, "clean": bool(result and result.get("clean")),
+             "lanes": len(result.get("lanes", [])) if result else 0,
              "error": error or ("" if not result or result.get("clean") else
                                 f"{result.get('error')} failed {result.get('failed_size')} banned {result.get('banned')} "
                                 f"offenders {result.get('offenders')} {result.get('failure_reasons')}")}))
@@ -84,7 +88,7 @@ def worker(args) -> None:
         dht.shutdown()
 
 
-def run(size: int, rate: str, compression: str, values: int) -> dict:
+def run(size: int, rate: str, compression: str, values: int, transport: str = "lane") -> dict:
     tag = f"cfs{os.getpid() % 10000}"
     hub = tag + "hub"
     subnet = f"10.{100 + os.getpid() % 50}.{os.getpid() % 250}"
@@ -111,7 +115,7 @@ def run(size: int, rate: str, compression: str, values: int) -> dict:
             for i in range(size):
                 cmd = ["ip", "netns", "exec", namespaces[i + 1], sys.executable, __file__, "--worker", "--rank", str(i),
                        "--size", str(size), "--host", f"{subnet}.{i + 1}", "--work", work, "--values", str(values),
-                       "--compression", compression]
+                       "--compression", compression, "--transport", transport]
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=open(Path(work) / f"log-{i}", "w"), stderr=subprocess.STDOUT))
                 if i == 0:
                     while not (Path(work) / "root.maddrs").exists():
@@ -139,7 +143,8 @@ def run(size: int, rate: str, compression: str, values: int) -> dict:
     per_value = {"none": 4, "float16": 2, "8bit": 1}[compression]
     bound = 2 * (size - 1) / size * values * per_value * 8 / _rate_bits(rate)
     took = max(r["allreduce"] for r in results)
-    return {"peers": size, "rate": rate, "compression": compression, "values": values, "allreduce_s": took,
+    return {"peers": size, "rate": rate, "compression": compression, "transport": transport,
+            "lanes": sum(r.get("lanes", 0) for r in results) / max(1, size * (size - 1)), "values": values, "allreduce_s": took,
             "bound_s": bound, "share_of_bound": bound / took, "clean": all(r["clean"] for r in results),
             "errors": [r["error"] for r in results]}
 
@@ -150,7 +155,10 @@ def main() -> None:
     ap.add_argument("--rates", nargs="+", default=["100mbit", "20mbit"])
     ap.add_argument("--compression", nargs="+", default=["none", "float16"])
     ap.add_argument("--values", type=float, default=22.7e6)
+    ap.add_argument("--transports", nargs="+", choices=("lane", "p2pd"), default=["lane", "p2pd"],
+                    help="lane: parts over the direct encrypted lane (cfp2p join's default); p2pd: over hivemind's streams")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--transport", default="lane", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
@@ -165,15 +173,17 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("bench/slow_links.py needs root (network namespaces and tc)")
     rows = []
-    print(f"{'peers':>5} {'rate':>8} {'wire':>8} {'all-reduce s':>13} {'bound s':>8} {'of bound':>9}", flush=True)
+    print(f"{'peers':>5} {'rate':>8} {'wire':>8} {'transport':>9} {'lanes':>6} {'all-reduce s':>13} {'bound s':>8} {'of bound':>9}",
+          flush=True)
     for rate in args.rates:
         for compression in args.compression:
             for size in args.peers:
-                row = run(size, rate, compression, int(args.values))
-                rows.append(row)
-                note = "" if row["clean"] else f"  (unclean: {row['errors']})"
-                print(f"{size:>5} {rate:>8} {compression:>8} {row['allreduce_s']:>13.1f} {row['bound_s']:>8.1f} "
-                      f"{100 * row['share_of_bound']:>8.0f}%{note}", flush=True)
+                for transport in args.transports:
+                    row = run(size, rate, compression, int(args.values), transport)
+                    rows.append(row)
+                    note = "" if row["clean"] else f"  (unclean: {row['errors']})"
+                    print(f"{size:>5} {rate:>8} {compression:>8} {transport:>9} {row['lanes']:>6.0%} {row['allreduce_s']:>13.1f} "
+                          f"{row['bound_s']:>8.1f} {100 * row['share_of_bound']:>8.0f}%{note}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
 

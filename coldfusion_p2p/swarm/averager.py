@@ -513,10 +513,12 @@ class FusionAverager(DecentralizedAverager):
             return averaging_pb2.DownloadData()
         try:  # the runner exists once this peer has checked the group's members (``_aggregate_with_group``)
             runner = await asyncio.wait_for(asyncio.shield(future), GRANT_TIMEOUT / 2)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
-            if not future.cancelled() and not future.done():
+        except asyncio.CancelledError:
+            if future.cancelled():  # the group was dropped here
                 return averaging_pb2.DownloadData()
-            raise
+            raise  # the caller hung up
+        except Exception:  # noqa: BLE001 - not set up in time, or failed: no lane
+            return averaging_pb2.DownloadData()
         if context.remote_id not in runner.sender_peer_ids or not self._gate("a lane", context, presented=False):
             return averaging_pb2.DownloadData()
         return averaging_pb2.DownloadData(metadata=self._lane_server.grant(context.remote_id, group_id))
