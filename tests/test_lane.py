@@ -4,6 +4,7 @@ TCP on loopback, real AES-GCM, a real server; only the averager behind it is a s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 
@@ -35,7 +36,7 @@ class Echo:
     what it was given and how its input stream ended."""
 
     def __init__(self):
-        self.calls, self.seen, self.ended = [], [], []
+        self.calls, self.seen, self.ended, self.closed = [], [], [], 0
 
     async def __call__(self, peer, group_id, messages):
         self.calls.append((peer, group_id))
@@ -46,10 +47,12 @@ class Echo:
             self.ended.append("clean")
         except LaneError as e:
             self.ended.append(str(e))
+        finally:
+            self.closed += 1  # the averager's handler runs its clean-up (and bans a sender cut off) here
 
 
-async def served(echo=None):
-    server = LaneServer(echo or Echo(), part_size_bytes=1 << 16)
+async def served(echo=None, write_timeout=None):
+    server = LaneServer(echo or Echo(), part_size_bytes=1 << 16, write_timeout=write_timeout)
     await server.start(["127.0.0.1"])
     return server
 
@@ -259,17 +262,112 @@ def test_over_loopback_frames_go_unencrypted_and_the_token_still_decides_who_is_
     assert [a.tensor_part.buffer for a in answers] == [bytes([4]) * 1000, bytes([5]) * 1000]
 
 
+def test_a_member_holds_one_lane_per_group_so_its_buffers_are_bounded():
+    """Found by the red team: 2,000 granted connections, each announcing a maximal frame, took an honest
+    reducer from 210 MB to 2.3 GB. Now a (peer, group) has one lane at a time: no new grant while it is
+    open, and a token taken before it opened is refused."""
+
+    async def scenario():
+        echo = Echo()
+        server = await served(echo)
+        try:
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            other = parse_grant(server.grant(PEER, b"group-2"))  # another group: its own lane
+            channel = Channel(await dial(port, MAGIC + token), key, outbound=True, frame_limit=1 << 20)
+            await channel.accepted()
+            await asyncio.sleep(0.1)
+            during = server.grant(PEER, GROUP)
+            second = Channel(await dial(other[0], MAGIC + other[1]), other[2], outbound=True, frame_limit=1 << 20)
+            await second.accepted()
+            answers = [a async for a in exchange(channel, _aiter([part(1)]))]
+            await asyncio.sleep(0.1)
+            after = server.grant(PEER, GROUP)  # the lane is closed: the member may ask again
+            second.close()
+            return during, after, len(answers)
+        finally:
+            await server.close()
+
+    during, after, answered = asyncio.run(scenario())
+    assert during == b"" and answered == 1 and len(after) == lane.GRANT_BYTES
+
+
+def test_a_flood_of_silent_connections_cannot_crowd_out_a_granted_sender(monkeypatch):
+    """Found by the red team: 64 idle connections (no token) made every honest sender fall back to p2pd.
+    Now the oldest silent connection from the same address is dropped for a new one, and a sender's
+    token arrives at once."""
+    monkeypatch.setattr(lane, "HELLO_TIMEOUT", 30.0)  # the flood would otherwise time out on its own
+
+    async def scenario():
+        echo = Echo()
+        server = await served(echo)
+        try:
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            flood = [await dial(port, b"") for _ in range(3 * lane.MAX_UNAUTHENTICATED_PER_HOST)]
+            await asyncio.sleep(0.2)
+            channel = Channel(await dial(port, MAGIC + token), key, outbound=True, frame_limit=1 << 20)
+            await asyncio.wait_for(channel.accepted(), 5)
+            answers = [a async for a in exchange(channel, _aiter([part(2)]))]
+            pending = len(server._pending)
+            dropped = sum([await closed_without_answer(sock) for sock in flood[:lane.MAX_UNAUTHENTICATED_PER_HOST]])
+            for sock in flood:
+                sock.close()
+            return len(answers), pending, dropped
+        finally:
+            await server.close()
+
+    answered, pending, dropped = asyncio.run(scenario())
+    assert answered == 1 and pending <= lane.MAX_UNAUTHENTICATED_PER_HOST and dropped == lane.MAX_UNAUTHENTICATED_PER_HOST
+
+
+def test_a_reducer_stops_serving_a_sender_that_stopped_reading_within_its_write_timeout():
+    """Found by the red team: a member that never read its averages held its reducer's handler for
+    30 s, longer than the other members' patience with that reducer, so they blamed an honest peer.
+    The reducer now gives up after its write timeout (the senders' timeout) and closes the handler,
+    which is where the averager bans that sender."""
+
+    async def scenario():
+        echo = Echo()
+        server = await served(echo, write_timeout=0.5)
+        try:
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            sock = await dial(port, MAGIC + token)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sender = Channel(sock, key, outbound=True, frame_limit=1 << 22)
+            await sender.accepted()
+            started = asyncio.get_running_loop().time()
+            with contextlib.suppress(LaneError):
+                for i in range(400):  # 400 parts of 64 KB, and never a read of the averages coming back
+                    await sender.send(part(i, size=1 << 16))
+                    if echo.closed:
+                        break
+            for _ in range(100):
+                if echo.closed:
+                    break
+                await asyncio.sleep(0.05)
+            took = asyncio.get_running_loop().time() - started
+            sock.close()
+            return echo.closed, took
+        finally:
+            await server.close()
+
+    closed, took = asyncio.run(scenario())
+    assert closed == 1 and took < 8, took
+
+
 def test_grants_are_bounded_and_parsed_strictly():
     async def scenario():
         server = await served()
         try:
-            for _ in range(lane.MAX_GRANTS + 50):
+            for _ in range(10):  # a member asking again replaces its unused grant for the group
                 server.grant(PEER, GROUP)
-            return len(server._grants)
+            one = len(server._grants)
+            for i in range(lane.MAX_GRANTS + 50):
+                server.grant(PEER, b"group-%d" % i)
+            return one, len(server._grants)
         finally:
             await server.close()
 
-    assert asyncio.run(scenario()) == lane.MAX_GRANTS
+    assert asyncio.run(scenario()) == (1, lane.MAX_GRANTS)
     for junk in (b"", b"\x00" * 10, b"\x00\x00" + bytes(48), b"\x10\x00" + bytes(47), b"\x10\x00" + bytes(49)):
         with pytest.raises(ValueError):
             parse_grant(junk)

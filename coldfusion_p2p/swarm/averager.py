@@ -492,7 +492,9 @@ class FusionAverager(DecentralizedAverager):
 
         await p2p.add_binary_stream_handler(DIAL_BACK, DialBackServer().handle)  # "can you dial me?" for joiners
         if self._lane_on and self._lane_server is None:
-            server = LaneServer(self._serve_lane, PART_SIZE_BYTES)
+            # a reducer gives up writing to a sender that stopped reading after the senders' own timeout: that
+            # sender's stream then ends and it is banned, before the others' patience with this reducer runs out
+            server = LaneServer(self._serve_lane, PART_SIZE_BYTES, write_timeout=self.allreduce_kwargs.get("sender_timeout"))
             try:
                 await server.start(listen_hosts(await p2p.get_visible_maddrs()), self._lane_port)
                 self._lane_server = server

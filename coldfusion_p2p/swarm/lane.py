@@ -52,13 +52,17 @@ KEY_BYTES = 32
 GRANT_BYTES = 2 + TOKEN_BYTES + KEY_BYTES  # what rpc_open_lane answers: port, token, key
 GRANT_TTL = 60.0  # seconds a grant may wait for its connection
 MAX_GRANTS = 1024  # grants held at once; the oldest go first
-HELLO_TIMEOUT = 5.0  # seconds a new connection has to present its token
-MAX_UNAUTHENTICATED = 64  # connections that have not yet presented a token
+HELLO_TIMEOUT = 2.0  # seconds a new connection has to present its token (an honest sender sends it at once)
+MAX_UNAUTHENTICATED = 64  # connections that have not yet presented a token; past it, the oldest is dropped
+MAX_UNAUTHENTICATED_PER_HOST = 8  # the same, per source address: one host's flood cannot crowd out another's sender
 GRANT_TIMEOUT = 5.0  # seconds a sender waits for a grant before it takes the p2pd stream
 CONNECT_TIMEOUT = 3.0  # seconds a sender waits to connect before it takes the p2pd stream
-WRITE_TIMEOUT = 30.0  # seconds one frame may wait for the other end to read
-BROKEN_FOR = 600.0  # seconds a peer whose lane failed is reached over p2pd only
-SEAL_LOOPBACK = False  # encrypt lanes over loopback too (tests and ``bench/allreduce.py --seal-loopback``)
+WRITE_TIMEOUT = 30.0  # seconds one frame may wait for the other end to read (a reducer uses its sender timeout)
+BROKEN_FOR = 600.0  # seconds a reducer whose lane cannot be reached (or is not served) is reached over p2pd only
+RETRY_AFTER = 60.0  # seconds before a lane is asked again after a slow grant or a connection dropped before acceptance
+# encrypt lanes over loopback too: for tests, ``bench/allreduce.py --seal-loopback``, and peers reached through a
+# plain TCP port forward on 127.0.0.1 (set CFP2P_SEAL_LOOPBACK=1)
+SEAL_LOOPBACK = os.environ.get("CFP2P_SEAL_LOOPBACK", "") not in ("", "0")
 _TO_REDUCER, _TO_SENDER = b"\x00\x00\x00\x01", b"\x00\x00\x00\x02"
 logger = get_logger(__name__)
 
@@ -79,8 +83,10 @@ class Channel:
     It reads straight into one buffer per frame (``sock_recv_into``): asyncio's stream reader copied
     every byte twice more, and was the largest cost of a lane when measured."""
 
-    def __init__(self, sock: socket.socket, key: bytes, *, outbound: bool, frame_limit: int, sealed: bool = True):
+    def __init__(self, sock: socket.socket, key: bytes, *, outbound: bool, frame_limit: int, sealed: bool = True,
+                 write_timeout: float | None = None):
         self.sock = sock
+        self._write_timeout = write_timeout or WRITE_TIMEOUT
         self._loop = asyncio.get_running_loop()
         self._aead = AESGCM(key) if sealed else None  # None: loopback, where frames go as they are (``sealed_for``)
         self._send_prefix, self._recv_prefix = (_TO_REDUCER, _TO_SENDER) if outbound else (_TO_SENDER, _TO_REDUCER)
@@ -96,9 +102,9 @@ class Channel:
         sealed = self._aead.encrypt(self._send_prefix + struct.pack("<Q", self._sent), plain, None) if self._aead else plain
         self._sent += 1
         try:
-            await asyncio.wait_for(self._loop.sock_sendall(self.sock, struct.pack("<I", len(sealed)) + sealed[:4096]), WRITE_TIMEOUT)
+            await asyncio.wait_for(self._loop.sock_sendall(self.sock, struct.pack("<I", len(sealed)) + sealed[:4096]), self._write_timeout)
             if len(sealed) > 4096:
-                await asyncio.wait_for(self._loop.sock_sendall(self.sock, memoryview(sealed)[4096:]), WRITE_TIMEOUT)
+                await asyncio.wait_for(self._loop.sock_sendall(self.sock, memoryview(sealed)[4096:]), self._write_timeout)
         except asyncio.TimeoutError as e:
             raise LaneError("the other end stopped reading") from e
         except OSError as e:
@@ -158,7 +164,7 @@ class Channel:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.sock.close()
+            retire(self.sock)
 
 
 @dataclass
@@ -184,6 +190,18 @@ def sealed_for(host: str) -> bool:
         return True
 
 
+def retire(sock: socket.socket) -> None:
+    """End a socket the event loop may still watch: shut it down now (a pending read or write wakes up
+    and fails), close it a moment later. Closing at once could let a new socket take the descriptor
+    while a cancelled operation's watcher is still registered for it, which confuses the loop's selector."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    try:
+        asyncio.get_running_loop().call_later(1.0, sock.close)
+    except RuntimeError:  # no loop: nothing watches it
+        sock.close()
+
+
 def _tuned(sock: socket.socket) -> socket.socket:
     sock.setblocking(False)
     with contextlib.suppress(OSError):
@@ -198,12 +216,14 @@ class LaneServer:
     messages and yields the answers, exactly as for a p2pd stream whose remote peer is ``peer``.
     """
 
-    def __init__(self, serve: Serve, part_size_bytes: int):
+    def __init__(self, serve: Serve, part_size_bytes: int, write_timeout: float | None = None):
         self._serve = serve
         self._grants: dict[bytes, Grant] = {}
         self._frame_limit = max_frame(part_size_bytes)
+        self._write_timeout = write_timeout  # shorter than the senders' patience with this reducer (``FusionAverager``)
         self._listeners: list[socket.socket] = []
-        self._unauthenticated = 0
+        self._pending: dict[asyncio.Task, str] = {}  # handshakes before the token, oldest first -> source host
+        self._lanes: set[tuple[str, bytes]] = set()  # (peer, group) with a lane open: a sender needs one per reducer and group
         self._tasks: set[asyncio.Task] = set()
         self.port = 0
 
@@ -227,10 +247,11 @@ class LaneServer:
             self._listeners.append(listener)
             self._spawn(self._accept_loop(listener))
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -240,15 +261,30 @@ class LaneServer:
             except OSError:  # out of descriptors, or a connection reset before it was taken
                 await asyncio.sleep(0.1)
                 continue
-            if self._unauthenticated >= MAX_UNAUTHENTICATED:
-                sock.close()
-                continue
-            self._spawn(self._handle(_tuned(sock)))
+            host = _peer_host(sock)
+            same_host = [t for t, h in self._pending.items() if h == host]
+            if len(same_host) >= MAX_UNAUTHENTICATED_PER_HOST:
+                self._drop(same_host[0])  # the oldest: an honest sender presents its token at once, a flood never does
+            elif len(self._pending) >= MAX_UNAUTHENTICATED:
+                self._drop(next(iter(self._pending)))
+            task = self._spawn(self._handle(_tuned(sock)))
+            # closed once the task is done, also if it is cancelled before it ever ran (not before: the
+            # event loop may still watch the descriptor, and a new socket could take its number)
+            task.add_done_callback(lambda _, sock=sock: retire(sock))
+            self._pending[task] = host  # counted here, before the task runs: a burst of accepts cannot overshoot
+
+    def _drop(self, task: asyncio.Task) -> None:
+        self._pending.pop(task, None)
+        task.cancel()
 
     def grant(self, peer: PeerID, group_id: bytes) -> bytes:
-        """A one-connection grant for ``peer`` (authenticated by libp2p): port, token and key, as bytes."""
+        """A one-connection grant for ``peer`` (authenticated by libp2p): port, token and key, as bytes;
+        b"" if that peer already has a lane open for this group. A new grant replaces the peer's
+        unused one for the group, so a member holds at most one grant and one lane per group here."""
         now = time.monotonic()
-        for token in [t for t, g in self._grants.items() if g.expires < now]:
+        if (str(peer), bytes(group_id)) in self._lanes:
+            return b""
+        for token in [t for t, g in self._grants.items() if g.expires < now or (g.peer == peer and g.group_id == group_id)]:
             del self._grants[token]
         while len(self._grants) >= MAX_GRANTS:
             del self._grants[next(iter(self._grants))]
@@ -257,19 +293,22 @@ class LaneServer:
         return struct.pack(">H", self.port) + token + key
 
     async def _handle(self, sock: socket.socket) -> None:
-        channel = None
+        lane, answers = None, None
         try:
-            self._unauthenticated += 1
             try:
                 hello = await asyncio.wait_for(_read_hello(sock), HELLO_TIMEOUT)
             finally:
-                self._unauthenticated -= 1
+                self._pending.pop(asyncio.current_task(), None)
             grant = self._grants.pop(hello[len(MAGIC):], None) if hello.startswith(MAGIC) else None
-            if grant is None or grant.expires < time.monotonic():
+            if grant is None or grant.expires < time.monotonic() or (str(grant.peer), grant.group_id) in self._lanes:
                 return
-            channel = Channel(sock, grant.key, outbound=False, frame_limit=self._frame_limit, sealed=sealed_for(_peer_host(sock)))
+            lane = (str(grant.peer), grant.group_id)
+            self._lanes.add(lane)
+            channel = Channel(sock, grant.key, outbound=False, frame_limit=self._frame_limit, sealed=sealed_for(_peer_host(sock)),
+                              write_timeout=self._write_timeout)
             await channel.accept()
-            async for answer in self._serve(grant.peer, grant.group_id, channel.messages()):
+            answers = self._serve(grant.peer, grant.group_id, channel.messages())
+            async for answer in answers:
                 await channel.send(answer)
             await channel.send(None)
         except asyncio.CancelledError:
@@ -277,13 +316,21 @@ class LaneServer:
         except Exception as e:  # noqa: BLE001 - whatever a remote peer sends ends its own lane only
             logger.debug(f"a lane ended: {type(e).__name__}: {str(e)[:160]}")
         finally:
-            sock.close()
+            retire(sock)
+            if lane is not None:
+                self._lanes.discard(lane)
+            if answers is not None:  # now, not when collected: the handler then bans a sender whose stream broke
+                with contextlib.suppress(Exception):
+                    await answers.aclose()
 
     async def close(self) -> None:
-        for listener in self._listeners:
-            listener.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5.0)
+        for listener in self._listeners:
+            retire(listener)
         self._grants.clear()
 
 
@@ -365,7 +412,7 @@ class LaneDialer:
             try:
                 answer = await asyncio.wait_for(ask(group_id), GRANT_TIMEOUT)
             except asyncio.TimeoutError:
-                return None  # a reducer still setting up its group (or a slow one): ask again next time
+                return self._fallback(key, RETRY_AFTER, "no grant in time")  # a slow reducer, or one still setting up
             if not answer:
                 return None  # refused for this group only (e.g. not yet set up there): ask again next time
             port, token, secret = parse_grant(answer)
@@ -378,19 +425,25 @@ class LaneDialer:
             await asyncio.wait_for(loop.sock_sendall(sock, MAGIC + token), CONNECT_TIMEOUT)
             channel = Channel(sock, secret, outbound=True, frame_limit=self._frame_limit, sealed=sealed_for(host))
             # no part is sent before the reducer has taken the grant: until then the p2pd stream is still an option
-            await asyncio.wait_for(channel.accepted(), CONNECT_TIMEOUT)
+            try:
+                await asyncio.wait_for(channel.accepted(), CONNECT_TIMEOUT)
+            except Exception as e:  # noqa: BLE001 - dropped or mute before acceptance: maybe a flood there, ask again soon
+                retire(sock)
+                return self._fallback(key, RETRY_AFTER, f"not accepted ({type(e).__name__}: {str(e)[:80]})")
             return channel
         except asyncio.CancelledError:
             if sock is not None:
-                sock.close()
+                retire(sock)
             raise
-        except Exception as e:  # noqa: BLE001 - any failure means "use the p2pd stream"
+        except Exception as e:  # noqa: BLE001 - no lane served, or its port unreachable: use the p2pd stream
             if sock is not None:
-                sock.close()
-            why = f"{type(e).__name__}: {str(e)[:120]}"
-            self.broken[key] = (time.monotonic() + BROKEN_FOR, why)
-            logger.debug(f"no lane to {key[:12]}…, its parts go over p2pd ({why})")
-            return None
+                retire(sock)
+            return self._fallback(key, BROKEN_FOR, f"{type(e).__name__}: {str(e)[:120]}")
+
+    def _fallback(self, key: str, seconds: float, why: str) -> None:
+        self.broken[key] = (time.monotonic() + seconds, why)
+        logger.debug(f"no lane to {key[:12]}…, its parts go over p2pd for {seconds:.0f} s ({why})")
+        return None
 
 
 async def exchange(channel: Channel, inputs: AsyncIterator[averaging_pb2.AveragingData]) -> AsyncIterator[averaging_pb2.AveragingData]:
