@@ -386,3 +386,16 @@ def test_a_lane_goes_only_to_the_address_of_a_live_direct_connection():
 async def _aiter(items):
     for item in items:
         yield item
+
+
+@pytest.mark.parametrize("value, sealed", [("1", True), ("0", False), ("", False)])
+def test_cfp2p_seal_loopback_turns_the_cipher_on_over_loopback(value, sealed):
+    """For peers reached through a plain TCP port forward on 127.0.0.1, where loopback is not this machine."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CFP2P_SEAL_LOOPBACK": value}
+    out = subprocess.run([sys.executable, "-c", "from coldfusion_p2p.swarm import lane; print(lane.sealed_for('127.0.0.1'))"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == str(sealed), out.stderr[-500:]
