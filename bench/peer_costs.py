@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", default="all-MiniLM-L6-v2")
     ap.add_argument("--examples-per-round", type=int, default=384)
-    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--workdir", default=None, help="keep the swarm's stores here (default: a temporary folder, removed after)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cfp2p-costs-"))
     peak: dict[str, int] = {}
@@ -83,7 +84,7 @@ def main() -> None:
     finally:
         done.set()
         sampler.join()
-    print(f"swarm in {work}: {'ok' if ok else 'FAILED'}")
+    print(f"swarm in {work if args.workdir else 'a temporary folder'}: {'ok' if ok else 'FAILED'}")
     for name, bytes_ in sorted(peak.items()):
         print(f"{name}: peak memory (PSS of the join process, its helpers and p2pd) {bytes_ / 2**30:.2f} GiB")
     rows = []
@@ -102,6 +103,8 @@ def main() -> None:
         print(f"{r['peer']} v{r['version']}: round {r['round_s']:.1f} s, training {r['train_s']:.1f} s, outside training {100 * outside:.1f}% "
               f"(gather {r['gather_s']:.1f}, matchmaking {r['matchmaking_s']:.1f}, all-reduce {r['allreduce_s']:.1f}, "
               f"verify {r['verify_s']:.1f}, store {r['store_s'] or 0:.1f})")
+    if not args.workdir:  # three peers' stores: about 1.2 GB a run
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
