@@ -319,6 +319,31 @@ def test_a_flood_of_silent_connections_cannot_crowd_out_a_granted_sender(monkeyp
     assert answered == 1 and pending <= lane.MAX_UNAUTHENTICATED_PER_HOST and dropped == lane.MAX_UNAUTHENTICATED_PER_HOST
 
 
+def test_a_flood_of_connections_holds_few_descriptors_on_the_reducer(monkeypatch):
+    """Found by the second red-team pass: dropped connections stayed open a second, so a flood at
+    1,300 connects a second filled a 1,024 open-files limit and a member's next step failed. Now a
+    dropped connection is closed as soon as its handler ends: milliseconds."""
+    import os
+
+    monkeypatch.setattr(lane, "HELLO_TIMEOUT", 30.0)
+
+    async def scenario():
+        server = await served()
+        try:
+            base = len(os.listdir("/proc/self/fd"))
+            flood = [await dial(server.port, b"") for _ in range(200)]  # held open here: 200 descriptors of ours
+            await asyncio.sleep(0.3)
+            held = len(os.listdir("/proc/self/fd")) - base - len(flood)
+            for sock in flood:
+                sock.close()
+            return held
+        finally:
+            await server.close()
+
+    held = asyncio.run(scenario())
+    assert held <= lane.MAX_UNAUTHENTICATED_PER_HOST + 4, held
+
+
 def test_a_reducer_stops_serving_a_sender_that_stopped_reading_within_its_write_timeout():
     """Found by the red team: a member that never read its averages held its reducer's handler for
     30 s, longer than the other members' patience with that reducer, so they blamed an honest peer.

@@ -55,6 +55,7 @@ MAX_GRANTS = 1024  # grants held at once; the oldest go first
 HELLO_TIMEOUT = 2.0  # seconds a new connection has to present its token (an honest sender sends it at once)
 MAX_UNAUTHENTICATED = 64  # connections that have not yet presented a token; past it, the oldest is dropped
 MAX_UNAUTHENTICATED_PER_HOST = 8  # the same, per source address: one host's flood cannot crowd out another's sender
+MAX_CONNECTIONS = 1024  # connections a reducer holds at once, every kind (each member holds one lane per group)
 GRANT_TIMEOUT = 5.0  # seconds a sender waits for a grant before it takes the p2pd stream
 CONNECT_TIMEOUT = 3.0  # seconds a sender waits to connect before it takes the p2pd stream
 WRITE_TIMEOUT = 30.0  # seconds one frame may wait for the other end to read (a reducer uses its sender timeout)
@@ -190,6 +191,18 @@ def sealed_for(host: str) -> bool:
         return True
 
 
+def _raise_open_files_limit() -> None:
+    """A listening peer's soft limit on open files up to its hard limit (at most 65,536): 1,024, a common
+    default, is within reach of a flood of connections even though each is dropped within milliseconds."""
+    with contextlib.suppress(Exception):
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def retire(sock: socket.socket) -> None:
     """End a socket the event loop may still watch: shut it down now (a pending read or write wakes up
     and fails), close it a moment later. Closing at once could let a new socket take the descriptor
@@ -230,6 +243,7 @@ class LaneServer:
     async def start(self, hosts: list[str], port: int = 0) -> None:
         """Listen on one port (``port``, or any free one for 0) on each of ``hosts`` (all addresses if none)."""
         self.port = port
+        _raise_open_files_limit()
         for host in hosts or ["0.0.0.0"]:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
@@ -261,6 +275,9 @@ class LaneServer:
             except OSError:  # out of descriptors, or a connection reset before it was taken
                 await asyncio.sleep(0.1)
                 continue
+            if len(self._tasks) >= MAX_CONNECTIONS:  # a safety net: never reached by senders and bounded floods
+                sock.close()  # the loop does not watch it yet: closed at once
+                continue
             host = _peer_host(sock)
             same_host = [t for t, h in self._pending.items() if h == host]
             if len(same_host) >= MAX_UNAUTHENTICATED_PER_HOST:
@@ -270,7 +287,7 @@ class LaneServer:
             task = self._spawn(self._handle(_tuned(sock)))
             # closed once the task is done, also if it is cancelled before it ever ran (not before: the
             # event loop may still watch the descriptor, and a new socket could take its number)
-            task.add_done_callback(lambda _, sock=sock: retire(sock))
+            task.add_done_callback(lambda _, sock=sock: sock.close())
             self._pending[task] = host  # counted here, before the task runs: a burst of accepts cannot overshoot
 
     def _drop(self, task: asyncio.Task) -> None:
@@ -316,7 +333,8 @@ class LaneServer:
         except Exception as e:  # noqa: BLE001 - whatever a remote peer sends ends its own lane only
             logger.debug(f"a lane ended: {type(e).__name__}: {str(e)[:160]}")
         finally:
-            retire(sock)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # the other end sees the end now; the task's done callback closes it
             if lane is not None:
                 self._lanes.discard(lane)
             if answers is not None:  # now, not when collected: the handler then bans a sender whose stream broke
@@ -330,7 +348,7 @@ class LaneServer:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5.0)
         for listener in self._listeners:
-            retire(listener)
+            listener.close()  # its accept loop is done
         self._grants.clear()
 
 
