@@ -13,9 +13,10 @@ from coldfusion_p2p.swarm import make_averager, start_dht
 
 @contextlib.contextmanager
 def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, target: int | None, rules: dict | None = None,
-                    matchmaking_time: float = 2.0, lanes: list[bool] | None = None):
+                    matchmaking_time: float = 2.0, lanes: list[bool] | None = None, clients: list[bool] | None = None):
     """Real peers (DHT, averager process, p2pd) on loopback, one per input list (three unless more
-    inputs are given); all shut down after. ``lanes[i]`` False: peer i serves and uses no direct lane."""
+    inputs are given); all shut down after. ``lanes[i]`` False: peer i serves and uses no direct lane;
+    ``clients[i]`` True: peer i is a client (it sends its parts and reduces none)."""
     dhts, averagers = [], []
     try:
         first = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -24,7 +25,7 @@ def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, targe
         dhts += [start_dht(peers, ["/ip4/127.0.0.1/tcp/0"]) for _ in range(len(inputs) - 1)]
         for i, (dht, tensors) in enumerate(zip(dhts, inputs)):
             av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, compression, matchmaking_time, 60.0, 2,
-                               lane=True if lanes is None else lanes[i])
+                               lane=True if lanes is None else lanes[i], client_mode=bool(clients and clients[i]))
             av.set_round(group_prefix, target, 2, rules=rules)
             averagers.append(av)
         yield dhts, averagers
@@ -266,3 +267,26 @@ def test_a_lane_is_granted_only_to_a_member_of_a_running_group(tmp_path):
     for grant, seconds in answers:
         assert grant == b"" and seconds < 10, (grant, seconds)
     assert all(r["clean"] for r in results)
+
+
+def test_a_client_member_sends_its_parts_over_lanes_before_it_reads_an_answer(tmp_path):
+    """A client (a peer behind NAT) sends all its parts before it reads any average, as hivemind has it:
+    the lane must start sending as soon as it is open. It did not at first, and the client waited for
+    its own unsent parts until the all-reduce timed out (60 s) while the reducers banned it after 10 s."""
+    import time
+
+    g = torch.Generator().manual_seed(9)
+    shapes = [(1024, 384)]
+    inputs = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    with three_averagers(tmp_path, inputs, "none", "t_r0_client", 3, clients=[False, False, True]) as (dhts, averagers):
+        started = time.monotonic()
+        results, outputs = step_all(averagers, 60)
+        took = time.monotonic() - started
+        ids = [dht.peer_id.to_base58() for dht in dhts]
+    assert took < 10, took  # the reducers' patience with a silent sender
+    for r in results:
+        assert r["clean"] and not r["banned"] and not r["failed_reducers"], r
+    assert results[2]["reduced_parts"] == 0 and results[2]["lanes"] == sorted(ids[:2])
+    for out in outputs:
+        for got, want in zip(out, mean_delta(inputs)):
+            assert torch.equal(got, want)

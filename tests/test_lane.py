@@ -379,6 +379,41 @@ def test_a_reducer_stops_serving_a_sender_that_stopped_reading_within_its_write_
     assert closed == 1 and took < 8, took
 
 
+def test_a_lane_sends_before_its_answers_are_read_and_finishes_its_inputs_when_it_breaks():
+    """A client-mode member reads no answer until all its parts are sent (hivemind's delayed results),
+    and waits on its inputs' end for that: ``exchange`` must send at once, and end the inputs (so that
+    the wait ends) also when the reducer cuts the lane."""
+    from hivemind.utils.asyncio import attach_event_on_finished
+
+    async def cuts_at_once(peer, group_id, messages):
+        raise LaneError("refused")
+        yield  # an async generator, like the averager's handler
+
+    async def many_parts(n):  # far more than the socket buffers hold: a cut lane stops the sending midway
+        for i in range(n):
+            yield part(i, size=1 << 16)
+
+    async def scenario(serve, n):
+        server = await served(serve)
+        try:
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            channel = Channel(await dial(port, MAGIC + token), key, outbound=True, frame_limit=1 << 20)
+            await channel.accepted()
+            sent = asyncio.Event()
+            answers = exchange(channel, attach_event_on_finished(many_parts(n), sent))
+            await asyncio.wait_for(sent.wait(), 5)  # before a single answer is asked for
+            got = []
+            with contextlib.suppress(LaneError):
+                async for answer in answers:
+                    got.append(answer)
+            return len(got)
+        finally:
+            await server.close()
+
+    assert asyncio.run(scenario(Echo(), 3)) == 3
+    assert asyncio.run(scenario(cuts_at_once, 2000)) == 0
+
+
 def test_grants_are_bounded_and_parsed_strictly():
     async def scenario():
         server = await served()

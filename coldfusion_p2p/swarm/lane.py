@@ -464,21 +464,30 @@ class LaneDialer:
         return None
 
 
-async def exchange(channel: Channel, inputs: AsyncIterator[averaging_pb2.AveragingData]) -> AsyncIterator[averaging_pb2.AveragingData]:
-    """Send ``inputs`` over the lane while yielding the reducer's answers (full duplex, like a p2pd stream)."""
+def exchange(channel: Channel, inputs: AsyncIterator[averaging_pb2.AveragingData]) -> AsyncIterator[averaging_pb2.AveragingData]:
+    """Send ``inputs`` over the lane while the reducer's answers are read (full duplex, like a p2pd stream).
 
-    async def pump():
-        try:
-            async for message in inputs:
-                await channel.send(message)
-            await channel.send(None)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the read side then fails, and says the lane broke
-            channel.close()
-            raise
+    The sending starts now, not when the answers are first asked for: a client-mode member waits until
+    it has sent everything before it reads a single answer (hivemind's ``should_delay_results``), as it
+    does with the p2pd stream, whose writer also starts at once."""
+    return _answers(channel, asyncio.create_task(_pump(channel, inputs)))
 
-    writing = asyncio.create_task(pump())
+
+async def _pump(channel: Channel, inputs: AsyncIterator[averaging_pb2.AveragingData]) -> None:
+    try:
+        async for message in inputs:
+            await channel.send(message)
+        await channel.send(None)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # noqa: BLE001 - the read side then fails, and says the lane broke
+        channel.close()
+    finally:  # the inputs are finished either way: whoever waits for them to be sent stops waiting
+        with contextlib.suppress(Exception):
+            await inputs.aclose()
+
+
+async def _answers(channel: Channel, writing: asyncio.Task) -> AsyncIterator[averaging_pb2.AveragingData]:
     try:
         async for answer in channel.messages():
             yield answer
