@@ -93,7 +93,6 @@ class Channel:
         self._send_prefix, self._recv_prefix = (_TO_REDUCER, _TO_SENDER) if outbound else (_TO_SENDER, _TO_REDUCER)
         self._sent = self._received = 0
         self._frame_limit = frame_limit
-        self.ended = False  # the other end sent its authenticated end of stream
 
     async def send(self, message: averaging_pb2.AveragingData | None) -> None:
         """Send one message; None sends the end of the stream."""
@@ -102,7 +101,7 @@ class Channel:
     async def _send_sealed(self, plain: bytes) -> None:
         sealed = self._aead.encrypt(self._send_prefix + struct.pack("<Q", self._sent), plain, None) if self._aead else plain
         self._sent += 1
-        try:
+        try:  # the length goes out with the frame's first bytes (no 4-byte packet of its own), the rest without a copy
             await asyncio.wait_for(self._loop.sock_sendall(self.sock, struct.pack("<I", len(sealed)) + sealed[:4096]), self._write_timeout)
             if len(sealed) > 4096:
                 await asyncio.wait_for(self._loop.sock_sendall(self.sock, memoryview(sealed)[4096:]), self._write_timeout)
@@ -137,7 +136,6 @@ class Channel:
         """The next message; None at the other end's authenticated end of stream."""
         plain = await self._receive_plain()
         if not plain:
-            self.ended = True
             return None
         try:
             return averaging_pb2.AveragingData.FromString(plain)
@@ -244,6 +242,7 @@ class LaneServer:
         """Listen on one port (``port``, or any free one for 0) on each of ``hosts`` (all addresses if none)."""
         self.port = port
         _raise_open_files_limit()
+        error = None
         for host in hosts or ["0.0.0.0"]:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
@@ -251,15 +250,16 @@ class LaneServer:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 listener.bind((host, self.port))
                 listener.listen(128)
-            except OSError:
+            except OSError as e:
                 listener.close()
-                if not self._listeners and host == (hosts or ["0.0.0.0"])[-1]:
-                    raise
+                error = e  # that port is taken on this address: the lane listens on the others
                 continue
             listener.setblocking(False)
             self.port = self.port or listener.getsockname()[1]
             self._listeners.append(listener)
             self._spawn(self._accept_loop(listener))
+        if not self._listeners:
+            raise error
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.create_task(coroutine)
