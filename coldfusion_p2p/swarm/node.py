@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import pickle
 import signal
 import sys
 import tempfile
@@ -147,7 +148,7 @@ class _SturdyPipe:
     def recv(self):
         try:
             return self._conn.recv()
-        except EOFError as e:
+        except (EOFError, pickle.UnpicklingError) as e:  # the latter: a sender killed mid-message (seen at shutdown)
             raise ConnectionError(f"a DHT request's sender exited before it was read: {e!r}") from None
 
     def __getattr__(self, name):
