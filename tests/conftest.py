@@ -108,9 +108,16 @@ class LocalSwarm:
         self.peers[name] = proc
         return proc
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int | None = 3000) -> str:
+        """A peer's log: its last ``tail`` characters (for a failure message), or all of it (``tail=None``,
+        for a check: a line a busy peer printed a few rounds ago has left the tail)."""
         path = self.root / f"{name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.is_file() else ""
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        return text if tail is None else text[-tail:]
+
+    def logged(self, name: str, text: str) -> bool:
+        """Whether ``text`` is anywhere in the peer's log."""
+        return text in self.log(name, tail=None)
 
     def events(self, name: str) -> list[dict]:
         path = self.root / name / "events.jsonl"

@@ -39,8 +39,8 @@ def test_peers_behind_nat_find_out_go_client_mode_and_complete_rounds(swarm, tmp
             infos = [s.read_info(v) for s in stores.values()]
             assert len({i.hash for i in infos}) == 1 and len(infos[0].contributors) == 4, [i.contributors for i in infos]
         for n in ("cy", "dee"):
-            assert "cannot dial this peer" in swarm.log(n) and "takes part as a client" in swarm.log(n)
+            assert "cannot dial this peer" in swarm.log(n, tail=None) and "takes part as a client" in swarm.log(n, tail=None)
         for n in ("ann", "bob"):
-            assert "cannot dial" not in swarm.log(n)
+            assert "cannot dial" not in swarm.log(n, tail=None)
         assert reach.get("cy") == reach.get("dee") == "client" and reach.get("ann") == reach.get("bob") == "direct", reach
         swarm.children.stop()
