@@ -150,6 +150,7 @@ class Contributor:
         self.dht = self.averager = self.records = None
         self._stop_heartbeat = threading.Event()
         self._phase = {"state": None}
+        self._shown: dict | None = None  # the progress record the heartbeat refreshes (see _set_phase)
         self.base: Base | None = None
         self._started = self._round_started = time.monotonic()
         self._dht_mark: dict[str, int] = {}  # DHT load counted up to the last commit (or the first round's start)
@@ -515,6 +516,10 @@ class Contributor:
         self._phase = {"state": state, "examples": examples, "version": self.base.version, "hash": self.base.hash, "since": dht_time()}
         if state in ("training", "ready"):
             self.records.set_progress(self.base.version, self.base.hash, state, examples, since=self._phase["since"])
+        # the progress record the others see: "ready" stays true while this peer averages, and the heartbeat
+        # keeps it alive then too (its one store is not waited for: if it was lost, the others would wait for
+        # this peer's "training" record to expire while it looked for them in a group)
+        self._shown = dict(self._phase) if state in ("training", "ready") else self._shown if state == "averaging" else None
         self._metrics["phase"] = self._PUBLIC_PHASE.get(state, self._metrics["phase"])
         self._publish_metrics()
         self.events.emit("phase", None, state=state, version=self.base.version)
@@ -573,8 +578,9 @@ class Contributor:
                 base, phase = self.base, dict(self._phase)
                 if base is not None:
                     self.records.announce_base(base.version, base.hash)
-                if phase.get("state") in ("training", "ready"):
-                    self.records.set_progress(phase["version"], phase["hash"], phase["state"], phase["examples"], since=phase["since"])
+                shown = self._shown
+                if shown is not None:
+                    self.records.set_progress(shown["version"], shown["hash"], shown["state"], shown["examples"], since=shown["since"])
                 if phase.get("state") != "left":
                     self._publish_metrics()
                 if time.monotonic() - last_manifest > MANIFEST_REFRESH_SECONDS:
