@@ -34,7 +34,7 @@ from hivemind.compression import (
 )
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import achain, aiter_with_timeout, anext, as_aiter, attach_event_on_finished, azip
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
@@ -43,7 +43,9 @@ from hivemind.utils.timed_storage import get_dht_time
 from coldfusion_p2p.membership import Admission
 from coldfusion_p2p.strategies import Strategy, influence, outliers
 from coldfusion_p2p.swarm.gate import RefusalLog
-from coldfusion_p2p.swarm.lane import GRANT_TIMEOUT, LaneDialer, LaneServer, exchange, listen_hosts
+from coldfusion_p2p.swarm.lane import (
+    GRANT_TIMEOUT, LaneDialer, LanePart, LaneServer, as_message, exchange, listen_hosts, part_tensor, raw_part,
+)
 from coldfusion_p2p.swarm.node import peer_str
 from coldfusion_p2p.swarm.transfer import serve_blob, split_blob_request
 
@@ -221,7 +223,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                     if msg.code != averaging_pb2.AVERAGED_PART:
                         raise AllreduceException(f"{peer_id} sent code {msg.code}")
                     # registers what the reducer sent: the average (checked against the bound by checked_register)
-                    container.register_processed_part(peer_index, part_index, deserialize_torch_tensor(msg.tensor_part))
+                    container.register_processed_part(peer_index, part_index, part_tensor(msg))
                     part_index += 1
                 if part_index != container.num_parts_by_peer[peer_index]:
                     raise AllreduceException(f"peer {peer_id} sent {part_index} parts, but we expected {container.num_parts_by_peer[peer_index]}")
@@ -245,22 +247,28 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         container = self.tensor_part_container
         assert not container._inputs_consumed_by_peer[peer_index], "input parts of a given peer are already deallocated."
         container._inputs_consumed_by_peer[peer_index] = True
+        raw = isinstance(container.compression, NoCompression)  # sent from the tensor's memory on a lane (LanePart)
         for part_index, (part, info) in enumerate(container._input_parts_by_peer[peer_index]):
-            serialized = container.compression.compress(part, info)
-            if part_index == 0:
-                yield averaging_pb2.AveragingData(code=averaging_pb2.PART_FOR_AVERAGING, group_id=self.group_id,
-                                                  tensor_part=serialized, weight=self.weight)
+            first = {"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": self.group_id} if part_index == 0 else {}
+            if raw and part.dtype == torch.float32:
+                yield raw_part(part, weight=self.weight, **first)
             else:
-                yield averaging_pb2.AveragingData(tensor_part=serialized, weight=self.weight)
+                yield averaging_pb2.AveragingData(tensor_part=container.compression.compress(part, info), weight=self.weight, **first)
             await asyncio.sleep(0)  # the other exchanges go on meanwhile
 
-    def _serialized_average(self, part_index: int, averaged_part: torch.Tensor, compression):
-        """The average of a part on the wire, encoded once for all the senders that asked in that compression."""
+    def _average_answer(self, part_index: int, averaged_part: torch.Tensor, compression):
+        """The answer with the average of a part, made once for all the senders that asked in that compression
+        (uncompressed: a ``LanePart``, sent raw on lanes and encoded once for p2pd streams)."""
         key = (part_index, compression)
         if key not in self._averages_sent:
             for old in [k for k in self._averages_sent if k[0] < part_index]:
                 del self._averages_sent[old]  # every sender is at this part or past it
-            self._averages_sent[key] = serialize_torch_tensor(averaged_part, compression)
+            if compression == runtime_pb2.CompressionType.NONE and averaged_part.dtype == torch.float32:
+                answer = raw_part(averaged_part, code=averaging_pb2.AVERAGED_PART)
+            else:
+                answer = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
+                                                     tensor_part=serialize_torch_tensor(averaged_part, compression))
+            self._averages_sent[key] = answer
         return self._averages_sent[key]
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
@@ -268,7 +276,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         sender = self.sender_peer_ids[sender_index]
         try:
             async for msg in stream:  # decoded here: a thread hand-off per part cost more than decoding it (py-spy)
-                tensor_part, weight, part_compression = deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression
+                tensor_part, weight, part_compression = part_tensor(msg), msg.weight, msg.tensor_part.compression
                 problem = part_violation(weight, tensor_part, self.rules)
                 if problem is not None:
                     self.offenders[sender] = problem
@@ -278,8 +286,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                     part_index += 1
                 except BannedException:
                     break  # this sender was banned: its part is no longer aggregated
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
-                                                  tensor_part=self._serialized_average(part_index - 1, averaged_part, part_compression))
+                yield self._average_answer(part_index - 1, averaged_part, part_compression)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(sender)
@@ -301,10 +308,20 @@ class _LaneStub:
 
             channel = await runner.lanes.open(self.peer, runner.group_id, ask)
         if channel is None:
-            return await self.stub.rpc_aggregate_part(inputs)
+            return await self.stub.rpc_aggregate_part(_as_messages(inputs))
         runner._channels.append(channel)
         runner.lane_peers.add(self.peer)
         return exchange(channel, inputs)
+
+
+async def _as_messages(messages):
+    """Messages as a p2pd stream carries them (a ``LanePart`` encoded)."""
+    try:
+        async for message in messages:
+            yield as_message(message)
+    finally:  # ended with the stream, also when the stream stops early: whoever waits for the inputs stops waiting
+        with contextlib.suppress(Exception):
+            await messages.aclose()
 
 
 class FusionAverager(DecentralizedAverager):
@@ -451,6 +468,12 @@ class FusionAverager(DecentralizedAverager):
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """A groupmate's parts over a p2pd stream (``_aggregate_parts``), answered in protobuf."""
+        async for message in self._aggregate_parts(stream, context):
+            yield as_message(message)
+
+    async def _aggregate_parts(self, stream: AsyncIterator[averaging_pb2.AveragingData | LanePart], context: P2PContext
+                               ) -> AsyncIterator[averaging_pb2.AveragingData | LanePart]:
         """A groupmate's part, as hivemind 1.1.12 takes it, with every wait bounded and the group's
         future shielded: hivemind awaits that future bare, so a caller that hangs up while the group
         is being set up cancelled it, and this peer's own all-reduce then failed on ``set_result``."""
@@ -458,7 +481,7 @@ class FusionAverager(DecentralizedAverager):
             request = await asyncio.wait_for(anext(stream), PART_FIRST_READ_TIMEOUT)
         except (asyncio.TimeoutError, StopAsyncIteration):
             return
-        if not isinstance(request, averaging_pb2.AveragingData):
+        if not isinstance(request, (averaging_pb2.AveragingData, LanePart)):
             return
         if request.group_id not in self._running_groups:
             # the leader accepted us and began at once, and its answer with the group id is late
@@ -532,8 +555,8 @@ class FusionAverager(DecentralizedAverager):
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
         context = P2PContext(handle_name="cfp2p-lane", local_id=self.peer_id, remote_id=peer)
-        async for message in self.rpc_aggregate_part(achain(as_aiter(first), messages), context):
-            yield message
+        async for message in self._aggregate_parts(achain(as_aiter(first), messages), context):
+            yield message  # a LanePart's tensor goes out raw
 
     async def rpc_download_state(self, _request: averaging_pb2.DownloadRequest, context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.DownloadData]:

@@ -22,6 +22,12 @@ Trust comes from the libp2p channel, never from the lane itself:
    end. Over loopback only, frames go unencrypted (``sealed_for``): nothing leaves the machine, and
    the cipher was the lane's largest cost there.
 
+A frame holds one message: its ``AveragingData`` fields, and then, for an uncompressed float32
+part, the tensor's bytes as they lie in memory (``LanePart``). They are sent from the tensor and read
+into the buffer the received tensor is made of: encoding a part into protobuf and back cost about
+two fifths of a peer's CPU work in the all-reduce (``bench/allreduce_floor.py``). Anything else (a
+compressed part, an answer with a code) travels as its whole protobuf message.
+
 So a lane's bytes come from the peer libp2p named, exactly as a p2pd stream's do, and the runner
 checks them as it checks any member's parts. Whatever fails (no grant: an older peer, or a lane
 turned off; no route: a firewall, a NAT), the part goes over the p2pd stream as before; a peer
@@ -40,13 +46,15 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
+import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.logging import get_logger
 
-MAGIC = b"cfp2p-lane/1\n"
+MAGIC = b"cfp2p-lane/2\n"  # 2: raw tensor bytes after each message's fields (a /1 peer's lane is refused: p2pd then)
 TOKEN_BYTES = 16
 KEY_BYTES = 32
 GRANT_BYTES = 2 + TOKEN_BYTES + KEY_BYTES  # what rpc_open_lane answers: port, token, key
@@ -78,11 +86,70 @@ def max_frame(part_size_bytes: int) -> int:
     return 2 * part_size_bytes + (1 << 16)
 
 
-class Channel:
-    """One lane connection: length-prefixed AES-256-GCM frames, each one protobuf message.
+class LanePart:
+    """A part message whose tensor travels raw on a lane: ``meta`` is the ``AveragingData`` without the
+    tensor's bytes, ``tensor`` the float32 values. Reads of other fields go to ``meta``; ``message()``
+    is the whole protobuf message, for a p2pd stream (built once, so an average encoded for several
+    senders is encoded once)."""
 
-    It reads straight into one buffer per frame (``sock_recv_into``): asyncio's stream reader copied
-    every byte twice more, and was the largest cost of a lane when measured."""
+    __slots__ = ("meta", "tensor", "_message")
+
+    def __init__(self, meta: averaging_pb2.AveragingData, tensor: torch.Tensor):
+        self.meta, self.tensor, self._message = meta, tensor, None
+
+    def __getattr__(self, name):
+        return getattr(self.meta, name)
+
+    def message(self) -> averaging_pb2.AveragingData:
+        if self._message is None:
+            message = averaging_pb2.AveragingData()
+            message.CopyFrom(self.meta)
+            message.tensor_part.buffer = self.tensor.numpy().tobytes()
+            self._message = message
+        return self._message
+
+
+def raw_part(tensor: torch.Tensor, **fields) -> LanePart:
+    """``AveragingData(tensor_part=serialize_torch_tensor(tensor, NONE), **fields)`` without encoding the
+    tensor: its bytes are sent from its memory on a lane, and encoded only for a p2pd stream."""
+    meta = runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.NONE, size=tensor.shape, dtype="float32",
+                              requires_grad=tensor.requires_grad)
+    return LanePart(averaging_pb2.AveragingData(tensor_part=meta, **fields), tensor.detach().contiguous())
+
+
+def as_message(message):
+    """The protobuf message a p2pd stream carries."""
+    return message.message() if isinstance(message, LanePart) else message
+
+
+def part_tensor(message) -> torch.Tensor:
+    """The tensor a part message carries: ``deserialize_torch_tensor(message.tensor_part)``."""
+    return message.tensor if isinstance(message, LanePart) else deserialize_torch_tensor(message.tensor_part)
+
+
+def _raw_tensor(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tensor | None:
+    """The tensor of a frame's raw bytes, made exactly as ``deserialize_torch_tensor`` makes an uncompressed
+    float32 part from the same bytes in ``tensor_part.buffer``; None for anything else."""
+    t = meta.tensor_part
+    if not meta.HasField("tensor_part") or t.compression != runtime_pb2.CompressionType.NONE or t.dtype != "float32" or t.buffer:
+        return None
+    if len(t.size) > 8 or any(d < 0 for d in t.size) or len(raw) % 4:
+        return None
+    count = 1
+    for d in t.size:
+        count *= d
+    if count * 4 != len(raw):
+        return None
+    return torch.frombuffer(raw, dtype=torch.float32).reshape(tuple(t.size)).requires_grad_(t.requires_grad)
+
+
+class Channel:
+    """One lane connection: length-prefixed AES-256-GCM frames, each one message (``LanePart`` or protobuf).
+
+    A frame's plain bytes: the length of the message's fields (4 bytes), the fields (protobuf), and the
+    raw tensor bytes of a ``LanePart``. Unsealed, those are sent straight from the tensor's memory and
+    read straight into the buffer the received tensor is made of (``sock_recv_into``: asyncio's stream
+    reader copied every byte twice more, and was the largest cost of a lane when measured)."""
 
     def __init__(self, sock: socket.socket, key: bytes, *, outbound: bool, frame_limit: int, sealed: bool = True,
                  write_timeout: float | None = None):
@@ -94,17 +161,31 @@ class Channel:
         self._sent = self._received = 0
         self._frame_limit = frame_limit
 
-    async def send(self, message: averaging_pb2.AveragingData | None) -> None:
+    async def send(self, message: averaging_pb2.AveragingData | LanePart | None) -> None:
         """Send one message; None sends the end of the stream."""
-        await self._send_sealed(b"" if message is None else message.SerializeToString())
+        if message is None:
+            return await self._send_sealed(b"")
+        if isinstance(message, LanePart):
+            fields, raw = message.meta.SerializeToString(), memoryview(message.tensor.numpy()).cast("B")
+        else:
+            fields, raw = message.SerializeToString(), b""
+        head = struct.pack("<I", len(fields)) + fields
+        if self._aead is not None:
+            return await self._send_sealed(b"".join((head, raw)))
+        self._sent += 1  # unsealed: the tensor's bytes go from its memory, without a copy
+        await self._write(struct.pack("<I", len(head) + len(raw)) + head, raw)
 
     async def _send_sealed(self, plain: bytes) -> None:
         sealed = self._aead.encrypt(self._send_prefix + struct.pack("<Q", self._sent), plain, None) if self._aead else plain
         self._sent += 1
-        try:  # the length goes out with the frame's first bytes (no 4-byte packet of its own), the rest without a copy
-            await asyncio.wait_for(self._loop.sock_sendall(self.sock, struct.pack("<I", len(sealed)) + sealed[:4096]), self._write_timeout)
-            if len(sealed) > 4096:
-                await asyncio.wait_for(self._loop.sock_sendall(self.sock, memoryview(sealed)[4096:]), self._write_timeout)
+        # the length goes out with the frame's first bytes (no 4-byte packet of its own), the rest without a copy
+        await self._write(struct.pack("<I", len(sealed)) + sealed[:4096], memoryview(sealed)[4096:])
+
+    async def _write(self, first: bytes, rest) -> None:
+        try:
+            await asyncio.wait_for(self._loop.sock_sendall(self.sock, first), self._write_timeout)
+            if len(rest):
+                await asyncio.wait_for(self._loop.sock_sendall(self.sock, rest), self._write_timeout)
         except asyncio.TimeoutError as e:
             raise LaneError("the other end stopped reading") from e
         except OSError as e:
@@ -132,17 +213,60 @@ class Channel:
         if await self._receive_plain() != MAGIC:
             raise LaneError("the reducer did not take the grant")
 
-    async def receive(self) -> averaging_pb2.AveragingData | None:
+    async def receive(self) -> averaging_pb2.AveragingData | LanePart | None:
         """The next message; None at the other end's authenticated end of stream."""
-        plain = await self._receive_plain()
-        if not plain:
+        frame = await self._receive_frame()
+        if frame is None:
             return None
+        fields, raw = frame
         try:
-            return averaging_pb2.AveragingData.FromString(plain)
+            meta = averaging_pb2.AveragingData.FromString(fields)
         except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and others
             raise LaneError("a frame is not a part message") from e
+        if not raw:
+            return meta
+        tensor = _raw_tensor(meta, raw)
+        if tensor is not None:
+            return LanePart(meta, tensor)
+        meta.tensor_part.buffer = bytes(raw)  # not a float32 part's bytes: decoded (and judged) as a p2pd stream's would be
+        return meta
+
+    async def _receive_frame(self) -> tuple[bytes, bytearray] | None:
+        """(the message's fields, the raw bytes after them) of the next frame; None at the end of stream."""
+        (length,) = struct.unpack("<I", await self._read_exactly(4))
+        if not (16 if self._aead else 0) <= length <= self._frame_limit:
+            raise LaneError(f"a frame of {length} bytes")
+        if self._aead is None:
+            self._received += 1
+            if length == 0:
+                return None
+            if length < 4:
+                raise LaneError("a frame is not a part message")
+            (size,) = struct.unpack("<I", await self._read_exactly(4))
+            if size > length - 4:
+                raise LaneError("a frame is not a part message")
+            fields = await self._read_exactly(size)
+            return bytes(fields), (await self._read_exactly(length - 4 - size) if length - 4 - size else bytearray())
+        plain = self._open(await self._read_exactly(length))
+        if not plain:
+            return None
+        if len(plain) < 4:
+            raise LaneError("a frame is not a part message")
+        (size,) = struct.unpack("<I", plain[:4])
+        if size > len(plain) - 4:
+            raise LaneError("a frame is not a part message")
+        return plain[4:4 + size], bytearray(memoryview(plain)[4 + size:])  # a copy the tensor can own (writable, aligned)
+
+    def _open(self, sealed: bytearray) -> bytes:
+        try:
+            plain = self._aead.decrypt(self._recv_prefix + struct.pack("<Q", self._received), sealed, None)
+        except InvalidTag as e:
+            raise LaneError("a frame failed authentication (changed, replayed, or not from the granted peer)") from e
+        self._received += 1
+        return plain
 
     async def _receive_plain(self) -> bytes:
+        """A frame that is not a message (the reducer's acceptance)."""
         (length,) = struct.unpack("<I", await self._read_exactly(4))
         if not (16 if self._aead else 0) <= length <= self._frame_limit:
             raise LaneError(f"a frame of {length} bytes")
@@ -150,12 +274,7 @@ class Channel:
         if self._aead is None:
             self._received += 1
             return bytes(sealed)
-        try:
-            plain = self._aead.decrypt(self._recv_prefix + struct.pack("<Q", self._received), sealed, None)
-        except InvalidTag as e:
-            raise LaneError("a frame failed authentication (changed, replayed, or not from the granted peer)") from e
-        self._received += 1
-        return plain
+        return self._open(sealed)
 
     async def messages(self) -> AsyncIterator[averaging_pb2.AveragingData]:
         while (message := await self.receive()) is not None:
