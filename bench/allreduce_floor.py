@@ -11,9 +11,9 @@ per-part work one peer's processes do for that with the project's own functions 
   back: the fields, the tensor made on the buffer its bytes were read into, its bound check
   (``part_problem``), and its copy into the model's tensor;
 - as a reducer, per part of its own slice: each remote sender's frame, message and tensor, the
-  round's rules (``part_violation``); its own part through the wire's encoding (``_canonical``); the
-  strategy's exact float64 reduction and each member's distance from it (``influence``, the outlier
-  report); the average's message for each remote sender; its own copy.
+  round's rules (``part_violation``); the strategy's exact float64 reduction and, in groups of three
+  or more, each member's distance from it (``influence``, the outlier report); the average's message
+  for each remote sender.
 
 ``--protobuf`` encodes every message whole (``serialize_torch_tensor``, the ``AveragingData`` bytes and
 back), as a p2pd stream carries it, and as lanes did before their frames carried raw tensors.
@@ -102,10 +102,10 @@ def peer_work(peers: int, values: int, strategy_name: str = "mean", protobuf: bo
             buffers = received(frame(other[i], weight=1.0))  # the sender's encoding is the sender's work
             parts_in.append(timed("decode", unframe, buffers))
             timed("check", part_violation, 1.0, parts_in[-1], rules)
-        own = timed("copy", part.clone)  # _canonical: its own part as the wire carries it (none: a copy)
-        members = [own] + parts_in
+        members = [part] + parts_in  # its own part as the wire would carry it: uncompressed, itself
         result = timed("reduce", strategy.reduce, members, [1.0] * len(members))
-        timed("influence", influence, members, result)
+        if len(members) >= 3:  # distances from the result, for the outlier report (it needs three members)
+            timed("influence", influence, members, result)
         if protobuf:  # encoded once, a message for each sender
             encoded = timed("encode", serialize_torch_tensor, result, none)
             for _ in others:
@@ -114,7 +114,6 @@ def peer_work(peers: int, values: int, strategy_name: str = "mean", protobuf: bo
             answer = timed("encode", lane.raw_part, result, code=averaging_pb2.AVERAGED_PART)
             for _ in others:
                 timed("encode", lambda: (answer.meta.SerializeToString(), memoryview(answer.tensor.numpy()).cast("B")))
-        timed("copy", result.clone)  # its own copy of the average
     spent["total"] = sum(spent.values())
     return spent
 

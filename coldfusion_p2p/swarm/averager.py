@@ -102,10 +102,17 @@ class StrategyPartReducer(TensorPartReducer):
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self):
+        """hivemind 1.1.12's, without its float32 accumulator: the parts are kept instead, and zeroing a
+        fresh half megabyte for every part cost page faults for nothing (py-spy, bench/allreduce.py)."""
         self.parts = {}
-        super().reset_accumulators()
-        if getattr(self, "accumulator", None) is not None:
-            self.accumulator = None  # not used: the parts are kept instead
+        if self.current_part_index >= self.num_parts - 1:
+            self.finalize()
+            return
+        self.current_part_index += 1
+        self.current_part_accumulated_from = 0
+        self.current_part_future = asyncio.Future()
+        self.num_current_senders = sum(self.current_part_index < failed for failed in self.sender_failed_after)
+        self.accumulator, self.denominator = None, 0.0
 
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         assert 0 <= sender_index < self.num_senders, "invalid sender index"
@@ -132,8 +139,9 @@ class StrategyPartReducer(TensorPartReducer):
             order = sorted(self.parts)
             parts, weights = [self.parts[i][0] for i in order], [self.parts[i][1] for i in order]
             result = self.strategy.reduce(parts, weights) if parts else torch.zeros(self.part_shapes[self.current_part_index])
-            for i, d in zip(order, influence(parts, result)):
-                self.distances[i] += d
+            if len(parts) >= 3:  # ``outliers`` names no one in a smaller group: the distances are not needed
+                for i, d in zip(order, influence(parts, result)):
+                    self.distances[i] += d
             self.current_part_future.set_result(result)
             self.reset_accumulators()
 
@@ -205,7 +213,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
     def _canonical(self, averaged_part: torch.Tensor) -> torch.Tensor:
         compression = self.tensor_part_container.compression
         if isinstance(compression, NoCompression):
-            return averaged_part.clone()
+            return averaged_part  # the wire changes nothing, and no one writes into parts or averages: no copy
         return deserialize_torch_tensor(serialize_torch_tensor(averaged_part, compression.compression_type))
 
     async def _communicate_with_peer(self, peer_id: PeerID):
