@@ -499,7 +499,7 @@ def test_a_float32_part_crosses_a_lane_raw_and_arrives_as_the_same_tensor(sealed
         assert received.shape == t.shape and received.dtype == torch.float32
         assert received.numpy().tobytes() == t.numpy().tobytes()  # bit for bit, NaN and -0.0 included
         if t.numel():
-            assert isinstance(m, LanePart)  # no protobuf buffer in between
+            assert isinstance(m, LanePart) and received.data_ptr() % 16 == 0  # no protobuf buffer in between; aligned
             received += 0  # writable: the runner may keep and reduce it
     t = values[1]
     hivemind = averaging_pb2.AveragingData(tensor_part=serialize_torch_tensor(t, runtime_pb2.CompressionType.NONE), weight=2.0)
