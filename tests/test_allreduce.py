@@ -13,16 +13,20 @@ from coldfusion_p2p.swarm import make_averager, start_dht
 
 @contextlib.contextmanager
 def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, target: int | None, rules: dict | None = None,
-                    matchmaking_time: float = 2.0, lanes: list[bool] | None = None, clients: list[bool] | None = None):
+                    matchmaking_time: float = 2.0, lanes: list[bool] | None = None, clients: list[bool] | None = None,
+                    before=None):
     """Real peers (DHT, averager process, p2pd) on loopback, one per input list (three unless more
     inputs are given); all shut down after. ``lanes[i]`` False: peer i serves and uses no direct lane;
-    ``clients[i]`` True: peer i is a client (it sends its parts and reduces none)."""
+    ``clients[i]`` True: peer i is a client (it sends its parts and reduces none). ``before(dhts)`` runs
+    before the averager processes fork (a test patches one peer's runner there)."""
     dhts, averagers = [], []
     try:
         first = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         dhts.append(first)
         peers = [str(a) for a in first.get_visible_maddrs()]
         dhts += [start_dht(peers, ["/ip4/127.0.0.1/tcp/0"]) for _ in range(len(inputs) - 1)]
+        if before is not None:
+            before(dhts)
         for i, (dht, tensors) in enumerate(zip(dhts, inputs)):
             av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, compression, matchmaking_time, 60.0, 2,
                                lane=True if lanes is None else lanes[i], client_mode=bool(clients and clients[i]))
@@ -290,3 +294,73 @@ def test_a_client_member_sends_its_parts_over_lanes_before_it_reads_an_answer(tm
     for out in outputs:
         for got, want in zip(out, mean_delta(inputs)):
             assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("lie", ["shape", "dtype", "gradients", "reducer's shape"])
+def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path, monkeypatch, lie):
+    """What a member sends must be a float32 part of its slice's shape: one value where a part belongs
+    would be broadcast over the whole part in the reducer's sum (a pull on every coordinate, past the
+    norm bound: one value's norm is tiny), and complex values broke the sum for every sender (red team).
+    Reducers ban it and name it. A part that asks for gradients is an honest part otherwise: the round
+    is clean (that it arrives without them is tests/test_lane.py's to check: the flag lives in the
+    averager processes, out of this test's sight). A reducer that
+    answers with averages of another shape is named by the members, who keep their own values for its
+    slice. Nothing crashes."""
+    from hivemind.compression import serialize_torch_tensor
+    from hivemind.proto import runtime_pb2
+
+    from coldfusion_p2p.swarm import averager as A
+    from coldfusion_p2p.swarm.lane import LanePart, raw_part
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1024, 1024), (5000,)]  # every member of three reduces a few parts (with smaller tensors one may reduce none)
+    inputs = [[torch.randn(s, generator=g) * 0.001 for s in shapes] for _ in range(3)]
+    rules = {"min_weight": 1.0, "max_weight": 1.0, "part_bound": 5.0}
+    bad = {}
+
+    def cheat(dhts):
+        bad["peer"] = dhts[2].peer_id
+        if lie != "reducer's shape":
+            honest = A.CanonicalAllReduceRunner._generate_input_for_peer
+
+            async def lying_parts(self, peer_index):
+                async for message in honest(self, peer_index):
+                    if self.peer_id == bad["peer"]:
+                        values, fields = A.part_tensor(message), {"weight": message.weight, "code": message.code, "group_id": message.group_id}
+                        if lie == "shape":
+                            message = raw_part(values.reshape(-1)[:1] * 4.0, **fields)
+                        elif lie == "dtype":
+                            message = A.averaging_pb2.AveragingData(
+                                tensor_part=serialize_torch_tensor(values.to(torch.complex64), runtime_pb2.CompressionType.NONE), **fields)
+                        else:
+                            message = raw_part(values, **fields)
+                            message.meta.tensor_part.requires_grad = True
+                            assert isinstance(message, LanePart)
+                    yield message
+
+            monkeypatch.setattr(A.CanonicalAllReduceRunner, "_generate_input_for_peer", lying_parts)
+        else:
+            honest = A.CanonicalAllReduceRunner._average_answer
+
+            def one_value_averages(self, part_index, averaged_part, compression):
+                if self.peer_id == bad["peer"]:
+                    return raw_part(averaged_part.reshape(-1)[:1].clone(), code=A.averaging_pb2.AVERAGED_PART)
+                return honest(self, part_index, averaged_part, compression)
+
+            monkeypatch.setattr(A.CanonicalAllReduceRunner, "_average_answer", one_value_averages)
+
+    with three_averagers(tmp_path, inputs, "none", f"t_r0_{lie[:5]}", 3, rules=rules, before=cheat) as (dhts, averagers):
+        results, outputs = step_all(averagers, 60)
+        assert all(av.is_alive() for av in averagers)
+    liar = bad["peer"].to_base58()
+    assert all(r["reduced_parts"] > 0 for r in results), [r["reduced_parts"] for r in results]
+    for r in results[:2]:
+        if lie == "gradients":
+            assert r["clean"] and not r["offenders"], r["offenders"]
+        else:
+            assert not r["clean"] and list(r["offenders"]) == [liar], r["offenders"]
+            assert {"shape": "sent a part of shape [1] where", "dtype": "sent a part of torch.complex64",
+                    "reducer's shape": "as a reducer, sent an average of shape [1]"}[lie] in r["offenders"][liar]
+    for mine, out in zip(inputs[:2], outputs[:2]):  # every tensor keeps its shape and dtype, finite, without gradients
+        assert [(o.shape, o.dtype) for o in out] == [(t.shape, t.dtype) for t in mine]
+        assert all(torch.isfinite(o).all() and not o.requires_grad for o in out)

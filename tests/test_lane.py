@@ -577,3 +577,41 @@ def test_a_frame_whose_fields_run_past_its_end_breaks_the_lane(sealed):
             sender.close(), reducer.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_a_part_that_asks_for_gradients_arrives_without_them(sealed):
+    """requires_grad is the sender's to set in the fields, raw or protobuf: a received part never tracks
+    gradients (the average then would, and so would the averager's tensors from then on)."""
+    import copy
+
+    from hivemind.compression import serialize_torch_tensor
+
+    from coldfusion_p2p.swarm.lane import LanePart, part_tensor, raw_part
+
+    t = torch_randn(100)
+    raw = raw_part(t, weight=1.0)
+    raw.meta.tensor_part.requires_grad = True
+    whole = averaging_pb2.AveragingData(tensor_part=serialize_torch_tensor(t.requires_grad_(True), runtime_pb2.CompressionType.NONE))
+    assert whole.tensor_part.requires_grad
+
+    async def scenario():
+        sender, reducer = await _channel_pair(sealed)
+        await sender.send(raw)
+        await sender.send(whole)
+        got = [await reducer.receive(), await reducer.receive()]
+        sender.close(), reducer.close()
+        return got
+
+    got = asyncio.run(scenario())
+    assert isinstance(got[0], LanePart) and got[0].tensor_part.requires_grad  # what it asked for, as sent
+    assert all(not part_tensor(m).requires_grad for m in got)
+    assert not raw_part(t).meta.tensor_part.requires_grad  # and this peer never asks for it
+    with pytest.raises(AttributeError):
+        copy.copy(LanePart.__new__(LanePart)).meta  # no recursion into an unset meta
+
+
+def torch_randn(n: int):
+    import torch
+
+    return torch.randn(n)

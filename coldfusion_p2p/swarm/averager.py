@@ -184,10 +184,16 @@ class CanonicalAllReduceRunner(AllReduceRunner):
 
         def checked_register(peer_index: int, part_index: int, part: torch.Tensor):
             peer = self.ordered_peer_ids[peer_index]
-            if peer != self.peer_id and peer not in self.offenders:
-                problem = part_problem(part, self.rules.get("part_bound", math.inf))
-                if problem is not None:
-                    self.offenders[peer] = f"as a reducer, {problem}"
+            if peer != self.peer_id:
+                mine = container._input_parts_by_peer[peer_index][part_index][0]
+                if part.shape != mine.shape or part.dtype != mine.dtype:  # it cannot stand in for this part
+                    self.offenders.setdefault(peer, f"as a reducer, sent an average of shape {list(part.shape)} ({part.dtype}) "
+                                                    f"for a part of shape {list(mine.shape)} ({mine.dtype})")
+                    part = mine  # this member's own values stand in, as for a reducer that failed
+                if peer not in self.offenders:
+                    problem = part_problem(part, self.rules.get("part_bound", math.inf))
+                    if problem is not None:
+                        self.offenders[peer] = f"as a reducer, {problem}"
             register(peer_index, part_index, part)
 
         container.register_processed_part = checked_register
@@ -285,7 +291,15 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         try:
             async for msg in stream:  # decoded here: a thread hand-off per part cost more than decoding it (py-spy)
                 tensor_part, weight, part_compression = part_tensor(msg), msg.weight, msg.tensor_part.compression
-                problem = part_violation(weight, tensor_part, self.rules)
+                shapes = self.tensor_part_reducer.part_shapes
+                if part_index >= len(shapes) or tensor_part.shape != shapes[part_index]:
+                    # another shape would broadcast in the sum: one value counted over the whole part, past the norm bound
+                    problem = (f"sent a part of shape {list(tensor_part.shape)} where one of shape {list(shapes[part_index])} belongs"
+                               if part_index < len(shapes) else f"sent more than the {len(shapes)} parts of this reducer's share")
+                elif tensor_part.dtype != torch.float32:  # what every wire format decodes to; complex values broke the sum
+                    problem = f"sent a part of {tensor_part.dtype}, not float32"
+                else:
+                    problem = part_violation(weight, tensor_part, self.rules)
                 if problem is not None:
                     self.offenders[sender] = problem
                     break  # banned below: its part is not aggregated, here or in any later part

@@ -98,6 +98,8 @@ class LanePart:
         self.meta, self.tensor, self._message = meta, tensor, None
 
     def __getattr__(self, name):
+        if name.startswith("__") or name in LanePart.__slots__:  # not set yet (copy, pickle): no recursion into meta
+            raise AttributeError(name)
         return getattr(self.meta, name)
 
     def message(self) -> averaging_pb2.AveragingData:
@@ -113,7 +115,7 @@ def raw_part(tensor: torch.Tensor, **fields) -> LanePart:
     """``AveragingData(tensor_part=serialize_torch_tensor(tensor, NONE), **fields)`` without encoding the
     tensor: its bytes are sent from its memory on a lane, and encoded only for a p2pd stream."""
     meta = runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.NONE, size=tensor.shape, dtype="float32",
-                              requires_grad=tensor.requires_grad)
+                              requires_grad=False)  # a part never asks for gradients (see ``part_tensor``)
     return LanePart(averaging_pb2.AveragingData(tensor_part=meta, **fields), tensor.detach().contiguous())
 
 
@@ -123,13 +125,18 @@ def as_message(message):
 
 
 def part_tensor(message) -> torch.Tensor:
-    """The tensor a part message carries: ``deserialize_torch_tensor(message.tensor_part)``."""
-    return message.tensor if isinstance(message, LanePart) else deserialize_torch_tensor(message.tensor_part)
+    """The tensor a part message carries: ``deserialize_torch_tensor(message.tensor_part)``, never tracking
+    gradients. The sender chooses the message's ``requires_grad``: honoured, it made the average track
+    gradients, then the averager's own tensors, whose autograd history kept every later round's parts
+    alive, and every peer's parts asked for it from then on (red team: memory grew every round)."""
+    tensor = message.tensor if isinstance(message, LanePart) else deserialize_torch_tensor(message.tensor_part)
+    return tensor.detach()
 
 
 def _raw_tensor(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tensor | None:
     """The tensor of a frame's raw bytes, made exactly as ``deserialize_torch_tensor`` makes an uncompressed
-    float32 part from the same bytes in ``tensor_part.buffer``; None for anything else."""
+    float32 part from the same bytes in ``tensor_part.buffer`` (but never tracking gradients); None for
+    anything else."""
     t = meta.tensor_part
     if not meta.HasField("tensor_part") or t.compression != runtime_pb2.CompressionType.NONE or t.dtype != "float32" or t.buffer:
         return None
@@ -140,7 +147,7 @@ def _raw_tensor(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tens
         count *= d
     if count * 4 != len(raw):
         return None
-    return torch.frombuffer(raw, dtype=torch.float32).reshape(tuple(t.size)).requires_grad_(t.requires_grad)
+    return torch.frombuffer(raw, dtype=torch.float32).reshape(tuple(t.size))  # requires_grad: never (``part_tensor``)
 
 
 class Channel:
