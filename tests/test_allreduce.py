@@ -296,7 +296,7 @@ def test_a_client_member_sends_its_parts_over_lanes_before_it_reads_an_answer(tm
             assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("lie", ["shape", "dtype", "gradients", "reducer's shape"])
+@pytest.mark.parametrize("lie", ["shape", "dtype", "gradients", "reducer's shape", "reducer's NaN"])
 def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path, monkeypatch, lie):
     """What a member sends must be a float32 part of its slice's shape: one value where a part belongs
     would be broadcast over the whole part in the reducer's sum (a pull on every coordinate, past the
@@ -305,7 +305,7 @@ def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path,
     is clean (that it arrives without them is tests/test_lane.py's to check: the flag lives in the
     averager processes, out of this test's sight). A reducer that
     answers with averages of another shape is named by the members, who keep their own values for its
-    slice. Nothing crashes."""
+    slice, as they do for one that sends NaN. Nothing crashes."""
     from hivemind.compression import serialize_torch_tensor
     from hivemind.proto import runtime_pb2
 
@@ -320,7 +320,7 @@ def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path,
 
     def cheat(dhts):
         bad["peer"] = dhts[2].peer_id
-        if lie != "reducer's shape":
+        if not lie.startswith("reducer"):
             honest = A.CanonicalAllReduceRunner._generate_input_for_peer
 
             async def lying_parts(self, peer_index):
@@ -344,7 +344,8 @@ def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path,
 
             def one_value_averages(self, part_index, averaged_part, compression):
                 if self.peer_id == bad["peer"]:
-                    return raw_part(averaged_part.reshape(-1)[:1].clone(), code=A.averaging_pb2.AVERAGED_PART)
+                    lying = averaged_part.reshape(-1)[:1].clone() if lie == "reducer's shape" else torch.full_like(averaged_part, float("nan"))
+                    return raw_part(lying, code=A.averaging_pb2.AVERAGED_PART)
                 return honest(self, part_index, averaged_part, compression)
 
             monkeypatch.setattr(A.CanonicalAllReduceRunner, "_average_answer", one_value_averages)
@@ -360,7 +361,7 @@ def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path,
         else:
             assert not r["clean"] and list(r["offenders"]) == [liar], r["offenders"]
             assert {"shape": "sent a part of shape [1] where", "dtype": "sent a part of torch.complex64",
-                    "reducer's shape": "as a reducer, sent an average of shape [1]"}[lie] in r["offenders"][liar]
+                    "reducer's shape": "as a reducer, sent an average of shape [1]", "reducer's NaN": "as a reducer, sent NaN"}[lie] in r["offenders"][liar]
     for mine, out in zip(inputs[:2], outputs[:2]):  # every tensor keeps its shape and dtype, finite, without gradients
         assert [(o.shape, o.dtype) for o in out] == [(t.shape, t.dtype) for t in mine]
         assert all(torch.isfinite(o).all() and not o.requires_grad for o in out)

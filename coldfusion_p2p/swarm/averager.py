@@ -190,10 +190,10 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                     self.offenders.setdefault(peer, f"as a reducer, sent an average of shape {list(part.shape)} ({part.dtype}) "
                                                     f"for a part of shape {list(mine.shape)} ({mine.dtype})")
                     part = mine  # this member's own values stand in, as for a reducer that failed
-                if peer not in self.offenders:
-                    problem = part_problem(part, self.rules.get("part_bound", math.inf))
-                    if problem is not None:
-                        self.offenders[peer] = f"as a reducer, {problem}"
+                problem = part_problem(part, self.rules.get("part_bound", math.inf))
+                if problem is not None:
+                    self.offenders.setdefault(peer, f"as a reducer, {problem}")
+                    part = mine  # nor can NaN or an average past the bound: this member's own values stand in
             register(peer_index, part_index, part)
 
         container.register_processed_part = checked_register
@@ -236,6 +236,8 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                 async for msg in aiter_with_timeout(stream, self.reducer_timeout):
                     if msg.code != averaging_pb2.AVERAGED_PART:
                         raise AllreduceException(f"{peer_id} sent code {msg.code}")
+                    if part_index >= container.num_parts_by_peer[peer_index]:
+                        raise AllreduceException(f"peer {peer_id} sent more than the {part_index} parts we expected")
                     # registers what the reducer sent: the average (checked against the bound by checked_register)
                     container.register_processed_part(peer_index, part_index, part_tensor(msg))
                     part_index += 1
