@@ -61,8 +61,14 @@ _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 logger = get_logger(__name__)
 
 
-def part_problem(part: torch.Tensor, bound: float) -> str | None:
-    """Why a part of a delta (or of an average) is unacceptable: non-finite, or longer than ``bound``."""
+def part_problem(part: torch.Tensor, bound: float, like: torch.Tensor | None = None) -> str | None:
+    """Why a part of a delta (or of an average) is unacceptable: not of ``like``'s shape and dtype (the
+    part this peer holds there), non-finite, or longer than ``bound``. Another shape would broadcast in
+    the reducer's sum (one value counted over the whole part, past the bound); complex values broke it."""
+    if like is not None and part.shape != like.shape:
+        return f"sent a part of shape {list(part.shape)} where one of shape {list(like.shape)} belongs"
+    if like is not None and part.dtype != like.dtype:
+        return f"sent a part of {part.dtype} where {like.dtype} belongs"
     norm = float(torch.linalg.vector_norm(part))  # one float32 pass: NaN or Inf anywhere makes it non-finite
     if not math.isfinite(norm):
         if not torch.isfinite(part).all():
@@ -73,15 +79,16 @@ def part_problem(part: torch.Tensor, bound: float) -> str | None:
     return None
 
 
-def part_violation(weight: float, part: torch.Tensor, rules: dict) -> str | None:
-    """Why a member's part breaks the round's rules, or None. ``rules``: min_weight, max_weight, part_bound."""
+def part_violation(weight: float, part: torch.Tensor, rules: dict, like: torch.Tensor | None = None) -> str | None:
+    """Why a member's part breaks the round's rules, or None. ``rules``: min_weight, max_weight, part_bound;
+    ``like``: see ``part_problem``."""
     lo, hi = rules.get("min_weight", 0.0), rules.get("max_weight", math.inf)
 
     if not (math.isfinite(weight) and lo <= weight <= hi):
         return f"claimed weight {weight:.6g}, outside the manifest's rule [{lo:g}, {hi:g}]"
     if weight != int(weight):  # a count of examples: a fractional weight would also make sums order-dependent
         return f"claimed weight {weight:.6g}, not a whole number of examples"
-    return part_problem(part, rules.get("part_bound", math.inf))
+    return part_problem(part, rules.get("part_bound", math.inf), like)
 
 
 class StrategyPartReducer(TensorPartReducer):
@@ -186,14 +193,10 @@ class CanonicalAllReduceRunner(AllReduceRunner):
             peer = self.ordered_peer_ids[peer_index]
             if peer != self.peer_id:
                 mine = container._input_parts_by_peer[peer_index][part_index][0]
-                if part.shape != mine.shape or part.dtype != mine.dtype:  # it cannot stand in for this part
-                    self.offenders.setdefault(peer, f"as a reducer, sent an average of shape {list(part.shape)} ({part.dtype}) "
-                                                    f"for a part of shape {list(mine.shape)} ({mine.dtype})")
-                    part = mine  # this member's own values stand in, as for a reducer that failed
-                problem = part_problem(part, self.rules.get("part_bound", math.inf))
+                problem = part_problem(part, self.rules.get("part_bound", math.inf), like=mine)
                 if problem is not None:
                     self.offenders.setdefault(peer, f"as a reducer, {problem}")
-                    part = mine  # nor can NaN or an average past the bound: this member's own values stand in
+                    part = mine  # this member's own values stand in, as for a reducer that failed
             register(peer_index, part_index, part)
 
         container.register_processed_part = checked_register
@@ -293,15 +296,9 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         try:
             async for msg in stream:  # decoded here: a thread hand-off per part cost more than decoding it (py-spy)
                 tensor_part, weight, part_compression = part_tensor(msg), msg.weight, msg.tensor_part.compression
-                shapes = self.tensor_part_reducer.part_shapes
-                if part_index >= len(shapes) or tensor_part.shape != shapes[part_index]:
-                    # another shape would broadcast in the sum: one value counted over the whole part, past the norm bound
-                    problem = (f"sent a part of shape {list(tensor_part.shape)} where one of shape {list(shapes[part_index])} belongs"
-                               if part_index < len(shapes) else f"sent more than the {len(shapes)} parts of this reducer's share")
-                elif tensor_part.dtype != torch.float32:  # what every wire format decodes to; complex values broke the sum
-                    problem = f"sent a part of {tensor_part.dtype}, not float32"
-                else:
-                    problem = part_violation(weight, tensor_part, self.rules)
+                mine = self.parts_for_local_averaging  # this reducer's own parts: the shape and dtype each must have
+                problem = (part_violation(weight, tensor_part, self.rules, like=mine[part_index]) if part_index < len(mine)
+                           else f"sent more than the {len(mine)} parts of this reducer's share")
                 if problem is not None:
                     self.offenders[sender] = problem
                     break  # banned below: its part is not aggregated, here or in any later part
