@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import math
 import os
 import socket
 import struct
@@ -140,12 +141,7 @@ def _raw_tensor(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tens
     t = meta.tensor_part
     if not meta.HasField("tensor_part") or t.compression != runtime_pb2.CompressionType.NONE or t.dtype != "float32" or t.buffer:
         return None
-    if len(t.size) > 8 or any(d < 0 for d in t.size) or len(raw) % 4:
-        return None
-    count = 1
-    for d in t.size:
-        count *= d
-    if count * 4 != len(raw):
+    if len(t.size) > 8 or math.prod(t.size) * 4 != len(raw):  # sizes are uint32: never negative
         return None
     return torch.frombuffer(raw, dtype=torch.float32).reshape(tuple(t.size))  # requires_grad: never (``part_tensor``)
 
@@ -240,9 +236,7 @@ class Channel:
 
     async def _receive_frame(self) -> tuple[bytes, bytearray] | None:
         """(the message's fields, the raw bytes after them) of the next frame; None at the end of stream."""
-        (length,) = struct.unpack("<I", await self._read_exactly(4))
-        if not (16 if self._aead else 0) <= length <= self._frame_limit:
-            raise LaneError(f"a frame of {length} bytes")
+        length = await self._frame_length()
         if self._aead is None:
             self._received += 1
             if length == 0:
@@ -264,6 +258,12 @@ class Channel:
             raise LaneError("a frame is not a part message")
         return plain[4:4 + size], bytearray(memoryview(plain)[4 + size:])  # a copy the tensor can own (writable, aligned)
 
+    async def _frame_length(self) -> int:
+        (length,) = struct.unpack("<I", await self._read_exactly(4))
+        if not (16 if self._aead else 0) <= length <= self._frame_limit:  # a sealed frame holds at least its tag
+            raise LaneError(f"a frame of {length} bytes")
+        return length
+
     def _open(self, sealed: bytearray) -> bytes:
         try:
             plain = self._aead.decrypt(self._recv_prefix + struct.pack("<Q", self._received), sealed, None)
@@ -274,9 +274,7 @@ class Channel:
 
     async def _receive_plain(self) -> bytes:
         """A frame that is not a message (the reducer's acceptance)."""
-        (length,) = struct.unpack("<I", await self._read_exactly(4))
-        if not (16 if self._aead else 0) <= length <= self._frame_limit:
-            raise LaneError(f"a frame of {length} bytes")
+        length = await self._frame_length()
         sealed = await self._read_exactly(length) if length else b""
         if self._aead is None:
             self._received += 1
