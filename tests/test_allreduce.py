@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import pytest
@@ -365,3 +366,37 @@ def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path,
     for mine, out in zip(inputs[:2], outputs[:2]):  # every tensor keeps its shape and dtype, finite, without gradients
         assert [(o.shape, o.dtype) for o in out] == [(t.shape, t.dtype) for t in mine]
         assert all(torch.isfinite(o).all() and not o.requires_grad for o in out)
+
+
+def test_a_step_retried_after_its_all_reduce_changed_the_tensors_reports_an_unclean_view(tmp_path, monkeypatch):
+    """The runner writes averages into the averager's tensors as they come (no copy of the model per
+    step), so a try that hivemind retries after it was interrupted midway left averages there: the
+    retry must not average them again as if they were the member's delta. Each member's first try
+    ends with CancelledError after a clean all-reduce (what hivemind retries); the same three meet
+    again, and each one reports the retry unclean, saying why, without crashing."""
+    from coldfusion_p2p.swarm import averager as A
+
+    g = torch.Generator().manual_seed(11)
+    shapes = [(512, 512), (3000,)]
+    inputs = [[torch.randn(s, generator=g) * 0.01 for s in shapes] for _ in range(3)]
+    real = A.FusionAverager._aggregate_with_group
+
+    def interrupt_first_tries(_dhts):
+        async def interrupted_once(self, group_info, min_vector_size, **kwargs):
+            result = await real(self, group_info, min_vector_size, **kwargs)
+            if not getattr(self, "_test_interrupted", False):
+                self._test_interrupted = True
+                assert result["clean"], result["error"]
+                raise asyncio.CancelledError()  # hivemind's _step retries on this
+            return result
+
+        monkeypatch.setattr(A.FusionAverager, "_aggregate_with_group", interrupted_once)
+
+    with three_averagers(tmp_path, inputs, "none", "t_r0_retry", 3, before=interrupt_first_tries) as (dhts, averagers):
+        results, outputs = step_all(averagers, 60)
+        assert all(av.is_alive() for av in averagers)
+    mean = [torch.stack([inp[k] for inp in inputs]).mean(0) for k in range(len(shapes))]
+    for r, out in zip(results, outputs):
+        assert not r["clean"] and "interrupted after it changed the tensors" in r["error"], r["error"]
+        # what the tensors hold is the first try's average, never an average of averages and deltas
+        assert all(torch.allclose(o, m, atol=1e-6) for o, m in zip(out, mean))

@@ -615,3 +615,47 @@ def torch_randn(n: int):
     import torch
 
     return torch.randn(n)
+
+
+def test_float16_parts_encode_and_decode_as_hivemind_does_them():
+    """``encode_tensor``/``decode_tensor`` take a fast path for float16 parts of float32 tensors (torch's
+    cast rather than numpy's): the same bytes out and the same values in as hivemind's own functions,
+    for every value float16 cannot hold too; and any message that is not such a part, or whose bytes are
+    not what its sizes say, is decoded (or refused) exactly as hivemind's decoder does it."""
+    import torch
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+
+    from coldfusion_p2p.swarm.lane import decode_tensor, encode_tensor
+
+    f16, none = runtime_pb2.CompressionType.FLOAT16, runtime_pb2.CompressionType.NONE
+    g = torch.Generator().manual_seed(3)
+    odd = torch.tensor([0.0, -0.0, 1e-8, -1e-8, 6e-5, 65504.0, 65520.0, -1e6, 1e30, float("inf"), float("-inf"), float("nan"), 1 / 3])
+    for tensor in (odd, torch.randn(300, generator=g) * 1e-3, torch.randn(7, 11, generator=g), torch.empty(0), torch.empty(4, 0)):
+        for compression in (f16, none):
+            ours, theirs = encode_tensor(tensor, compression), serialize_torch_tensor(tensor, compression)
+            assert ours.SerializeToString() == theirs.SerializeToString()
+            back, want = decode_tensor(theirs), deserialize_torch_tensor(theirs)
+            assert back.dtype == want.dtype and back.shape == want.shape
+            nan = torch.isnan(want)  # NaN stays NaN (its payload bits may differ: no part holding NaN is accepted)
+            assert torch.equal(torch.isnan(back), nan)
+            assert torch.equal(back[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bit for bit, -0.0 included
+    ones = serialize_torch_tensor(torch.ones(10), f16)
+    lies = {"odd byte count": ones.buffer[:19], "bytes for 9 values": ones.buffer[:18], "bytes for 11": ones.buffer + bytes(2)}
+    for why, buffer in lies.items():
+        t = runtime_pb2.Tensor(compression=f16, buffer=buffer, size=[10], dtype="float32")
+        with pytest.raises(Exception) as theirs:
+            deserialize_torch_tensor(t)
+        with pytest.raises(type(theirs.value)):
+            decode_tensor(t)
+    for t in (runtime_pb2.Tensor(compression=f16, buffer=ones.buffer, size=[10], dtype="float64"),
+              runtime_pb2.Tensor(compression=f16, buffer=ones.buffer, size=[2, 5], dtype="float32"),
+              runtime_pb2.Tensor(compression=f16, buffer=ones.buffer, size=[2**31, 2**31, 0, 10], dtype="float32")):
+        try:
+            want = deserialize_torch_tensor(t)
+        except Exception as e:  # noqa: BLE001 - what hivemind does with it, whatever it is
+            with pytest.raises(type(e)):
+                decode_tensor(t)
+        else:
+            got = decode_tensor(t)
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    assert not decode_tensor(runtime_pb2.Tensor(compression=f16, buffer=ones.buffer, size=[10], dtype="float32")).requires_grad

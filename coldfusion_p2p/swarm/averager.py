@@ -30,7 +30,7 @@ from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES, AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import (
-    CompressionInfo, Float16Compression, NoCompression, Uniform8BitQuantization, deserialize_torch_tensor, serialize_torch_tensor,
+    CompressionInfo, Float16Compression, NoCompression, Uniform8BitQuantization,
 )
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
@@ -44,7 +44,8 @@ from coldfusion_p2p.membership import Admission
 from coldfusion_p2p.strategies import Strategy, influence, outliers
 from coldfusion_p2p.swarm.gate import RefusalLog
 from coldfusion_p2p.swarm.lane import (
-    GRANT_TIMEOUT, LaneDialer, LanePart, LaneServer, as_message, exchange, listen_hosts, part_tensor, raw_part,
+    GRANT_TIMEOUT, LaneDialer, LanePart, LaneServer, as_message, decode_tensor, encode_tensor, exchange, listen_hosts, part_tensor,
+    raw_part,
 )
 from coldfusion_p2p.swarm.node import peer_str
 from coldfusion_p2p.swarm.transfer import serve_blob, split_blob_request
@@ -55,7 +56,7 @@ PART_FIRST_READ_TIMEOUT = 10.0  # seconds a caller has to send the first message
 GROUP_SETUP_TIMEOUT = 30.0  # seconds a part waits for its group to be registered here
 PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce (1 and 2 MiB measured no faster: bench/allreduce.py)
 LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
-EARLY_START_GRACE = 0.5  # seconds a leader gathers at least, so that a better leader can still be found
+EARLY_START_GRACE = 0.2  # seconds a leader gathers at least, so that a better leader can still be found
 EARLY_START_POLL = 0.05  # seconds between a leader's looks at whether its group is complete
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 logger = get_logger(__name__)
@@ -191,15 +192,18 @@ class CanonicalAllReduceRunner(AllReduceRunner):
 
         def checked_register(peer_index: int, part_index: int, part: torch.Tensor):
             peer = self.ordered_peer_ids[peer_index]
-            if peer != self.peer_id:
-                mine = container._input_parts_by_peer[peer_index][part_index][0]
+            mine = container._input_parts_by_peer[peer_index][part_index][0]  # a view of the local tensor
+            if peer != self.peer_id and part is not mine:
                 problem = part_problem(part, self.rules.get("part_bound", math.inf), like=mine)
                 if problem is not None:
                     self.offenders.setdefault(peer, f"as a reducer, {problem}")
                     part = mine  # this member's own values stand in, as for a reducer that failed
-            register(peer_index, part_index, part)
+            if part is not mine:  # the average goes straight into the local tensor: its own part there was sent
+                mine.copy_(part)  # (and, as a reducer, reduced) before any average of it could come back
+            register(peer_index, part_index, mine)
 
         container.register_processed_part = checked_register
+        container.iterate_output_tensors = self._whole_tensors
         self.failed_reducers: set[PeerID] = set()
         self.failure_reasons: dict[PeerID, str] = {}  # reducer -> why this member's exchange with it failed
         register_failed = container.register_failed_reducer
@@ -209,6 +213,31 @@ class CanonicalAllReduceRunner(AllReduceRunner):
             register_failed(peer_index)
 
         container.register_failed_reducer = noted_failed
+
+    async def _whole_tensors(self):
+        """hivemind 1.1.12's ``iterate_output_tensors`` without its copy: the averages are already in the local
+        tensors (``checked_register``), so each tensor is yielded itself once all of its parts are in. hivemind
+        gathered them with ``torch.cat`` and the averager then copied that in place: two passes over the model."""
+        container = self.tensor_part_container
+        assert not container._outputs_consumed, "output tensors are already iterated and no longer available."
+        container._outputs_consumed = True
+        peer_index = num_parts_processed = 0
+        for tensor_index, tensor in enumerate(container.local_tensors):
+            parts = 0
+            while parts < container.num_parts_by_tensor[tensor_index]:
+                if num_parts_processed >= container.num_parts_by_peer[peer_index]:
+                    num_parts_processed = 0
+                    peer_index += 1
+                    continue
+                if not container._output_parts_by_peer[peer_index]:
+                    container._output_part_available[peer_index].clear()
+                    await container._output_part_available[peer_index].wait()
+                    if container.finished.is_set():
+                        raise AllreduceException("All-reduce was terminated during iteration")
+                container._output_parts_by_peer[peer_index].popleft()
+                parts += 1
+                num_parts_processed += 1
+            yield tensor
 
     def _get_peer_stub(self, peer: PeerID):
         return _LaneStub(self, peer, super()._get_peer_stub(peer))
@@ -223,7 +252,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         compression = self.tensor_part_container.compression
         if isinstance(compression, NoCompression):
             return averaged_part  # the wire changes nothing, and no one writes into parts or averages: no copy
-        return deserialize_torch_tensor(serialize_torch_tensor(averaged_part, compression.compression_type))
+        return decode_tensor(encode_tensor(averaged_part, compression.compression_type))
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         peer_index = self.ordered_peer_ids.index(peer_id)
@@ -272,7 +301,9 @@ class CanonicalAllReduceRunner(AllReduceRunner):
             if raw and part.dtype == torch.float32:
                 yield raw_part(part, weight=self.weight, **first)
             else:
-                yield averaging_pb2.AveragingData(tensor_part=container.compression.compress(part, info), weight=self.weight, **first)
+                wire = (encode_tensor(part, container.compression.compression_type) if type(container.compression) is Float16Compression
+                        else container.compression.compress(part, info))
+                yield averaging_pb2.AveragingData(tensor_part=wire, weight=self.weight, **first)
             await asyncio.sleep(0)  # the other exchanges go on meanwhile
 
     def _average_answer(self, part_index: int, averaged_part: torch.Tensor, compression):
@@ -286,7 +317,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                 answer = raw_part(averaged_part, code=averaging_pb2.AVERAGED_PART)
             else:
                 answer = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
-                                                     tensor_part=serialize_torch_tensor(averaged_part, compression))
+                                                     tensor_part=encode_tensor(averaged_part, compression))
             self._averages_sent[key] = answer
         return self._averages_sent[key]
 
@@ -359,7 +390,7 @@ class FusionAverager(DecentralizedAverager):
         self._lane_server: LaneServer | None = None
         self._lane_dialer: LaneDialer | None = None
         self._runners: dict[bytes, Any] = {}
-        self._step_inputs: list[torch.Tensor] | None = None
+        self._tensors_changed = False  # whether this step's tensors already hold averages of an all-reduce
         self._rules: dict = {}
         self._excluded: set[str] = set()
         self._expect: frozenset[str] = frozenset()  # the ready peers this peer's round waits for (``_start_when_complete``)
@@ -452,10 +483,7 @@ class FusionAverager(DecentralizedAverager):
                 return
 
     async def _step(self, *, step, future_for_init):
-        # hivemind retries a failed all-reduce within the same step, on tensors that the failed try
-        # already overwrote in part: keep this step's inputs so that every try starts from them
-        with self.get_tensors() as tensors:
-            self._step_inputs = [t.clone() for t in tensors]
+        self._tensors_changed = False  # not yet: no all-reduce of this step has begun (``_aggregate_with_group``)
         early = asyncio.create_task(self._start_when_complete(time.monotonic())) if not self.client_mode else None
         try:
             await super()._step(step=step, future_for_init=future_for_init)
@@ -465,7 +493,6 @@ class FusionAverager(DecentralizedAverager):
             if not step.cancelled():
                 raise
         finally:
-            self._step_inputs = None
             if early is not None:
                 early.cancel()
 
@@ -609,7 +636,8 @@ class FusionAverager(DecentralizedAverager):
         future.set_result(runner)
         self._runners[group_id] = runner
         async for tensor, averaged in azip(as_aiter(*tensors), runner):
-            tensor.copy_(averaged)
+            if averaged is not tensor:  # the runner writes the averages in place (``_whole_tensors``)
+                tensor.copy_(averaged)
             self.last_updated = get_dht_time()
             self._state_updated.set()
 
@@ -620,10 +648,6 @@ class FusionAverager(DecentralizedAverager):
         otherwise retry it on the same key while other members of the group move on to verify.
         """
         self._runners.pop(group_info.group_id, None)
-        if self._step_inputs is not None:
-            with self.get_tensors() as tensors:
-                for tensor, original in zip(tensors, self._step_inputs):
-                    tensor.copy_(original)
         group = [peer_str(p) for p in group_info.peer_ids]
         error = ""
         excluded = sorted(set(group) & self._excluded)
@@ -637,7 +661,13 @@ class FusionAverager(DecentralizedAverager):
             gathered, error = {}, f"the group includes {len(excluded)} peer(s) that broke the rules before"
         elif len(group) > MAX_GROUP or not all(_PEER_RE.match(p) for p in group):
             gathered, error = {}, "the leader formed a group this protocol cannot record (too large, or odd peer ids)"
+        elif self._tensors_changed:
+            # hivemind retries a step whose all-reduce was cancelled midway, on tensors that try already
+            # wrote averages into: this step's inputs are gone (keeping a copy cost a pass over the model
+            # every round), so this view is unclean, as a failed all-reduce's is
+            gathered, error = {}, "an earlier try of this step's all-reduce was interrupted after it changed the tensors"
         else:
+            self._tensors_changed = True  # the runner writes averages into the tensors as they come
             try:
                 gathered = await super()._aggregate_with_group(self._even_split(group_info), min_vector_size, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure of the all-reduce makes this view unclean

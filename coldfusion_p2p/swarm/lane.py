@@ -44,13 +44,15 @@ import os
 import socket
 import struct
 import time
+import warnings
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
+import numpy as np
 import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from hivemind.compression import deserialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.logging import get_logger
@@ -130,8 +132,36 @@ def part_tensor(message) -> torch.Tensor:
     gradients. The sender chooses the message's ``requires_grad``: honoured, it made the average track
     gradients, then the averager's own tensors, whose autograd history kept every later round's parts
     alive, and every peer's parts asked for it from then on (red team: memory grew every round)."""
-    tensor = message.tensor if isinstance(message, LanePart) else deserialize_torch_tensor(message.tensor_part)
+    tensor = message.tensor if isinstance(message, LanePart) else decode_tensor(message.tensor_part)
     return tensor.detach()
+
+
+_FLOAT16 = runtime_pb2.CompressionType.FLOAT16
+_F16_MIN, _F16_MAX = torch.finfo(torch.float16).min, torch.finfo(torch.float16).max
+
+
+def encode_tensor(tensor: torch.Tensor, compression: int) -> runtime_pb2.Tensor:
+    """``serialize_torch_tensor(tensor, compression)``, the same bytes; a float32 tensor in float16 in two
+    passes over it rather than hivemind's four (copy, clamp, cast, ``tobytes``)."""
+    if compression != _FLOAT16 or tensor.dtype != torch.float32:
+        return serialize_torch_tensor(tensor, compression)
+    half = torch.clamp(tensor.detach(), _F16_MIN, _F16_MAX).to(torch.float16)
+    return runtime_pb2.Tensor(compression=_FLOAT16, buffer=half.numpy().tobytes(), size=tensor.shape, dtype="float32",
+                              requires_grad=tensor.requires_grad)
+
+
+def decode_tensor(t: runtime_pb2.Tensor) -> torch.Tensor:
+    """``deserialize_torch_tensor(t)``, the same values; float16 bytes of a float32 tensor widened by torch
+    (hivemind widens them with numpy, whose float16 cast is scalar: 8x slower here, and half of the
+    demo's all-reduce CPU time when measured with py-spy). A NaN stays NaN, its payload bits may not
+    (no part holding NaN is accepted). Anything else, or bytes that are not what the sizes say, goes
+    to hivemind's decoder, which judges it as before."""
+    if t.compression == _FLOAT16 and t.dtype == "float32" and len(t.size) <= 8 and math.prod(t.size) * 2 == len(t.buffer):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the bytes are only read, into a new tensor: that they are read-only is fine
+            half = torch.from_numpy(np.frombuffer(t.buffer, dtype=np.float16))
+        return half.to(torch.float32).reshape(tuple(t.size)).requires_grad_(t.requires_grad)
+    return deserialize_torch_tensor(t)
 
 
 def _raw_tensor(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tensor | None:
