@@ -471,20 +471,23 @@ async def _channel_pair(sealed: bool) -> tuple[Channel, Channel]:
 
 
 @pytest.mark.parametrize("sealed", [True, False])
-def test_a_float32_part_crosses_a_lane_raw_and_arrives_as_the_same_tensor(sealed):
-    """A LanePart's tensor goes as raw bytes after the message's fields, sealed or not, and the reducer
-    gets the same values and fields; over a p2pd stream the same part is exactly hivemind's message."""
+@pytest.mark.parametrize("compression", ["NONE", "FLOAT16"])
+def test_a_float32_part_crosses_a_lane_raw_and_arrives_as_the_same_tensor(sealed, compression):
+    """A LanePart's tensor goes as raw bytes after the message's fields (float32, or its float16
+    encoding), sealed or not, and the reducer gets the values and fields hivemind's own encoding and
+    decoding would give it; over a p2pd stream the same part is exactly hivemind's message."""
     import torch
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 
     from coldfusion_p2p.swarm.lane import LanePart, as_message, part_tensor, raw_part
 
-    values = [torch.randn(1000), torch.randn(3, 7), torch.zeros(0), torch.tensor([float("nan"), -0.0, 1e38])]
+    kind = runtime_pb2.CompressionType.Value(compression)
+    values = [torch.randn(1000), torch.randn(3, 7), torch.zeros(0), torch.tensor([float("nan"), -0.0, 1e38, 1e-9])]
 
     async def scenario():
         sender, reducer = await _channel_pair(sealed)
         for i, t in enumerate(values):
-            await sender.send(raw_part(t, weight=float(i + 1), **({"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": GROUP} if i == 0 else {})))
+            await sender.send(raw_part(t, kind, weight=float(i + 1), **({"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": GROUP} if i == 0 else {})))
         await sender.send(None)
         got = [m async for m in reducer.messages()]
         sender.close(), reducer.close()
@@ -494,17 +497,20 @@ def test_a_float32_part_crosses_a_lane_raw_and_arrives_as_the_same_tensor(sealed
     assert len(got) == len(values)
     assert got[0].code == averaging_pb2.PART_FOR_AVERAGING and got[0].group_id == GROUP
     for i, (t, m) in enumerate(zip(values, got)):
-        assert m.weight == float(i + 1) and m.tensor_part.compression == runtime_pb2.CompressionType.NONE
-        received = part_tensor(m)
+        assert m.weight == float(i + 1) and m.tensor_part.compression == kind
+        received, want = part_tensor(m), deserialize_torch_tensor(serialize_torch_tensor(t, kind))
         assert received.shape == t.shape and received.dtype == torch.float32
-        assert received.numpy().tobytes() == t.numpy().tobytes()  # bit for bit, NaN and -0.0 included
+        nan = torch.isnan(want)  # NaN stays NaN; every other value bit for bit, -0.0 included
+        assert torch.equal(torch.isnan(received), nan) and received[~nan].numpy().tobytes() == want[~nan].numpy().tobytes()
+        if compression == "NONE":
+            assert received.numpy().tobytes() == t.numpy().tobytes()  # uncompressed: NaN's bits too
         if t.numel():
             assert isinstance(m, LanePart) and received.data_ptr() % 16 == 0  # no protobuf buffer in between; aligned
             received += 0  # writable: the runner may keep and reduce it
     t = values[1]
-    hivemind = averaging_pb2.AveragingData(tensor_part=serialize_torch_tensor(t, runtime_pb2.CompressionType.NONE), weight=2.0)
-    assert as_message(raw_part(t, weight=2.0)).SerializeToString() == hivemind.SerializeToString()
-    assert torch.equal(deserialize_torch_tensor(as_message(raw_part(t)).tensor_part), t)
+    hivemind = averaging_pb2.AveragingData(tensor_part=serialize_torch_tensor(t, kind), weight=2.0)
+    assert as_message(raw_part(t, kind, weight=2.0)).SerializeToString() == hivemind.SerializeToString()
+    assert torch.equal(deserialize_torch_tensor(as_message(raw_part(t, kind)).tensor_part), part_tensor(raw_part(t, kind)))
 
 
 @pytest.mark.parametrize("sealed", [True, False])

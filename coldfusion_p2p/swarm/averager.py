@@ -295,15 +295,14 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         container = self.tensor_part_container
         assert not container._inputs_consumed_by_peer[peer_index], "input parts of a given peer are already deallocated."
         container._inputs_consumed_by_peer[peer_index] = True
-        raw = isinstance(container.compression, NoCompression)  # sent from the tensor's memory on a lane (LanePart)
+        # uncompressed or float16, a part is sent from the tensor's memory (or its float16 copy) on a lane (LanePart)
+        raw = type(container.compression) in (NoCompression, Float16Compression)
         for part_index, (part, info) in enumerate(container._input_parts_by_peer[peer_index]):
             first = {"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": self.group_id} if part_index == 0 else {}
             if raw and part.dtype == torch.float32:
-                yield raw_part(part, weight=self.weight, **first)
+                yield raw_part(part, container.compression.compression_type, weight=self.weight, **first)
             else:
-                wire = (encode_tensor(part, container.compression.compression_type) if type(container.compression) is Float16Compression
-                        else container.compression.compress(part, info))
-                yield averaging_pb2.AveragingData(tensor_part=wire, weight=self.weight, **first)
+                yield averaging_pb2.AveragingData(tensor_part=container.compression.compress(part, info), weight=self.weight, **first)
             await asyncio.sleep(0)  # the other exchanges go on meanwhile
 
     def _average_answer(self, part_index: int, averaged_part: torch.Tensor, compression):
@@ -313,8 +312,8 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         if key not in self._averages_sent:
             for old in [k for k in self._averages_sent if k[0] < part_index]:
                 del self._averages_sent[old]  # every sender is at this part or past it
-            if compression == runtime_pb2.CompressionType.NONE and averaged_part.dtype == torch.float32:
-                answer = raw_part(averaged_part, code=averaging_pb2.AVERAGED_PART)
+            if compression in (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16) and averaged_part.dtype == torch.float32:
+                answer = raw_part(averaged_part, compression, code=averaging_pb2.AVERAGED_PART)
             else:
                 answer = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,
                                                      tensor_part=encode_tensor(averaged_part, compression))

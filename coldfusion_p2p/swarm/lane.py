@@ -76,6 +76,8 @@ RETRY_AFTER = 60.0  # seconds before a lane is asked again after a slow grant or
 # plain TCP port forward on 127.0.0.1 (set CFP2P_SEAL_LOOPBACK=1)
 SEAL_LOOPBACK = os.environ.get("CFP2P_SEAL_LOOPBACK", "") not in ("", "0")
 _TO_REDUCER, _TO_SENDER = b"\x00\x00\x00\x01", b"\x00\x00\x00\x02"
+_FLOAT16 = runtime_pb2.CompressionType.FLOAT16
+_F16_MIN, _F16_MAX = torch.finfo(torch.float16).min, torch.finfo(torch.float16).max
 logger = get_logger(__name__)
 
 
@@ -91,14 +93,16 @@ def max_frame(part_size_bytes: int) -> int:
 
 class LanePart:
     """A part message whose tensor travels raw on a lane: ``meta`` is the ``AveragingData`` without the
-    tensor's bytes, ``tensor`` the float32 values. Reads of other fields go to ``meta``; ``message()``
-    is the whole protobuf message, for a p2pd stream (built once, so an average encoded for several
-    senders is encoded once)."""
+    tensor's bytes, ``tensor`` the float32 values (None on a sender's float16 part, which only sends),
+    ``wire`` the tensor whose bytes travel (the values themselves, or their float16 encoding). Reads
+    of other fields go to ``meta``; ``message()`` is the whole protobuf message, for a p2pd stream
+    (built once, so an average encoded for several senders is encoded once)."""
 
-    __slots__ = ("meta", "tensor", "_message")
+    __slots__ = ("meta", "tensor", "wire", "_message")
 
-    def __init__(self, meta: averaging_pb2.AveragingData, tensor: torch.Tensor):
+    def __init__(self, meta: averaging_pb2.AveragingData, tensor: torch.Tensor | None, wire: torch.Tensor | None = None):
         self.meta, self.tensor, self._message = meta, tensor, None
+        self.wire = tensor if wire is None else wire
 
     def __getattr__(self, name):
         if name.startswith("__") or name in LanePart.__slots__:  # not set yet (copy, pickle): no recursion into meta
@@ -109,17 +113,22 @@ class LanePart:
         if self._message is None:
             message = averaging_pb2.AveragingData()
             message.CopyFrom(self.meta)
-            message.tensor_part.buffer = self.tensor.numpy().tobytes()
+            message.tensor_part.buffer = self.wire.numpy().tobytes()
             self._message = message
         return self._message
 
 
-def raw_part(tensor: torch.Tensor, **fields) -> LanePart:
-    """``AveragingData(tensor_part=serialize_torch_tensor(tensor, NONE), **fields)`` without encoding the
-    tensor: its bytes are sent from its memory on a lane, and encoded only for a p2pd stream."""
-    meta = runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.NONE, size=tensor.shape, dtype="float32",
+def raw_part(tensor: torch.Tensor, compression: int = runtime_pb2.CompressionType.NONE, **fields) -> LanePart:
+    """``AveragingData(tensor_part=serialize_torch_tensor(tensor, compression), **fields)`` for a float32
+    tensor, uncompressed or in float16, without the protobuf encoding: on a lane the bytes are sent from
+    the tensor's memory (or its float16 copy), and encoded only for a p2pd stream."""
+    meta = runtime_pb2.Tensor(compression=compression, size=tensor.shape, dtype="float32",
                               requires_grad=False)  # a part never asks for gradients (see ``part_tensor``)
-    return LanePart(averaging_pb2.AveragingData(tensor_part=meta, **fields), tensor.detach().contiguous())
+    message = averaging_pb2.AveragingData(tensor_part=meta, **fields)
+    if compression == _FLOAT16:
+        return LanePart(message, None, _half(tensor.detach().contiguous()))
+    assert compression == runtime_pb2.CompressionType.NONE, "raw parts are float32, uncompressed or in float16"
+    return LanePart(message, tensor.detach().contiguous())
 
 
 def as_message(message):
@@ -132,22 +141,30 @@ def part_tensor(message) -> torch.Tensor:
     gradients. The sender chooses the message's ``requires_grad``: honoured, it made the average track
     gradients, then the averager's own tensors, whose autograd history kept every later round's parts
     alive, and every peer's parts asked for it from then on (red team: memory grew every round)."""
-    tensor = message.tensor if isinstance(message, LanePart) else decode_tensor(message.tensor_part)
-    return tensor.detach()
+    if not isinstance(message, LanePart):
+        return decode_tensor(message.tensor_part).detach()
+    if message.tensor is None:  # a float16 part made here: its values are what the other end will decode
+        return message.wire.to(torch.float32)
+    return message.tensor.detach()
 
 
-_FLOAT16 = runtime_pb2.CompressionType.FLOAT16
-_F16_MIN, _F16_MAX = torch.finfo(torch.float16).min, torch.finfo(torch.float16).max
+def _half(tensor: torch.Tensor) -> torch.Tensor:
+    """``Float16Compression``'s float16 values of a float32 tensor (clamped to float16's range), with the
+    clamp's pass only when a value is out of that range (a delta's values never are)."""
+    if tensor.numel():
+        low, high = (float(v) for v in torch.aminmax(tensor))
+        if not _F16_MIN <= low <= high <= _F16_MAX:  # out of range, or a NaN (aminmax's answer then) beside such values
+            tensor = torch.clamp(tensor, _F16_MIN, _F16_MAX)
+    return tensor.to(torch.float16)
 
 
 def encode_tensor(tensor: torch.Tensor, compression: int) -> runtime_pb2.Tensor:
-    """``serialize_torch_tensor(tensor, compression)``, the same bytes; a float32 tensor in float16 in two
-    passes over it rather than hivemind's four (copy, clamp, cast, ``tobytes``)."""
+    """``serialize_torch_tensor(tensor, compression)``, the same bytes; a float32 tensor in float16 in
+    fewer passes over it than hivemind's four (copy, clamp, cast, ``tobytes``)."""
     if compression != _FLOAT16 or tensor.dtype != torch.float32:
         return serialize_torch_tensor(tensor, compression)
-    half = torch.clamp(tensor.detach(), _F16_MIN, _F16_MAX).to(torch.float16)
-    return runtime_pb2.Tensor(compression=_FLOAT16, buffer=half.numpy().tobytes(), size=tensor.shape, dtype="float32",
-                              requires_grad=tensor.requires_grad)
+    return runtime_pb2.Tensor(compression=_FLOAT16, buffer=_half(tensor.detach()).numpy().tobytes(), size=tensor.shape,
+                              dtype="float32", requires_grad=tensor.requires_grad)
 
 
 def decode_tensor(t: runtime_pb2.Tensor) -> torch.Tensor:
@@ -165,15 +182,18 @@ def decode_tensor(t: runtime_pb2.Tensor) -> torch.Tensor:
 
 
 def _raw_tensor(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tensor | None:
-    """The tensor of a frame's raw bytes, made exactly as ``deserialize_torch_tensor`` makes an uncompressed
-    float32 part from the same bytes in ``tensor_part.buffer`` (but never tracking gradients); None for
-    anything else."""
+    """The tensor of a frame's raw bytes, made exactly as ``deserialize_torch_tensor`` makes a float32 part
+    (uncompressed, or in float16: ``decode_tensor``) from the same bytes in ``tensor_part.buffer`` (but
+    never tracking gradients); None for anything else."""
     t = meta.tensor_part
-    if not meta.HasField("tensor_part") or t.compression != runtime_pb2.CompressionType.NONE or t.dtype != "float32" or t.buffer:
+    if not meta.HasField("tensor_part") or t.dtype != "float32" or t.buffer or len(t.size) > 8:
         return None
-    if len(t.size) > 8 or math.prod(t.size) * 4 != len(raw):  # sizes are uint32: never negative
+    width = {runtime_pb2.CompressionType.NONE: 4, _FLOAT16: 2}.get(t.compression)
+    if width is None or math.prod(t.size) * width != len(raw):  # sizes are uint32: never negative
         return None
-    return torch.frombuffer(raw, dtype=torch.float32).reshape(tuple(t.size))  # requires_grad: never (``part_tensor``)
+    if width == 2:  # requires_grad: never (``part_tensor``)
+        return torch.frombuffer(raw, dtype=torch.float16).to(torch.float32).reshape(tuple(t.size))
+    return torch.frombuffer(raw, dtype=torch.float32).reshape(tuple(t.size))
 
 
 class Channel:
@@ -199,7 +219,7 @@ class Channel:
         if message is None:
             return await self._send_sealed(b"")
         if isinstance(message, LanePart):
-            fields, raw = message.meta.SerializeToString(), memoryview(message.tensor.numpy()).cast("B")
+            fields, raw = message.meta.SerializeToString(), memoryview(message.wire.numpy()).cast("B")
         else:
             fields, raw = message.SerializeToString(), b""
         head = struct.pack("<I", len(fields)) + fields
