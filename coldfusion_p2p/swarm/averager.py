@@ -56,6 +56,7 @@ PART_FIRST_READ_TIMEOUT = 10.0  # seconds a caller has to send the first message
 GROUP_SETUP_TIMEOUT = 30.0  # seconds a part waits for its group to be registered here
 PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce (1 and 2 MiB measured no faster: bench/allreduce.py)
 LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
+FIRST_LOOKUP_INTERVAL = 0.04  # seconds before its second look; each pause doubles up to LEADER_LOOKUP_INTERVAL
 EARLY_START_GRACE = 0.2  # seconds a leader gathers at least, so that a better leader can still be found
 EARLY_START_POLL = 0.05  # seconds between a leader's looks at whether its group is complete
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
@@ -830,14 +831,18 @@ async def _paced_leader_lookups(leaders, key_manager) -> None:
     leader itself, that is all the time, so it read the group key back to back for the whole
     matchmaking time (about 1,300 DHT requests a round with two peers, measured by bench/scale.py)
     and took CPU from the all-reduce on small machines. A follower still looks at once when it
-    starts; only repeated looks wait. The rest is hivemind's loop unchanged."""
+    starts, and the pauses between its next looks grow from ``FIRST_LOOKUP_INTERVAL`` to the interval:
+    peers that became ready together (whose first looks found no one yet) find each other within
+    tenths of a second, for a few more requests a round. The rest is hivemind's loop unchanged."""
     from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS as DISCREPANCY
 
-    last = -math.inf
+    last, interval = -math.inf, FIRST_LOOKUP_INTERVAL
     while get_dht_time() < leaders.search_end_time:
-        pause = last + LEADER_LOOKUP_INTERVAL - time.monotonic()
+        pause = last + interval - time.monotonic()
         if pause > 0:
             await asyncio.sleep(pause)
+        if last > -math.inf:
+            interval = min(2 * interval, LEADER_LOOKUP_INTERVAL)
         last = time.monotonic()
         new_peers = await key_manager.get_averagers(key_manager.current_key, only_active=True)
         leaders.max_assured_time = max(leaders.max_assured_time, get_dht_time() + leaders.min_matchmaking_time - DISCREPANCY)
