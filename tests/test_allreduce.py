@@ -361,6 +361,7 @@ def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path,
             assert r["clean"] and not r["offenders"], r["offenders"]
         else:
             assert not r["clean"] and list(r["offenders"]) == [liar], r["offenders"]
+            assert (r["failed_size"] > 0) == lie.startswith("reducer"), r["failed_size"]  # its averages refused: counted
             assert {"shape": "sent a part of shape [1] where", "dtype": "sent a part of torch.complex64 where torch.float32",
                     "reducer's shape": "as a reducer, sent a part of shape [1] where", "reducer's NaN": "as a reducer, sent NaN"}[lie] in r["offenders"][liar]
     for mine, out in zip(inputs[:2], outputs[:2]):  # every tensor keeps its shape and dtype, finite, without gradients

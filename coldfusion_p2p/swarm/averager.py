@@ -198,7 +198,8 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                 problem = part_problem(part, self.rules.get("part_bound", math.inf), like=mine)
                 if problem is not None:
                     self.offenders.setdefault(peer, f"as a reducer, {problem}")
-                    part = mine  # this member's own values stand in, as for a reducer that failed
+                    part = mine  # this member's own values stand in, as for a reducer that failed,
+                    container.failed_size += mine.numel()  # and are counted as its values are
             if part is not mine:  # the average goes straight into the local tensor: its own part there was sent
                 mine.copy_(part)  # (and, as a reducer, reduced) before any average of it could come back
             register(peer_index, part_index, mine)
