@@ -369,12 +369,14 @@ def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path,
         assert all(torch.isfinite(o).all() and not o.requires_grad for o in out)
 
 
-def test_a_step_retried_after_its_all_reduce_changed_the_tensors_reports_an_unclean_view(tmp_path, monkeypatch):
+def test_a_step_is_not_retried_once_its_all_reduce_changed_the_tensors(tmp_path, monkeypatch):
     """The runner writes averages into the averager's tensors as they come (no copy of the model per
-    step), so a try that hivemind retries after it was interrupted midway left averages there: the
-    retry must not average them again as if they were the member's delta. Each member's first try
-    ends with CancelledError after a clean all-reduce (what hivemind retries); the same three meet
-    again, and each one reports the retry unclean, saying why, without crashing."""
+    step), so hivemind must not retry a step whose all-reduce began: the retry would average those
+    averages again as if they were the member's delta, in a new group. Each member's first try ends
+    with CancelledError after a clean all-reduce (what hivemind retries, and an exception that is no
+    Exception): each member's step ends there with no result and says why, and nothing crashes."""
+    import threading
+
     from coldfusion_p2p.swarm import averager as A
 
     g = torch.Generator().manual_seed(11)
@@ -382,22 +384,63 @@ def test_a_step_retried_after_its_all_reduce_changed_the_tensors_reports_an_uncl
     inputs = [[torch.randn(s, generator=g) * 0.01 for s in shapes] for _ in range(3)]
     real = A.FusionAverager._aggregate_with_group
 
-    def interrupt_first_tries(_dhts):
-        async def interrupted_once(self, group_info, min_vector_size, **kwargs):
+    def interrupt_every_try(_dhts):
+        async def interrupted(self, group_info, min_vector_size, **kwargs):
             result = await real(self, group_info, min_vector_size, **kwargs)
-            if not getattr(self, "_test_interrupted", False):
-                self._test_interrupted = True
-                assert result["clean"], result["error"]
-                raise asyncio.CancelledError()  # hivemind's _step retries on this
-            return result
+            assert result["clean"], result["error"]
+            raise asyncio.CancelledError()  # hivemind's _step retries on this, if it may
 
-        monkeypatch.setattr(A.FusionAverager, "_aggregate_with_group", interrupted_once)
+        monkeypatch.setattr(A.FusionAverager, "_aggregate_with_group", interrupted)
 
-    with three_averagers(tmp_path, inputs, "none", "t_r0_retry", 3, before=interrupt_first_tries) as (dhts, averagers):
-        results, outputs = step_all(averagers, 60)
+    with three_averagers(tmp_path, inputs, "none", "t_r0_retry", 3, before=interrupt_every_try) as (dhts, averagers):
+        results = [None] * 3
+
+        def one(i):
+            results[i] = averagers[i].run_step(1.0, {"i": i}, timeout=20)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        outputs = []
+        for av in averagers:
+            with av.get_tensors() as ts:
+                outputs.append([t.clone() for t in ts])
         assert all(av.is_alive() for av in averagers)
     mean = [torch.stack([inp[k] for inp in inputs]).mean(0) for k in range(len(shapes))]
-    for r, out in zip(results, outputs):
-        assert not r["clean"] and "interrupted after it changed the tensors" in r["error"], r["error"]
-        # what the tensors hold is the first try's average, never an average of averages and deltas
-        assert all(torch.allclose(o, m, atol=1e-6) for o, m in zip(out, mean))
+    for (result, _, _, error), out in zip(results, outputs):
+        assert result is None and error.startswith("CancelledError"), error  # a retry would have come back clean
+        assert all(torch.allclose(o, m, atol=1e-6) for o, m in zip(out, mean))  # the one try's average, nothing more
+
+
+def test_an_average_out_of_turn_is_refused_before_it_is_written():
+    """Averages are written into the local tensor as they are registered: one out of turn (a hostile
+    leader that names a reducer twice gets two exchanges serving one slice) is refused before its
+    values reach the tensor, as hivemind refuses it; one in turn lands in the part it averages."""
+    from hivemind.p2p import PeerID
+
+    from coldfusion_p2p.strategies import Strategy
+    from coldfusion_p2p.swarm.averager import CanonicalAllReduceRunner, FusionAverager
+
+    me, other = (PeerID.from_base58(p) for p in ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+                                                   "QmSoLnSGccFuZQJzRadHn95W2CrSFmZuTdDWP8HXaHca9z"))
+
+    class Local:
+        peer_id = me
+
+    async def scenario():
+        local = torch.arange(96, dtype=torch.float32)
+        runner = CanonicalAllReduceRunner(p2p=Local(), servicer_type=FusionAverager, prefix="x", group_id=b"g" * 20, tensors=[local],
+                                          ordered_peer_ids=[me, other], peer_fractions=(1.0, 1.0), part_size_bytes=64,
+                                          sender_timeout=1.0, reducer_timeout=2.0, rules={"part_bound": 1e9, "strategy": Strategy()})
+        container, before = runner.tensor_part_container, local.clone()
+        with pytest.raises(ValueError, match="out of turn"):
+            container.register_processed_part(1, 1, torch.full((16,), 9.0))
+        assert torch.equal(local, before)
+        container.register_processed_part(1, 0, torch.full((16,), 9.0))
+        first = container._input_parts_by_peer[1][0][0]  # the view of the local tensor that part was cut from
+        changed = (local != before).nonzero().flatten().tolist()
+        assert (first == 9.0).all() and len(changed) == first.numel() == 16 and local[changed[0]:changed[-1] + 1].data_ptr() == first.data_ptr()
+
+    asyncio.run(scenario())

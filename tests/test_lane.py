@@ -506,6 +506,9 @@ def test_a_float32_part_crosses_a_lane_raw_and_arrives_as_the_same_tensor(sealed
             assert received.numpy().tobytes() == t.numpy().tobytes()  # uncompressed: NaN's bits too
         if t.numel():
             assert isinstance(m, LanePart) and received.data_ptr() % 16 == 0  # no protobuf buffer in between; aligned
+            sent = raw_part(t, kind, weight=float(i + 1), **({"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": GROUP} if i == 0 else {}))
+            assert m.wire.dtype == sent.wire.dtype  # passed on, a received part is the message it came as
+            assert as_message(m).SerializeToString() == as_message(sent).SerializeToString()
             received += 0  # writable: the runner may keep and reduce it
     t = values[1]
     hivemind = averaging_pb2.AveragingData(tensor_part=serialize_torch_tensor(t, kind), weight=2.0)

@@ -192,6 +192,8 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         register = container.register_processed_part
 
         def checked_register(peer_index: int, part_index: int, part: torch.Tensor):
+            if part_index != container._outputs_registered_by_peer[peer_index]:  # hivemind's own check, made before
+                raise ValueError(f"part #{part_index} from peer #{peer_index} is out of turn")  # anything is written
             peer = self.ordered_peer_ids[peer_index]
             mine = container._input_parts_by_peer[peer_index][part_index][0]  # a view of the local tensor
             if peer != self.peer_id and part is not mine:
@@ -391,7 +393,7 @@ class FusionAverager(DecentralizedAverager):
         self._lane_server: LaneServer | None = None
         self._lane_dialer: LaneDialer | None = None
         self._runners: dict[bytes, Any] = {}
-        self._tensors_changed = False  # whether this step's tensors already hold averages of an all-reduce
+        self._step_control = None  # the step being run (``_step``): its retries end once an all-reduce began
         self._rules: dict = {}
         self._excluded: set[str] = set()
         self._expect: frozenset[str] = frozenset()  # the ready peers this peer's round waits for (``_start_when_complete``)
@@ -484,7 +486,7 @@ class FusionAverager(DecentralizedAverager):
                 return
 
     async def _step(self, *, step, future_for_init):
-        self._tensors_changed = False  # not yet: no all-reduce of this step has begun (``_aggregate_with_group``)
+        self._step_control = step
         early = asyncio.create_task(self._start_when_complete(time.monotonic())) if not self.client_mode else None
         try:
             await super()._step(step=step, future_for_init=future_for_init)
@@ -494,6 +496,7 @@ class FusionAverager(DecentralizedAverager):
             if not step.cancelled():
                 raise
         finally:
+            self._step_control = None
             if early is not None:
                 early.cancel()
 
@@ -662,13 +665,13 @@ class FusionAverager(DecentralizedAverager):
             gathered, error = {}, f"the group includes {len(excluded)} peer(s) that broke the rules before"
         elif len(group) > MAX_GROUP or not all(_PEER_RE.match(p) for p in group):
             gathered, error = {}, "the leader formed a group this protocol cannot record (too large, or odd peer ids)"
-        elif self._tensors_changed:
-            # hivemind retries a step whose all-reduce was cancelled midway, on tensors that try already
-            # wrote averages into: this step's inputs are gone (keeping a copy cost a pass over the model
-            # every round), so this view is unclean, as a failed all-reduce's is
-            gathered, error = {}, "an earlier try of this step's all-reduce was interrupted after it changed the tensors"
+        elif len(set(group)) != len(group):  # one peer in two places: two exchanges with it would serve one slice
+            gathered, error = {}, "the leader formed a group that names a peer twice"
         else:
-            self._tensors_changed = True  # the runner writes averages into the tensors as they come
+            # the runner writes averages into the tensors as they come, and this step's inputs are not kept
+            # (a copy cost a pass over the model every round): hivemind must not retry this step on them
+            if self._step_control is not None:
+                self._step_control._allow_retries = False  # hivemind 1.1.12's StepControl: what its retry checks
             try:
                 gathered = await super()._aggregate_with_group(self._even_split(group_info), min_vector_size, **kwargs)
             except Exception as e:  # noqa: BLE001 - any failure of the all-reduce makes this view unclean
@@ -738,7 +741,8 @@ class FusionAverager(DecentralizedAverager):
                         control.cancel()
                 time.sleep(0.02)
             result, error = control.result(), ""
-        except Exception as e:  # noqa: BLE001 - hivemind raises many kinds; each means "no result this time"
+        except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - hivemind raises many kinds (a step it ended
+            # on asyncio's CancelledError passes that on, and it is no Exception); each means "no result this time"
             result, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         end = time.perf_counter()
         t_allreduce = t_allreduce or end

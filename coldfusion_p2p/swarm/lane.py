@@ -44,7 +44,6 @@ import os
 import socket
 import struct
 import time
-import warnings
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -174,26 +173,30 @@ def decode_tensor(t: runtime_pb2.Tensor) -> torch.Tensor:
     (no part holding NaN is accepted). Anything else, or bytes that are not what the sizes say, goes
     to hivemind's decoder, which judges it as before."""
     if t.compression == _FLOAT16 and t.dtype == "float32" and len(t.size) <= 8 and math.prod(t.size) * 2 == len(t.buffer):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the bytes are only read, into a new tensor: that they are read-only is fine
-            half = torch.from_numpy(np.frombuffer(t.buffer, dtype=np.float16))
+        half = torch.from_numpy(np.frombuffer(t.buffer, dtype=np.float16))  # read-only, only read (hivemind silences
+        # torch's warning about that for its own decoder, and so for this one)
         return half.to(torch.float32).reshape(tuple(t.size)).requires_grad_(t.requires_grad)
     return deserialize_torch_tensor(t)
+
+
+def _raw_wire(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tensor | None:
+    """A frame's raw bytes as the tensor they are on the wire (float32, or float16 for a float32 part in
+    float16) when they are exactly what the fields declare; None for anything else."""
+    t = meta.tensor_part
+    if not meta.HasField("tensor_part") or t.dtype != "float32" or t.buffer or len(t.size) > 8:
+        return None
+    dtype = {runtime_pb2.CompressionType.NONE: torch.float32, _FLOAT16: torch.float16}.get(t.compression)
+    if dtype is None or math.prod(t.size) * dtype.itemsize != len(raw):  # sizes are uint32: never negative
+        return None
+    return torch.frombuffer(raw, dtype=dtype).reshape(tuple(t.size))  # requires_grad: never (``part_tensor``)
 
 
 def _raw_tensor(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tensor | None:
     """The tensor of a frame's raw bytes, made exactly as ``deserialize_torch_tensor`` makes a float32 part
     (uncompressed, or in float16: ``decode_tensor``) from the same bytes in ``tensor_part.buffer`` (but
     never tracking gradients); None for anything else."""
-    t = meta.tensor_part
-    if not meta.HasField("tensor_part") or t.dtype != "float32" or t.buffer or len(t.size) > 8:
-        return None
-    width = {runtime_pb2.CompressionType.NONE: 4, _FLOAT16: 2}.get(t.compression)
-    if width is None or math.prod(t.size) * width != len(raw):  # sizes are uint32: never negative
-        return None
-    if width == 2:  # requires_grad: never (``part_tensor``)
-        return torch.frombuffer(raw, dtype=torch.float16).to(torch.float32).reshape(tuple(t.size))
-    return torch.frombuffer(raw, dtype=torch.float32).reshape(tuple(t.size))
+    wire = _raw_wire(meta, raw)
+    return wire if wire is None or wire.dtype == torch.float32 else wire.to(torch.float32)
 
 
 class Channel:
@@ -278,9 +281,9 @@ class Channel:
             raise LaneError("a frame is not a part message") from e
         if not raw:
             return meta
-        tensor = _raw_tensor(meta, raw)
-        if tensor is not None:
-            return LanePart(meta, tensor)
+        wire = _raw_wire(meta, raw)
+        if wire is not None:  # its values, and the bytes it came as (what it would be sent on as)
+            return LanePart(meta, wire if wire.dtype == torch.float32 else wire.to(torch.float32), wire)
         meta.tensor_part.buffer = bytes(raw)  # not a float32 part's bytes: decoded (and judged) as a p2pd stream's would be
         return meta
 
