@@ -75,7 +75,7 @@ def peer_work(peers: int, values: int, strategy_name: str = "mean", protobuf: bo
         if protobuf:
             return averaging_pb2.AveragingData(tensor_part=serialize_torch_tensor(tensor, none), **fields).SerializeToString(), b""
         part = lane.raw_part(tensor, **fields)
-        return part.meta.SerializeToString(), memoryview(part.tensor.numpy()).cast("B")
+        return part.meta.SerializeToString(), memoryview(part.wire.numpy()).cast("B")
 
     def received(sent: tuple[bytes, memoryview | bytes]) -> tuple[bytearray, bytearray]:
         """The buffers the other end's socket reads fill (the kernel's copy: not timed)."""
@@ -84,7 +84,7 @@ def peer_work(peers: int, values: int, strategy_name: str = "mean", protobuf: bo
     def unframe(buffers: tuple[bytearray, bytearray]) -> torch.Tensor:
         """What the other end makes of the buffers it read."""
         meta = averaging_pb2.AveragingData.FromString(bytes(buffers[0]))
-        return deserialize_torch_tensor(meta.tensor_part) if protobuf else lane._raw_tensor(meta, buffers[1])
+        return deserialize_torch_tensor(meta.tensor_part) if protobuf else lane.LanePart(meta, lane._raw_wire(meta, buffers[1])).tensor
 
     # as a sender: the P-1 remote reducers' slices out, their averages back
     for _ in range(peers - 1):
@@ -113,7 +113,7 @@ def peer_work(peers: int, values: int, strategy_name: str = "mean", protobuf: bo
         else:
             answer = timed("encode", lane.raw_part, result, code=averaging_pb2.AVERAGED_PART)
             for _ in others:
-                timed("encode", lambda: (answer.meta.SerializeToString(), memoryview(answer.tensor.numpy()).cast("B")))
+                timed("encode", lambda: (answer.meta.SerializeToString(), memoryview(answer.wire.numpy()).cast("B")))
     spent["total"] = sum(spent.values())
     return spent
 

@@ -34,7 +34,7 @@ from hivemind.compression import (
 )
 from hivemind.dht import DHT
 from hivemind.p2p import P2PContext, PeerID
-from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, aiter_with_timeout, anext, as_aiter, attach_event_on_finished, azip
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
@@ -44,8 +44,8 @@ from coldfusion_p2p.membership import Admission
 from coldfusion_p2p.strategies import Strategy, influence, outliers
 from coldfusion_p2p.swarm.gate import RefusalLog
 from coldfusion_p2p.swarm.lane import (
-    GRANT_TIMEOUT, LaneDialer, LanePart, LaneServer, as_message, decode_tensor, encode_tensor, exchange, listen_hosts, part_tensor,
-    raw_part,
+    GRANT_TIMEOUT, RAW, LaneDialer, LanePart, LaneServer, as_message, decode_tensor, encode_tensor, exchange, listen_hosts,
+    part_tensor, raw_part,
 )
 from coldfusion_p2p.swarm.node import peer_str
 from coldfusion_p2p.swarm.transfer import serve_blob, split_blob_request
@@ -300,7 +300,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         assert not container._inputs_consumed_by_peer[peer_index], "input parts of a given peer are already deallocated."
         container._inputs_consumed_by_peer[peer_index] = True
         # uncompressed or float16, a part is sent from the tensor's memory (or its float16 copy) on a lane (LanePart)
-        raw = type(container.compression) in (NoCompression, Float16Compression)
+        raw = container.compression.compression_type in RAW
         for part_index, (part, info) in enumerate(container._input_parts_by_peer[peer_index]):
             first = {"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": self.group_id} if part_index == 0 else {}
             if raw and part.dtype == torch.float32:
@@ -316,7 +316,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         if key not in self._averages_sent:
             for old in [k for k in self._averages_sent if k[0] < part_index]:
                 del self._averages_sent[old]  # every sender is at this part or past it
-            if compression in (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16) and averaged_part.dtype == torch.float32:
+            if compression in RAW and averaged_part.dtype == torch.float32:
                 answer = raw_part(averaged_part, compression, code=averaging_pb2.AVERAGED_PART)
             else:
                 answer = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART,

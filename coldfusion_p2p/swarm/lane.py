@@ -76,6 +76,7 @@ RETRY_AFTER = 60.0  # seconds before a lane is asked again after a slow grant or
 SEAL_LOOPBACK = os.environ.get("CFP2P_SEAL_LOOPBACK", "") not in ("", "0")
 _TO_REDUCER, _TO_SENDER = b"\x00\x00\x00\x01", b"\x00\x00\x00\x02"
 _FLOAT16 = runtime_pb2.CompressionType.FLOAT16
+RAW = {runtime_pb2.CompressionType.NONE: torch.float32, _FLOAT16: torch.float16}  # a float32 part's wire forms that go raw
 _F16_MIN, _F16_MAX = torch.finfo(torch.float16).min, torch.finfo(torch.float16).max
 logger = get_logger(__name__)
 
@@ -92,16 +93,21 @@ def max_frame(part_size_bytes: int) -> int:
 
 class LanePart:
     """A part message whose tensor travels raw on a lane: ``meta`` is the ``AveragingData`` without the
-    tensor's bytes, ``tensor`` the float32 values (None on a sender's float16 part, which only sends),
-    ``wire`` the tensor whose bytes travel (the values themselves, or their float16 encoding). Reads
-    of other fields go to ``meta``; ``message()`` is the whole protobuf message, for a p2pd stream
-    (built once, so an average encoded for several senders is encoded once)."""
+    tensor's bytes, ``wire`` the tensor whose bytes travel (float32, or float16 for a float32 part in
+    float16), ``tensor`` its float32 values (made once, when asked for). Reads of other fields go to
+    ``meta``; ``message()`` is the whole protobuf message, for a p2pd stream (built once, so an average
+    encoded for several senders is encoded once)."""
 
-    __slots__ = ("meta", "tensor", "wire", "_message")
+    __slots__ = ("meta", "wire", "_values", "_message")
 
-    def __init__(self, meta: averaging_pb2.AveragingData, tensor: torch.Tensor | None, wire: torch.Tensor | None = None):
-        self.meta, self.tensor, self._message = meta, tensor, None
-        self.wire = tensor if wire is None else wire
+    def __init__(self, meta: averaging_pb2.AveragingData, wire: torch.Tensor):
+        self.meta, self.wire, self._values, self._message = meta, wire, None, None
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        if self._values is None:
+            self._values = self.wire if self.wire.dtype == torch.float32 else self.wire.to(torch.float32)
+        return self._values
 
     def __getattr__(self, name):
         if name.startswith("__") or name in LanePart.__slots__:  # not set yet (copy, pickle): no recursion into meta
@@ -123,11 +129,9 @@ def raw_part(tensor: torch.Tensor, compression: int = runtime_pb2.CompressionTyp
     the tensor's memory (or its float16 copy), and encoded only for a p2pd stream."""
     meta = runtime_pb2.Tensor(compression=compression, size=tensor.shape, dtype="float32",
                               requires_grad=False)  # a part never asks for gradients (see ``part_tensor``)
-    message = averaging_pb2.AveragingData(tensor_part=meta, **fields)
-    if compression == _FLOAT16:
-        return LanePart(message, None, _half(tensor.detach().contiguous()))
-    assert compression == runtime_pb2.CompressionType.NONE, "raw parts are float32, uncompressed or in float16"
-    return LanePart(message, tensor.detach().contiguous())
+    assert compression in RAW, "raw parts are float32, uncompressed or in float16"
+    values = tensor.detach().contiguous()
+    return LanePart(averaging_pb2.AveragingData(tensor_part=meta, **fields), _half(values) if compression == _FLOAT16 else values)
 
 
 def as_message(message):
@@ -140,11 +144,8 @@ def part_tensor(message) -> torch.Tensor:
     gradients. The sender chooses the message's ``requires_grad``: honoured, it made the average track
     gradients, then the averager's own tensors, whose autograd history kept every later round's parts
     alive, and every peer's parts asked for it from then on (red team: memory grew every round)."""
-    if not isinstance(message, LanePart):
-        return decode_tensor(message.tensor_part).detach()
-    if message.tensor is None:  # a float16 part made here: its values are what the other end will decode
-        return message.wire.to(torch.float32)
-    return message.tensor.detach()
+    tensor = message.tensor if isinstance(message, LanePart) else decode_tensor(message.tensor_part)
+    return tensor.detach()
 
 
 def _half(tensor: torch.Tensor) -> torch.Tensor:
@@ -172,31 +173,29 @@ def decode_tensor(t: runtime_pb2.Tensor) -> torch.Tensor:
     demo's all-reduce CPU time when measured with py-spy). A NaN stays NaN, its payload bits may not
     (no part holding NaN is accepted). Anything else, or bytes that are not what the sizes say, goes
     to hivemind's decoder, which judges it as before."""
-    if t.compression == _FLOAT16 and t.dtype == "float32" and len(t.size) <= 8 and math.prod(t.size) * 2 == len(t.buffer):
+    if _wire_dtype(t, len(t.buffer)) == torch.float16:
         half = torch.from_numpy(np.frombuffer(t.buffer, dtype=np.float16))  # read-only, only read (hivemind silences
         # torch's warning about that for its own decoder, and so for this one)
         return half.to(torch.float32).reshape(tuple(t.size)).requires_grad_(t.requires_grad)
     return deserialize_torch_tensor(t)
 
 
+def _wire_dtype(t: runtime_pb2.Tensor, nbytes: int) -> torch.dtype | None:
+    """The dtype ``nbytes`` bytes are in when they are exactly a float32 tensor of ``t``'s sizes in one of
+    the ``RAW`` forms ``t`` declares; None for anything else."""
+    dtype = RAW.get(t.compression)
+    if dtype is None or t.dtype != "float32" or len(t.size) > 8 or math.prod(t.size) * dtype.itemsize != nbytes:
+        return None  # sizes are uint32: never negative
+    return dtype
+
+
 def _raw_wire(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tensor | None:
-    """A frame's raw bytes as the tensor they are on the wire (float32, or float16 for a float32 part in
-    float16) when they are exactly what the fields declare; None for anything else."""
+    """A frame's raw bytes as the tensor they are on the wire, when they are exactly what the fields
+    declare (its ``LanePart``'s values are then what ``deserialize_torch_tensor`` makes of the same bytes
+    in ``tensor_part.buffer``, never tracking gradients); None for anything else."""
     t = meta.tensor_part
-    if not meta.HasField("tensor_part") or t.dtype != "float32" or t.buffer or len(t.size) > 8:
-        return None
-    dtype = {runtime_pb2.CompressionType.NONE: torch.float32, _FLOAT16: torch.float16}.get(t.compression)
-    if dtype is None or math.prod(t.size) * dtype.itemsize != len(raw):  # sizes are uint32: never negative
-        return None
-    return torch.frombuffer(raw, dtype=dtype).reshape(tuple(t.size))  # requires_grad: never (``part_tensor``)
-
-
-def _raw_tensor(meta: averaging_pb2.AveragingData, raw: bytearray) -> torch.Tensor | None:
-    """The tensor of a frame's raw bytes, made exactly as ``deserialize_torch_tensor`` makes a float32 part
-    (uncompressed, or in float16: ``decode_tensor``) from the same bytes in ``tensor_part.buffer`` (but
-    never tracking gradients); None for anything else."""
-    wire = _raw_wire(meta, raw)
-    return wire if wire is None or wire.dtype == torch.float32 else wire.to(torch.float32)
+    dtype = _wire_dtype(t, len(raw)) if meta.HasField("tensor_part") and not t.buffer else None
+    return None if dtype is None else torch.frombuffer(raw, dtype=dtype).reshape(tuple(t.size))
 
 
 class Channel:
@@ -282,8 +281,8 @@ class Channel:
         if not raw:
             return meta
         wire = _raw_wire(meta, raw)
-        if wire is not None:  # its values, and the bytes it came as (what it would be sent on as)
-            return LanePart(meta, wire if wire.dtype == torch.float32 else wire.to(torch.float32), wire)
+        if wire is not None:
+            return LanePart(meta, wire)
         meta.tensor_part.buffer = bytes(raw)  # not a float32 part's bytes: decoded (and judged) as a p2pd stream's would be
         return meta
 
