@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from coldfusion_p2p.model import BodyState
+from coldfusion_p2p.strategies import l2_norm
 
 
 def body_delta(base: BodyState, finetuned: BodyState, names: list[str]) -> list[torch.Tensor]:
@@ -23,7 +24,7 @@ def body_delta(base: BodyState, finetuned: BodyState, names: list[str]) -> list[
 
 
 def delta_norm(delta: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta))
+    return l2_norm(delta)
 
 
 @dataclass

@@ -47,6 +47,23 @@ def test_check_delta_rejects_nan_inf_and_large_norm():
     assert not big.ok and "exceeds" in big.reason
 
 
+def test_delta_norm_sums_squares_in_float64_block_by_block():
+    from coldfusion_p2p.strategies import NORM_CHUNK
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(2 * NORM_CHUNK + 17, generator=g), torch.randn(3, 5, generator=g).t(),  # blocks, and a strided view
+               torch.randn(7, generator=g).to(torch.bfloat16), torch.zeros(0)]
+    exact = math.sqrt(math.fsum(float(x) ** 2 for t in tensors for x in t.double().reshape(-1).tolist()))
+    assert math.isclose(delta_norm(tensors), exact, rel_tol=1e-12)
+    # a NaN or Inf in a later block, past a finite first one, still shows; float32 values whose squares overflow float32 do not
+    late = torch.zeros(NORM_CHUNK + 3)
+    late[-1] = float("nan")
+    assert math.isnan(delta_norm([late]))
+    late[-1] = float("-inf")
+    assert delta_norm([late]) == math.inf
+    assert math.isclose(delta_norm([torch.full((NORM_CHUNK + 1,), 3.0e38)]), 3.0e38 * math.sqrt(NORM_CHUNK + 1), rel_tol=1e-6)
+
+
 def test_weights_follow_the_manifests_rule_and_cap():
     assert Strategy().weight(500, 2000) == 1.0
     assert Weighted().weight(500, 2000) == 500.0
