@@ -805,7 +805,9 @@ class Contributor:
                 "result": new_hash if clean else "", "clean": clean, "reason": (reason or ("" if result["clean"] else why_unclean))[:300],
                 "offenders": sorted(result.get("offenders", {}))[:256], "signature": signature,
             })
+            t_published = time.perf_counter()
             decision, signed = self._await_verdicts(redo, group, group_id, cert, new_hash, clean)
+            t_verdicts = time.perf_counter() - t_published  # of verify: waiting for the group's verdicts
             if self.admission.private:  # the signers' tokens (checked by the averager when it took up the group) go with it
                 signed = signed.with_tokens({**{p: g.get("token") for p, g in result["gathered"].items() if isinstance(g, dict)},
                                              me: self.token})
@@ -814,7 +816,8 @@ class Contributor:
             admitted = (lambda peer, token, version: self.admission.signed_by_member(peer, token)) if self.admission.private else None
             if decision.action == "commit" and check_certificate(signed, self.manifest.name, r.min_group_size, admitted).ok:
                 self._commit(new_body, new_hash, signed, decision, redo, result, delta_norm(averaged),
-                             {"gather_s": t_gather, "matchmaking_s": t_match, "allreduce_s": t_allreduce, "verify_s": t_verify})
+                             {"gather_s": t_gather, "matchmaking_s": t_match, "allreduce_s": t_allreduce, "verify_s": t_verify,
+                              "verdicts_s": t_verdicts})
                 return "committed"
             own = "" if clean else (reason or why_unclean)  # what was wrong with this peer's own view, said too
             why = f"{decision.reason}: {own}" if decision.reason and own else (decision.reason or own)
