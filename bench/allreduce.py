@@ -6,7 +6,8 @@ For each group size and vector size it runs, in one process tree on this machine
   float32 vector; the figure is the slowest rank's ``all_reduce`` time, median over the repeats.
 - cfp2p: P real averagers (DHT, averager process, p2pd each, on loopback) run one round's fusion
   as ``cfp2p join`` does: matchmaking (gather, group forming), the verifying all-reduce with the
-  round's rules and strategy, and verify (hashing the result, as each member does before it signs).
+  round's rules and strategy, and verify (copying, checking and hashing the result, as each member does
+  before it signs).
 
     python bench/allreduce.py --peers 2 4 8 --values 22.7e6 110e6 --repeats 2
 
@@ -21,7 +22,6 @@ machine every process competes for the same cores: run it alone.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import socket
@@ -87,6 +87,8 @@ def gloo(size: int, values: int, repeats: int) -> float:
 
 def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_time: float, lane: bool = True) -> dict:
     """One fusion phase per repeat with ``size`` real averagers: medians of matchmaking, all-reduce, verify."""
+    from coldfusion_p2p.fusion import check_delta
+    from coldfusion_p2p.model import hash_body
     from coldfusion_p2p.strategies import Strategy
     from coldfusion_p2p.swarm import make_averager, quiet_hivemind, start_dht
 
@@ -125,10 +127,11 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                 if errors:
                     raise RuntimeError(f"the all-reduce failed: {errors[0] or 'unclean'}")
                 t0 = time.perf_counter()
-                with averagers[0].get_tensors() as ts:  # verify: each member hashes the result before it signs
-                    h = hashlib.sha256()
-                    for t in ts:
-                        h.update(t.numpy().tobytes())
+                with averagers[0].get_tensors() as ts:  # verify, as a member does before it signs: its own copy
+                    averaged = [t.clone() for t in ts]  # of the result, its check, and its hash
+                if not check_delta(averaged, float("inf")).ok:
+                    raise RuntimeError("the all-reduce's result holds NaN or Inf")
+                hash_body({f"{i:05d}": t for i, t in enumerate(averaged)})
                 verify = time.perf_counter() - t0
                 rows.append({"lanes": sum(len(r[0].get("lanes", [])) for r in results) / max(1, size * (size - 1)),
                              "matchmaking": max(r[1] for r in results), "allreduce": max(r[2] for r in results),

@@ -82,19 +82,32 @@ def l2_norm(tensors) -> float:
     return math.sqrt(total)
 
 
+REDUCE_CHUNK = 1 << 15  # values summed at a time: a 256 KiB float64 sum that stays in the core's cache
+
+
 def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """``sum(w_i x_i) / sum(w_i)``: a float64 sum in member order (exact in practice, so the order the
     parts arrived in does not matter), returned as float32.
 
-    The sum starts from the first member's values rather than from zeros, and the division writes
-    float32 at once: two passes fewer over a reducer's slice (an all-reduce's largest cost per value,
-    ``bench/allreduce_floor.py``). A coordinate every member left at -0.0 stays -0.0."""
-    acc = parts[0].to(torch.float64, copy=True)  # a new tensor, whatever the dtype: no member's part is written into
-    if float(weights[0]) != 1.0:
-        acc.mul_(float(weights[0]))
-    for w, part in zip(weights[1:], parts[1:]):
-        acc.add_(part, alpha=float(w))  # computed in float64 (type promotion), without a float64 copy of the part
-    return torch.div(acc, float(sum(weights)), out=torch.empty(acc.shape, dtype=torch.float32))
+    Block by block (``REDUCE_CHUNK`` values): each coordinate's sum is the same, but the float64 sum no
+    longer goes out to memory and back once per member. In an averager process beside three others on
+    two cores, a 4-member part's reduction took 1.0-1.2 ms of CPU this way, against 1.4-1.6 ms for the
+    whole part at once. Each sum starts from the first member's values rather than from zeros, and the
+    division writes float32 at once: a coordinate every member left at -0.0 stays -0.0."""
+    out = torch.empty(parts[0].shape, dtype=torch.float32)
+    flat_out, flats = out.view(-1), [p.reshape(-1) for p in parts]
+    n, total, first = flat_out.numel(), float(sum(weights)), float(weights[0])
+    acc_block = torch.empty(min(n, REDUCE_CHUNK), dtype=torch.float64)  # no member's part is written into
+    for i in range(0, n, REDUCE_CHUNK):
+        j = min(n, i + REDUCE_CHUNK)
+        acc = acc_block[:j - i]
+        acc.copy_(flats[0][i:j])
+        if first != 1.0:
+            acc.mul_(first)
+        for w, flat in zip(weights[1:], flats[1:]):
+            acc.add_(flat[i:j], alpha=float(w))  # computed in float64 (type promotion), without a float64 copy of the part
+        torch.div(acc, total, out=flat_out[i:j])
+    return out
 
 
 def trimmed_mean(parts: list[torch.Tensor], trim: int) -> torch.Tensor:
