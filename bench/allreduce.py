@@ -85,6 +85,14 @@ def gloo(size: int, values: int, repeats: int) -> float:
     return statistics.median(max(times[i] for _, times in per_rank) for i in range(repeats))
 
 
+def _why_unclean(result: dict | None) -> str:
+    """What a member's own view of an unclean all-reduce says went wrong."""
+    if not result:
+        return "no result"
+    said = {k: result.get(k) for k in ("error", "failure_reasons", "offenders", "banned", "failed_reducers", "failed_size") if result.get(k)}
+    return f"unclean: {said}" if said else "unclean"
+
+
 def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_time: float, lane: bool = True) -> dict:
     """One fusion phase per repeat with ``size`` real averagers: medians of matchmaking, all-reduce, verify."""
     from coldfusion_p2p.fusion import check_delta
@@ -123,9 +131,9 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                 for t in threads:
                     t.join()
                 wall = time.perf_counter() - start
-                errors = [r[3] for r in results if r[0] is None or not r[0].get("clean")]
+                errors = [r[3] or _why_unclean(r[0]) for r in results if r[0] is None or not r[0].get("clean")]
                 if errors:
-                    raise RuntimeError(f"the all-reduce failed: {errors[0] or 'unclean'}")
+                    raise RuntimeError(f"the all-reduce failed: {errors[0]}")
                 t0 = time.perf_counter()
                 with averagers[0].get_tensors() as ts:  # verify, as a member does before it signs: its own copy
                     averaged = [t.clone() for t in ts]  # of the result, its check, and its hash
