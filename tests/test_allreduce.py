@@ -63,7 +63,7 @@ def test_all_reduce_is_bit_identical_on_every_member_and_reports_clean(tmp_path,
     reducers = {me for me, r in zip(ids, results) if r["reduced_parts"] > 0}  # hivemind may leave a member no slice
     assert len(reducers) >= 2, [r["reduced_parts"] for r in results]
     for r, me in zip(results, ids):
-        assert r["clean"] and r["failed_size"] == 0 and not r["banned"] and len(r["group"]) == 3
+        assert r["clean"] and r["failed_size"] == 0 and not r["banned"] and len(r["group"]) == 3, {k: r.get(k) for k in ("error", "failure_reasons", "offenders", "banned", "failed_size")}
         assert sorted(v["i"] for v in r["gathered"].values()) == [0, 1, 2]
         # every part to another member's reducer went over a direct lane
         assert r["lanes"] == sorted(reducers - {me}), (me, r["lanes"], reducers)
@@ -230,6 +230,32 @@ def test_a_member_without_a_lane_takes_part_over_p2pd_and_the_result_is_the_same
         assert r["clean"] and r["failed_size"] == 0 and len(r["group"]) == 3 and r["reduced_parts"] > 0, r
     assert results[0]["lanes"] == []
     assert results[1]["lanes"] == [ids[2]] and results[2]["lanes"] == [ids[1]], (ids, [r["lanes"] for r in results])
+    expected = mean_delta(inputs)
+    for out in outputs:
+        for got, want in zip(out, expected):
+            assert torch.equal(got, want)
+
+
+def test_reducers_that_hold_their_p2pd_streams_open_after_the_last_answer_do_not_hold_up_the_round(tmp_path, monkeypatch):
+    """Over p2pd a reducer keeps each stream open after its last answer until the member hangs up (closing
+    at once lost the end of the last average about once in 70 two-peer all-reduces here: "sent 86 parts,
+    but we expected 87"). Members hang up as soon as they have every average, so even reducers that
+    would wait 60 s leave every step done within seconds, clean and exact."""
+    import time
+
+    from coldfusion_p2p.swarm import averager as averager_module
+
+    monkeypatch.setattr(averager_module, "HANG_UP_WAIT", 60.0)  # the averager processes fork from here and keep it
+    g = torch.Generator().manual_seed(11)
+    shapes = [(1024, 384), (777,)]  # enough parts for every member to reduce a slice
+    inputs = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    with three_averagers(tmp_path, inputs, "none", "t_r0_hangup", 3, lanes=[False, False, False]) as (dhts, averagers):
+        start = time.monotonic()
+        results, outputs = step_all(averagers, 50)
+        took = time.monotonic() - start
+    assert took < 30.0, took
+    for r in results:
+        assert r["clean"] and r["failed_size"] == 0 and not r["banned"] and r["lanes"] == [] and r["reduced_parts"] > 0, r
     expected = mean_delta(inputs)
     for out in outputs:
         for got, want in zip(out, expected):
