@@ -236,26 +236,39 @@ def test_a_member_without_a_lane_takes_part_over_p2pd_and_the_result_is_the_same
             assert torch.equal(got, want)
 
 
-def test_reducers_that_hold_their_p2pd_streams_open_after_the_last_answer_do_not_hold_up_the_round(tmp_path, monkeypatch):
+def test_over_p2pd_members_hang_up_once_they_have_every_average_and_reducers_wait_for_that(tmp_path, monkeypatch):
     """Over p2pd a reducer keeps each stream open after its last answer until the member hangs up (closing
     at once lost the end of the last average about once in 70 two-peer all-reduces here: "sent 86 parts,
-    but we expected 87"). Members hang up as soon as they have every average, so even reducers that
-    would wait 60 s leave every step done within seconds, clean and exact."""
+    but we expected 87"). Here a reducer would wait 60 s: every wait must end within seconds because the
+    member hung up, and the round is clean and exact. A member that read on until the reducer closed
+    its end would leave every wait running for the whole minute."""
     import time
 
-    from coldfusion_p2p.swarm import averager as averager_module
+    from coldfusion_p2p.swarm.averager import FusionAverager
 
-    monkeypatch.setattr(averager_module, "HANG_UP_WAIT", 60.0)  # the averager processes fork from here and keep it
+    waits = tmp_path / "waits.txt"
+
+    async def timed_wait(self) -> None:  # the averager processes fork from here and keep it
+        start = time.monotonic()
+        try:
+            await asyncio.sleep(60.0)
+        finally:
+            with open(waits, "a") as fh:
+                fh.write(f"{time.monotonic() - start:.3f}\n")
+
+    monkeypatch.setattr(FusionAverager, "_wait_for_hang_up", timed_wait)
     g = torch.Generator().manual_seed(11)
     shapes = [(1024, 384), (777,)]  # enough parts for every member to reduce a slice
     inputs = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
     with three_averagers(tmp_path, inputs, "none", "t_r0_hangup", 3, lanes=[False, False, False]) as (dhts, averagers):
-        start = time.monotonic()
         results, outputs = step_all(averagers, 50)
-        took = time.monotonic() - start
-    assert took < 30.0, took
+        deadline = time.monotonic() + 15.0  # each reducer waits on its two p2pd streams with averages in them
+        while time.monotonic() < deadline and (not waits.exists() or len(waits.read_text().split()) < 6):
+            time.sleep(0.2)
+        ended = [float(x) for x in waits.read_text().split()] if waits.exists() else []
     for r in results:
         assert r["clean"] and r["failed_size"] == 0 and not r["banned"] and r["lanes"] == [] and r["reduced_parts"] > 0, r
+    assert len(ended) >= 6 and max(ended[:6]) < 5.0, ended
     expected = mean_delta(inputs)
     for out in outputs:
         for got, want in zip(out, expected):
@@ -470,3 +483,49 @@ def test_an_average_out_of_turn_is_refused_before_it_is_written():
         assert (first == 9.0).all() and len(changed) == first.numel() == 16 and local[changed[0]:changed[-1] + 1].data_ptr() == first.data_ptr()
 
     asyncio.run(scenario())
+
+
+def test_a_reducer_does_not_ban_a_sender_whose_whole_share_it_took():
+    """hivemind bans a sender whenever its handler ends in an exception; over p2pd a member hangs up as
+    soon as it has every average, which may reach the reducer before its handler returns. A sender whose
+    every part this reducer took is therefore never banned (a ban would change no value, only name an
+    honest member as failed); one whose share is short still is."""
+    from hivemind.p2p import PeerID
+    from hivemind.proto import averaging_pb2
+
+    from coldfusion_p2p.strategies import Strategy
+    from coldfusion_p2p.swarm.averager import CanonicalAllReduceRunner, FusionAverager
+    from coldfusion_p2p.swarm.lane import raw_part
+
+    me, other = (PeerID.from_base58(p) for p in ("QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+                                                   "QmSoLnSGccFuZQJzRadHn95W2CrSFmZuTdDWP8HXaHca9z"))
+
+    class Local:
+        peer_id = me
+
+    def runner():
+        return CanonicalAllReduceRunner(p2p=Local(), servicer_type=FusionAverager, prefix="x", group_id=b"g" * 20,
+                                        tensors=[torch.arange(96, dtype=torch.float32)], ordered_peer_ids=[me, other],
+                                        peer_fractions=(1.0, 1.0), part_size_bytes=64, sender_timeout=2.0, reducer_timeout=4.0,
+                                        rules={"part_bound": 1e9, "strategy": Strategy()})
+
+    async def parts_of_other(r, count):
+        for i, mine in enumerate(r.parts_for_local_averaging[:count]):
+            first = {"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": r.group_id} if i == 0 else {}
+            yield raw_part(torch.ones_like(mine), weight=1.0, **first)
+
+    async def scenario(count):
+        r = runner()
+        own = asyncio.create_task(r._communicate_with_peer(me))  # this reducer's own parts, locally
+        answers = [a async for a in r._accumulate_parts_streaming(parts_of_other(r, count), r.sender_peer_ids.index(other))]
+        await r._ban_sender(other)  # what hivemind does when the handler ends in an exception
+        banned = other in r.banned_senders
+        own.cancel()
+        with contextlib.suppress(BaseException):
+            await own
+        return len(answers), len(r.parts_for_local_averaging), banned
+
+    answered, share, banned = asyncio.run(scenario(10))
+    assert answered == share == 3 and not banned
+    answered, share, banned = asyncio.run(scenario(2))  # a sender one part short is banned, as before
+    assert answered == 2 and banned

@@ -186,6 +186,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         self._channels: list = []
         self._averages_sent: dict = {}  # (part index, compression) -> the encoded average (_serialized_average)
         self.offenders: dict[PeerID, str] = {}
+        self._served: set[PeerID] = set()  # senders whose whole share this reducer took (``_ban_sender``)
         self.tensor_part_container.return_deltas = False  # failed parts then hold local values, not zeros
         self.tensor_part_reducer = StrategyPartReducer(self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders,
                                                        self.rules.get("strategy") or Strategy())
@@ -352,10 +353,21 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                     part_index += 1
                 except BannedException:
                     break  # this sender was banned: its part is no longer aggregated
+                if part_index == self.tensor_part_reducer.num_parts:
+                    self._served.add(sender)
                 yield self._average_answer(part_index - 1, averaged_part, part_compression)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(sender)
+
+
+    async def _ban_sender(self, peer_id: PeerID):
+        """hivemind's, except for a sender whose whole share this reducer already took: hivemind bans a sender
+        whenever its handler ends in an exception, and over p2pd a member hangs up as soon as it has every
+        average, which could reach a reducer still finishing its handler (a ban then changes no value,
+        only makes an honest member look like one that failed)."""
+        if peer_id not in self._served:
+            await super()._ban_sender(peer_id)
 
 
 class _LaneStub:
@@ -537,9 +549,15 @@ class FusionAverager(DecentralizedAverager):
         cancelled), for at most ``HANG_UP_WAIT`` seconds: closing it at once lost the end of the last
         average now and then, and the member then found a part missing ("sent 86 parts, but we
         expected 87": 4 of about 265 two-peer all-reduces over p2pd here, more on slow links)."""
+        answered = False
         async for message in self._aggregate_parts(stream, context):
+            answered = answered or message.code == averaging_pb2.AVERAGED_PART
             yield as_message(message)
-        await asyncio.sleep(HANG_UP_WAIT)
+        if answered:  # a refused or silent caller is not waited for
+            await self._wait_for_hang_up()
+
+    async def _wait_for_hang_up(self) -> None:
+        await asyncio.sleep(HANG_UP_WAIT)  # cancelled when the member hangs up
 
     async def _aggregate_parts(self, stream: AsyncIterator[averaging_pb2.AveragingData | LanePart], context: P2PContext
                                ) -> AsyncIterator[averaging_pb2.AveragingData | LanePart]:
