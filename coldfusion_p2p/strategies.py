@@ -217,8 +217,9 @@ class Strategy:
     def step(self, base: dict[str, torch.Tensor], names: list[str], averaged: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         new = model_tensors(base)  # a state left by another strategy (the manifest changed) is dropped
         for name, d in zip(names, averaged):
-            new[name] = (base[name].float() + (d if self.outer_lr == 1.0 else self.outer_lr * d)).to(base[name].dtype)  # 1.0 * d
-        return new  # is d, bit for bit: no pass to multiply by it
+            step = d if self.outer_lr == 1.0 else self.outer_lr * d  # 1.0 * d is d bit for bit: no pass to multiply
+            new[name] = (base[name].float() + step).to(base[name].dtype)
+        return new
 
     def step_factor(self) -> float:
         """How far one step may move the base, in units of the round's bound on the averaged delta."""

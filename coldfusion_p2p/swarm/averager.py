@@ -360,7 +360,6 @@ class CanonicalAllReduceRunner(AllReduceRunner):
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(sender)
 
-
     async def _ban_sender(self, peer_id: PeerID):
         """hivemind's, except for a sender whose whole share this reducer already took: hivemind bans a sender
         whenever its handler ends in an exception, and over p2pd a member hangs up as soon as it has every
