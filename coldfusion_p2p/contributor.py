@@ -784,11 +784,13 @@ class Contributor:
             with self.averager.get_tensors() as tensors:
                 averaged = [t.clone() for t in tensors]
             check = check_delta(averaged, float("inf"))
-            new_body, new_hash, reason = None, "", check.reason
+            new_body, new_hash, new_norm, reason = None, "", 0.0, check.reason
             if check.ok:
                 averaged, avg_norm, avg_clipped = clip_to_norm(averaged, bound, norm=check.norm)
+                new_norm = avg_norm  # the committed delta's norm: the check's, unless it was scaled down
                 if avg_clipped:
                     reason = f"averaged delta norm {avg_norm:.4g} scaled down to the round's bound {bound:.4g}"
+                    new_norm = delta_norm(averaged)
                 new_body = self.strategy.step(base.body, names, averaged)
                 new_hash = M.hash_body(new_body)
             clean = bool(result["clean"]) and check.ok
@@ -815,7 +817,7 @@ class Contributor:
             # a new version never counts a revoked peer's signature, whatever its line (that is for history)
             admitted = (lambda peer, token, version: self.admission.signed_by_member(peer, token)) if self.admission.private else None
             if decision.action == "commit" and check_certificate(signed, self.manifest.name, r.min_group_size, admitted).ok:
-                self._commit(new_body, new_hash, signed, decision, redo, result, delta_norm(averaged),
+                self._commit(new_body, new_hash, signed, decision, redo, result, new_norm,
                              {"gather_s": t_gather, "matchmaking_s": t_match, "allreduce_s": t_allreduce, "verify_s": t_verify,
                               "verdicts_s": t_verdicts})
                 return "committed"
