@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from coldfusion_p2p.config import STRATEGIES
@@ -83,6 +84,7 @@ def l2_norm(tensors) -> float:
 
 
 REDUCE_CHUNK = 1 << 15  # values summed at a time: a 256 KiB float64 sum that stays in the core's cache
+EXACT_WEIGHT = float(1 << 24)  # whole weights up to this times a float32 value are exact in float64 (24 + 24 bits < 53)
 
 
 def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -93,10 +95,20 @@ def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tens
     longer goes out to memory and back once per member. In an averager process beside three others on
     two cores, a 4-member part's reduction took 1.0-1.2 ms of CPU this way, against 1.4-1.6 ms for the
     whole part at once. Each sum starts from the first member's values rather than from zeros, and the
-    division writes float32 at once: a coordinate every member left at -0.0 stays -0.0."""
+    division writes float32 at once: a coordinate every member left at -0.0 stays -0.0.
+
+    float32 parts with whole weights (every part a reducer takes: ``part_violation``) are added by
+    numpy, whose float32-into-float64 loops took half the time of torch's mixed-dtype ``add_`` here
+    (``bench/allreduce_floor.py``'s reduce step). The same sums bit for bit: a whole weight below
+    ``EXACT_WEIGHT`` times a float32 value is exact in float64, so a fused multiply-add (torch's
+    ``alpha``) and a product then a sum (numpy) round the same once."""
     if any(p.shape != parts[0].shape for p in parts):  # a block of another length would broadcast, or be cut short
         raise ValueError(f"parts of different shapes: {sorted({tuple(p.shape) for p in parts})}")
     out = torch.empty(parts[0].shape, dtype=torch.float32)
+    if all(p.dtype == torch.float32 and p.device.type == "cpu" for p in parts) and all(
+            float(w).is_integer() and abs(w) <= EXACT_WEIGHT for w in weights):
+        _numpy_mean([p.detach().reshape(-1).numpy() for p in parts], [float(w) for w in weights], out.view(-1).numpy())
+        return out
     flat_out, flats = out.view(-1), [p.reshape(-1) for p in parts]
     n, total, first = flat_out.numel(), float(sum(weights)), float(weights[0])
     acc_block = torch.empty(min(n, REDUCE_CHUNK), dtype=torch.float64)  # no member's part is written into
@@ -110,6 +122,29 @@ def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tens
             acc.add_(flat[i:j], alpha=float(w))  # computed in float64 (type promotion), without a float64 copy of the part
         torch.div(acc, total, out=flat_out[i:j])
     return out
+
+
+def _numpy_mean(flats: list[np.ndarray], weights: list[float], out: np.ndarray) -> None:
+    """``weighted_mean``'s blocks for flat float32 arrays and whole weights, into ``out`` (float32).
+    Every product, sum and quotient is computed in float64 (``dtype=``: a Python float beside a float32
+    array would otherwise pick numpy's float32 loop)."""
+    n, total = out.size, float(sum(weights))
+    acc_block = np.empty(min(n, REDUCE_CHUNK), dtype=np.float64)
+    scratch = np.empty_like(acc_block) if any(w != 1.0 for w in weights[1:]) else None
+    for i in range(0, n, REDUCE_CHUNK):
+        j = min(n, i + REDUCE_CHUNK)
+        acc = acc_block[:j - i]
+        if weights[0] == 1.0:
+            acc[...] = flats[0][i:j]  # widened, exactly
+        else:
+            np.multiply(flats[0][i:j], weights[0], out=acc, dtype=np.float64)
+        for w, flat in zip(weights[1:], flats[1:]):
+            if w == 1.0:
+                np.add(acc, flat[i:j], out=acc, dtype=np.float64)
+            else:
+                np.multiply(flat[i:j], w, out=scratch[:j - i], dtype=np.float64)
+                np.add(acc, scratch[:j - i], out=acc)
+        np.divide(acc, total, out=out[i:j], dtype=np.float64, casting="same_kind")
 
 
 def trimmed_mean(parts: list[torch.Tensor], trim: int) -> torch.Tensor:

@@ -32,6 +32,43 @@ def test_a_reduction_of_slices_is_the_slice_of_the_reduction(strategy):
         assert torch.equal(part, torch.cat([t.reshape(-1) for t in whole])[lo:hi])
 
 
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (100_000,), (131_072,), (3, 40_000), (1536, 384)])
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0], [3.0, 1.0, 7.0], [1.0, 1.0, 1.0, 1.0, 1.0], [2.0**20, 5.0, 1.0, 2.0**24]])
+def test_weighted_mean_is_the_exact_float64_mean_whichever_loop_adds_it(shape, weights):
+    """float32 parts with whole weights are added by numpy, anything else by torch: both give, bit for
+    bit, ``sum(w_i x_i) / sum(w_i)`` computed in float64 in member order and rounded once to float32,
+    over values of very different sizes, -0.0 (kept where every member has it) and a transposed view."""
+    g = torch.Generator().manual_seed(len(weights) * 131 + len(shape))
+    parts = []
+    for k in range(len(weights)):
+        p = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 10, shape, generator=g).float())
+        if p.numel():
+            p.view(-1)[k::7] = 0.0
+            p.view(-1)[::5] = -0.0  # every member: their sum stays -0.0
+        if p.dim() == 2:
+            p = p.t().contiguous().t()  # the same values in a strided view
+            assert not p.is_contiguous()
+        parts.append(p)
+    expected = parts[0].double() * weights[0]
+    for w, p in zip(weights[1:], parts[1:]):
+        expected = expected + p.double() * w
+    expected = (expected / sum(weights)).float()
+    by_numpy = weighted_mean(parts, weights)
+    by_torch = weighted_mean([p.double() for p in parts], weights)  # the same values, another dtype: torch's loop
+    for got in (by_numpy, by_torch):
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))  # bit for bit, signs of zeros included
+    if by_numpy.numel():
+        assert torch.signbit(by_numpy.reshape(-1)[::5]).all()
+
+
+def test_weighted_mean_refuses_parts_of_different_shapes():
+    with pytest.raises(ValueError, match="different shapes"):
+        weighted_mean([torch.ones(4), torch.ones(5)], [1.0, 1.0])
+    with pytest.raises(ValueError, match="different shapes"):
+        weighted_mean([torch.ones(4).double(), torch.ones(2, 2).double()], [1.0, 1.0])
+
+
 def test_a_per_part_strategy_reduces_the_all_reduces_parts():
     """filtered_mean decides per part: the central loop, given the wire's part size, computes exactly what
     each reducer computes on its part, and without the part size it refuses rather than guess."""
