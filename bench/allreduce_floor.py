@@ -18,9 +18,18 @@ per-part work one peer's processes do for that with the project's own functions 
 ``--protobuf`` encodes every message whole (``serialize_torch_tensor``, the ``AveragingData`` bytes and
 back), as a p2pd stream carries it, and as lanes did before their frames carried raw tensors.
 
-What it leaves out is only a floor's friend: socket copies in the kernel, p2pd, asyncio, the DHT,
-matchmaking, lane framing and encryption. The P peers' processes share this machine's cores, so the
-all-reduce's wall time is at least ``P x work / cores``; the figure printed next to gloo's is that.
+What it leaves out of that work is only a floor's friend: p2pd, asyncio, the DHT, matchmaking, lane
+framing and encryption. The P peers' processes share this machine's cores, so the all-reduce's wall
+time is at least ``P x work / cores`` (the "work floor" printed next to gloo's).
+
+The bytes themselves are the other part of any floor: each peer sends, and receives, 2(P-1)/P of the
+vector's bytes (its parts out and the averages back as a sender, the others' parts in and their
+averages out as a reducer), exactly what each rank of gloo's ring all-reduce sends and receives. Over
+loopback every byte is copied by the kernel twice, into the sender's socket and out to the reader.
+``kernel`` is that CPU time for one peer's share: the same bytes in 512 KiB sends through a loopback
+TCP connection between two threads, with no Python work per message (``socket.sendall`` and
+``recv_into`` a reused buffer), both ends' CPU counted. ``P x kernel / cores`` is gloo's own floor; the
+protocol's floor is ``P x (work + kernel) / cores``.
 
     python bench/allreduce_floor.py --peers 2 4 8 --values 22.7e6
 
@@ -118,6 +127,38 @@ def peer_work(peers: int, values: int, strategy_name: str = "mean", protobuf: bo
     return spent
 
 
+def kernel_copy(nbytes: int, chunk: int = 1 << 19) -> float:
+    """CPU seconds (both threads) that moving ``nbytes`` through a loopback TCP connection costs, in
+    ``chunk``-byte sends read into a reused buffer: the kernel's two copies, and nothing per message
+    beyond one ``sendall`` and the reads it takes."""
+    import socket
+    import threading
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sender = socket.create_connection(server.getsockname())
+        reader, _ = server.accept()
+    data, buffer = bytes(chunk), bytearray(chunk)
+
+    def send() -> None:
+        left = nbytes
+        while left > 0:
+            sender.sendall(memoryview(data)[:min(chunk, left)])
+            left -= chunk
+
+    with sender, reader:
+        thread = threading.Thread(target=send)
+        start = time.process_time()
+        thread.start()
+        view, left = memoryview(buffer), nbytes
+        while left > 0:
+            got = reader.recv_into(view)
+            if not got:
+                raise ConnectionError("the loopback connection closed early")
+            left -= got
+        thread.join()
+        return time.process_time() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peers", type=int, nargs="+", default=[2, 4, 8])
@@ -131,16 +172,21 @@ def main() -> None:
     torch.set_num_threads(1)
     from allreduce import gloo
 
-    print(f"{'peers':>5} {'values':>8} {'gloo s':>7} {'work/peer s':>12} {'floor s':>8} {'floor x gloo':>13}   "
-          "work by step (s): encode decode check reduce influence copy", flush=True)
+    print(f"{'peers':>5} {'values':>8} {'gloo s':>7} {'work/peer s':>12} {'kernel/peer s':>14} {'work floor s':>13} "
+          f"{'kernel floor s':>15} {'floor s':>8} {'floor x gloo':>13}   work by step (s): encode decode check reduce influence copy",
+          flush=True)
     for values in (int(v) for v in args.values):
         for peers in args.peers:
             runs = [peer_work(peers, values, args.strategy, args.protobuf) for _ in range(args.repeats)]
             work = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            floor = peers * work["total"] / min(peers, args.cores)
+            moved = int(2 * (peers - 1) / peers * 4 * values)  # bytes each peer sends, and receives
+            kernel = statistics.median(kernel_copy(moved) for _ in range(args.repeats))
+            share = peers / min(peers, args.cores)  # the cores' time one peer's work takes when all P work at once
             g = math.nan if args.no_gloo else gloo(peers, values, args.repeats)
+            floor = share * (work["total"] + kernel)
             steps = " ".join(f"{work[k]:.3f}" for k in ("encode", "decode", "check", "reduce", "influence", "copy"))
-            print(f"{peers:>5} {values / 1e6:>7.1f}M {g:>7.3f} {work['total']:>12.3f} {floor:>8.3f} {floor / g:>13.1f}   {steps}", flush=True)
+            print(f"{peers:>5} {values / 1e6:>7.1f}M {g:>7.3f} {work['total']:>12.3f} {kernel:>14.3f} {share * work['total']:>13.3f} "
+                  f"{share * kernel:>15.3f} {floor:>8.3f} {floor / g:>13.1f}   {steps}", flush=True)
 
 
 if __name__ == "__main__":
