@@ -13,7 +13,10 @@ For each group size and vector size it runs, in one process tree on this machine
 
 Each size runs twice: parts over the direct lane (``swarm/lane.py``, what ``cfp2p join`` uses) and
 over hivemind's p2pd streams (``--transports`` picks); ``lanes`` is the share of member-to-reducer
-exchanges that went over a lane.
+exchanges that went over a lane. Before the timed repeats the averagers run one all-reduce untimed, as
+a swarm's peers have from their second round on: it tells each member its link rate, and the group
+then picks its part size from the members' rates (``averager.group_part_bytes``); ``part KiB`` is the
+part size the timed all-reduces used.
 
 Figures are printed, one row per (P, values), and written as JSON with ``--out``. On a shared
 machine every process competes for the same cores: run it alone.
@@ -113,7 +116,7 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                 averagers.append(make_averager(dht, "bench", [t.clone() for t in tensors], Path(tmp), compression,
                                                matchmaking_time, 600.0, size, lane=lane))
             rules = {"min_weight": 1.0, "max_weight": 1.0, "part_bound": 1e9, "strategy": Strategy()}
-            for rep in range(repeats):
+            for rep in range(-1, repeats):  # -1: the untimed first all-reduce (see the module's docstring)
                 for av, tensors in zip(averagers, inputs):
                     av.set_round(f"bench_r{rep}", size, size, rules=rules)
                     with av.get_tensors() as ts:
@@ -134,6 +137,8 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                 errors = [r[3] or _why_unclean(r[0]) for r in results if r[0] is None or not r[0].get("clean")]
                 if errors:
                     raise RuntimeError(f"the all-reduce failed: {errors[0]}")
+                if rep < 0:
+                    continue
                 t0 = time.perf_counter()
                 with averagers[0].get_tensors() as ts:  # verify, as a member does before it signs: its own copy
                     averaged = [t.clone() for t in ts]  # of the result, its check, and its hash
@@ -142,6 +147,7 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                 hash_body({f"{i:05d}": t for i, t in enumerate(averaged)})
                 verify = time.perf_counter() - t0
                 rows.append({"lanes": sum(len(r[0].get("lanes", [])) for r in results) / max(1, size * (size - 1)),
+                             "part_kib": min(r[0].get("part_bytes", 0) for r in results) / 1024,
                              "matchmaking": max(r[1] for r in results), "allreduce": max(r[2] for r in results),
                              "verify": verify, "wall": wall + verify})
         finally:
@@ -163,16 +169,24 @@ def main() -> None:
                     help="lane: parts over the direct encrypted TCP lane (the default in cfp2p join); p2pd: over hivemind's streams")
     ap.add_argument("--seal-loopback", action="store_true",
                     help="encrypt lanes over loopback too, as between machines (by default loopback lanes go unencrypted)")
+    ap.add_argument("--parts", choices=("auto", "usual", "wide"), default="auto",
+                    help="auto: the part size each group picks from its members' rates, as in a swarm; usual or wide: "
+                         "always 512 KiB or always 2 MiB parts (to compare the two)")
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.parts != "auto":
+        from coldfusion_p2p.swarm import averager
+
+        fixed = averager.WIDE_PART_BYTES if args.parts == "wide" else averager.PART_SIZE_BYTES
+        averager.group_part_bytes = lambda *_args, _fixed=fixed, **_kwargs: _fixed  # the averager processes fork from here and keep it
     if args.seal_loopback:
         from coldfusion_p2p.swarm import lane
 
         lane.SEAL_LOOPBACK = True  # the averager processes fork from this one and keep it
 
     rows = []
-    print(f"{'peers':>5} {'values':>8} {'gloo s':>8} {'transport':>9} {'lanes':>6} {'cfp2p all-reduce s':>19} {'x gloo':>7} "
+    print(f"{'peers':>5} {'values':>8} {'gloo s':>8} {'transport':>9} {'lanes':>6} {'part KiB':>9} {'cfp2p all-reduce s':>19} {'x gloo':>7} "
           f"{'matchmaking s':>14} {'verify s':>9} {'fusion s':>9} {'x gloo':>7}", flush=True)
     for values in (int(v) for v in args.values):
         for size in args.peers:
@@ -180,9 +194,9 @@ def main() -> None:
             for transport in args.transports:
                 c = cfp2p(size, values, args.repeats, args.compression, args.matchmaking_time, lane=transport == "lane")
                 row = {"peers": size, "values": values, "compression": args.compression, "transport": transport, "gloo_s": g,
-                       **{f"{k}_s" if k != "lanes" else k: v for k, v in c.items()}}
+                       **{f"{k}_s" if k not in ("lanes", "part_kib") else k: v for k, v in c.items()}}
                 rows.append(row)
-                print(f"{size:>5} {values / 1e6:>7.1f}M {g:>8.2f} {transport:>9} {c['lanes']:>6.0%} {c['allreduce']:>19.2f} "
+                print(f"{size:>5} {values / 1e6:>7.1f}M {g:>8.2f} {transport:>9} {c['lanes']:>6.0%} {c['part_kib']:>9.0f} {c['allreduce']:>19.2f} "
                       f"{c['allreduce'] / g:>7.1f} {c['matchmaking']:>14.2f} {c['verify']:>9.2f} {c['wall']:>9.2f} {c['wall'] / g:>7.1f}",
                       flush=True)
     if args.out:

@@ -97,11 +97,11 @@ def main() -> None:
             elif e["event"] == "committed":
                 s = e["stats"]
                 rows.append({"peer": store.name, "version": e["version"], "round_s": s["round_s"], "train_s": trained.get(e["version"]),
-                             **{k: s.get(k) for k in ("gather_s", "matchmaking_s", "allreduce_s", "verify_s", "verdicts_s", "store_s")}})
+                             **{k: s.get(k) for k in ("gather_s", "matchmaking_s", "allreduce_s", "verify_s", "verdicts_s", "store_s", "part_kib")}})
     for r in rows:
         outside = 1 - r["train_s"] / r["round_s"]
         print(f"{r['peer']} v{r['version']}: round {r['round_s']:.1f} s, training {r['train_s']:.1f} s, outside training {100 * outside:.1f}% "
-              f"(gather {r['gather_s']:.1f}, matchmaking {r['matchmaking_s']:.1f}, all-reduce {r['allreduce_s']:.1f}, "
+              f"(gather {r['gather_s']:.1f}, matchmaking {r['matchmaking_s']:.1f}, all-reduce {r['allreduce_s']:.1f} in {r['part_kib'] or 512} KiB parts, "
               f"verify {r['verify_s']:.1f} (waiting for verdicts {r['verdicts_s'] or 0:.1f}), store {r['store_s'] or 0:.1f})")
     if not args.workdir:  # three peers' stores: about 1.2 GB a run
         shutil.rmtree(work, ignore_errors=True)

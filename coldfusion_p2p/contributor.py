@@ -865,6 +865,7 @@ class Contributor:
         stats.update({
             "group_size": len(group), "answered": len(group) - len(decision.silent), "signers": len(cert.signatures),
             "redo": redo, "delta_norm": round(norm, 6), "strategy": self.strategy.name,
+            "part_kib": int(result.get("part_bytes") or 0) // 1024,  # the all-reduce's part size (``group_part_bytes``)
             # members whose parts this peer's reducer found far from the result (distance / median's)
             "outliers": {p: float(x) for p, x in sorted(result.get("outliers", {}).items())[:256]},
             # other members' words: kept only as plain counts within the manifest's budget

@@ -28,7 +28,7 @@ from coldfusion_p2p.protocol import BaseChoice, Version, choose_base, to_verify
 from coldfusion_p2p.store import VersionInfo, VersionStore
 
 _STAT_KEYS = {"gather_s", "matchmaking_s", "allreduce_s", "verify_s", "verdicts_s", "store_s", "round_s", "group_size", "answered", "signers",
-              "redo", "delta_norm"}
+              "redo", "delta_norm", "part_kib"}
 SKIP_SECONDS = 600.0  # how long a version whose holders served bad bytes or certificates is not tried again
 RETRY_SECONDS = 15.0  # ... and one that no holder could transfer at all (a flaky link is no lie)
 CERT_FETCH_TIMEOUT = 8.0

@@ -236,6 +236,68 @@ def test_a_member_without_a_lane_takes_part_over_p2pd_and_the_result_is_the_same
             assert torch.equal(got, want)
 
 
+def test_a_group_of_fast_members_uses_wide_parts_and_one_older_member_keeps_the_usual_ones(tmp_path, monkeypatch):
+    """Every member says its last all-reduce rate in its gathered data: a group whose slowest rate brings a
+    wide part in well within the senders' timeout uses ``WIDE_PART_BYTES``, and the result is still exactly
+    the network-free mean, over lanes and over p2pd. A member that says nothing (an older peer: hivemind's
+    own step) keeps the whole group at ``PART_SIZE_BYTES``, also for the members that did say a rate."""
+    from hivemind.averaging import DecentralizedAverager
+
+    from coldfusion_p2p.swarm.averager import PART_SIZE_BYTES, WIDE_PART_BYTES
+
+    g = torch.Generator().manual_seed(23)
+    shapes = [(2048, 1100), (5000,)]  # 2.3M values: several wide parts, every member reduces a slice
+    inputs = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    with three_averagers(tmp_path, inputs, "none", "t_r0_wide", 3, lanes=[False, True, True]) as (dhts, averagers):
+        for av in averagers:
+            av.link_rate = 1e9  # as after a fast all-reduce (``run_step`` measures it)
+        results, outputs = step_all(averagers, 60)
+        for av in averagers:
+            av.set_round("t_r1_wide", 3, 2)
+            with av.get_tensors() as ts:
+                for t, x in zip(ts, inputs[averagers.index(av)]):
+                    t.copy_(x)
+        controls = [av.step(weight=1.0, gather={"i": i}, timeout=30, wait=False) for i, av in enumerate(averagers[:2])]
+        controls.append(DecentralizedAverager.step(averagers[2], weight=1.0, gather={"i": 2}, timeout=30, wait=False))
+        older = [c.result(timeout=60) for c in controls]
+        with averagers[0].get_tensors() as ts:
+            older_out = [t.clone() for t in ts]
+    expected = mean_delta(inputs)
+    for rs, outs in ((results, outputs), (older, [older_out])):
+        for r in rs:
+            assert r["clean"] and r["failed_size"] == 0 and len(r["group"]) == 3 and r["reduced_parts"] > 0, r
+        for out in outs:
+            assert all(torch.equal(got, want) for got, want in zip(out, expected))
+    assert [r["part_bytes"] for r in results] == [WIDE_PART_BYTES] * 3
+    assert [r["part_bytes"] for r in older] == [PART_SIZE_BYTES] * 3
+    assert results[0]["reduced_parts"] < older[0]["reduced_parts"]
+
+
+def test_the_part_size_follows_the_slowest_member_and_only_where_it_changes_no_value():
+    from hivemind.proto import runtime_pb2
+
+    from coldfusion_p2p.strategies import strategy_for
+    from coldfusion_p2p.swarm.averager import PART_SIZE_BYTES, WIDE_MARGIN, WIDE_PART_BYTES, group_part_bytes, link_rate
+
+    none, half, eight = (runtime_pb2.CompressionType.NONE, runtime_pb2.CompressionType.FLOAT16,
+                         runtime_pb2.CompressionType.UNIFORM_8BIT)
+    enough = WIDE_MARGIN * WIDE_PART_BYTES * 3 / 10.0 * 1.001  # bytes/s that bring a wide part over each of 3 streams in 10/4 s
+    mean = strategy_for("mean")
+    assert group_part_bytes([enough] * 4, 4, 10.0, mean, none) == WIDE_PART_BYTES
+    assert group_part_bytes([enough] * 4, 4, 10.0, strategy_for("trimmed_mean"), half) == WIDE_PART_BYTES
+    assert group_part_bytes([enough * 100, enough * 0.9, enough, enough], 4, 10.0, mean, none) == PART_SIZE_BYTES  # the slowest decides
+    assert group_part_bytes([enough] * 4, 4, 5.0, mean, none) == PART_SIZE_BYTES  # a shorter timeout needs a faster link
+    assert group_part_bytes([enough] * 5, 5, 10.0, mean, none) == PART_SIZE_BYTES  # more streams share the same uplink
+    assert group_part_bytes([enough] * 4, 4, 10.0, strategy_for("filtered_mean"), none) == PART_SIZE_BYTES  # decides per part
+    assert group_part_bytes([enough] * 4, 4, 10.0, mean, eight) == PART_SIZE_BYTES  # a codebook per part
+    assert group_part_bytes([], 0, 10.0, mean, none) == PART_SIZE_BYTES
+    # what a member says is taken only as a plain positive finite number
+    assert link_rate({"rate": 5}) == 5.0 and link_rate({"rate": 2.5e8}) == 2.5e8
+    for said in ({}, {"rate": -1}, {"rate": float("nan")}, {"rate": float("inf")}, {"rate": "1e12"}, {"rate": True},
+                 {"rate": [1e12]}, None, [("rate", 1e12)]):
+        assert link_rate(said) == 0.0, said
+
+
 def test_over_p2pd_members_hang_up_once_they_have_every_average_and_reducers_wait_for_that(tmp_path, monkeypatch):
     """Over p2pd a reducer keeps each stream open after its last answer until the member hangs up (closing
     at once lost the end of the last average about once in 70 two-peer all-reduces here: "sent 86 parts,

@@ -54,7 +54,12 @@ from coldfusion_p2p.swarm.transfer import serve_blob, split_blob_request
 MAX_GROUP = 256  # members a verdict can list
 PART_FIRST_READ_TIMEOUT = 10.0  # seconds a caller has to send the first message of a part
 GROUP_SETUP_TIMEOUT = 30.0  # seconds a part waits for its group to be registered here
-PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce (1 and 2 MiB measured no faster: bench/allreduce.py)
+PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce: hivemind's, and every older peer's
+# per part when every member's last all-reduce ran fast enough (``group_part_bytes``): a part costs a
+# fixed amount of Python work in each averager (runner, futures, frames), and on fast links that, not
+# the bytes, was the all-reduce's largest cost (bench/allreduce.py: 0.76 -> 0.58 s with 4 peers)
+WIDE_PART_BYTES = 4 * PART_SIZE_BYTES
+WIDE_MARGIN = 4.0  # a wide part must take at most 1/4 of the senders' timeout at the slowest member's last rate
 LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
 FIRST_LOOKUP_INTERVAL = 0.04  # seconds before its second look; each pause doubles up to LEADER_LOOKUP_INTERVAL
 EARLY_START_GRACE = 0.2  # seconds a leader gathers at least, so that a better leader can still be found
@@ -401,6 +406,28 @@ async def _as_messages(messages):
             await messages.aclose()
 
 
+def link_rate(gathered: dict) -> float:
+    """The bytes per second a member says its last clean all-reduce moved (``FusionAverager.step``); 0 for
+    anything else: an older peer says nothing."""
+    rate = gathered.get("rate") if isinstance(gathered, dict) else None
+    return float(rate) if type(rate) in (int, float) and math.isfinite(rate) and rate > 0 else 0.0
+
+
+def group_part_bytes(rates: list[float], members: int, sender_timeout: float, strategy: Strategy, compression: int) -> int:
+    """The part size of one group's all-reduce: ``WIDE_PART_BYTES`` when every member's last rate (bytes
+    per second, ``link_rate``) brings a wide part over each of its ``members - 1`` streams in at most
+    1/``WIDE_MARGIN`` of the senders' timeout, else ``PART_SIZE_BYTES``. Every member works it out from
+    the same gathered data, so the group agrees; a member can only slow its own group down, never make
+    the slowest member's parts late (the slowest rate decides).
+
+    Only where the part size changes no value: a coordinate-wise strategy (``filtered_mean`` decides per
+    part) and a wire that encodes each value alone (8-bit has a codebook per part)."""
+    if strategy.per_part or compression not in RAW or members < 2 or not rates:
+        return PART_SIZE_BYTES
+    per_stream = min(rates) / (members - 1)
+    return WIDE_PART_BYTES if per_stream * sender_timeout >= WIDE_MARGIN * WIDE_PART_BYTES else PART_SIZE_BYTES
+
+
 class FusionAverager(DecentralizedAverager):
     """A DecentralizedAverager that (1) reports whether its own view of each all-reduce was clean and
     who broke the round's rules, (2) moves to a per-round matchmaking key with per-round rules,
@@ -424,7 +451,14 @@ class FusionAverager(DecentralizedAverager):
         # set before the process starts: its handlers must refuse outsiders from their first call
         self._admission = Admission.from_state(admission) if admission else Admission()
         self._refusals = RefusalLog(label)
+        self.link_rate = 0.0  # bytes per second of this peer's last clean all-reduce (``run_step``), said in ``step``
         super().__init__(*args, **kwargs)
+
+    def step(self, *args, gather=None, **kwargs):
+        """hivemind's, with this peer's last all-reduce rate in its gathered data (``group_part_bytes``)."""
+        if isinstance(gather, dict):
+            gather = {**gather, "rate": round(self.link_rate)}
+        return super().step(*args, gather=gather, **kwargs)
 
     def _gate(self, what: str, context: P2PContext, token=None, presented: bool = True) -> bool:
         """True when the caller may go on; else the refusal is logged (rate-limited) on this peer."""
@@ -603,7 +637,7 @@ class FusionAverager(DecentralizedAverager):
         if self._lane_on and self._lane_server is None:
             # a reducer gives up writing to a sender that stopped reading after the senders' own timeout: that
             # sender's stream then ends and it is banned, before the others' patience with this reducer runs out
-            server = LaneServer(self._serve_lane, PART_SIZE_BYTES, write_timeout=self.allreduce_kwargs.get("sender_timeout"))
+            server = LaneServer(self._serve_lane, WIDE_PART_BYTES, write_timeout=self.allreduce_kwargs.get("sender_timeout"))
             try:
                 await server.start(listen_hosts(await p2p.get_visible_maddrs()), self._lane_port)
                 self._lane_server = server
@@ -655,7 +689,12 @@ class FusionAverager(DecentralizedAverager):
         """The base class's all-reduce (hivemind 1.1.12) with the canonical runner, kept so its view can be checked."""
         group_id = group_info.group_id if group_id is None else group_id
         if self._lane_on and self._lane_dialer is None:
-            self._lane_dialer = LaneDialer(self._p2p, PART_SIZE_BYTES)
+            self._lane_dialer = LaneDialer(self._p2p, WIDE_PART_BYTES)
+        compression = kwargs.get("compression")
+        kwargs["part_size_bytes"] = group_part_bytes(
+            [link_rate(self._user_in(blob)) for blob in group_info.gathered], len(group_info.peer_ids),
+            kwargs.get("sender_timeout") or 0.0, self._rules.get("strategy") or Strategy(),
+            getattr(compression, "compression_type", None))
         runner = CanonicalAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -731,6 +770,7 @@ class FusionAverager(DecentralizedAverager):
             "failure_reasons": {peer_str(p): why for p, why in runner.failure_reasons.items()} if runner is not None else {},
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "lanes": sorted(peer_str(p) for p in runner.lane_peers) if runner is not None else [],
+            "part_bytes": runner.tensor_part_container.part_size_bytes if runner is not None else 0,
             "error": error,
         }
 
@@ -780,7 +820,20 @@ class FusionAverager(DecentralizedAverager):
             result, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         end = time.perf_counter()
         t_allreduce = t_allreduce or end
+        self.link_rate = self._rate_of(result, end - t_allreduce)
         return result, t_allreduce - start, end - t_allreduce, error
+
+    def _rate_of(self, result: dict | None, seconds: float) -> float:
+        """Bytes per second this peer sent in a clean all-reduce (its 2(P-1)/P of the vector on the wire),
+        over the whole all-reduce; 0 after anything else, so that the next group uses the usual parts."""
+        if not result or not result.get("clean") or seconds <= 0 or len(result.get("group") or ()) < 2:
+            return 0.0
+        members = len(result["group"])
+        wire = RAW.get(getattr(self.allreduce_kwargs.get("compression"), "compression_type", None))
+        if wire is None:
+            return 0.0
+        values = sum(t.numel() for t in self._averaged_tensors)
+        return 2 * (members - 1) / members * values * wire.itemsize / seconds
 
     async def _shutdown(self, timeout: float | None) -> None:
         # Ctrl+C in a terminal reaches p2pd too, and it may be gone before we unregister our
