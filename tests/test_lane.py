@@ -668,3 +668,33 @@ def test_float16_parts_encode_and_decode_as_hivemind_does_them():
             got = decode_tensor(t)
             assert got.dtype == want.dtype and torch.equal(got, want)
     assert not decode_tensor(runtime_pb2.Tensor(compression=f16, buffer=ones.buffer, size=[10], dtype="float32")).requires_grad
+
+
+def test_a_lane_takes_frames_only_as_long_as_its_groups_parts():
+    """A grant carries its group's part size: a lane of a group of 16 KiB parts ends on a frame of 256 KiB
+    (it never allocates room for it), though the server takes frames that long from a group whose parts
+    are that long."""
+
+    async def scenario():
+        echo = Echo()
+        server = LaneServer(echo, part_size_bytes=1 << 20)
+        await server.start(["127.0.0.1"])
+        outcomes = []
+        try:
+            for group, part_size in ((b"group-narrow", 1 << 14), (b"group-wide", 1 << 20)):
+                port, token, key = parse_grant(server.grant(PEER, group, part_size))
+                channel = Channel(await dial(port, MAGIC + token), key, outbound=True, frame_limit=1 << 22)
+                await channel.accepted()
+                message = part(1, size=1 << 18)
+                message.group_id = group
+                try:
+                    outcomes.append(len([a async for a in exchange(channel, _aiter([message]))]))
+                except LaneError as e:
+                    outcomes.append(str(e))
+            return outcomes, echo
+        finally:
+            await server.close()
+
+    (narrow, wide), echo = asyncio.run(scenario())
+    assert wide == 1, wide
+    assert narrow != 1 and echo.seen.count(1.0) == 1, (narrow, echo.seen)  # only the wide group's part reached the averager

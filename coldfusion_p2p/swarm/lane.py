@@ -348,6 +348,7 @@ class Grant:
     group_id: bytes
     key: bytes
     expires: float
+    frame_limit: int = 0  # the longest frame its lane takes (0: the server's); ``max_frame`` of the group's part size
 
 
 Serve = Callable[[PeerID, bytes, AsyncIterator[averaging_pb2.AveragingData]], AsyncIterator[averaging_pb2.AveragingData]]
@@ -470,10 +471,11 @@ class LaneServer:
         self._pending.pop(task, None)
         task.cancel()
 
-    def grant(self, peer: PeerID, group_id: bytes) -> bytes:
+    def grant(self, peer: PeerID, group_id: bytes, part_size_bytes: int | None = None) -> bytes:
         """A one-connection grant for ``peer`` (authenticated by libp2p): port, token and key, as bytes;
         b"" if that peer already has a lane open for this group. A new grant replaces the peer's
-        unused one for the group, so a member holds at most one grant and one lane per group here."""
+        unused one for the group, so a member holds at most one grant and one lane per group here.
+        ``part_size_bytes``: the group's part size, whose frames the lane takes (at most the server's)."""
         now = time.monotonic()
         if (str(peer), bytes(group_id)) in self._lanes:
             return b""
@@ -482,7 +484,8 @@ class LaneServer:
         while len(self._grants) >= MAX_GRANTS:
             del self._grants[next(iter(self._grants))]
         token, key = os.urandom(TOKEN_BYTES), os.urandom(KEY_BYTES)
-        self._grants[token] = Grant(peer, bytes(group_id), key, now + GRANT_TTL)
+        limit = min(self._frame_limit, max_frame(part_size_bytes)) if part_size_bytes else self._frame_limit
+        self._grants[token] = Grant(peer, bytes(group_id), key, now + GRANT_TTL, limit)
         return struct.pack(">H", self.port) + token + key
 
     async def _handle(self, sock: socket.socket) -> None:
@@ -497,7 +500,7 @@ class LaneServer:
                 return
             lane = (str(grant.peer), grant.group_id)
             self._lanes.add(lane)
-            channel = Channel(sock, grant.key, outbound=False, frame_limit=self._frame_limit, sealed=sealed_for(_peer_host(sock)),
+            channel = Channel(sock, grant.key, outbound=False, frame_limit=grant.frame_limit or self._frame_limit, sealed=sealed_for(_peer_host(sock)),
                               write_timeout=self._write_timeout)
             await channel.accept()
             answers = self._serve(grant.peer, grant.group_id, channel.messages())
@@ -595,9 +598,11 @@ class LaneDialer:
         self._frame_limit = max_frame(part_size_bytes)
         self.broken: dict[str, tuple[float, str]] = {}  # peer -> (until, why its lane failed)
 
-    async def open(self, peer: PeerID, group_id: bytes, ask: Callable[[bytes], Awaitable[bytes]]) -> Channel | None:
+    async def open(self, peer: PeerID, group_id: bytes, ask: Callable[[bytes], Awaitable[bytes]],
+                   part_size_bytes: int | None = None) -> Channel | None:
         """A connected lane to ``peer`` for ``group_id``, or None (the caller takes the p2pd stream).
-        ``ask(group_id)`` is the libp2p call that returns the reducer's grant."""
+        ``ask(group_id)`` is the libp2p call that returns the reducer's grant; ``part_size_bytes``: the
+        group's part size, whose frames the lane takes (at most the dialer's)."""
         key = str(peer)
         if key in self.broken and self.broken[key][0] > time.monotonic():
             return None
@@ -617,7 +622,8 @@ class LaneDialer:
             loop = asyncio.get_running_loop()
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
             await asyncio.wait_for(loop.sock_sendall(sock, MAGIC + token), CONNECT_TIMEOUT)
-            channel = Channel(sock, secret, outbound=True, frame_limit=self._frame_limit, sealed=sealed_for(host))
+            limit = min(self._frame_limit, max_frame(part_size_bytes)) if part_size_bytes else self._frame_limit
+            channel = Channel(sock, secret, outbound=True, frame_limit=limit, sealed=sealed_for(host))
             # no part is sent before the reducer has taken the grant: until then the p2pd stream is still an option
             try:
                 await asyncio.wait_for(channel.accepted(), CONNECT_TIMEOUT)
