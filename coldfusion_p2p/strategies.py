@@ -107,10 +107,11 @@ def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tens
     out = torch.empty(parts[0].shape, dtype=torch.float32)
     if all(p.dtype == torch.float32 and p.device.type == "cpu" for p in parts) and all(
             float(w).is_integer() and abs(w) <= EXACT_WEIGHT for w in weights):
-        _numpy_mean([p.detach().reshape(-1).numpy() for p in parts], [float(w) for w in weights], out.view(-1).numpy())
+        with np.errstate(divide="ignore", invalid="ignore"):  # all weights 0 (a manifest's min_weight 0): NaN, as torch gives
+            _numpy_mean([p.detach().reshape(-1).numpy() for p in parts], [float(w) for w in weights], out.view(-1).numpy())
         return out
     flat_out, flats = out.view(-1), [p.reshape(-1) for p in parts]
-    n, total, first = flat_out.numel(), float(sum(weights)), float(weights[0])
+    n, total, first = flat_out.numel(), sum(float(w) for w in weights), float(weights[0])
     acc_block = torch.empty(min(n, REDUCE_CHUNK), dtype=torch.float64)  # no member's part is written into
     for i in range(0, n, REDUCE_CHUNK):
         j = min(n, i + REDUCE_CHUNK)
@@ -128,7 +129,7 @@ def _numpy_mean(flats: list[np.ndarray], weights: list[float], out: np.ndarray) 
     """``weighted_mean``'s blocks for flat float32 arrays and whole weights, into ``out`` (float32).
     Every product, sum and quotient is computed in float64 (``dtype=``: a Python float beside a float32
     array would otherwise pick numpy's float32 loop)."""
-    n, total = out.size, float(sum(weights))
+    n, total = out.size, sum(weights)  # Python floats (``weighted_mean``): summed in float64, as torch's loop does
     acc_block = np.empty(min(n, REDUCE_CHUNK), dtype=np.float64)
     scratch = np.empty_like(acc_block) if any(w != 1.0 for w in weights[1:]) else None
     for i in range(0, n, REDUCE_CHUNK):

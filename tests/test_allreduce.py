@@ -236,7 +236,7 @@ def test_a_member_without_a_lane_takes_part_over_p2pd_and_the_result_is_the_same
             assert torch.equal(got, want)
 
 
-def test_a_group_of_fast_members_uses_wide_parts_and_one_older_member_keeps_the_usual_ones(tmp_path, monkeypatch):
+def test_a_group_of_fast_members_uses_wide_parts_and_one_older_member_keeps_the_usual_ones(tmp_path):
     """Every member says its last all-reduce rate in its gathered data: a group whose slowest rate brings a
     wide part in well within the senders' timeout uses ``WIDE_PART_BYTES``, and the result is still exactly
     the network-free mean, over lanes and over p2pd. A member that says nothing (an older peer: hivemind's
@@ -271,6 +271,44 @@ def test_a_group_of_fast_members_uses_wide_parts_and_one_older_member_keeps_the_
     assert [r["part_bytes"] for r in results] == [WIDE_PART_BYTES] * 3
     assert [r["part_bytes"] for r in older] == [PART_SIZE_BYTES] * 3
     assert results[0]["reduced_parts"] < older[0]["reduced_parts"]
+
+
+def test_members_that_cut_the_vector_otherwise_fail_that_exchange_and_name_no_one(tmp_path, monkeypatch):
+    """A leader relays the members' gathered data, and one that shows followers different versions of it
+    can make them choose different part sizes. The first message of a wide group's exchange names how its
+    member cut the vector (``LAYOUT_MARK``): a reducer that cut it otherwise answers BAD_GROUP_ID and judges
+    none of its parts, so the exchanges across the split fail, the round is unclean, and no member is named
+    an offender for a part of another shape. Nothing crashes."""
+    from coldfusion_p2p.swarm import averager as A
+
+    g = torch.Generator().manual_seed(29)
+    shapes = [(2048, 1100), (5000,)]
+    inputs = [[torch.randn(s, generator=g) for s in shapes] for _ in range(3)]
+    odd = {}
+
+    def split(dhts):
+        odd["peer"] = dhts[2].peer_id
+        honest_init = A.CanonicalAllReduceRunner.__init__
+
+        def init(self, *args, **kwargs):
+            if kwargs["p2p"].peer_id == odd["peer"]:  # as if the leader had shown it fast rates only
+                kwargs["part_size_bytes"] = A.WIDE_PART_BYTES
+            honest_init(self, *args, **kwargs)
+
+        monkeypatch.setattr(A.CanonicalAllReduceRunner, "__init__", init)
+
+    with three_averagers(tmp_path, inputs, "none", "t_r0_split", 3, lanes=[True, False, True], before=split) as (dhts, averagers):
+        results, _ = step_all(averagers, 90)
+        assert all(av.is_alive() for av in averagers)
+        ids = [dht.peer_id.to_base58() for dht in dhts]
+    assert [r["part_bytes"] for r in results] == [A.PART_SIZE_BYTES, A.PART_SIZE_BYTES, A.WIDE_PART_BYTES]
+    for i, r in enumerate(results):  # without the layout's name each reducer judged the other side's parts: offenders
+        assert not r["clean"] and r["offenders"] == {}, (i, r["offenders"])
+        # its exchange with each member across the split failed (refused: BAD_GROUP_ID, or the refusal's
+        # end cut off while this member was still sending), and no other exchange did
+        assert set(r["failure_reasons"]) == ({ids[2]} if i < 2 else set(ids[:2])), (i, r["failure_reasons"])
+    assert any(f"sent code {A.averaging_pb2.BAD_GROUP_ID}" in why for r in results for why in r["failure_reasons"].values()), \
+        [r["failure_reasons"] for r in results]
 
 
 def test_the_part_size_follows_the_slowest_member_and_only_where_it_changes_no_value():

@@ -60,6 +60,12 @@ PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce: hivemin
 # the bytes, was the all-reduce's largest cost (bench/allreduce.py: 0.76 -> 0.58 s with 4 peers)
 WIDE_PART_BYTES = 4 * PART_SIZE_BYTES
 WIDE_MARGIN = 4.0  # a wide part must take at most 1/4 of the senders' timeout at the slowest member's last rate
+# how a member of a wide group names the group in its first part message: the group id, this mark, and a
+# digest of how it cut the vector (``CanonicalAllReduceRunner.layout``). A reducer that cut it otherwise
+# answers BAD_GROUP_ID and takes nothing from it: no part of another shape is ever judged, and no one is
+# named for a disagreement that a leader's different views of the group could cause
+LAYOUT_MARK = b"|layout:"
+LAYOUT_BYTES = len(LAYOUT_MARK) + 16
 LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
 FIRST_LOOKUP_INTERVAL = 0.04  # seconds before its second look; each pause doubles up to LEADER_LOOKUP_INTERVAL
 EARLY_START_GRACE = 0.2  # seconds a leader gathers at least, so that a better leader can still be found
@@ -250,6 +256,17 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                 num_parts_processed += 1
             yield tensor
 
+    @property
+    def layout(self) -> bytes:
+        """b"" for hivemind's 512 KiB parts (every older peer's); for wide parts ``LAYOUT_MARK`` and a digest of
+        the members' order, the part size and each member's part count: how this member cut the vector."""
+        container = self.tensor_part_container
+        if container.part_size_bytes == PART_SIZE_BYTES:
+            return b""
+        digest = hashlib.sha256(b"".join(p.to_bytes() for p in self.ordered_peer_ids))
+        digest.update(repr((container.part_size_bytes, tuple(container.num_parts_by_peer))).encode())
+        return LAYOUT_MARK + digest.digest()[:LAYOUT_BYTES - len(LAYOUT_MARK)]
+
     def _get_peer_stub(self, peer: PeerID):
         return _LaneStub(self, peer, super()._get_peer_stub(peer))
 
@@ -319,7 +336,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         # uncompressed or float16, a part is sent from the tensor's memory (or its float16 copy) on a lane (LanePart)
         raw = container.compression.compression_type in RAW
         for part_index, (part, info) in enumerate(container._input_parts_by_peer[peer_index]):
-            first = {"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": self.group_id} if part_index == 0 else {}
+            first = {"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": self.group_id + self.layout} if part_index == 0 else {}
             if raw and part.dtype == torch.float32:
                 yield raw_part(part, container.compression.compression_type, weight=self.weight, **first)
             else:
@@ -388,7 +405,7 @@ class _LaneStub:
             async def ask(group_id: bytes) -> bytes:
                 return (await self.stub.rpc_open_lane(averaging_pb2.DownloadData(metadata=group_id))).metadata
 
-            channel = await runner.lanes.open(self.peer, runner.group_id, ask)
+            channel = await runner.lanes.open(self.peer, runner.group_id, ask, runner.tensor_part_container.part_size_bytes)
         if channel is None:
             return await self.stub.rpc_aggregate_part(_as_messages(inputs))
         runner._channels.append(channel)
@@ -406,6 +423,14 @@ async def _as_messages(messages):
             await messages.aclose()
 
 
+def split_layout(group_id: bytes) -> tuple[bytes, bytes]:
+    """(the group id, the layout it was named with: b"" for none) of a first part message's ``group_id``."""
+    group_id = bytes(group_id)
+    if len(group_id) > LAYOUT_BYTES and group_id[-LAYOUT_BYTES:].startswith(LAYOUT_MARK):
+        return group_id[:-LAYOUT_BYTES], group_id[-LAYOUT_BYTES:]
+    return group_id, b""
+
+
 def link_rate(gathered: dict) -> float:
     """The bytes per second a member says its last clean all-reduce moved (``FusionAverager.step``); 0 for
     anything else: an older peer says nothing."""
@@ -417,8 +442,10 @@ def group_part_bytes(rates: list[float], members: int, sender_timeout: float, st
     """The part size of one group's all-reduce: ``WIDE_PART_BYTES`` when every member's last rate (bytes
     per second, ``link_rate``) brings a wide part over each of its ``members - 1`` streams in at most
     1/``WIDE_MARGIN`` of the senders' timeout, else ``PART_SIZE_BYTES``. Every member works it out from
-    the same gathered data, so the group agrees; a member can only slow its own group down, never make
-    the slowest member's parts late (the slowest rate decides).
+    the gathered data the leader relays, so the group agrees; a member's claim can only slow its group
+    down, never make the slowest member's parts late (the slowest rate decides). A leader that shows
+    members different data splits them: ``LAYOUT_MARK`` makes each exchange across the split fail
+    without blame. A later version that decides otherwise must say its rate under another key.
 
     Only where the part size changes no value: a coordinate-wise strategy (``filtered_mean`` decides per
     part) and a wire that encodes each value alone (8-bit has a codebook per part)."""
@@ -603,11 +630,12 @@ class FusionAverager(DecentralizedAverager):
             return
         if not isinstance(request, (averaging_pb2.AveragingData, LanePart)):
             return
-        if request.group_id not in self._running_groups:
+        group_id, layout = split_layout(request.group_id)
+        if group_id not in self._running_groups:
             # the leader accepted us and began at once, and its answer with the group id is late
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._pending_groups_registered.wait(), GROUP_SETUP_TIMEOUT)
-        future, runner = self._running_groups.get(request.group_id), None
+        future, runner = self._running_groups.get(group_id), None
         if future is not None:
             try:
                 runner = await asyncio.wait_for(asyncio.shield(future), self._allreduce_timeout or 60.0)
@@ -623,9 +651,10 @@ class FusionAverager(DecentralizedAverager):
         if self._admission.private and not self._gate("a part of an all-reduce", context, presented=False):
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
-        if runner is None:
+        if runner is None or layout != runner.layout:  # another group, or this group cut otherwise (``LAYOUT_MARK``)
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
+        (request.meta if isinstance(request, LanePart) else request).group_id = group_id  # what hivemind's runner compares
         async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message
 
@@ -666,12 +695,13 @@ class FusionAverager(DecentralizedAverager):
             return averaging_pb2.DownloadData()
         if context.remote_id not in runner.sender_peer_ids or not self._gate("a lane", context, presented=False):
             return averaging_pb2.DownloadData()
-        return averaging_pb2.DownloadData(metadata=self._lane_server.grant(context.remote_id, group_id))
+        return averaging_pb2.DownloadData(metadata=self._lane_server.grant(context.remote_id, group_id,
+                                                                           runner.tensor_part_container.part_size_bytes))
 
     async def _serve_lane(self, peer: PeerID, group_id: bytes, messages) -> AsyncIterator[averaging_pb2.AveragingData]:
         """A lane's messages, taken as a p2pd stream from ``peer`` is: the same handler and checks."""
         first = await asyncio.wait_for(anext(messages), PART_FIRST_READ_TIMEOUT)
-        if first.group_id != group_id:
+        if split_layout(first.group_id)[0] != group_id:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
         context = P2PContext(handle_name="cfp2p-lane", local_id=self.peer_id, remote_id=peer)
@@ -833,7 +863,9 @@ class FusionAverager(DecentralizedAverager):
         if wire is None:
             return 0.0
         values = sum(t.numel() for t in self._averaged_tensors)
-        return 2 * (members - 1) / members * values * wire.itemsize / seconds
+        # a member that reduced no slice (a client) sent its whole vector, and answered no one
+        share = 2 * (members - 1) / members if result.get("reduced_parts") else 1.0
+        return share * values * wire.itemsize / seconds
 
     async def _shutdown(self, timeout: float | None) -> None:
         # Ctrl+C in a terminal reaches p2pd too, and it may be gone before we unregister our
@@ -1002,9 +1034,10 @@ def wire_compression(name: str):
 
 
 def part_values(name: str) -> int:
-    """Values per part of the all-reduce with the manifest's wire ``name``: hivemind splits every tensor
-    into parts of ``PART_SIZE_BYTES`` after compression, whatever the group (a per-part strategy's
-    central computation needs the same parts)."""
+    """Values per part of the all-reduce with the manifest's wire ``name`` in a group of the usual parts:
+    hivemind splits every tensor into parts of ``PART_SIZE_BYTES`` after compression. A per-part strategy
+    (whose central computation needs the same parts) and 8-bit compression always use them; others may
+    use wider parts (``group_part_bytes``), which change no value."""
     codec = wire_compression(name)
     info = CompressionInfo.from_tensor(torch.zeros(1))
     return int(PART_SIZE_BYTES / (4 * codec.estimate_compression_ratio(info)))
