@@ -53,6 +53,11 @@ def worker(args) -> None:
     if not os.environ.get("CFP2P_KEEP_LOGS"):
         quiet_hivemind()
     torch.set_num_threads(1)
+    if args.parts != "auto":  # a single all-reduce has no rate to go on: it would always take 512 KiB parts
+        from coldfusion_p2p.swarm import averager as averager_module
+
+        fixed = averager_module.WIDE_PART_BYTES if args.parts == "wide" else averager_module.PART_SIZE_BYTES
+        averager_module.group_part_bytes = lambda *_args, _fixed=fixed, **_kwargs: _fixed  # the averager process forks from here
     work = Path(args.work)
     peers = [] if args.rank == 0 else (work / "root.maddrs").read_text().split()
     dht = start_dht(peers, [f"/ip4/{args.host}/tcp/0"])
@@ -88,7 +93,7 @@ def worker(args) -> None:
         dht.shutdown()
 
 
-def run(size: int, rate: str, compression: str, values: int, transport: str = "lane") -> dict:
+def run(size: int, rate: str, compression: str, values: int, transport: str = "lane", parts: str = "auto") -> dict:
     tag = f"cfs{os.getpid() % 10000}"
     hub = tag + "hub"
     subnet = f"10.{100 + os.getpid() % 50}.{os.getpid() % 250}"
@@ -115,7 +120,7 @@ def run(size: int, rate: str, compression: str, values: int, transport: str = "l
             for i in range(size):
                 cmd = ["ip", "netns", "exec", namespaces[i + 1], sys.executable, __file__, "--worker", "--rank", str(i),
                        "--size", str(size), "--host", f"{subnet}.{i + 1}", "--work", work, "--values", str(values),
-                       "--compression", compression, "--transport", transport]
+                       "--compression", compression, "--transport", transport, "--parts", parts]
                 procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=open(Path(work) / f"log-{i}", "w"), stderr=subprocess.STDOUT))
                 if i == 0:
                     while not (Path(work) / "root.maddrs").exists():
@@ -143,7 +148,7 @@ def run(size: int, rate: str, compression: str, values: int, transport: str = "l
     per_value = {"none": 4, "float16": 2, "8bit": 1}[compression]
     bound = 2 * (size - 1) / size * values * per_value * 8 / _rate_bits(rate)
     took = max(r["allreduce"] for r in results)
-    return {"peers": size, "rate": rate, "compression": compression, "transport": transport,
+    return {"peers": size, "rate": rate, "compression": compression, "transport": transport, "parts": parts,
             "lanes": sum(r.get("lanes", 0) for r in results) / max(1, size * (size - 1)), "values": values, "allreduce_s": took,
             "bound_s": bound, "share_of_bound": bound / took, "clean": all(r["clean"] for r in results),
             "errors": [r["error"] for r in results]}
@@ -157,6 +162,8 @@ def main() -> None:
     ap.add_argument("--values", type=float, default=22.7e6)
     ap.add_argument("--transports", nargs="+", choices=("lane", "p2pd"), default=["lane", "p2pd"],
                     help="lane: parts over the direct encrypted lane (cfp2p join's default); p2pd: over hivemind's streams")
+    ap.add_argument("--parts", choices=("auto", "usual", "wide"), default="auto",
+                    help="auto: what a group picks (one all-reduce has no rate yet: 512 KiB); usual or wide: 512 KiB or 2 MiB parts")
     ap.add_argument("--out", default=None)
     ap.add_argument("--transport", default="lane", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -173,16 +180,16 @@ def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("bench/slow_links.py needs root (network namespaces and tc)")
     rows = []
-    print(f"{'peers':>5} {'rate':>8} {'wire':>8} {'transport':>9} {'lanes':>6} {'all-reduce s':>13} {'bound s':>8} {'of bound':>9}",
-          flush=True)
+    print(f"{'peers':>5} {'rate':>8} {'wire':>8} {'transport':>9} {'parts':>6} {'lanes':>6} {'all-reduce s':>13} {'bound s':>8} "
+          f"{'of bound':>9}", flush=True)
     for rate in args.rates:
         for compression in args.compression:
             for size in args.peers:
                 for transport in args.transports:
-                    row = run(size, rate, compression, int(args.values), transport)
+                    row = run(size, rate, compression, int(args.values), transport, args.parts)
                     rows.append(row)
                     note = "" if row["clean"] else f"  (unclean: {row['errors']})"
-                    print(f"{size:>5} {rate:>8} {compression:>8} {transport:>9} {row['lanes']:>6.0%} {row['allreduce_s']:>13.1f} "
+                    print(f"{size:>5} {rate:>8} {compression:>8} {transport:>9} {args.parts:>6} {row['lanes']:>6.0%} {row['allreduce_s']:>13.1f} "
                           f"{row['bound_s']:>8.1f} {100 * row['share_of_bound']:>8.0f}%{note}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
