@@ -329,6 +329,13 @@ def test_the_part_size_follows_the_slowest_member_and_only_where_it_changes_no_v
     assert group_part_bytes([enough] * 4, 4, 10.0, strategy_for("filtered_mean"), none) == PART_SIZE_BYTES  # decides per part
     assert group_part_bytes([enough] * 4, 4, 10.0, mean, eight) == PART_SIZE_BYTES  # a codebook per part
     assert group_part_bytes([], 0, 10.0, mean, none) == PART_SIZE_BYTES
+    # a first message's group id: hivemind's ids are 20 bytes; a layout's name is a fixed-length suffix
+    from coldfusion_p2p.swarm.averager import LAYOUT_BYTES, LAYOUT_MARK, split_layout
+
+    plain, named = bytes(range(20)), LAYOUT_MARK + bytes(LAYOUT_BYTES - len(LAYOUT_MARK))
+    assert split_layout(plain) == (plain, b"") and split_layout(plain + named) == (plain, named)
+    assert split_layout(named) == (named, b"")  # nothing left of a group id: not a layout's name
+    assert split_layout(plain + named[:-1]) == (plain + named[:-1], b"")
     # what a member says is taken only as a plain positive finite number
     assert link_rate({"rate": 5}) == 5.0 and link_rate({"rate": 2.5e8}) == 2.5e8
     for said in ({}, {"rate": -1}, {"rate": float("nan")}, {"rate": float("inf")}, {"rate": "1e12"}, {"rate": True},

@@ -698,3 +698,4 @@ def test_a_lane_takes_frames_only_as_long_as_its_groups_parts():
     (narrow, wide), echo = asyncio.run(scenario())
     assert wide == 1, wide
     assert narrow != 1 and echo.seen.count(1.0) == 1, (narrow, echo.seen)  # only the wide group's part reached the averager
+    assert any(e.startswith("a frame of 262") for e in echo.ended), echo.ended  # refused for its length

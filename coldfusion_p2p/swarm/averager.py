@@ -651,7 +651,11 @@ class FusionAverager(DecentralizedAverager):
         if self._admission.private and not self._gate("a part of an all-reduce", context, presented=False):
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
-        if runner is None or layout != runner.layout:  # another group, or this group cut otherwise (``LAYOUT_MARK``)
+        if runner is not None and layout != runner.layout and context.remote_id in runner.sender_peer_ids:
+            # this group, cut otherwise (``LAYOUT_MARK``): none of its parts can be taken. Banned now, not after
+            # the senders' timeout (as a sender that never came would be), and never named an offender
+            await runner._ban_sender(context.remote_id)
+        if runner is None or layout != runner.layout:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
         (request.meta if isinstance(request, LanePart) else request).group_id = group_id  # what hivemind's runner compares
@@ -766,8 +770,9 @@ class FusionAverager(DecentralizedAverager):
             gathered, error = {}, f"the group includes {len(outsiders)} peer(s) without a valid membership token"
         elif excluded:  # a group led by a peer we caught before: take no part, say why
             gathered, error = {}, f"the group includes {len(excluded)} peer(s) that broke the rules before"
-        elif len(group) > MAX_GROUP or not all(_PEER_RE.match(p) for p in group):
-            gathered, error = {}, "the leader formed a group this protocol cannot record (too large, or odd peer ids)"
+        elif len(group) > MAX_GROUP or not all(_PEER_RE.match(p) for p in group) or split_layout(group_info.group_id)[1]:
+            # (a group id that ends like a layout's name would be cut short by every reducer: ``split_layout``)
+            gathered, error = {}, "the leader formed a group this protocol cannot record (too large, odd peer ids, or an odd group id)"
         elif len(set(group)) != len(group):  # one peer in two places: two exchanges with it would serve one slice
             gathered, error = {}, "the leader formed a group that names a peer twice"
         else:
