@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from concurrent.futures import InvalidStateError
+from functools import cached_property
 import hashlib
 import math
 import re
@@ -256,10 +257,11 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                 num_parts_processed += 1
             yield tensor
 
-    @property
+    @cached_property
     def layout(self) -> bytes:
         """b"" for hivemind's 512 KiB parts (every older peer's); for wide parts ``LAYOUT_MARK`` and a digest of
-        the members' order, the part size and each member's part count: how this member cut the vector."""
+        the members' order, the part size and each member's part count: how this member cut the vector (fixed
+        once the runner exists: worked out once)."""
         container = self.tensor_part_container
         if container.part_size_bytes == PART_SIZE_BYTES:
             return b""
@@ -651,11 +653,12 @@ class FusionAverager(DecentralizedAverager):
         if self._admission.private and not self._gate("a part of an all-reduce", context, presented=False):
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
-        if runner is not None and layout != runner.layout and context.remote_id in runner.sender_peer_ids:
+        cut_otherwise = runner is not None and layout != runner.layout
+        if cut_otherwise and context.remote_id in runner.sender_peer_ids:
             # this group, cut otherwise (``LAYOUT_MARK``): none of its parts can be taken. Banned now, not after
             # the senders' timeout (as a sender that never came would be), and never named an offender
             await runner._ban_sender(context.remote_id)
-        if runner is None or layout != runner.layout:
+        if runner is None or cut_otherwise:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
         (request.meta if isinstance(request, LanePart) else request).group_id = group_id  # what hivemind's runner compares

@@ -91,6 +91,11 @@ def max_frame(part_size_bytes: int) -> int:
     return 2 * part_size_bytes + (1 << 16)
 
 
+def group_frame_limit(most: int, part_size_bytes: int | None) -> int:
+    """A lane's frame limit for a group of ``part_size_bytes`` parts (None: unknown), never above ``most``."""
+    return min(most, max_frame(part_size_bytes)) if part_size_bytes else most
+
+
 class LanePart:
     """A part message whose tensor travels raw on a lane: ``meta`` is the ``AveragingData`` without the
     tensor's bytes, ``wire`` the tensor whose bytes travel (float32, or float16 for a float32 part in
@@ -348,7 +353,7 @@ class Grant:
     group_id: bytes
     key: bytes
     expires: float
-    frame_limit: int = 0  # the longest frame its lane takes (0: the server's); ``max_frame`` of the group's part size
+    frame_limit: int  # the longest frame its lane takes (``group_frame_limit``)
 
 
 Serve = Callable[[PeerID, bytes, AsyncIterator[averaging_pb2.AveragingData]], AsyncIterator[averaging_pb2.AveragingData]]
@@ -484,8 +489,7 @@ class LaneServer:
         while len(self._grants) >= MAX_GRANTS:
             del self._grants[next(iter(self._grants))]
         token, key = os.urandom(TOKEN_BYTES), os.urandom(KEY_BYTES)
-        limit = min(self._frame_limit, max_frame(part_size_bytes)) if part_size_bytes else self._frame_limit
-        self._grants[token] = Grant(peer, bytes(group_id), key, now + GRANT_TTL, limit)
+        self._grants[token] = Grant(peer, bytes(group_id), key, now + GRANT_TTL, group_frame_limit(self._frame_limit, part_size_bytes))
         return struct.pack(">H", self.port) + token + key
 
     async def _handle(self, sock: socket.socket) -> None:
@@ -500,7 +504,7 @@ class LaneServer:
                 return
             lane = (str(grant.peer), grant.group_id)
             self._lanes.add(lane)
-            channel = Channel(sock, grant.key, outbound=False, frame_limit=grant.frame_limit or self._frame_limit, sealed=sealed_for(_peer_host(sock)),
+            channel = Channel(sock, grant.key, outbound=False, frame_limit=grant.frame_limit, sealed=sealed_for(_peer_host(sock)),
                               write_timeout=self._write_timeout)
             await channel.accept()
             answers = self._serve(grant.peer, grant.group_id, channel.messages())
@@ -622,8 +626,8 @@ class LaneDialer:
             loop = asyncio.get_running_loop()
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
             await asyncio.wait_for(loop.sock_sendall(sock, MAGIC + token), CONNECT_TIMEOUT)
-            limit = min(self._frame_limit, max_frame(part_size_bytes)) if part_size_bytes else self._frame_limit
-            channel = Channel(sock, secret, outbound=True, frame_limit=limit, sealed=sealed_for(host))
+            channel = Channel(sock, secret, outbound=True, frame_limit=group_frame_limit(self._frame_limit, part_size_bytes),
+                              sealed=sealed_for(host))
             # no part is sent before the reducer has taken the grant: until then the p2pd stream is still an option
             try:
                 await asyncio.wait_for(channel.accepted(), CONNECT_TIMEOUT)
