@@ -51,6 +51,17 @@ def tensors_for(rank: int, values: int) -> list[torch.Tensor]:
     return [torch.randn(n, generator=g) * 1e-3 for n in sizes]
 
 
+def fix_part_size(parts: str) -> None:
+    """``--parts``: "usual" or "wide" makes every group of the averagers forked after this use 512 KiB or
+    2 MiB parts, whatever its members' rates; "auto" leaves the choice to the groups."""
+    if parts == "auto":
+        return
+    from coldfusion_p2p.swarm import averager
+
+    fixed = averager.WIDE_PART_BYTES if parts == "wide" else averager.PART_SIZE_BYTES
+    averager.group_part_bytes = lambda *_args, **_kwargs: fixed
+
+
 def _gloo_rank(rank: int, size: int, port: int, values: int, repeats: int, out) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
@@ -175,11 +186,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures here as JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if args.parts != "auto":
-        from coldfusion_p2p.swarm import averager
-
-        fixed = averager.WIDE_PART_BYTES if args.parts == "wide" else averager.PART_SIZE_BYTES
-        averager.group_part_bytes = lambda *_args, _fixed=fixed, **_kwargs: _fixed  # the averager processes fork from here and keep it
+    fix_part_size(args.parts)  # the averager processes fork from this one and keep it
     if args.seal_loopback:
         from coldfusion_p2p.swarm import lane
 

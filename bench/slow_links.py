@@ -46,18 +46,14 @@ def worker(args) -> None:
     """One peer, inside its namespace: DHT, averager, one all-reduce; timings to ``--result``."""
     import torch
 
-    from bench.allreduce import tensors_for
+    from bench.allreduce import fix_part_size, tensors_for
     from coldfusion_p2p.strategies import Strategy
     from coldfusion_p2p.swarm import make_averager, quiet_hivemind, start_dht, visible_maddrs
 
     if not os.environ.get("CFP2P_KEEP_LOGS"):
         quiet_hivemind()
     torch.set_num_threads(1)
-    if args.parts != "auto":  # a single all-reduce has no rate to go on: it would always take 512 KiB parts
-        from coldfusion_p2p.swarm import averager as averager_module
-
-        fixed = averager_module.WIDE_PART_BYTES if args.parts == "wide" else averager_module.PART_SIZE_BYTES
-        averager_module.group_part_bytes = lambda *_args, _fixed=fixed, **_kwargs: _fixed  # the averager process forks from here
+    fix_part_size(args.parts)  # a single all-reduce has no rate to go on: "auto" always takes 512 KiB parts
     work = Path(args.work)
     peers = [] if args.rank == 0 else (work / "root.maddrs").read_text().split()
     dht = start_dht(peers, [f"/ip4/{args.host}/tcp/0"])
