@@ -6,8 +6,8 @@ For each group size and vector size it runs, in one process tree on this machine
   float32 vector; the figure is the slowest rank's ``all_reduce`` time, median over the repeats.
 - cfp2p: P real averagers (DHT, averager process, p2pd each, on loopback) run one round's fusion
   as ``cfp2p join`` does: matchmaking (gather, group forming), the verifying all-reduce with the
-  round's rules and strategy, and verify (copying, checking and hashing the result, as each member does
-  before it signs).
+  round's rules and strategy, and verify (copying and checking the result, adding it to the base and
+  hashing the new base, as each member does before it signs).
 
     python bench/allreduce.py --peers 2 4 8 --values 22.7e6 110e6 --repeats 2
 
@@ -117,6 +117,8 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
     quiet_hivemind()
     dhts, averagers, rows = [], [], []
     inputs = [tensors_for(r, values) for r in range(size)]
+    names = [f"{i:05d}" for i in range(len(inputs[0]))]
+    base = {n: t.clone() for n, t in zip(names, inputs[-1])}  # any base of the same shapes: verify's step adds to it
     with tempfile.TemporaryDirectory(prefix="cfp2p-bench-") as tmp:
         try:
             first = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -152,10 +154,10 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                     continue
                 t0 = time.perf_counter()
                 with averagers[0].get_tensors() as ts:  # verify, as a member does before it signs: its own copy
-                    averaged = [t.clone() for t in ts]  # of the result, its check, and its hash
+                    averaged = [t.clone() for t in ts]  # of the result, its check, the next base, and its hash
                 if not check_delta(averaged, float("inf")).ok:
                     raise RuntimeError("the all-reduce's result holds NaN or Inf")
-                hash_body({f"{i:05d}": t for i, t in enumerate(averaged)})
+                hash_body(Strategy().step(base, names, averaged, consume=True))
                 verify = time.perf_counter() - t0
                 rows.append({"lanes": sum(len(r[0].get("lanes", [])) for r in results) / max(1, size * (size - 1)),
                              "part_kib": min(r[0].get("part_bytes", 0) for r in results) / 1024,

@@ -791,7 +791,7 @@ class Contributor:
                 if avg_clipped:
                     reason = f"averaged delta norm {avg_norm:.4g} scaled down to the round's bound {bound:.4g}"
                     new_norm = delta_norm(averaged)
-                new_body = self.strategy.step(base.body, names, averaged)
+                new_body = self.strategy.step(base.body, names, averaged, consume=True)  # the copy is ours
                 new_hash = M.hash_body(new_body)
             clean = bool(result["clean"]) and check.ok
             group, group_id = result["group"], result["group_id"]

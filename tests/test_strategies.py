@@ -217,3 +217,29 @@ def test_reducers_refuse_a_fractional_weight_and_a_strategy_change_drops_old_sta
     with_momentum = Nesterov().step({"w": torch.ones(2)}, ["w"], [torch.ones(2)])
     after = Strategy().step(with_momentum, ["w"], [torch.ones(2)])
     assert set(after) == {"w"} and Strategy().state_problem(after, ["w"], 1.0) is None
+
+
+@pytest.mark.parametrize("strategy", [Strategy(), Strategy(outer_lr=0.7), TrimmedMean(), Nesterov()], ids=lambda s: f"{s.name}-{s.outer_lr}")
+def test_a_step_that_may_consume_the_delta_gives_the_same_base_bit_for_bit(strategy):
+    g = torch.Generator().manual_seed(3)
+    names = ["a", "b", "half", "t"]
+    base = {"a": torch.randn(300, 7, generator=g), "b": torch.randn(5, generator=g) * 1e3,
+            "half": torch.randn(9, generator=g).half(), "t": torch.randn(4, 6, generator=g), "buffer": torch.arange(3)}
+    delta = [torch.randn(300, 7, generator=g) * 1e-3, torch.randn(5, generator=g) * 1e-7,
+             torch.randn(9, generator=g) * 1e-2, torch.randn(6, 4, generator=g).t()]  # a strided view: not written over
+    kept = [d.clone() for d in delta]
+    plain = strategy.step(base, names, delta)
+    assert all(torch.equal(d, k) for d, k in zip(delta, kept))  # without consume the caller's delta is left alone
+    frozen = {k: v.clone() for k, v in base.items()}
+    given = [d.clone() for d in delta]
+    consumed = strategy.step(base, names, given, consume=True)
+    assert sorted(consumed) == sorted(plain)
+    assert (consumed["a"] is given[0]) == (strategy.name != "nesterov")  # the float32 sum is written over the delta
+    assert consumed["half"] is not given[2] and consumed["t"] is not given[3]  # not over a float16 base's, or a view
+    def bits(t):
+        return t.contiguous().view(-1).view(torch.uint8) if t.is_floating_point() else t
+
+    for name in plain:
+        assert consumed[name].dtype == plain[name].dtype and torch.equal(bits(consumed[name]), bits(plain[name])), name
+    assert all(torch.equal(base[k], frozen[k]) for k in base)  # the base itself is never written
+
