@@ -12,8 +12,8 @@ per-part work one peer's processes do for that with the project's own functions 
   (``part_problem``), and its copy into the model's tensor;
 - as a reducer, per part of its own slice: each remote sender's frame, message and tensor, the
   round's rules (``part_violation``); the strategy's exact float64 reduction and, in groups of three
-  or more, each member's distance from it (``influence``, the outlier report); the average's message
-  for each remote sender.
+  or more, each member's distance from it, the outlier report (both ``reduce_measured``, as a reducer
+  does: the mean adds the distances up in the same pass); the average's message for each remote sender.
 
 ``--protobuf`` encodes every message whole (``serialize_torch_tensor``, the ``AveragingData`` bytes and
 back), as a p2pd stream carries it, and as lanes did before their frames carried raw tensors.
@@ -57,7 +57,7 @@ def peer_work(peers: int, values: int, strategy_name: str = "mean", protobuf: bo
     from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
     from hivemind.proto import averaging_pb2, runtime_pb2
 
-    from coldfusion_p2p.strategies import influence, strategy_for
+    from coldfusion_p2p.strategies import strategy_for
     from coldfusion_p2p.swarm import lane
     from coldfusion_p2p.swarm.averager import part_problem, part_values, part_violation
 
@@ -71,7 +71,7 @@ def peer_work(peers: int, values: int, strategy_name: str = "mean", protobuf: bo
     mine = [torch.randn(k, generator=g) * 1e-3 for k in parts]  # this peer's values of one slice (reused for each)
     others = [[torch.randn(k, generator=g) * 1e-3 for k in parts] for _ in range(peers - 1)]
     out = torch.empty(share)
-    spent = dict.fromkeys(("encode", "decode", "check", "reduce", "influence", "copy"), 0.0)
+    spent = dict.fromkeys(("encode", "decode", "check", "reduce", "copy"), 0.0)
 
     def timed(step, fn, *args, **kwargs):
         t = time.perf_counter()
@@ -112,9 +112,10 @@ def peer_work(peers: int, values: int, strategy_name: str = "mean", protobuf: bo
             parts_in.append(timed("decode", unframe, buffers))
             timed("check", part_violation, 1.0, parts_in[-1], rules)
         members = [part] + parts_in  # its own part as the wire would carry it: uncompressed, itself
-        result = timed("reduce", strategy.reduce, members, [1.0] * len(members))
-        if len(members) >= 3:  # distances from the result, for the outlier report (it needs three members)
-            timed("influence", influence, members, result)
+        if len(members) >= 3:  # with the distances from the result, for the outlier report (it needs three members)
+            result, _ = timed("reduce", strategy.reduce_measured, members, [1.0] * len(members))
+        else:
+            result = timed("reduce", strategy.reduce, members, [1.0] * len(members))
         if protobuf:  # encoded once, a message for each sender
             encoded = timed("encode", serialize_torch_tensor, result, none)
             for _ in others:
@@ -173,7 +174,7 @@ def main() -> None:
     from allreduce import gloo
 
     print(f"{'peers':>5} {'values':>8} {'gloo s':>7} {'work/peer s':>12} {'kernel/peer s':>14} {'work floor s':>13} "
-          f"{'kernel floor s':>15} {'floor s':>8} {'floor x gloo':>13}   work by step (s): encode decode check reduce influence copy",
+          f"{'kernel floor s':>15} {'floor s':>8} {'floor x gloo':>13}   work by step (s): encode decode check reduce copy",
           flush=True)
     for values in (int(v) for v in args.values):
         for peers in args.peers:
@@ -184,7 +185,7 @@ def main() -> None:
             share = peers / min(peers, args.cores)  # the cores' time one peer's work takes when all P work at once
             g = math.nan if args.no_gloo else gloo(peers, values, args.repeats)
             floor = share * (work["total"] + kernel)
-            steps = " ".join(f"{work[k]:.3f}" for k in ("encode", "decode", "check", "reduce", "influence", "copy"))
+            steps = " ".join(f"{work[k]:.3f}" for k in ("encode", "decode", "check", "reduce", "copy"))
             print(f"{peers:>5} {values / 1e6:>7.1f}M {g:>7.3f} {work['total']:>12.3f} {kernel:>14.3f} {share * work['total']:>13.3f} "
                   f"{share * kernel:>15.3f} {floor:>8.3f} {floor / g:>13.1f}   {steps}", flush=True)
 

@@ -89,7 +89,7 @@ REDUCE_CHUNK = 1 << 15  # values summed at a time: a 256 KiB float64 sum that st
 EXACT_WEIGHT = float(1 << 24)  # whole weights up to this times a float32 value are exact in float64 (24 + 24 bits < 53)
 
 
-def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+def weighted_mean(parts: list[torch.Tensor], weights: list[float], distances: list[float] | None = None) -> torch.Tensor:
     """``sum(w_i x_i) / sum(w_i)``: a float64 sum in member order (exact in practice, so the order the
     parts arrived in does not matter), returned as float32.
 
@@ -103,14 +103,18 @@ def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tens
     numpy, whose float32-into-float64 loops took half the time of torch's mixed-dtype ``add_`` here
     (``bench/allreduce_floor.py``'s reduce step). The same sums bit for bit: a whole weight below
     ``EXACT_WEIGHT`` times a float32 value is exact in float64, so a fused multiply-add (torch's
-    ``alpha``) and a product then a sum (numpy) round the same once."""
+    ``alpha``) and a product then a sum (numpy) round the same once.
+
+    ``distances``: a list with a 0.0 per member, to which each member's ``influence`` is added (the
+    numpy loop works it out block by block while the block is in the core's cache)."""
     if any(p.shape != parts[0].shape for p in parts):  # a block of another length would broadcast, or be cut short
         raise ValueError(f"parts of different shapes: {sorted({tuple(p.shape) for p in parts})}")
     out = torch.empty(parts[0].shape, dtype=torch.float32)
     if all(p.dtype == torch.float32 and p.device.type == "cpu" for p in parts) and all(
             float(w).is_integer() and abs(w) <= EXACT_WEIGHT for w in weights):
         with np.errstate(divide="ignore", invalid="ignore"):  # all weights 0 (a manifest's min_weight 0): NaN, as torch gives
-            _numpy_mean([p.detach().reshape(-1).numpy() for p in parts], [float(w) for w in weights], out.view(-1).numpy())
+            _numpy_mean([p.detach().reshape(-1).numpy() for p in parts], [float(w) for w in weights], out.view(-1).numpy(),
+                        distances)
         return out
     flat_out, flats = out.view(-1), [p.reshape(-1) for p in parts]
     n, total, first = flat_out.numel(), sum(float(w) for w in weights), float(weights[0])
@@ -124,16 +128,26 @@ def weighted_mean(parts: list[torch.Tensor], weights: list[float]) -> torch.Tens
         for w, flat in zip(weights[1:], flats[1:]):
             acc.add_(flat[i:j], alpha=float(w))  # computed in float64 (type promotion), without a float64 copy of the part
         torch.div(acc, total, out=flat_out[i:j])
+    if distances is not None:
+        for k, d in enumerate(influence(parts, out)):
+            distances[k] += d
     return out
 
 
-def _numpy_mean(flats: list[np.ndarray], weights: list[float], out: np.ndarray) -> None:
+def _numpy_mean(flats: list[np.ndarray], weights: list[float], out: np.ndarray, distances: list[float] | None = None) -> None:
     """``weighted_mean``'s blocks for flat float32 arrays and whole weights, into ``out`` (float32).
     Every product, sum and quotient is computed in float64 (``dtype=``: a Python float beside a float32
-    array would otherwise pick numpy's float32 loop)."""
+    array would otherwise pick numpy's float32 loop).
+
+    A total weight that is a power of two (2, 4 or 8 members of weight 1) is divided by as a product
+    with its inverse, in place, and then rounded to float32: ``x * 2**-k`` and ``x / 2**k`` are the
+    same real number, so the same float64 and the same float32, and numpy's mixed-dtype division was
+    the slowest step of a block (a 4-member part: 115 us per 32K values, then 89)."""
     n, total = out.size, sum(weights)  # Python floats (``weighted_mean``): summed in float64, as torch's loop does
+    inverse = 1.0 / total if total > 0 and math.isfinite(total) and math.frexp(total)[0] == 0.5 else None
     acc_block = np.empty(min(n, REDUCE_CHUNK), dtype=np.float64)
     scratch = np.empty_like(acc_block) if any(w != 1.0 for w in weights[1:]) else None
+    apart = np.empty(acc_block.size, dtype=np.float32) if distances is not None else None
     for i in range(0, n, REDUCE_CHUNK):
         j = min(n, i + REDUCE_CHUNK)
         acc = acc_block[:j - i]
@@ -147,7 +161,16 @@ def _numpy_mean(flats: list[np.ndarray], weights: list[float], out: np.ndarray) 
             else:
                 np.multiply(flat[i:j], w, out=scratch[:j - i], dtype=np.float64)
                 np.add(acc, scratch[:j - i], out=acc)
-        np.divide(acc, total, out=out[i:j], dtype=np.float64, casting="same_kind")
+        if inverse is None:
+            np.divide(acc, total, out=out[i:j], dtype=np.float64, casting="same_kind")
+        else:
+            np.multiply(acc, inverse, out=acc)
+            out[i:j] = acc
+        if apart is not None:  # ``influence``, added up block by block (float32, a report, as there)
+            gap = apart[:j - i]
+            for k, flat in enumerate(flats):
+                np.subtract(flat[i:j], out[i:j], out=gap)
+                distances[k] += float(np.dot(gap, gap))
 
 
 def trimmed_mean(parts: list[torch.Tensor], trim: int) -> torch.Tensor:
@@ -234,6 +257,14 @@ class Strategy:
     # --- the reducers' arithmetic (on a slice or on whole tensors alike)
     def reduce(self, parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         return weighted_mean(parts, weights)
+
+    def reduce_measured(self, parts: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, list[float]]:
+        """``reduce``, and each member's ``influence`` on its result."""
+        if type(self).reduce is Strategy.reduce:  # the weighted mean: its loop adds the distances up as it goes
+            distances = [0.0] * len(parts)
+            return weighted_mean(parts, weights, distances), distances
+        result = self.reduce(parts, weights)
+        return result, influence(parts, result)
 
     def reduce_all(self, deltas: list[list[torch.Tensor]], weights: list[float] | None = None,
                    part_values: int | None = None) -> list[torch.Tensor]:

@@ -32,12 +32,19 @@ def test_a_reduction_of_slices_is_the_slice_of_the_reduction(strategy):
         assert torch.equal(part, torch.cat([t.reshape(-1) for t in whole])[lo:hi])
 
 
+def _squared_distances(parts, result):
+    return [float(((p.double() - result.double()) ** 2).sum()) for p in parts]
+
+
 @pytest.mark.parametrize("shape", [(), (0,), (7,), (100_000,), (131_072,), (3, 40_000), (1536, 384)])
-@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0], [3.0, 1.0, 7.0], [1.0, 1.0, 1.0, 1.0, 1.0], [2.0**20, 5.0, 1.0, 2.0**24]])
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0], [3.0, 1.0, 7.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0],
+                                     [2.0, 6.0], [2.0**20, 5.0, 1.0, 2.0**24]])
 def test_weighted_mean_is_the_exact_float64_mean_whichever_loop_adds_it(shape, weights):
     """float32 parts with whole weights are added by numpy, anything else by torch: both give, bit for
     bit, ``sum(w_i x_i) / sum(w_i)`` computed in float64 in member order and rounded once to float32,
-    over values of very different sizes, -0.0 (kept where every member has it) and a transposed view."""
+    over values of very different sizes, -0.0 (kept where every member has it) and a transposed view;
+    totals of 2, 4 and 8 (numpy's product with the inverse) as others. Each loop's distances, if asked
+    for, are ``influence``'s."""
     g = torch.Generator().manual_seed(len(weights) * 131 + len(shape))
     parts = []
     for k in range(len(weights)):
@@ -53,11 +60,14 @@ def test_weighted_mean_is_the_exact_float64_mean_whichever_loop_adds_it(shape, w
     for w, p in zip(weights[1:], parts[1:]):
         expected = expected + p.double() * w
     expected = (expected / sum(weights)).float()
-    by_numpy = weighted_mean(parts, weights)
-    by_torch = weighted_mean([p.double() for p in parts], weights)  # the same values, another dtype: torch's loop
-    for got in (by_numpy, by_torch):
+    far = [[0.0] * len(parts) for _ in range(2)]
+    by_numpy = weighted_mean(parts, weights, far[0])
+    by_torch = weighted_mean([p.double() for p in parts], weights, far[1])  # the same values, another dtype: torch's loop
+    for got, distances in zip((by_numpy, by_torch), far):
         assert got.dtype == torch.float32 and got.shape == expected.shape
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32))  # bit for bit, signs of zeros included
+        assert distances == pytest.approx(_squared_distances(parts, expected), rel=1e-4, abs=1e-30)  # float32 sums: a report
+    assert torch.equal(weighted_mean(parts, weights).view(torch.int32), by_numpy.view(torch.int32))
     if by_numpy.numel():
         assert torch.signbit(by_numpy.reshape(-1)[::5]).all()
 
@@ -243,3 +253,16 @@ def test_a_step_that_may_consume_the_delta_gives_the_same_base_bit_for_bit(strat
         assert consumed[name].dtype == plain[name].dtype and torch.equal(bits(consumed[name]), bits(plain[name])), name
     assert all(torch.equal(base[k], frozen[k]) for k in base)  # the base itself is never written
 
+
+@pytest.mark.parametrize("strategy", [Strategy(), strategy_for("weighted"), Nesterov(), TrimmedMean(), FilteredMean()], ids=lambda s: s.name)
+def test_a_reduction_measured_is_the_reduction_and_each_members_influence_on_it(strategy):
+    """What a reducer uses in groups of three or more: the same result as ``reduce``, bit for bit, with
+    the distances ``outliers`` judges, whether the mean's loop adds them up or the strategy's own reduce
+    is followed by ``influence`` (a flipped member stands out either way)."""
+    g = torch.Generator().manual_seed(11)
+    parts = [torch.randn(70_001, generator=g) * 1e-3 for _ in range(6)] + [torch.randn(70_001, generator=g) * -2e-2]
+    weights = [1.0, 3.0, 1.0, 2.0, 1.0, 1.0, 1.0] if strategy.name == "weighted" else [1.0] * 7
+    result, distances = strategy.reduce_measured(parts, weights)
+    assert torch.equal(result, strategy.reduce(parts, weights))
+    assert distances == pytest.approx(_squared_distances(parts, result), rel=1e-4)
+    assert list(outliers(dict(zip("abcdefg", distances)))) == ["g"]

@@ -42,7 +42,7 @@ from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.membership import Admission
-from coldfusion_p2p.strategies import Strategy, influence, outliers
+from coldfusion_p2p.strategies import Strategy, outliers
 from coldfusion_p2p.swarm.gate import RefusalLog
 from coldfusion_p2p.swarm.lane import (
     GRANT_TIMEOUT, RAW, LaneDialer, LanePart, LaneServer, as_message, decode_tensor, encode_tensor, exchange, listen_hosts,
@@ -160,10 +160,12 @@ class StrategyPartReducer(TensorPartReducer):
         if self.current_part_accumulated_from == self.num_current_senders:
             order = sorted(self.parts)
             parts, weights = [self.parts[i][0] for i in order], [self.parts[i][1] for i in order]
-            result = self.strategy.reduce(parts, weights) if parts else torch.zeros(self.part_shapes[self.current_part_index])
-            if len(parts) >= 3:  # ``outliers`` names no one in a smaller group: the distances are not needed
-                for i, d in zip(order, influence(parts, result)):
+            if len(parts) >= 3:  # ``outliers`` names no one in a smaller group: the distances are not needed there
+                result, distances = self.strategy.reduce_measured(parts, weights)
+                for i, d in zip(order, distances):
                     self.distances[i] += d
+            else:
+                result = self.strategy.reduce(parts, weights) if parts else torch.zeros(self.part_shapes[self.current_part_index])
             self.current_part_future.set_result(result)
             self.reset_accumulators()
 
