@@ -845,16 +845,19 @@ class FusionAverager(DecentralizedAverager):
         try:
             control = self.step(weight=weight, gather=gather, timeout=timeout, allow_retries=True, wait=False)
             while not control.done():
-                if t_allreduce is None and control.stage == AveragingStage.RUNNING_ALLREDUCE:
+                if control.stage == AveragingStage.RUNNING_ALLREDUCE:
                     t_allreduce = time.perf_counter()
                     if on_allreduce is not None:
                         on_allreduce()
-                if give_up is not None and t_allreduce is None and time.perf_counter() - last_check > 2.0:
+                    break  # nothing is asked from here on: wait for the result itself, not in 20 ms steps
+                if give_up is not None and time.perf_counter() - last_check > 2.0:
                     last_check = time.perf_counter()
                     if control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up():
                         control.cancel()
                 time.sleep(0.02)
-            result, error = control.result(), ""
+            # the step ends itself: a group found within ``timeout``, its all-reduce within ``allreduce_timeout``
+            # (hivemind's); the margin is only for an averager process that died
+            result, error = control.result(timeout=timeout + (self._allreduce_timeout or 600.0) + 60.0), ""
         except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - hivemind raises many kinds (a step it ended
             # on asyncio's CancelledError passes that on, and it is no Exception); each means "no result this time"
             result, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
