@@ -97,7 +97,7 @@ def weighted_mean(parts: list[torch.Tensor], weights: list[float], distances: li
     longer goes out to memory and back once per member. In an averager process beside three others on
     two cores, a 4-member part's reduction took 1.0-1.2 ms of CPU this way, against 1.4-1.6 ms for the
     whole part at once. Each sum starts from the first member's values rather than from zeros, and the
-    division writes float32 at once: a coordinate every member left at -0.0 stays -0.0.
+    quotient is rounded to float32 once: a coordinate every member left at -0.0 stays -0.0.
 
     float32 parts with whole weights (every part a reducer takes: ``part_violation``) are added by
     numpy, whose float32-into-float64 loops took half the time of torch's mixed-dtype ``add_`` here
@@ -105,14 +105,17 @@ def weighted_mean(parts: list[torch.Tensor], weights: list[float], distances: li
     ``EXACT_WEIGHT`` times a float32 value is exact in float64, so a fused multiply-add (torch's
     ``alpha``) and a product then a sum (numpy) round the same once.
 
-    ``distances``: a list with a 0.0 per member, to which each member's ``influence`` is added (the
-    numpy loop works it out block by block while the block is in the core's cache)."""
+    ``distances``: a list with a 0.0 per member, to which each member's squared distance from the
+    result is added: ``influence``'s, or in the numpy loop float32 sums block by block while the block
+    is in the core's cache, then added in float64 (closer to the exact sum than ``influence``'s one
+    float32 norm: a report either way)."""
     if any(p.shape != parts[0].shape for p in parts):  # a block of another length would broadcast, or be cut short
         raise ValueError(f"parts of different shapes: {sorted({tuple(p.shape) for p in parts})}")
     out = torch.empty(parts[0].shape, dtype=torch.float32)
     if all(p.dtype == torch.float32 and p.device.type == "cpu" for p in parts) and all(
             float(w).is_integer() and abs(w) <= EXACT_WEIGHT for w in weights):
-        with np.errstate(divide="ignore", invalid="ignore"):  # all weights 0 (a manifest's min_weight 0): NaN, as torch gives
+        # all weights 0 (a manifest's min_weight 0): NaN, as torch gives; a distance past float32's range: inf, as before
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             _numpy_mean([p.detach().reshape(-1).numpy() for p in parts], [float(w) for w in weights], out.view(-1).numpy(),
                         distances)
         return out
@@ -286,12 +289,13 @@ class Strategy:
     def step(self, base: dict[str, torch.Tensor], names: list[str], averaged: list[torch.Tensor],
              consume: bool = False) -> dict[str, torch.Tensor]:
         """The next base. ``consume``: ``averaged`` is the caller's own copy, and a float32 tensor of it
-        may become the new base's tensor (the sum written over the delta: ``d + b`` is ``b + d`` bit for
+        is overwritten (scaled by ``outer_lr`` too) and may become the new base's tensor (the sum written over the delta: ``d + b`` is ``b + d`` bit for
         bit), which spares a fresh 4 bytes per value and its page faults (17M values: 40 ms of a verify, then 12)."""
         new = model_tensors(base)  # a state left by another strategy (the manifest changed) is dropped
         for name, d in zip(names, averaged):
             b = base[name]
-            if consume and b.dtype == torch.float32 and d.dtype == torch.float32 and d.shape == b.shape and d.is_contiguous():
+            if (consume and b.dtype == torch.float32 and d.dtype == torch.float32 and d.shape == b.shape and d.is_contiguous()
+                    and d.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):  # never the base's own memory
                 new[name] = (d if self.outer_lr == 1.0 else d.mul_(self.outer_lr)).add_(b)  # the same bits as below
                 continue
             step = d if self.outer_lr == 1.0 else self.outer_lr * d  # 1.0 * d is d bit for bit: no pass to multiply

@@ -636,3 +636,25 @@ def test_a_reducer_does_not_ban_a_sender_whose_whole_share_it_took():
     assert answered == share == 3 and not banned
     answered, share, banned = asyncio.run(scenario(2))  # a sender one part short is banned, as before
     assert answered == 2 and banned
+
+
+def test_a_step_whose_averager_process_died_ends_with_one_clear_error(tmp_path):
+    """A step waits for its averager process; if that process dies (the OOM killer), the step ends
+    with a WorkError within seconds instead of waiting for an answer that never comes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from coldfusion_p2p.errors import WorkError
+
+    with three_averagers(tmp_path, [[torch.randn(1000)]], "none", "dead", None, matchmaking_time=30.0) as (_, (av,)):
+        killer = threading.Timer(1.0, os.kill, (av.pid, signal.SIGKILL))  # while it looks for a group
+        killer.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(WorkError, match="averager process ended unexpectedly"):
+                av.run_step(1.0, {"i": 0}, timeout=60.0)
+        finally:
+            killer.cancel()
+        assert time.monotonic() - start < 10.0  # not the step's 60 s, nor forever

@@ -252,6 +252,8 @@ def test_a_step_that_may_consume_the_delta_gives_the_same_base_bit_for_bit(strat
     for name in plain:
         assert consumed[name].dtype == plain[name].dtype and torch.equal(bits(consumed[name]), bits(plain[name])), name
     assert all(torch.equal(base[k], frozen[k]) for k in base)  # the base itself is never written
+    aliased = strategy.step(base, ["a"], [base["a"]], consume=True)  # a caller that hands in the base's own tensor
+    assert torch.equal(base["a"], frozen["a"]) and torch.equal(bits(aliased["a"]), bits(strategy.step(frozen, ["a"], [frozen["a"]])["a"]))
 
 
 @pytest.mark.parametrize("strategy", [Strategy(), strategy_for("weighted"), Nesterov(), TrimmedMean(), FilteredMean()], ids=lambda s: s.name)

@@ -41,6 +41,7 @@ from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.timed_storage import get_dht_time
 
+from coldfusion_p2p.errors import WorkError
 from coldfusion_p2p.membership import Admission
 from coldfusion_p2p.strategies import Strategy, outliers
 from coldfusion_p2p.swarm.gate import RefusalLog
@@ -114,7 +115,8 @@ class StrategyPartReducer(TensorPartReducer):
     are kept (indexed by sender) until the part is complete and then reduced by ``strategy.reduce``
     in sender order: exact, order-free, and the same arithmetic as the central loop
     (``Strategy.reduce_all``). A robust strategy needs every member's values of a coordinate at once
-    anyway. Each sender's squared distance from the result is added up in ``distances``.
+    anyway. In groups of three or more, ``strategy.reduce_measured`` gives the same result and each
+    sender's squared distance from it, added up in ``distances``.
     """
 
     def __init__(self, part_shapes, num_senders: int, strategy: Strategy):
@@ -842,25 +844,36 @@ class FusionAverager(DecentralizedAverager):
         start = time.perf_counter()
         t_allreduce = None
         last_check = start
+        died = False
         try:
             control = self.step(weight=weight, gather=gather, timeout=timeout, allow_retries=True, wait=False)
-            while not control.done():
+            while not control.done() and not died:
                 if control.stage == AveragingStage.RUNNING_ALLREDUCE:
                     t_allreduce = time.perf_counter()
                     if on_allreduce is not None:
                         on_allreduce()
                     break  # nothing is asked from here on: wait for the result itself, not in 20 ms steps
-                if give_up is not None and time.perf_counter() - last_check > 2.0:
+                if time.perf_counter() - last_check > 2.0:
                     last_check = time.perf_counter()
-                    if control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up():
+                    died = not self.is_alive()
+                    if give_up is not None and control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up():
                         control.cancel()
                 time.sleep(0.02)
-            # the step ends itself: a group found within ``timeout``, its all-reduce within ``allreduce_timeout``
-            # (hivemind's); the margin is only for an averager process that died
-            result, error = control.result(timeout=timeout + (self._allreduce_timeout or 600.0) + 60.0), ""
+            while not died:  # the step ends itself (hivemind's timeouts), unless its process is gone
+                try:
+                    result = control.result(timeout=2.0)  # woken as soon as it ends
+                    break
+                except TimeoutError:
+                    if control.done():
+                        raise  # the step's own outcome
+                    died = not self.is_alive()
+            error = ""
         except (Exception, asyncio.CancelledError) as e:  # noqa: BLE001 - hivemind raises many kinds (a step it ended
             # on asyncio's CancelledError passes that on, and it is no Exception); each means "no result this time"
             result, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        if died:  # nothing this peer does can go on: no later step, lock or round call would ever be answered
+            raise WorkError(f"the averager process ended unexpectedly (exit code {self.exitcode}); this peer cannot take part "
+                            "in rounds any more: start it again")
         end = time.perf_counter()
         t_allreduce = t_allreduce or end
         self.link_rate = self._rate_of(result, end - t_allreduce)
