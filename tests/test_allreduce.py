@@ -270,6 +270,8 @@ def test_a_group_of_fast_members_uses_wide_parts_and_one_older_member_keeps_the_
             assert all(torch.equal(got, want) for got, want in zip(out, expected))
     assert [r["part_bytes"] for r in results] == [WIDE_PART_BYTES] * 3
     assert [r["part_bytes"] for r in older] == [PART_SIZE_BYTES] * 3
+    # members that all say a rate name their layout; with an older member no one does (it would refuse the name)
+    assert [r["named"] for r in results] == [True] * 3 and [r["named"] for r in older] == [False] * 3
     assert results[0]["reduced_parts"] < older[0]["reduced_parts"]
 
 
@@ -307,6 +309,41 @@ def test_members_that_cut_the_vector_otherwise_fail_that_exchange_and_name_no_on
         # its exchange with each member across the split failed (refused: BAD_GROUP_ID, or the refusal's
         # end cut off while this member was still sending), and no other exchange did
         assert set(r["failure_reasons"]) == ({ids[2]} if i < 2 else set(ids[:2])), (i, r["failure_reasons"])
+    assert any(f"sent code {A.averaging_pb2.BAD_GROUP_ID}" in why for r in results for why in r["failure_reasons"].values()), \
+        [r["failure_reasons"] for r in results]
+
+
+def test_members_shown_another_order_of_the_group_fail_those_exchanges_and_name_no_one(tmp_path, monkeypatch):
+    """A hostile leader can show one follower the group in another order. Its slices are then other
+    members' slices: as a reducer it would take parts meant for someone else, as a sender it would send
+    its parts to the wrong reducers, and parts of another shape would be judged misshapen. Members that
+    all check layouts name theirs in the first message of every exchange, usual 512 KiB parts included,
+    so each exchange across the difference is refused without blame: the round is unclean everywhere,
+    no member is named an offender, and no part of another slice reaches a sum."""
+    from coldfusion_p2p.swarm import averager as A
+
+    g = torch.Generator().manual_seed(31)
+    inputs = [[torch.randn(700, 300, generator=g), torch.randn(999, generator=g)] for _ in range(3)]
+    odd = {}
+
+    def shuffle(dhts):
+        odd["peer"] = dhts[1].peer_id
+        honest_init = A.CanonicalAllReduceRunner.__init__
+
+        def init(self, *args, **kwargs):
+            if kwargs["p2p"].peer_id == odd["peer"]:  # as if the leader had shown it the group reversed
+                kwargs["ordered_peer_ids"] = tuple(reversed(kwargs["ordered_peer_ids"]))
+            honest_init(self, *args, **kwargs)
+
+        monkeypatch.setattr(A.CanonicalAllReduceRunner, "__init__", init)
+
+    with three_averagers(tmp_path, inputs, "none", "t_r0_order", 3, lanes=[True, False, True], before=shuffle) as (dhts, averagers):
+        results, _ = step_all(averagers, 90)
+        assert all(av.is_alive() for av in averagers)
+    assert [r["part_bytes"] for r in results] == [A.PART_SIZE_BYTES] * 3 and all(r["named"] for r in results)
+    for i, r in enumerate(results):
+        assert not r["clean"] and r["offenders"] == {} and r["outliers"] == {}, (i, r["offenders"], r["outliers"])
+        assert r["failure_reasons"], i  # each saw its exchanges across the difference fail
     assert any(f"sent code {A.averaging_pb2.BAD_GROUP_ID}" in why for r in results for why in r["failure_reasons"].values()), \
         [r["failure_reasons"] for r in results]
 

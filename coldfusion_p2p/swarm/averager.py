@@ -62,10 +62,11 @@ PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce: hivemin
 # the bytes, was the all-reduce's largest cost (bench/allreduce.py: 0.76 -> 0.58 s with 4 peers)
 WIDE_PART_BYTES = 4 * PART_SIZE_BYTES
 WIDE_MARGIN = 4.0  # a wide part must take at most 1/4 of the senders' timeout at the slowest member's last rate
-# how a member of a wide group names the group in its first part message: the group id, this mark, and a
-# digest of how it cut the vector (``CanonicalAllReduceRunner.layout``). A reducer that cut it otherwise
-# answers BAD_GROUP_ID and takes nothing from it: no part of another shape is ever judged, and no one is
-# named for a disagreement that a leader's different views of the group could cause
+# how a member names the group in its first part message (in every group whose members all check this,
+# ``CanonicalAllReduceRunner.named``): the group id, this mark, and a digest of how it cut the vector
+# (``CanonicalAllReduceRunner.layout``). A reducer that cut it otherwise answers BAD_GROUP_ID and takes
+# nothing from it: no part of another slice or shape is ever judged or summed, and no one is named for a
+# disagreement that a leader's different views of the group (order, modes, part size) could cause
 LAYOUT_MARK = b"|layout:"
 LAYOUT_BYTES = len(LAYOUT_MARK) + 16
 LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
@@ -194,10 +195,11 @@ class CanonicalAllReduceRunner(AllReduceRunner):
     parts within the bound is within it). Offenders are kept in ``offenders``.
     """
 
-    def __init__(self, *args, rules: dict | None = None, lanes: LaneDialer | None = None, **kwargs):
+    def __init__(self, *args, rules: dict | None = None, lanes: LaneDialer | None = None, named: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.rules = rules or {}
         self.lanes = lanes
+        self.named = named  # every member checks layouts (``layout``): name this one in the first message even with usual parts
         self.lane_peers: set[PeerID] = set()  # reducers this member reached over a direct lane
         self._channels: list = []
         self._averages_sent: dict = {}  # (part index, compression) -> the encoded average (_serialized_average)
@@ -263,11 +265,13 @@ class CanonicalAllReduceRunner(AllReduceRunner):
 
     @cached_property
     def layout(self) -> bytes:
-        """b"" for hivemind's 512 KiB parts (every older peer's); for wide parts ``LAYOUT_MARK`` and a digest of
-        the members' order, the part size and each member's part count: how this member cut the vector (fixed
-        once the runner exists: worked out once)."""
+        """``LAYOUT_MARK`` and a digest of the members' order, the part size and each member's part count: how
+        this member cut the vector (fixed once the runner exists: worked out once). b"" in a group of 512 KiB
+        parts with an older member, which would refuse a named group id (``named``: every member's gathered
+        data says its rate, and only peers that check layouts say one); wide parts are only ever chosen by
+        such groups."""
         container = self.tensor_part_container
-        if container.part_size_bytes == PART_SIZE_BYTES:
+        if container.part_size_bytes == PART_SIZE_BYTES and not self.named:
             return b""
         digest = hashlib.sha256(b"".join(p.to_bytes() for p in self.ordered_peer_ids))
         digest.update(repr((container.part_size_bytes, tuple(container.num_parts_by_peer))).encode())
@@ -732,10 +736,12 @@ class FusionAverager(DecentralizedAverager):
         if self._lane_on and self._lane_dialer is None:
             self._lane_dialer = LaneDialer(self._p2p, WIDE_PART_BYTES)
         compression = kwargs.get("compression")
+        users = [self._user_in(blob) for blob in group_info.gathered]
         kwargs["part_size_bytes"] = group_part_bytes(
-            [link_rate(self._user_in(blob)) for blob in group_info.gathered], len(group_info.peer_ids),
+            [link_rate(user) for user in users], len(group_info.peer_ids),
             kwargs.get("sender_timeout") or 0.0, self._rules.get("strategy") or Strategy(),
             getattr(compression, "compression_type", None))
+        kwargs["named"] = bool(users) and all("rate" in user for user in users)  # a peer that says a rate checks layouts
         runner = CanonicalAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -813,6 +819,7 @@ class FusionAverager(DecentralizedAverager):
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "lanes": sorted(peer_str(p) for p in runner.lane_peers) if runner is not None else [],
             "part_bytes": runner.tensor_part_container.part_size_bytes if runner is not None else 0,
+            "named": runner is not None and runner.layout != b"",  # its exchanges named how it cut the vector
             "error": error,
         }
 
