@@ -69,6 +69,9 @@ WIDE_MARGIN = 4.0  # a wide part must take at most 1/4 of the senders' timeout a
 # disagreement that a leader's different views of the group (order, modes, part size) could cause
 LAYOUT_MARK = b"|layout:"
 LAYOUT_BYTES = len(LAYOUT_MARK) + 16
+# the key in a member's gathered data that says it names its layout with usual parts too (peers before it
+# named it with wide parts only, and refuse a named group id with usual ones: they never say this key)
+NAMES_LAYOUT = "layouts"
 LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
 FIRST_LOOKUP_INTERVAL = 0.04  # seconds before its second look; each pause doubles up to LEADER_LOOKUP_INTERVAL
 EARLY_START_GRACE = 0.2  # seconds a leader gathers at least, so that a better leader can still be found
@@ -268,8 +271,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         """``LAYOUT_MARK`` and a digest of the members' order, the part size and each member's part count: how
         this member cut the vector (fixed once the runner exists: worked out once). b"" in a group of 512 KiB
         parts with an older member, which would refuse a named group id (``named``: every member's gathered
-        data says its rate, and only peers that check layouts say one); wide parts are only ever chosen by
-        such groups."""
+        data says ``NAMES_LAYOUT``); wide parts are only ever chosen by peers that name them."""
         container = self.tensor_part_container
         if container.part_size_bytes == PART_SIZE_BYTES and not self.named:
             return b""
@@ -492,9 +494,10 @@ class FusionAverager(DecentralizedAverager):
         super().__init__(*args, **kwargs)
 
     def step(self, *args, gather=None, **kwargs):
-        """hivemind's, with this peer's last all-reduce rate in its gathered data (``group_part_bytes``)."""
+        """hivemind's, with this peer's last all-reduce rate in its gathered data (``group_part_bytes``), and
+        word that it names its layout in groups of any part size (``CanonicalAllReduceRunner.named``)."""
         if isinstance(gather, dict):
-            gather = {**gather, "rate": round(self.link_rate)}
+            gather = {**gather, "rate": round(self.link_rate), NAMES_LAYOUT: 1}
         return super().step(*args, gather=gather, **kwargs)
 
     def _gate(self, what: str, context: P2PContext, token=None, presented: bool = True) -> bool:
@@ -741,7 +744,7 @@ class FusionAverager(DecentralizedAverager):
             [link_rate(user) for user in users], len(group_info.peer_ids),
             kwargs.get("sender_timeout") or 0.0, self._rules.get("strategy") or Strategy(),
             getattr(compression, "compression_type", None))
-        kwargs["named"] = bool(users) and all("rate" in user for user in users)  # a peer that says a rate checks layouts
+        kwargs["named"] = bool(users) and all(user.get(NAMES_LAYOUT) == 1 for user in users)
         runner = CanonicalAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
