@@ -62,16 +62,19 @@ PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce: hivemin
 # the bytes, was the all-reduce's largest cost (bench/allreduce.py: 0.76 -> 0.58 s with 4 peers)
 WIDE_PART_BYTES = 4 * PART_SIZE_BYTES
 WIDE_MARGIN = 4.0  # a wide part must take at most 1/4 of the senders' timeout at the slowest member's last rate
-# how a member names the group in its first part message (in every group whose members all check this,
-# ``CanonicalAllReduceRunner.named``): the group id, this mark, and a digest of how it cut the vector
-# (``CanonicalAllReduceRunner.layout``). A reducer that cut it otherwise answers BAD_GROUP_ID and takes
-# nothing from it: no part of another slice or shape is ever judged or summed, and no one is named for a
-# disagreement that a leader's different views of the group (order, modes, part size) could cause
+# how a member of a wide group names the group in its first part message: the group id, this mark, and a
+# digest of how it cut the vector (``CanonicalAllReduceRunner.layout``). A reducer that cut it otherwise
+# answers BAD_GROUP_ID and takes nothing from it: no part of another shape is ever judged, and no one is
+# named for a disagreement that a leader's different views of the group could cause
 LAYOUT_MARK = b"|layout:"
 LAYOUT_BYTES = len(LAYOUT_MARK) + 16
-# the key in a member's gathered data that says it names its layout with usual parts too (peers before it
-# named it with wide parts only, and refuse a named group id with usual ones: they never say this key)
-NAMES_LAYOUT = "layouts"
+# what every member also says in the first part message of every exchange, in ``AveragingData.peer_id`` (a
+# field hivemind 1.1.12 and older peers of this project never read): this mark and a digest of how it cut the
+# vector, its modes included (``CanonicalAllReduceRunner.cut``). The sender says it itself, whatever the
+# leader relayed, so no leader can switch the check off for peers that make it; a reducer whose own cut differs
+# refuses the exchange as for ``LAYOUT_MARK``. A sender that says nothing is an older peer, judged as before
+CUT_MARK = b"cut1:"
+MIN_GROUP_ID = 16  # bytes: hivemind's leaders name groups with 20 random ones; a shorter name is refused as odd
 LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
 FIRST_LOOKUP_INTERVAL = 0.04  # seconds before its second look; each pause doubles up to LEADER_LOOKUP_INTERVAL
 EARLY_START_GRACE = 0.2  # seconds a leader gathers at least, so that a better leader can still be found
@@ -198,11 +201,10 @@ class CanonicalAllReduceRunner(AllReduceRunner):
     parts within the bound is within it). Offenders are kept in ``offenders``.
     """
 
-    def __init__(self, *args, rules: dict | None = None, lanes: LaneDialer | None = None, named: bool = False, **kwargs):
+    def __init__(self, *args, rules: dict | None = None, lanes: LaneDialer | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.rules = rules or {}
         self.lanes = lanes
-        self.named = named  # every member checks layouts (``layout``): name this one in the first message even with usual parts
         self.lane_peers: set[PeerID] = set()  # reducers this member reached over a direct lane
         self._channels: list = []
         self._averages_sent: dict = {}  # (part index, compression) -> the encoded average (_serialized_average)
@@ -268,16 +270,26 @@ class CanonicalAllReduceRunner(AllReduceRunner):
 
     @cached_property
     def layout(self) -> bytes:
-        """``LAYOUT_MARK`` and a digest of the members' order, the part size and each member's part count: how
-        this member cut the vector (fixed once the runner exists: worked out once). b"" in a group of 512 KiB
-        parts with an older member, which would refuse a named group id (``named``: every member's gathered
-        data says ``NAMES_LAYOUT``); wide parts are only ever chosen by peers that name them."""
+        """b"" for hivemind's 512 KiB parts (every older peer's); for wide parts ``LAYOUT_MARK`` and a digest of
+        the members' order, the part size and each member's part count: how this member cut the vector (fixed
+        once the runner exists: worked out once). Peers of the release before ``cut`` check only this."""
         container = self.tensor_part_container
-        if container.part_size_bytes == PART_SIZE_BYTES and not self.named:
+        if container.part_size_bytes == PART_SIZE_BYTES:
             return b""
         digest = hashlib.sha256(b"".join(p.to_bytes() for p in self.ordered_peer_ids))
         digest.update(repr((container.part_size_bytes, tuple(container.num_parts_by_peer))).encode())
         return LAYOUT_MARK + digest.digest()[:LAYOUT_BYTES - len(LAYOUT_MARK)]
+
+    @cached_property
+    def cut(self) -> bytes:
+        """``CUT_MARK`` and a digest of how this member cut the vector, in every group: the members' order,
+        each one's mode (an auxiliary member sends nothing, a client reduces nothing), the part size and each
+        member's part count. Said in the first part message of each exchange (``AveragingData.peer_id``)."""
+        container = self.tensor_part_container
+        digest = hashlib.sha256(b"".join(p.to_bytes() for p in self.ordered_peer_ids))
+        digest.update(repr((container.part_size_bytes, tuple(container.num_parts_by_peer),
+                            tuple(int(m.value) for m in self.modes))).encode())
+        return CUT_MARK + digest.digest()[:16]
 
     def _get_peer_stub(self, peer: PeerID):
         return _LaneStub(self, peer, super()._get_peer_stub(peer))
@@ -348,7 +360,8 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         # uncompressed or float16, a part is sent from the tensor's memory (or its float16 copy) on a lane (LanePart)
         raw = container.compression.compression_type in RAW
         for part_index, (part, info) in enumerate(container._input_parts_by_peer[peer_index]):
-            first = {"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": self.group_id + self.layout} if part_index == 0 else {}
+            first = {"code": averaging_pb2.PART_FOR_AVERAGING, "group_id": self.group_id + self.layout,
+                     "peer_id": self.cut} if part_index == 0 else {}
             if raw and part.dtype == torch.float32:
                 yield raw_part(part, container.compression.compression_type, weight=self.weight, **first)
             else:
@@ -494,10 +507,9 @@ class FusionAverager(DecentralizedAverager):
         super().__init__(*args, **kwargs)
 
     def step(self, *args, gather=None, **kwargs):
-        """hivemind's, with this peer's last all-reduce rate in its gathered data (``group_part_bytes``), and
-        word that it names its layout in groups of any part size (``CanonicalAllReduceRunner.named``)."""
+        """hivemind's, with this peer's last all-reduce rate in its gathered data (``group_part_bytes``)."""
         if isinstance(gather, dict):
-            gather = {**gather, "rate": round(self.link_rate), NAMES_LAYOUT: 1}
+            gather = {**gather, "rate": round(self.link_rate)}
         return super().step(*args, gather=gather, **kwargs)
 
     def _gate(self, what: str, context: P2PContext, token=None, presented: bool = True) -> bool:
@@ -664,7 +676,8 @@ class FusionAverager(DecentralizedAverager):
         if self._admission.private and not self._gate("a part of an all-reduce", context, presented=False):
             yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
-        cut_otherwise = runner is not None and layout != runner.layout
+        said = bytes(request.peer_id)  # b"" from a sender older than ``CUT_MARK``: judged as before
+        cut_otherwise = runner is not None and (layout != runner.layout or (said != b"" and said != runner.cut))
         if cut_otherwise and context.remote_id in runner.sender_peer_ids:
             # this group, cut otherwise (``LAYOUT_MARK``): none of its parts can be taken. Banned now, not after
             # the senders' timeout (as a sender that never came would be), and never named an offender
@@ -739,12 +752,10 @@ class FusionAverager(DecentralizedAverager):
         if self._lane_on and self._lane_dialer is None:
             self._lane_dialer = LaneDialer(self._p2p, WIDE_PART_BYTES)
         compression = kwargs.get("compression")
-        users = [self._user_in(blob) for blob in group_info.gathered]
         kwargs["part_size_bytes"] = group_part_bytes(
-            [link_rate(user) for user in users], len(group_info.peer_ids),
+            [link_rate(self._user_in(blob)) for blob in group_info.gathered], len(group_info.peer_ids),
             kwargs.get("sender_timeout") or 0.0, self._rules.get("strategy") or Strategy(),
             getattr(compression, "compression_type", None))
-        kwargs["named"] = bool(users) and all(user.get(NAMES_LAYOUT) == 1 for user in users)
         runner = CanonicalAllReduceRunner(
             p2p=self._p2p,
             servicer_type=type(self),
@@ -786,7 +797,8 @@ class FusionAverager(DecentralizedAverager):
             gathered, error = {}, f"the group includes {len(outsiders)} peer(s) without a valid membership token"
         elif excluded:  # a group led by a peer we caught before: take no part, say why
             gathered, error = {}, f"the group includes {len(excluded)} peer(s) that broke the rules before"
-        elif len(group) > MAX_GROUP or not all(_PEER_RE.match(p) for p in group) or split_layout(group_info.group_id)[1]:
+        elif (len(group) > MAX_GROUP or not all(_PEER_RE.match(p) for p in group) or split_layout(group_info.group_id)[1]
+              or len(group_info.group_id) < MIN_GROUP_ID):
             # (a group id that ends like a layout's name would be cut short by every reducer: ``split_layout``)
             gathered, error = {}, "the leader formed a group this protocol cannot record (too large, odd peer ids, or an odd group id)"
         elif len(set(group)) != len(group):  # one peer in two places: two exchanges with it would serve one slice
@@ -822,7 +834,6 @@ class FusionAverager(DecentralizedAverager):
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "lanes": sorted(peer_str(p) for p in runner.lane_peers) if runner is not None else [],
             "part_bytes": runner.tensor_part_container.part_size_bytes if runner is not None else 0,
-            "named": runner is not None and runner.layout != b"",  # its exchanges named how it cut the vector
             "error": error,
         }
 
