@@ -679,7 +679,7 @@ class FusionAverager(DecentralizedAverager):
         said = bytes(request.peer_id)  # b"" from a sender older than ``CUT_MARK``: judged as before
         cut_otherwise = runner is not None and (layout != runner.layout or (said != b"" and said != runner.cut))
         if cut_otherwise and context.remote_id in runner.sender_peer_ids:
-            # this group, cut otherwise (``LAYOUT_MARK``): none of its parts can be taken. Banned now, not after
+            # this group, cut otherwise (``CUT_MARK``, ``LAYOUT_MARK``): none of its parts can be taken. Banned now, not after
             # the senders' timeout (as a sender that never came would be), and never named an offender
             await runner._ban_sender(context.remote_id)
         if runner is None or cut_otherwise:
