@@ -352,6 +352,56 @@ def test_members_shown_another_view_of_the_group_fail_those_exchanges_and_name_n
         [r["failure_reasons"] for r in results]
 
 
+def test_a_second_exchange_from_the_same_sender_is_refused_and_costs_the_honest_members_nothing(tmp_path, monkeypatch):
+    """hivemind's reducer counts the parts that arrive, not who sent them. A member that opened a second
+    stream to each reducer with copies of its parts (found by a red-team helper) completed parts without
+    the other honest member's, whose late part then got it banned by the reducer and left out of the
+    round's redos on both sides. A reducer takes one exchange per sender: whichever of its two streams
+    comes second is refused, the honest members never ban, fail or name each other, and they end with
+    the same values (the mean, or without the member that had its own stream refused)."""
+    from hivemind.averaging.allreduce import AllReduceRunner
+
+    from coldfusion_p2p.swarm import averager as A
+
+    g = torch.Generator().manual_seed(37)
+    inputs = [[torch.randn(1000, 1200, generator=g)] for _ in range(3)]
+    hostile = {}
+
+    def before(dhts):
+        hostile["id"] = dhts[2].peer_id
+        honest = A.CanonicalAllReduceRunner._communicate_with_peer
+
+        async def communicate(self, peer_id):
+            if self.peer_id == hostile["id"] and peer_id != self.peer_id:
+                container = self.tensor_part_container
+                parts = [(p.clone(), info) for p, info in container._input_parts_by_peer[self.ordered_peer_ids.index(peer_id)]]
+
+                async def copies():
+                    for i, (p, info) in enumerate(parts):
+                        first = {"code": A.averaging_pb2.PART_FOR_AVERAGING, "group_id": self.group_id + self.layout,
+                                 "peer_id": self.cut} if i == 0 else {}
+                        yield A.averaging_pb2.AveragingData(tensor_part=container.compression.compress(p, info), weight=self.weight, **first)
+
+                async def second():
+                    with contextlib.suppress(Exception):  # whatever the reducer answers
+                        async for _ in await AllReduceRunner._get_peer_stub(self, peer_id).rpc_aggregate_part(copies()):
+                            pass
+
+                asyncio.create_task(second())
+            return await honest(self, peer_id)
+
+        monkeypatch.setattr(A.CanonicalAllReduceRunner, "_communicate_with_peer", communicate)
+
+    with three_averagers(tmp_path, inputs, "none", "t_r0_twice", 3, before=before) as (dhts, averagers):
+        results, outputs = step_all(averagers, 90)
+        assert all(av.is_alive() for av in averagers)
+        honest = {dht.peer_id.to_base58() for dht in dhts[:2]}
+    for i, r in enumerate(results[:2]):
+        blamed = (set(r["banned"]) | set(r["failed_reducers"]) | set(r["offenders"])) & honest
+        assert not blamed and r["failed_size"] == 0, (i, r["banned"], r["failure_reasons"], r["offenders"])
+    assert torch.equal(outputs[0][0], outputs[1][0])
+
+
 def test_the_part_size_follows_the_slowest_member_and_only_where_it_changes_no_value():
     from hivemind.proto import runtime_pb2
 

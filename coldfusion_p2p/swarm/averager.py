@@ -206,6 +206,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         self.rules = rules or {}
         self.lanes = lanes
         self.lane_peers: set[PeerID] = set()  # reducers this member reached over a direct lane
+        self.exchanges: set[PeerID] = set()  # senders whose exchange this reducer took up (``_aggregate_parts``)
         self._channels: list = []
         self._averages_sent: dict = {}  # (part index, compression) -> the encoded average (_serialized_average)
         self.offenders: dict[PeerID, str] = {}
@@ -685,6 +686,13 @@ class FusionAverager(DecentralizedAverager):
         if runner is None or cut_otherwise:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
+        if context.remote_id in runner.exchanges:
+            # a sender's runner opens one exchange with each reducer; hivemind's reducer counts the parts that
+            # arrive, not who sent them, so a second stream's copies would complete a part without an honest
+            # member's, and that member's late part would get it banned: refused, and nothing taken from it
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        runner.exchanges.add(context.remote_id)
         (request.meta if isinstance(request, LanePart) else request).group_id = group_id  # what hivemind's runner compares
         async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
             yield message
