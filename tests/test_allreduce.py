@@ -14,10 +14,12 @@ from coldfusion_p2p.swarm import make_averager, start_dht
 
 @contextlib.contextmanager
 def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, target: int | None, rules: dict | None = None,
-                    matchmaking_time: float = 2.0, lanes: list[bool] | None = None, clients: list[bool] | None = None,
+                    matchmaking_time: float = 5.0, lanes: list[bool] | None = None, clients: list[bool] | None = None,
                     before=None):
     """Real peers (DHT, averager process, p2pd) on loopback, one per input list (three unless more
-    inputs are given); all shut down after. ``lanes[i]`` False: peer i serves and uses no direct lane;
+    inputs are given); all shut down after. A group that reaches its target size begins at once, so the
+    matchmaking time only matters when a member is late: with 2 s, one averager that began its step late
+    on a loaded CI machine found the other two already gone as a group of two ("could not find a group"). ``lanes[i]`` False: peer i serves and uses no direct lane;
     ``clients[i]`` True: peer i is a client (it sends its parts and reduces none). ``before(dhts)`` runs
     before the averager processes fork (a test patches one peer's runner there)."""
     dhts, averagers = [], []
@@ -564,7 +566,8 @@ def test_a_part_or_average_that_is_not_what_its_slice_holds_is_refused(tmp_path,
             async def lying_parts(self, peer_index):
                 async for message in honest(self, peer_index):
                     if self.peer_id == bad["peer"]:
-                        values, fields = A.part_tensor(message), {"weight": message.weight, "code": message.code, "group_id": message.group_id}
+                        values = A.part_tensor(message)
+                        fields = {"weight": message.weight, "code": message.code, "group_id": message.group_id, "peer_id": message.peer_id}
                         if lie == "shape":
                             message = raw_part(values.reshape(-1)[:1] * 4.0, **fields)
                         elif lie == "dtype":
