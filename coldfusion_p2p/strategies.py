@@ -288,9 +288,10 @@ class Strategy:
     # --- the outer step
     def step(self, base: dict[str, torch.Tensor], names: list[str], averaged: list[torch.Tensor],
              consume: bool = False) -> dict[str, torch.Tensor]:
-        """The next base. ``consume``: ``averaged`` is the caller's own copy, and a float32 tensor of it
-        is overwritten (scaled by ``outer_lr`` too) and may become the new base's tensor (the sum written over the delta: ``d + b`` is ``b + d`` bit for
-        bit), which spares a fresh 4 bytes per value and its page faults (17M values: 40 ms of a verify, then 12)."""
+        """The next base. ``consume``: ``averaged`` is the caller's own copy, and a float32 tensor of it is
+        overwritten (scaled by ``outer_lr`` too) and may become the new base's tensor (the sum written over
+        the delta: ``d + b`` is ``b + d`` bit for bit), which spares a fresh 4 bytes per value and its page
+        faults (17M values: 40 ms of a verify, then 12)."""
         new = model_tensors(base)  # a state left by another strategy (the manifest changed) is dropped
         for name, d in zip(names, averaged):
             b = base[name]

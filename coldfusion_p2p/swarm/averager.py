@@ -274,23 +274,24 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         """b"" for hivemind's 512 KiB parts (every older peer's); for wide parts ``LAYOUT_MARK`` and a digest of
         the members' order, the part size and each member's part count: how this member cut the vector (fixed
         once the runner exists: worked out once). Peers of the release before ``cut`` check only this."""
-        container = self.tensor_part_container
-        if container.part_size_bytes == PART_SIZE_BYTES:
+        if self.tensor_part_container.part_size_bytes == PART_SIZE_BYTES:
             return b""
-        digest = hashlib.sha256(b"".join(p.to_bytes() for p in self.ordered_peer_ids))
-        digest.update(repr((container.part_size_bytes, tuple(container.num_parts_by_peer))).encode())
-        return LAYOUT_MARK + digest.digest()[:LAYOUT_BYTES - len(LAYOUT_MARK)]
+        return LAYOUT_MARK + self._cut_digest()
 
     @cached_property
     def cut(self) -> bytes:
         """``CUT_MARK`` and a digest of how this member cut the vector, in every group: the members' order,
         each one's mode (an auxiliary member sends nothing, a client reduces nothing), the part size and each
         member's part count. Said in the first part message of each exchange (``AveragingData.peer_id``)."""
+        return CUT_MARK + self._cut_digest(tuple(int(m.value) for m in self.modes))
+
+    def _cut_digest(self, *more) -> bytes:
+        """16 bytes of sha256 over the members' order, then ``repr`` of (part size, parts per member, *more):
+        ``layout``'s without ``more``, as the release before ``cut`` computes it."""
         container = self.tensor_part_container
         digest = hashlib.sha256(b"".join(p.to_bytes() for p in self.ordered_peer_ids))
-        digest.update(repr((container.part_size_bytes, tuple(container.num_parts_by_peer),
-                            tuple(int(m.value) for m in self.modes))).encode())
-        return CUT_MARK + digest.digest()[:16]
+        digest.update(repr((container.part_size_bytes, tuple(container.num_parts_by_peer), *more)).encode())
+        return digest.digest()[:LAYOUT_BYTES - len(LAYOUT_MARK)]
 
     def _get_peer_stub(self, peer: PeerID):
         return _LaneStub(self, peer, super()._get_peer_stub(peer))
