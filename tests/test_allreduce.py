@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 
 import pytest
 import torch
@@ -313,15 +315,16 @@ def test_members_that_cut_the_vector_otherwise_fail_that_exchange_and_name_no_on
         [r["failure_reasons"] for r in results]
 
 
-@pytest.mark.parametrize("lie", ["order", "client"])
+@pytest.mark.parametrize("lie", ["order", "client", "forged cut"])
 def test_members_shown_another_view_of_the_group_fail_those_exchanges_and_name_no_one(tmp_path, monkeypatch, lie):
     """A hostile leader can show one follower the group in another order, or another member as a client.
-    Its slices are then other members' slices: as a reducer it would take parts meant for someone else, as a sender it would send
-    its parts to the wrong reducers, and parts of another shape would be judged misshapen. Each sender
-    says how it cut the vector in the first message of every exchange (``CUT_MARK``, in a field older
-    peers never read), usual 512 KiB parts included, whatever the leader relayed: each exchange across
-    the difference is refused without blame, the round is unclean everywhere, no member is named an
-    offender, and no part of another slice reaches a sum."""
+    Its slices are then other members' slices: as a reducer it would take parts meant for someone else,
+    as a sender it would send its parts to the wrong reducers, and parts of another shape would be judged
+    misshapen. Each sender says how it cut the vector in the first message of every exchange
+    (``CUT_MARK``, in a field older peers never read), usual 512 KiB parts included, whatever the leader
+    relayed: each exchange across the difference is refused without blame, the round is unclean
+    everywhere, no member is named an offender, and no part of another slice reaches a sum. A member
+    that says 64 KiB of garbage there instead fares the same, and nothing crashes."""
     from coldfusion_p2p.swarm import averager as A
 
     g = torch.Generator().manual_seed(31)
@@ -335,12 +338,19 @@ def test_members_shown_another_view_of_the_group_fail_those_exchanges_and_name_n
         def init(self, *args, **kwargs):
             if kwargs["p2p"].peer_id == odd["peer"] and lie == "order":  # as if the leader had shown it the group reversed
                 kwargs["ordered_peer_ids"] = tuple(reversed(kwargs["ordered_peer_ids"]))
-            elif kwargs["p2p"].peer_id == odd["peer"]:  # as if it had been shown the third member as a client
+            elif kwargs["p2p"].peer_id == odd["peer"] and lie == "client":  # as if it had been shown the third member as a client
                 k = list(kwargs["ordered_peer_ids"]).index(odd["other"])  # (hivemind's runner makes a member of
                 kwargs["peer_fractions"] = tuple(0.0 if i == k else 0.5 for i in range(3))  # no share a client)
             honest_init(self, *args, **kwargs)
 
         monkeypatch.setattr(A.CanonicalAllReduceRunner, "__init__", init)
+        honest_cut = A.CanonicalAllReduceRunner.cut.func
+
+        def forged_cut(self):
+            return os.urandom(1 << 16) if self.peer_id == odd["peer"] and lie == "forged cut" else honest_cut(self)
+
+        monkeypatch.setattr(A.CanonicalAllReduceRunner, "cut", functools.cached_property(forged_cut))
+        A.CanonicalAllReduceRunner.cut.__set_name__(A.CanonicalAllReduceRunner, "cut")
 
     with three_averagers(tmp_path, inputs, "none", "t_r0_order", 3, lanes=[True, False, True], before=shuffle) as (dhts, averagers):
         results, _ = step_all(averagers, 90)
