@@ -1031,7 +1031,10 @@ class Contributor:
                     last[0] = time.monotonic()
                     self.events.emit("train_step", f"training on v{base.version}: step {step}/{total}, loss {loss:.4f}", step=step, total=total, loss=loss, version=base.version)
 
-            result = trainer.train(body, seed, progress)
+            try:
+                result = trainer.train(body, seed, progress)
+            except FloatingPointError as e:  # nothing was applied, shared or saved: the store holds what it held
+                raise WorkError(f"{e} on v{base.version}: nothing was shared or saved (the manifest's training.lr may be too high for this data)") from None
             finetuned = M.body_state(body)
             body.zero_grad(set_to_none=True)  # the kept module's last gradients: as large as the body, and not needed
             self._save_head(head, data)

@@ -201,9 +201,11 @@ def test_training_precision_follows_the_body_size_on_a_gpu_and_is_float32_on_the
         amp_dtype_for("half", cpu, 0)
 
 
-def test_a_diverging_round_stops_before_its_step_touches_the_weights(tiny_model_dir):
-    """The loop waits for the GPU once a step, after the backward pass: a non-finite loss still stops it
-    before the optimizer moves a weight."""
+@pytest.mark.parametrize("queued", [False, True], ids=["waiting", "queued checks"])
+def test_a_diverging_round_stops_before_its_step_touches_the_weights(tiny_model_dir, queued):
+    """A non-finite loss stops the round before the optimizer moves a weight, whether the loop reads each
+    loss before its update (the CPU's way) or one step late with the update skipped on the device (the
+    GPU's way, forced here on the CPU)."""
     from transformers import AutoTokenizer
 
     from coldfusion_p2p.config import TrainingSpec
@@ -214,6 +216,7 @@ def test_a_diverging_round_stops_before_its_step_touches_the_weights(tiny_model_
     head = M.new_head(tiny_model_dir, 2)
     trainer = LocalTrainer(AutoTokenizer.from_pretrained(tiny_model_dir), data, head, TrainingSpec(batch_size=4, examples_per_round=8),
                            16, torch.device("cpu"))
+    trainer.queued_checks = queued
     body = M.load_body_module(tiny_model_dir)
     before = {k: v.clone() for k, v in M.body_state(body).items()}
     with torch.no_grad():
@@ -223,3 +226,69 @@ def test_a_diverging_round_stops_before_its_step_touches_the_weights(tiny_model_
         trainer.train(body, 0)
     assert all(torch.equal(before[k], v) for k, v in M.body_state(body).items())
     assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(head_before, head.parameters()))
+
+
+ON_DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the queued checks' GPU path (pinned copies, events) is checked on the CPU's"))])
+
+
+def _queued_trainer(tiny_model_dir, examples: int, queued: bool | None, device: str = "cpu"):
+    from transformers import AutoTokenizer
+
+    from coldfusion_p2p.config import TrainingSpec
+    from coldfusion_p2p.data import PrivateData
+    from coldfusion_p2p.training import LocalTrainer
+
+    texts = [f"text number {i} says {'yes' if i % 2 else 'no'}" for i in range(32)]
+    data = PrivateData("d", ["a", "b"], texts, [i % 2 for i in range(32)], [], [], 0)
+    torch.manual_seed(0)
+    trainer = LocalTrainer(AutoTokenizer.from_pretrained(tiny_model_dir), data, M.new_head(tiny_model_dir, 2),
+                           TrainingSpec(batch_size=4, examples_per_round=examples, lr=1e-3), 16, torch.device(device))
+    trainer.queued_checks = queued if device == "cpu" else (None if queued else False)  # on CUDA, queued is the default
+    return trainer
+
+
+@ON_DEVICES
+def test_queued_checks_train_like_the_waiting_loop_and_report_every_step_in_order(tiny_model_dir, device):
+    """The GPU's loop (losses read one step late, the fused AdamW) trains the same round as the waiting loop,
+    within float rounding, and reports steps 1..n in order with their own losses."""
+    runs = {}
+    for queued in (False, True):
+        trainer, seen = _queued_trainer(tiny_model_dir, 24, queued, device), []
+        body = M.load_body_module(tiny_model_dir)
+        result = trainer.train(body, 7, progress=lambda step, total, loss: seen.append((step, total, loss)))
+        runs[queued] = (result, seen, M.body_state(body))
+    (waiting, seen_w, body_w), (queued, seen_q, body_q) = runs[False], runs[True]
+    assert [s[:2] for s in seen_q] == [(k, 6) for k in range(1, 7)] == [s[:2] for s in seen_w]
+    assert queued.steps == waiting.steps == 6
+    assert [s[2] for s in seen_q] == pytest.approx([s[2] for s in seen_w], rel=1e-4)
+    assert len({s[2] for s in seen_q}) > 1  # the losses are each step's own, not one value repeated
+    assert max((body_q[k] - body_w[k]).abs().max().item() for k in body_w) < 1e-4
+    assert any(not torch.equal(body_q[k], M.body_state(M.load_body_module(tiny_model_dir))[k]) for k in body_q)
+
+
+@ON_DEVICES
+def test_queued_checks_stop_a_round_that_diverges_midway_with_the_earlier_steps_kept_and_no_later_one(tiny_model_dir, device):
+    """A loss that goes NaN at step 3 is read a step late, while step 4 is already queued: the round still stops
+    naming step 3, with the weights exactly as two clean steps left them (step 3's update and 4's skipped)."""
+    clean = _queued_trainer(tiny_model_dir, 8, True, device)  # the same seed and data: its two steps are the first two below
+    body_clean = M.load_body_module(tiny_model_dir)
+    clean.train(body_clean, 7)
+
+    trainer = _queued_trainer(tiny_model_dir, 24, True, device)
+    calls = [0]
+
+    def poison(module, args, output):  # the third forward pass of the head returns NaN
+        calls[0] += 1
+        return output * float("nan") if calls[0] == 3 else output
+
+    hook = trainer.head.register_forward_hook(poison)
+    body = M.load_body_module(tiny_model_dir)
+    seen = []
+    with pytest.raises(FloatingPointError, match="diverged at step 3"):
+        trainer.train(body, 7, progress=lambda step, total, loss: seen.append(step))
+    hook.remove()
+    assert seen == [1, 2] and calls[0] == 4  # step 4 was queued before step 3's loss was read
+    state, expected = M.body_state(body), M.body_state(body_clean)
+    assert all(torch.equal(state[k].cpu(), expected[k].cpu()) for k in expected)  # a failed round leaves them on the device
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(trainer.head.parameters(), clean.head.parameters()))
