@@ -7,7 +7,8 @@ For each group size and vector size it runs, in one process tree on this machine
 - cfp2p: P real averagers (DHT, averager process, p2pd each, on loopback) run one round's fusion
   as ``cfp2p join`` does: matchmaking (gather, group forming), the verifying all-reduce with the
   round's rules and strategy, and verify (copying and checking the result, adding it to the base and
-  hashing the new base, as each member does before it signs).
+  hashing the new base, and beside that the digest of each reducer's slice, as each member does before
+  it signs).
 
     python bench/allreduce.py --peers 2 4 8 --values 22.7e6 110e6 --repeats 2
 
@@ -109,7 +110,7 @@ def _why_unclean(result: dict | None) -> str:
 
 def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_time: float, lane: bool = True) -> dict:
     """One fusion phase per repeat with ``size`` real averagers: medians of matchmaking, all-reduce, verify."""
-    from coldfusion_p2p.fusion import check_delta
+    from coldfusion_p2p.fusion import check_delta, slice_digests
     from coldfusion_p2p.model import hash_body
     from coldfusion_p2p.strategies import Strategy
     from coldfusion_p2p.swarm import make_averager, quiet_hivemind, start_dht
@@ -154,10 +155,21 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                     continue
                 t0 = time.perf_counter()
                 with averagers[0].get_tensors() as ts:  # verify, as a member does before it signs: its own copy
-                    averaged = [t.clone() for t in ts]  # of the result, its check, the next base, and its hash
-                if not check_delta(averaged, float("inf")).ok:
+                    averaged = [t.clone() for t in ts]  # of the result, its check, the next base, and its hash,
+                if not check_delta(averaged, float("inf")).ok:  # with the digests of the reducers' slices beside them
                     raise RuntimeError("the all-reduce's result holds NaN or Inf")
+                digests = {}
+
+                def digest(slices=results[0][0].get("slices") or []):
+                    with averagers[0].get_tensors() as ts:
+                        digests.update(slice_digests(ts, slices))
+
+                digesting = threading.Thread(target=digest)
+                digesting.start()
                 hash_body(Strategy().step(base, names, averaged, consume=True))
+                digesting.join()
+                if not digests:
+                    raise RuntimeError("no slice digests")
                 verify = time.perf_counter() - t0
                 rows.append({"lanes": sum(len(r[0].get("lanes", [])) for r in results) / max(1, size * (size - 1)),
                              "part_kib": min(r[0].get("part_bytes", 0) for r in results) / 1024,

@@ -38,9 +38,9 @@ from coldfusion_p2p.errors import UserError, WorkError
 from coldfusion_p2p.certs import (
     Certificate, CertChain, check_certificate, peer_id_of_public_key, sign_certificate, signed_by_any, verify_signature,
 )
-from coldfusion_p2p.fusion import body_delta, check_delta, clip_to_norm, delta_norm, round_bound
+from coldfusion_p2p.fusion import body_delta, check_delta, clip_to_norm, delta_norm, round_bound, slice_digests
 from coldfusion_p2p.membership import CLOCK_SLACK, MAX_TOKEN_BYTES, Admission, TokenError, describe, parse_token, token_problem
-from coldfusion_p2p.protocol import CommitDecision, NoShows, RoundView, VerdictView, decide_commit, round_start
+from coldfusion_p2p.protocol import CommitDecision, NoShows, RoundView, VerdictView, blame, decide_commit, round_start
 from coldfusion_p2p.store import VersionInfo, VersionStore
 from coldfusion_p2p.sync import Held, HistorySync
 from coldfusion_p2p.training import LocalTrainer, amp_dtype_for, pick_device, round_seed
@@ -52,6 +52,7 @@ ENROLLED_TOKEN, ENROLLED_KEY = "membership.token", "identity.key"  # what enroll
 # a second look before a round starts, for a ready record on its way; short, since a leader holds its group open
 # for every peer that any member saw ready (``FusionAverager._start_when_complete``), and gathers 0.5 s at least
 SETTLE_SECONDS = 0.25
+SLICES_WAIT = 3.0  # seconds a peer that saw another result waits for the dissenters' slice digests
 VERDICT_POLL_SECONDS = (0.1, 0.5)  # between looks at the group's verdicts: the first, then backing off to the second
 
 
@@ -696,6 +697,27 @@ class Contributor:
             time.sleep(pause)
             pause = min(pause * 1.5, VERDICT_POLL_SECONDS[1])  # a member that has not answered in a second or two is slow
 
+    def _blame(self, redo: int, group: list[str], group_id: str, mine: dict[str, str], decision: CommitDecision) -> set[str]:
+        """Who to leave out of this round's redos, from the members' slice digests (``protocol.blame``).
+
+        Each member publishes its digests right after its verdict: this waits up to SLICES_WAIT seconds
+        for those of every other member whose verdict is not an unclean one (a majority counted over a few
+        early ones could blame an honest reducer; a dissenter without digests is left out, as before)."""
+        me, deadline = self.records.peer_id, time.monotonic() + SLICES_WAIT
+        v, h = self.base.version, self.base.hash
+        while True:
+            slices = {p: {s.reducer: s.digest for s in rec.slices} for p, rec in self.records.slices(v, h).items()
+                      if p != me and p in group and rec.redo == redo and rec.group_id == group_id}
+            unclean = {p for p, rec in self.records.verdicts(v, h).items() if rec.redo == redo and rec.group_id == group_id and not rec.clean}
+            if set(group) - {me} <= set(slices) | unclean or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        out = blame(me, mine, decision.dissent, slices)
+        for reducer in sorted(out - set(decision.dissent)):
+            self.events.emit("slice", f"peer {reducer[:12]}'s slice of the average differed between members; leaving it out of this round's redos",
+                             peer=reducer)
+        return out
+
     def _signature_ok(self, peer: str, signature: str, payload: bytes) -> bool:
         key = self.records.public_keys.get(peer)  # the verdict's owner key: its hash is ``peer``
         return key is not None and bool(signature) and verify_signature(key, payload, signature)
@@ -784,6 +806,14 @@ class Contributor:
             with self.averager.get_tensors() as tensors:
                 averaged = [t.clone() for t in tensors]
             check = check_delta(averaged, float("inf"))
+            digests: dict[str, str] = {}  # each reducer's slice of the average, hashed beside the next base's hash
+            digesting = None
+            if check.ok and result["clean"]:
+                def digest(slices=result.get("slices") or []):
+                    with self.averager.get_tensors() as tensors:  # the result, unchanged until the next all-reduce
+                        digests.update(slice_digests(tensors, slices))
+                digesting = threading.Thread(target=digest, name="slice-digests", daemon=True)
+                digesting.start()
             new_body, new_hash, new_norm, reason = None, "", 0.0, check.reason
             if check.ok:
                 averaged, avg_norm, avg_clipped = clip_to_norm(averaged, bound, norm=check.norm)
@@ -807,6 +837,11 @@ class Contributor:
                 "result": new_hash if clean else "", "clean": clean, "reason": (reason or ("" if result["clean"] else why_unclean))[:300],
                 "offenders": sorted(result.get("offenders", {}))[:256], "signature": signature,
             })
+            if digesting is not None:
+                digesting.join()
+            if digests:
+                self.records.publish_slices({"v": base.version, "base": base.hash, "redo": redo, "group_id": group_id,
+                                             "slices": [{"reducer": r, "digest": d} for r, d in sorted(digests.items())][:256]})
             t_published = time.perf_counter()
             decision, signed = self._await_verdicts(redo, group, group_id, cert, new_hash, clean)
             t_verdicts = time.perf_counter() - t_published  # of verify: waiting for the group's verdicts
@@ -831,7 +866,8 @@ class Contributor:
             )
             # a member whose reducer failed us or whose parts never came (dead, or stalling on purpose)
             # is left out of this round's redos: it cannot hold every redo of the round
-            suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", [])) | set(decision.dissent)
+            dissent = self._blame(redo, group, group_id, digests, decision) if decision.dissent and digests else set(decision.dissent)
+            suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", [])) | dissent
                          | set(decision.silent)) - {me}
             redo += 1
             failures += 1

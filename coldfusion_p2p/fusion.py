@@ -6,6 +6,7 @@ module computes the deltas and decides whether one may be shared or committed at
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -81,3 +82,29 @@ def mean_delta(deltas: list[list[torch.Tensor]], weights: list[float] | None = N
     from coldfusion_p2p.strategies import Strategy
 
     return Strategy().reduce_all(deltas, weights)
+
+
+def slice_digests(averaged: list[torch.Tensor], slices: list) -> dict[str, str]:
+    """The sha256 (first 16 bytes, hex) of each reducer's slice of an all-reduce's result.
+
+    ``slices``: ``[reducer, values]`` in the group's order, as the averager reports them; a reducer's
+    slice is that many values of the tensors flattened one after the other (hivemind cuts the vector
+    into parts in that order and gives each member a run of them). Members whose results differ can
+    then see which reducer's slice differs (``protocol.blame``). Empty when the sizes do not add up.
+    """
+    views = [t.detach().reshape(-1) for t in averaged]
+    if sum(int(n) for _, n in slices) != sum(v.numel() for v in views):
+        return {}
+    out, tensor, offset = {}, 0, 0
+    for reducer, n in slices:
+        n, h = int(n), hashlib.sha256()
+        if n == 0:
+            continue  # a client-mode member reduces nothing
+        while n > 0:
+            take = min(n, views[tensor].numel() - offset)
+            h.update(memoryview(views[tensor][offset:offset + take].contiguous().numpy()).cast("B"))
+            offset, n = offset + take, n - take
+            if offset == views[tensor].numel():
+                tensor, offset = tensor + 1, 0
+        out[reducer] = h.hexdigest()[:32]
+    return out

@@ -167,6 +167,49 @@ def decide_commit(me: str, result: str, clean: bool, group: Iterable[str], verdi
     return CommitDecision("redo", agree_t, dissent, silent, why)
 
 
+def blame(me: str, mine: Mapping[str, str], dissent: Iterable[str], slices: Mapping[str, Mapping[str, str]]) -> set[str]:
+    """The members to leave out of a round's redos after ``dissent`` saw another result than this peer.
+
+    ``mine`` and ``slices`` (each answering member's) map each reducer to the digest of the slice of
+    the average it sent (``fusion.slice_digests``). Without them, a dissenter is left out, as
+    ``decide_commit`` says. With them, a reducer that sends different averages to different members
+    (each within the round's bound, so that no check catches it) is the one left out: otherwise every
+    member would see every other dissent, leave them all out, find no group, and that reducer would
+    stall every round for as long as it stayed. For the slices where a dissenter's digest differs:
+
+    - this peer or the dissenter reduced one: this peer sent the same bytes to everyone, and a reducer
+      that reports its own slice otherwise than it sent it lies; the dissenter is left out;
+    - no majority of the members that report a slice holds this peer's digest: the slice's reducer
+      sent different averages to many members; it is left out, and the dissenter kept;
+    - a majority holds this peer's digest on exactly one such slice: the dissenter was lied to, or
+      lies about an honest reducer; this peer cannot tell which, and leaves out both for this round's
+      redos (an honest reducer framed so loses one round's place, never a ban);
+    - a majority holds this peer's digest on two or more: one reducer lying to one member explains
+      one slice, a member that makes up digests explains any number; the dissenter alone is left out
+      (so that a member saying every slice differs cannot have every reducer left out).
+
+    A dissenter whose every slice matches this peer's saw the same averages and still names another
+    result: it is left out. ``slices`` should hold only members of the group with the same redo.
+    """
+    out: set[str] = set()
+    for d in dissent:
+        theirs = slices.get(d) or {}
+        differ = [r for r in mine if r in theirs and theirs[r] != mine[r]]
+        if not differ or me in differ or d in differ:
+            out.add(d)
+            continue
+        outvoted = []  # slices where most reporters agree with this peer, against the dissenter
+        for r in differ:
+            reported = [mine[r]] + [s[r] for p, s in slices.items() if p != me and r in s]
+            if 2 * sum(x == mine[r] for x in reported) > len(reported):
+                outvoted.append(r)
+            else:
+                out.add(r)
+        if outvoted:
+            out.update([d] + (outvoted if len(outvoted) == 1 else []))
+    return out - {me}
+
+
 @dataclass
 class NoShows:
     """Peers that were expected in a round and never became ready in its window: not waited for again

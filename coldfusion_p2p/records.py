@@ -83,6 +83,26 @@ class VerdictRecord(_Record):
     signature: pydantic.constr(strict=True, max_length=2048)  # on the certificate of ``result``; "" if unclean
 
 
+class SliceDigest(_Record):
+    reducer: Peer
+    digest: pydantic.constr(strict=True, regex=r"^[0-9a-f]{32}$")  # the first 16 bytes of a sha256
+
+
+class SlicesRecord(_Record):
+    """A member's digest of each reducer's slice of one all-reduce's average, as that reducer sent it.
+
+    Published next to the verdict (a key of its own, which peers of the release before never read: their
+    DHT nodes store it like any key that is not theirs to judge). When members' results differ, the
+    slices that differ say whose reducer sent what (``protocol.blame``)."""
+
+    swarm: Name
+    v: Count
+    base: Hash
+    redo: pydantic.conint(strict=True, ge=0, le=1000)
+    group_id: pydantic.constr(strict=True, regex=r"^[0-9a-f]{2,128}$")
+    slices: pydantic.conlist(SliceDigest, max_items=256)
+
+
 class HistoryEntry(_Record):
     v: Count
     hash: Hash
@@ -150,9 +170,10 @@ KINDS: Dict[str, RecordKind] = {
         RecordKind("cfp2p.history", HistoryRecord, 3600.0),
         RecordKind("cfp2p_metrics", MetricsRecord, 20.0, peer_field="peer"),
         RecordKind("cfp2p.members", MemberRecord, 900.0, peer_field="peer"),
+        RecordKind("cfp2p.slices", SlicesRecord, 180.0),
     )
 }
-MANIFEST_KEY, BASES_KEY, PROGRESS_KEY, VERDICTS_KEY, HISTORY_KEY, METRICS_KEY, MEMBERS_KEY = KINDS
+MANIFEST_KEY, BASES_KEY, PROGRESS_KEY, VERDICTS_KEY, HISTORY_KEY, METRICS_KEY, MEMBERS_KEY, SLICES_KEY = KINDS
 
 
 def owner_of(subkey: Any) -> str | None:
@@ -227,7 +248,7 @@ def as_value(record: _Record) -> dict:
 
 
 __all__ = [
-    "KINDS", "RecordKind", "ManifestRecord", "BaseRecord", "ProgressRecord", "VerdictRecord", "HistoryRecord",
+    "KINDS", "RecordKind", "ManifestRecord", "BaseRecord", "ProgressRecord", "VerdictRecord", "SlicesRecord", "HistoryRecord",
     "HistoryEntry", "MetricsRecord", "MemberRecord", "owner_of", "parse", "check", "owned", "peer_id_of_owner", "MANIFEST_KEY",
     "BASES_KEY", "PROGRESS_KEY", "VERDICTS_KEY", "HISTORY_KEY", "METRICS_KEY", "MEMBERS_KEY",
 ]

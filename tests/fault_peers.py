@@ -63,6 +63,23 @@ class FaultyContributor(Contributor):
         return weight, delta
 
 
+def equivocate() -> None:
+    """This peer's reducer sends each member slightly other averages of its slice (inside every bound:
+    no check catches them), so that no two members end with the same result."""
+    from coldfusion_p2p.swarm import averager as A
+    from coldfusion_p2p.swarm.lane import raw_part
+
+    honest = A.CanonicalAllReduceRunner._accumulate_parts_streaming
+
+    async def equivocating(self, stream, sender_index):
+        async for answer in honest(self, stream, sender_index):
+            yield raw_part(A.part_tensor(answer) + 1e-6 * (sender_index + 1), code=A.averaging_pb2.AVERAGED_PART)
+
+    A.CanonicalAllReduceRunner._accumulate_parts_streaming = equivocating  # before the averager process forks
+
+
 if __name__ == "__main__":
     FaultyContributor.fault = sys.argv[1]
+    if FaultyContributor.fault == "equivocate":
+        equivocate()
     FaultyContributor(JoinOptions(**json.loads(sys.argv[2]))).run()

@@ -157,6 +157,23 @@ def test_a_bad_member_every_round_is_bounded_by_the_robust_strategy_and_named(sw
             assert moved > 0.15 * sent_norm, (moved, honest_norm, sent_norm)  # a fifth of the noise, and the honest part
 
 
+@pytest.mark.slow  # the slices' digests and the blame on a real network run by default: tests/test_allreduce.py
+def test_a_reducer_that_sends_every_member_other_averages_is_left_out_and_the_round_commits(swarm, tmp_path):
+    """A peer whose reducer sends each member slightly other averages (inside every bound) left every member
+    with another result: each saw every other dissent, left them all out, found no group, and the round was
+    kept after its attempts, every round for as long as that peer stayed. With the members' slice digests
+    each member sees that only that reducer's slice differs, leaves it out, and the others commit."""
+    swarm.start_bootstrap("tiny-bert", min_group_size=3)
+    start_faulty(swarm, tmp_path, "equivocate", "liar", rounds=3)
+    honest = [swarm.join(n, d, rounds=1) for n, d in (("ann", "sms_spam"), ("bob", "rotten_tomatoes"), ("cy", "trec6"))]
+    for name, proc in zip(("ann", "bob", "cy"), honest):
+        assert swarm.wait(proc, name, 300) == 0, swarm.log(name)
+    liar = next(e["peer"] for e in swarm.events("liar") if e["event"] == "joined")
+    infos = [VersionStore(tmp_path / n).read_info(1) for n in ("ann", "bob", "cy")]
+    assert len({i.hash for i in infos}) == 1 and liar not in infos[0].contributors, infos[0].contributors
+    assert any(e["event"] == "slice" and e["peer"] == liar for n in ("ann", "bob", "cy") for e in swarm.events(n))
+
+
 @pytest.mark.slow  # the suite's 15 minutes on 2 cores: ~50 s of it; other real swarms cover the default run
 def test_straggler_does_not_stall_the_round_and_drops_its_stale_work(swarm, tmp_path):
     """cy is frozen (SIGSTOP) mid-training past the round window: ann and bob fuse v1 without it;

@@ -95,3 +95,25 @@ def test_mean_delta_does_not_depend_on_the_order_of_the_peers():
     weighted = mean_delta(deltas, [1.0, 2.0, 3.0, 4.0])[0]
     expected = sum(w * d[0].double() for w, d in zip((1.0, 2.0, 3.0, 4.0), deltas)) / 10.0
     assert torch.equal(weighted, expected.float())
+
+
+def test_slice_digests_follow_the_flattened_tensors_across_their_boundaries():
+    import hashlib
+
+    from coldfusion_p2p.fusion import slice_digests
+
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(4, 5, generator=g), torch.randn(7, generator=g), torch.randn(2, 3, generator=g)]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    slices = [["a", 12], ["client", 0], ["b", 15], ["c", 6]]  # b's slice spans the end of one tensor and the next
+    got = slice_digests(tensors, slices)
+    start = 0
+    for reducer, n in slices:
+        if n:
+            assert got[reducer] == hashlib.sha256(flat[start:start + n].numpy().tobytes()).hexdigest()[:32]
+        start += n
+    assert "client" not in got and len(got) == 3
+    assert slice_digests(tensors, [["a", 12], ["b", 20]]) == {}  # sizes that do not add up: nothing to compare
+    moved = [t.clone() for t in tensors]
+    moved[1][6] += 1e-6  # the last value of b's slice
+    assert [r for r in got if slice_digests(moved, slices)[r] != got[r]] == ["b"]

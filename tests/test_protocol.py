@@ -141,3 +141,47 @@ def test_a_clean_unanimous_group_always_commits(size):
     group = ["me"] + [f"p{i}" for i in range(size - 1)]
     d = decide_commit("me", "h", True, group, {p: V("h") for p in group[1:]}, 2, False)
     assert d.action == "commit" and len(d.agree) == size
+
+
+def test_blame_leaves_out_the_reducer_whose_slice_differs_not_every_member_that_saw_another_result():
+    from coldfusion_p2p.protocol import blame
+
+    members = ["a", "b", "c", "d", "r"]
+    honest = {p: f"h-{p}" for p in members}  # reducer -> digest of its slice, as every member got it
+
+    def lied(to: str) -> dict:  # r sent member ``to`` another average than the others
+        return {**honest, "r": f"lie-to-{to}"}
+
+    # r lies to everyone: each member sees all others dissent; each leaves out r alone, so a group remains
+    views = {p: lied(p) for p in "abcd"} | {"r": honest}
+    for me in "abcd":
+        others = {p: v for p, v in views.items() if p != me}
+        assert blame(me, views[me], [p for p in members if p != me], others) == {"r"}
+    # r lies to one member: the majority leaves out both (it cannot tell the lie from a liar), the victim r
+    views = {p: honest for p in members} | {"a": lied("a")}
+    assert blame("b", views["b"], ["a"], {p: v for p, v in views.items() if p != "b"}) == {"a", "r"}
+    assert blame("a", views["a"], ["b", "c", "d", "r"], {p: v for p, v in views.items() if p != "a"}) == {"r"}
+    # a member that lies about an honest reducer's slice: the reducer knows what it sent and leaves out the liar
+    framing = {**honest, "c": "made-up"}
+    views = {p: honest for p in members} | {"a": framing}
+    assert blame("c", views["c"], ["a"], {p: v for p, v in views.items() if p != "c"}) == {"a"}
+    assert blame("b", views["b"], ["a"], {p: v for p, v in views.items() if p != "b"}) == {"a", "c"}
+    # same slices and still another result, or no slices at all (a peer of the release before): the dissenter
+    assert blame("b", honest, ["a"], {"a": honest}) == {"a"}
+    assert blame("b", honest, ["a"], {}) == {"a"}
+    assert blame("b", {}, ["a"], {"a": honest}) == {"a"}
+    # a reducer that reports its own slice otherwise than this peer got it is that reducer
+    assert blame("b", honest, ["r"], {"r": {**honest, "r": "other"}}) == {"r"}
+
+
+def test_blame_never_leaves_out_every_reducer_for_one_member_that_says_every_slice_differs():
+    from coldfusion_p2p.protocol import blame
+
+    members = ["a", "b", "c", "d", "e"]
+    honest = {p: f"h-{p}" for p in members}
+    views = {p: honest for p in members} | {"a": {p: "made-up" for p in members}}
+    for me in "bcde":
+        assert blame(me, honest, ["a"], {p: v for p, v in views.items() if p != me}) == {"a"}
+    # two reducers that lie to the same member: that member is left out (the two are not told from a liar)
+    views = {p: honest for p in members} | {"a": {**honest, "d": "x", "e": "y"}}
+    assert blame("b", honest, ["a"], {p: v for p, v in views.items() if p != "b"}) == {"a"}

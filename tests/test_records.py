@@ -174,3 +174,16 @@ def test_manifests_count_only_with_the_authoritys_signature():
     assert open_manifest(forged, PEERS[0]) is None
     other = R.parse(R.KINDS[R.MANIFEST_KEY], sign_manifest(IDS[1], manifest, 9))  # well signed, by another key
     assert open_manifest(other, PEERS[0]) is None
+
+
+def test_slice_digests_are_a_record_of_their_own_with_a_strict_shape():
+    kind = R.KINDS[R.SLICES_KEY]
+    good = {"swarm": "s", "v": 3, "base": H0, "redo": 0, "group_id": "ab" * 8,
+            "slices": [{"reducer": PEERS[0], "digest": "0f" * 16}, {"reducer": PEERS[1], "digest": "a1" * 16}]}
+    assert R.parse(kind, good) is not None
+    assert _node_validator().validate(_signed_record(0, R.SLICES_KEY, good))
+    for bad in ({**good, "slices": [{"reducer": PEERS[0], "digest": "0f" * 32}]},  # a whole sha256: 16 bytes are kept
+                {**good, "slices": [{"reducer": "not a peer id!", "digest": "0f" * 16}]},
+                {**good, "slices": [{"reducer": PEERS[0], "digest": "0f" * 16}] * 257},
+                {**good, "extra": 1}):
+        assert R.parse(kind, bad) is None

@@ -215,6 +215,8 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer = StrategyPartReducer(self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders,
                                                        self.rules.get("strategy") or Strategy())
         container = self.tensor_part_container
+        # each member's slice of the vector, in values (its parts are a run of the tensors flattened in order)
+        self.slice_values = [sum(part.numel() for part, _ in parts) for parts in container._input_parts_by_peer]
         register = container.register_processed_part
 
         def checked_register(peer_index: int, part_index: int, part: torch.Tensor):
@@ -843,6 +845,7 @@ class FusionAverager(DecentralizedAverager):
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "lanes": sorted(peer_str(p) for p in runner.lane_peers) if runner is not None else [],
             "part_bytes": runner.tensor_part_container.part_size_bytes if runner is not None else 0,
+            "slices": [[peer_str(p), n] for p, n in zip(runner.ordered_peer_ids, runner.slice_values)] if runner is not None else [],
             "error": error,
         }
 

@@ -186,6 +186,13 @@ class SwarmRecords:
         """Every member's latest verdict on a round of base (v, hash)."""
         return {p: r for p, r in self._read(R.VERDICTS_KEY).items() if (r.v, r.base) == (version, body_hash)}
 
+    def publish_slices(self, slices: dict) -> None:
+        self._store(R.SLICES_KEY, {"swarm": self.swarm, **slices}, VERDICT_TTL, wait=False)
+
+    def slices(self, version: int, body_hash: str) -> dict[str, R.SlicesRecord]:
+        """Every member's latest slice digests on a round of base (v, hash)."""
+        return {p: r for p, r in self._read(R.SLICES_KEY).items() if (r.v, r.base) == (version, body_hash)}
+
 
 def authority_of(initial_peers: list[str], explicit: str | None) -> str | None:
     """The peer id whose signature a swarm manifest must carry: ``--authority``, else the first initial peer's."""
