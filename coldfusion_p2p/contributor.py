@@ -697,26 +697,34 @@ class Contributor:
             time.sleep(pause)
             pause = min(pause * 1.5, VERDICT_POLL_SECONDS[1])  # a member that has not answered in a second or two is slow
 
-    def _blame(self, redo: int, group: list[str], group_id: str, mine: dict[str, str], decision: CommitDecision) -> set[str]:
-        """Who to leave out of this round's redos, from the members' slice digests (``protocol.blame``).
+    def _blame(self, redo: int, group: list[str], group_id: str, mine: dict[str, str], result: str,
+               decision: CommitDecision) -> tuple[set[str], set[str]]:
+        """Whom to leave out of this round's redos, from the members' slice digests (``protocol.blame``), and
+        who stayed silent.
 
-        Each member publishes its digests right after its verdict: this waits up to SLICES_WAIT seconds
-        for those of every other member whose verdict is not an unclean one (a majority counted over a few
-        early ones could blame an honest reducer; a dissenter without digests is left out, as before)."""
+        ``decide_commit`` answers at the first dissent, before every verdict is in; a majority counted then,
+        or the members not heard from yet, would leave out honest members. So this waits up to SLICES_WAIT
+        seconds for every member's verdict and every clean dissenter's digests (each member publishes them
+        right after its verdict), then judges on what it has."""
         me, deadline = self.records.peer_id, time.monotonic() + SLICES_WAIT
-        v, h = self.base.version, self.base.hash
+        v, h, others = self.base.version, self.base.hash, set(group) - {me}
         while True:
+            verdicts = {p: rec for p, rec in self.records.verdicts(v, h).items()
+                        if p in others and rec.redo == redo and rec.group_id == group_id}
             slices = {p: {s.reducer: s.digest for s in rec.slices} for p, rec in self.records.slices(v, h).items()
-                      if p != me and p in group and rec.redo == redo and rec.group_id == group_id}
-            unclean = {p for p, rec in self.records.verdicts(v, h).items() if rec.redo == redo and rec.group_id == group_id and not rec.clean}
-            if set(group) - {me} <= set(slices) | unclean or time.monotonic() > deadline:
+                      if p in others and rec.redo == redo and rec.group_id == group_id}
+            agree = {p for p, rec in verdicts.items() if rec.clean and rec.result == result}
+            dissent = (set(verdicts) - agree) | set(decision.dissent)
+            waiting = (others - set(verdicts)) | {p for p in dissent if p in verdicts and verdicts[p].clean and p not in slices}
+            if not waiting or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        out = blame(me, mine, decision.dissent, slices)
-        for reducer in sorted(out - set(decision.dissent)):
-            self.events.emit("slice", f"peer {reducer[:12]}'s slice of the average differed between members; leaving it out of this round's redos",
-                             peer=reducer)
-        return out
+        out = blame(me, mine, sorted(dissent), slices, agree - dissent)
+        kept = dissent - out  # members that saw another result because a reducer lied to them, not by their fault
+        for reducer in sorted(out & set(mine)) if kept else ():
+            self.events.emit("slice", f"peer {reducer[:12]}'s slice of the average differed between members; leaving it out of this "
+                             f"round's redos, and keeping {len(kept)} member(s) it sent other averages", peer=reducer, kept=len(kept))
+        return out, others - set(verdicts) - dissent
 
     def _signature_ok(self, peer: str, signature: str, payload: bytes) -> bool:
         key = self.records.public_keys.get(peer)  # the verdict's owner key: its hash is ``peer``
@@ -866,9 +874,10 @@ class Contributor:
             )
             # a member whose reducer failed us or whose parts never came (dead, or stalling on purpose)
             # is left out of this round's redos: it cannot hold every redo of the round
-            dissent = self._blame(redo, group, group_id, digests, decision) if decision.dissent and digests else set(decision.dissent)
-            suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", [])) | dissent
-                         | set(decision.silent)) - {me}
+            dissent, silent = set(decision.dissent), set(decision.silent)
+            if decision.dissent and digests:
+                dissent, silent = self._blame(redo, group, group_id, digests, new_hash, decision)
+            suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", [])) | dissent | silent) - {me}
             redo += 1
             failures += 1
             self._set_phase("ready", examples)

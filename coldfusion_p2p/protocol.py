@@ -167,46 +167,44 @@ def decide_commit(me: str, result: str, clean: bool, group: Iterable[str], verdi
     return CommitDecision("redo", agree_t, dissent, silent, why)
 
 
-def blame(me: str, mine: Mapping[str, str], dissent: Iterable[str], slices: Mapping[str, Mapping[str, str]]) -> set[str]:
+def blame(me: str, mine: Mapping[str, str], dissent: Iterable[str], slices: Mapping[str, Mapping[str, str]],
+          agree: Iterable[str] = ()) -> set[str]:
     """The members to leave out of a round's redos after ``dissent`` saw another result than this peer.
 
-    ``mine`` and ``slices`` (each answering member's) map each reducer to the digest of the slice of
-    the average it sent (``fusion.slice_digests``). Without them, a dissenter is left out, as
-    ``decide_commit`` says. With them, a reducer that sends different averages to different members
-    (each within the round's bound, so that no check catches it) is the one left out: otherwise every
-    member would see every other dissent, leave them all out, find no group, and that reducer would
-    stall every round for as long as it stayed. For the slices where a dissenter's digest differs:
+    ``mine`` and ``slices`` (each member's that published them) map each reducer to the digest of the
+    slice of the average it got from that reducer (``fusion.slice_digests``); ``agree``: members whose
+    verdict names this peer's result, who therefore hold this peer's digests. The rule before the
+    digests stands (every dissenter is left out) except where the digests show, on evidence no single
+    member can make up, that one reducer sent members different averages: then that reducer alone is
+    left out, and the dissenters it lied to stay. Without this, a reducer that sends every member
+    slightly other averages (inside the round's bound, so no check catches them) had every member
+    leave out every other: no group, every round, for as long as it stayed.
 
-    - this peer or the dissenter reduced one: this peer sent the same bytes to everyone, and a reducer
-      that reports its own slice otherwise than it sent it lies; the dissenter is left out;
-    - no majority of the members that report a slice holds this peer's digest: the slice's reducer
-      sent different averages to many members; it is left out, and the dissenter kept;
-    - a majority holds this peer's digest on exactly one such slice: the dissenter was lied to, or
-      lies about an honest reducer; this peer cannot tell which, and leaves out both for this round's
-      redos (an honest reducer framed so loses one round's place, never a ban);
-    - a majority holds this peer's digest on two or more: one reducer lying to one member explains
-      one slice, a member that makes up digests explains any number; the dissenter alone is left out
-      (so that a member saying every slice differs cannot have every reducer left out).
-
-    A dissenter whose every slice matches this peer's saw the same averages and still names another
-    result: it is left out. ``slices`` should hold only members of the group with the same redo.
+    A dissenter is left out when it published no digests or not one for every slice this peer holds,
+    when it names another digest for this peer's slice or its own (this peer sent the same bytes to
+    everyone; a reducer that reports its own slice otherwise lies), when all its digests match (it saw
+    the same averages and names another result), or when it names another digest for two or more
+    reducers. When it names another digest for exactly one reducer r, r is left out instead, if at
+    least two members other than r and this peer name a digest for r's slice that differs from this
+    peer's, and they outnumber those that hold this peer's (this peer, ``agree``, and any other
+    member's matching digest; r's word on its own slice does not count). One member framing an honest
+    reducer, or two framing it against an honest majority, are left out themselves; a reducer that
+    lies to one member is not caught this way (that member is left out, as before), nor can three
+    members tell a lying reducer from a lying member: both need the reducer's signature on its slice.
     """
+    agree = set(agree) | {me}
+    dissent = list(dissent)
     out: set[str] = set()
     for d in dissent:
         theirs = slices.get(d) or {}
-        differ = [r for r in mine if r in theirs and theirs[r] != mine[r]]
-        if not differ or me in differ or d in differ:
+        differ = [r for r in mine if theirs.get(r) != mine[r]]
+        if not mine or not set(mine) <= set(theirs) or not differ or len(differ) > 1 or me in differ or d in differ:
             out.add(d)
             continue
-        outvoted = []  # slices where most reporters agree with this peer, against the dissenter
-        for r in differ:
-            reported = [mine[r]] + [s[r] for p, s in slices.items() if p != me and r in s]
-            if 2 * sum(x == mine[r] for x in reported) > len(reported):
-                outvoted.append(r)
-            else:
-                out.add(r)
-        if outvoted:
-            out.update([d] + (outvoted if len(outvoted) == 1 else []))
+        r = differ[0]
+        accusers = {p for p, s in slices.items() if p not in (r, me) and r in s and s[r] != mine[r]}
+        holders = (agree | {p for p, s in slices.items() if s.get(r) == mine[r]}) - {r}
+        out.add(r if len(accusers) >= 2 and len(accusers) > len(holders) else d)
     return out - {me}
 
 

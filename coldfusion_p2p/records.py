@@ -250,5 +250,5 @@ def as_value(record: _Record) -> dict:
 __all__ = [
     "KINDS", "RecordKind", "ManifestRecord", "BaseRecord", "ProgressRecord", "VerdictRecord", "SlicesRecord", "HistoryRecord",
     "HistoryEntry", "MetricsRecord", "MemberRecord", "owner_of", "parse", "check", "owned", "peer_id_of_owner", "MANIFEST_KEY",
-    "BASES_KEY", "PROGRESS_KEY", "VERDICTS_KEY", "HISTORY_KEY", "METRICS_KEY", "MEMBERS_KEY",
+    "BASES_KEY", "PROGRESS_KEY", "VERDICTS_KEY", "HISTORY_KEY", "METRICS_KEY", "MEMBERS_KEY", "SLICES_KEY", "SliceDigest",
 ]

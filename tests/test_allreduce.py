@@ -765,11 +765,11 @@ def test_a_step_whose_averager_process_died_ends_with_one_clear_error(tmp_path):
 
 
 def test_a_reducer_that_sends_one_member_other_averages_is_found_by_the_slice_digests(tmp_path, monkeypatch):
-    """A reducer that sends one member slightly other averages than the rest (inside the round's bound, so no
-    check catches them) leaves that member with another result. Every member reports its slices; their
-    digests differ exactly at that reducer's slice, and ``protocol.blame`` leaves that reducer out of the
-    redos on both sides (the majority also leaves out the member it lied to, which cannot show it was lied
-    to). Before, each side only saw the other dissent: with a lie to everyone, no group was left."""
+    """A reducer that sends one member of four slightly other averages than the rest (inside the round's bound,
+    so no check catches them) leaves that member with another result. Every member's slice digests differ
+    exactly at that reducer's slice. ``protocol.blame``: the member lied to sees the three others hold
+    another digest for that slice and leaves out the reducer alone; the others, who cannot tell the lie from
+    a liar, leave out that member, as before the digests."""
     from coldfusion_p2p.fusion import slice_digests
     from coldfusion_p2p.protocol import blame
     from coldfusion_p2p.swarm import averager as A
@@ -777,12 +777,12 @@ def test_a_reducer_that_sends_one_member_other_averages_is_found_by_the_slice_di
 
     g = torch.Generator().manual_seed(9)
     shapes = [(1024, 1024), (5000,)]
-    inputs = [[torch.randn(s, generator=g) * 0.001 for s in shapes] for _ in range(3)]
+    inputs = [[torch.randn(s, generator=g) * 0.001 for s in shapes] for _ in range(4)]
     rules = {"min_weight": 1.0, "max_weight": 1.0, "part_bound": 5.0}
     who = {}
 
     def cheat(dhts):
-        who["liar"], who["victim"] = dhts[2].peer_id, dhts[0].peer_id
+        who["liar"], who["victim"] = dhts[3].peer_id, dhts[0].peer_id
         honest = A.CanonicalAllReduceRunner._accumulate_parts_streaming
 
         async def equivocating(self, stream, sender_index):
@@ -793,10 +793,10 @@ def test_a_reducer_that_sends_one_member_other_averages_is_found_by_the_slice_di
 
         monkeypatch.setattr(A.CanonicalAllReduceRunner, "_accumulate_parts_streaming", equivocating)
 
-    with three_averagers(tmp_path, inputs, "none", "t_r0_equiv", 3, rules=rules, before=cheat) as (dhts, averagers):
+    with three_averagers(tmp_path, inputs, "none", "t_r0_equiv", 4, rules=rules, before=cheat) as (dhts, averagers):
         results, outputs = step_all(averagers, 60)
         ids = [dht.peer_id.to_base58() for dht in dhts]
-    victim, honest_one, liar = ids
+    victim, liar = ids[0], ids[3]
     assert all(r["clean"] for r in results), [r.get("offenders") for r in results]  # nothing a check could catch
     total = sum(t.numel() for t in inputs[0])
     for r in results:
@@ -804,9 +804,10 @@ def test_a_reducer_that_sends_one_member_other_averages_is_found_by_the_slice_di
         assert sum(n for _, n in r["slices"]) == total and all(n > 0 for _, n in r["slices"]), r["slices"]
     digests = {me: slice_digests(out, r["slices"]) for me, out, r in zip(ids, outputs, results)}
     assert set(digests[victim]) == set(ids)
-    assert [p for p in ids if digests[victim][p] != digests[honest_one][p]] == [liar]  # only the liar's slice differs
-    assert digests[honest_one] == digests[liar]  # the liar reports what it sent the others
-    assert not torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[1][0], outputs[2][0])
+    assert [p for p in ids if digests[victim][p] != digests[ids[1]][p]] == [liar]  # only the liar's slice differs
+    assert digests[ids[1]] == digests[ids[2]] == digests[liar]  # the liar reports what it sent the others
+    assert not torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[1][0], outputs[3][0])
     others = lambda me: {p: d for p, d in digests.items() if p != me}  # noqa: E731
-    assert blame(victim, digests[victim], [honest_one, liar], others(victim)) == {liar}
-    assert blame(honest_one, digests[honest_one], [victim], others(honest_one)) == {victim, liar}
+    assert blame(victim, digests[victim], ids[1:], others(victim)) == {liar}
+    for me in ids[1:3]:
+        assert blame(me, digests[me], [victim], others(me), agree=[p for p in ids[1:] if p != me]) == {victim}

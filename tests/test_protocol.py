@@ -143,45 +143,56 @@ def test_a_clean_unanimous_group_always_commits(size):
     assert d.action == "commit" and len(d.agree) == size
 
 
-def test_blame_leaves_out_the_reducer_whose_slice_differs_not_every_member_that_saw_another_result():
+def test_blame_leaves_out_a_reducer_that_lied_to_many_members_and_otherwise_the_dissenters():
     from coldfusion_p2p.protocol import blame
 
     members = ["a", "b", "c", "d", "r"]
     honest = {p: f"h-{p}" for p in members}  # reducer -> digest of its slice, as every member got it
 
-    def lied(to: str) -> dict:  # r sent member ``to`` another average than the others
-        return {**honest, "r": f"lie-to-{to}"}
+    def seen(views, me):
+        return {p: v for p, v in views.items() if p != me}
 
-    # r lies to everyone: each member sees all others dissent; each leaves out r alone, so a group remains
-    views = {p: lied(p) for p in "abcd"} | {"r": honest}
+    # r sends every member other averages: each member leaves out r alone, so a group of four remains
+    views = {p: {**honest, "r": f"lie-to-{p}"} for p in "abcd"} | {"r": honest}
     for me in "abcd":
-        others = {p: v for p, v in views.items() if p != me}
-        assert blame(me, views[me], [p for p in members if p != me], others) == {"r"}
-    # r lies to one member: the majority leaves out both (it cannot tell the lie from a liar), the victim r
-    views = {p: honest for p in members} | {"a": lied("a")}
-    assert blame("b", views["b"], ["a"], {p: v for p, v in views.items() if p != "b"}) == {"a", "r"}
-    assert blame("a", views["a"], ["b", "c", "d", "r"], {p: v for p, v in views.items() if p != "a"}) == {"r"}
-    # a member that lies about an honest reducer's slice: the reducer knows what it sent and leaves out the liar
-    framing = {**honest, "c": "made-up"}
-    views = {p: honest for p in members} | {"a": framing}
-    assert blame("c", views["c"], ["a"], {p: v for p, v in views.items() if p != "c"}) == {"a"}
-    assert blame("b", views["b"], ["a"], {p: v for p, v in views.items() if p != "b"}) == {"a", "c"}
-    # same slices and still another result, or no slices at all (a peer of the release before): the dissenter
+        assert blame(me, views[me], [p for p in members if p != me], seen(views, me)) == {"r"}
+    # r lies to one member: the others cannot tell a lie from a liar and leave out that member, as before
+    # the digests; the member lied to sees three others hold another digest for r's slice and leaves out r
+    views = {p: honest for p in members} | {"a": {**honest, "r": "lie-to-a"}}
+    assert blame("b", honest, ["a"], seen(views, "b"), agree=["c", "d", "r"]) == {"a"}
+    assert blame("a", views["a"], ["b", "c", "d", "r"], seen(views, "a")) == {"r"}
+    # one member that says an honest reducer's slice differs is left out itself, by that reducer and the rest
+    views = {p: honest for p in members} | {"a": {**honest, "c": "made-up"}}
+    assert blame("c", honest, ["a"], seen(views, "c")) == {"a"}
+    assert blame("b", honest, ["a"], seen(views, "b")) == {"a"}
+    # ... even when the honest members' digests are not in yet: their verdicts agree with this peer's
+    assert blame("b", honest, ["a"], {"a": views["a"]}, agree=["c", "d"]) == {"a"}
+    # same slices and still another result, a digest missing, or no digests at all (the release before)
     assert blame("b", honest, ["a"], {"a": honest}) == {"a"}
+    assert blame("b", honest, ["a"], {"a": {k: v for k, v in honest.items() if k != "d"}}) == {"a"}
     assert blame("b", honest, ["a"], {}) == {"a"}
     assert blame("b", {}, ["a"], {"a": honest}) == {"a"}
     # a reducer that reports its own slice otherwise than this peer got it is that reducer
     assert blame("b", honest, ["r"], {"r": {**honest, "r": "other"}}) == {"r"}
 
 
-def test_blame_never_leaves_out_every_reducer_for_one_member_that_says_every_slice_differs():
+def test_blame_cannot_be_steered_by_members_that_make_up_digests():
     from coldfusion_p2p.protocol import blame
 
     members = ["a", "b", "c", "d", "e"]
     honest = {p: f"h-{p}" for p in members}
+    # a member that says every slice differs: only it is left out, never every reducer
     views = {p: honest for p in members} | {"a": {p: "made-up" for p in members}}
     for me in "bcde":
         assert blame(me, honest, ["a"], {p: v for p, v in views.items() if p != me}) == {"a"}
-    # two reducers that lie to the same member: that member is left out (the two are not told from a liar)
+    # two reducers that lie to the same member, or a member that says so: that member is left out
     views = {p: honest for p in members} | {"a": {**honest, "d": "x", "e": "y"}}
     assert blame("b", honest, ["a"], {p: v for p, v in views.items() if p != "b"}) == {"a"}
+    # two colluders each framing another honest member: the honest pair keep each other (red team)
+    honest4 = {p: f"h-{p}" for p in ("A", "B", "L1", "L2")}
+    views = {"A": honest4, "B": honest4, "L1": {**honest4, "A": "x"}, "L2": {**honest4, "B": "y"}}
+    assert blame("A", honest4, ["L1", "L2"], {p: v for p, v in views.items() if p != "A"}, agree=["B"]) == {"L1", "L2"}
+    assert blame("B", honest4, ["L1", "L2"], {p: v for p, v in views.items() if p != "B"}, agree=["A"]) == {"L1", "L2"}
+    # two colluders framing one honest reducer the same way, against an honest majority: they are left out
+    views = {p: honest for p in members} | {"d": {**honest, "c": "z"}, "e": {**honest, "c": "z"}}
+    assert blame("a", honest, ["d", "e"], {p: v for p, v in views.items() if p != "a"}, agree=["b", "c"]) == {"d", "e"}
