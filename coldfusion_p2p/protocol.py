@@ -185,8 +185,8 @@ def blame(me: str, mine: Mapping[str, str], dissent: Iterable[str], slices: Mapp
     everyone; a reducer that reports its own slice otherwise lies), when all its digests match (it saw
     the same averages and names another result), or when it names another digest for two or more
     reducers. When it names another digest for exactly one reducer r, r is left out instead, if at
-    least two members other than r and this peer name a digest for r's slice that differs from this
-    peer's, and they outnumber those that hold this peer's (this peer, ``agree``, and any other
+    least two members other than r and this peer name a whole record that differs from this peer's at
+    r's slice alone, and they outnumber those that hold this peer's (this peer, ``agree``, and any other
     member's matching digest; r's word on its own slice does not count). One member framing an honest
     reducer, or two framing it against an honest majority, are left out themselves; a reducer that
     lies to one member is not caught this way (that member is left out, as before), nor can three
@@ -202,7 +202,9 @@ def blame(me: str, mine: Mapping[str, str], dissent: Iterable[str], slices: Mapp
             out.add(d)
             continue
         r = differ[0]
-        accusers = {p for p, s in slices.items() if p not in (r, me) and r in s and s[r] != mine[r]}
+        # members that name a whole record differing from this peer's at r's slice alone
+        accusers = {p for p, s in slices.items()
+                    if p not in (r, me) and set(mine) <= set(s) and [q for q in mine if s[q] != mine[q]] == [r]}
         holders = (agree | {p for p, s in slices.items() if s.get(r) == mine[r]}) - {r}
         out.add(r if len(accusers) >= 2 and len(accusers) > len(holders) else d)
     return out - {me}

@@ -196,3 +196,12 @@ def test_blame_cannot_be_steered_by_members_that_make_up_digests():
     # two colluders framing one honest reducer the same way, against an honest majority: they are left out
     views = {p: honest for p in members} | {"d": {**honest, "c": "z"}, "e": {**honest, "c": "z"}}
     assert blame("a", honest, ["d", "e"], {p: v for p, v in views.items() if p != "a"}, agree=["b", "c"]) == {"d", "e"}
+
+
+def test_a_member_that_says_every_slice_differs_is_no_witness_against_any_one_reducer():
+    from coldfusion_p2p.protocol import blame
+
+    group = ["A", "T", "L1", "L2"]
+    honest = {p: f"h-{p}" for p in group}
+    views = {"T": honest, "L1": {p: "made-up" for p in group}, "L2": {**honest, "T": "x"}}  # L2 frames T, L1 says all differ
+    assert blame("A", honest, ["L1", "L2"], views) == {"L1", "L2"}
