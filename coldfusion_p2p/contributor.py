@@ -52,7 +52,7 @@ ENROLLED_TOKEN, ENROLLED_KEY = "membership.token", "identity.key"  # what enroll
 # a second look before a round starts, for a ready record on its way; short, since a leader holds its group open
 # for every peer that any member saw ready (``FusionAverager._start_when_complete``), and gathers 0.5 s at least
 SETTLE_SECONDS = 0.25
-SLICES_WAIT = 3.0  # seconds a peer that saw another result waits for the dissenters' slice digests
+SLICES_WAIT = 3.0  # seconds a peer that saw another result waits for the group's verdicts and the dissenters' slice digests
 VERDICT_POLL_SECONDS = (0.1, 0.5)  # between looks at the group's verdicts: the first, then backing off to the second
 
 
@@ -840,16 +840,16 @@ class Contributor:
             cert = Certificate(self.manifest.name, base.version + 1, base.hash, new_hash or "0" * 64, group_id, tuple(sorted(group)))
             signature = sign_certificate(cert, me, self.dht.identity) if clean else ""
             cert = cert.with_signature(me, self.dht.identity.public_key, signature) if clean else cert
+            if digesting is not None:
+                digesting.join()
+            if digests:  # before the verdict: a member that reads the verdict as a dissent then finds these too
+                self.records.publish_slices({"v": base.version, "base": base.hash, "redo": redo, "group_id": group_id,
+                                             "slices": [{"reducer": r, "digest": d} for r, d in sorted(digests.items())][:256]})
             self.records.publish_verdict({
                 "v": base.version, "base": base.hash, "redo": redo, "group_id": group_id, "members": sorted(group)[:256],
                 "result": new_hash if clean else "", "clean": clean, "reason": (reason or ("" if result["clean"] else why_unclean))[:300],
                 "offenders": sorted(result.get("offenders", {}))[:256], "signature": signature,
             })
-            if digesting is not None:
-                digesting.join()
-            if digests:
-                self.records.publish_slices({"v": base.version, "base": base.hash, "redo": redo, "group_id": group_id,
-                                             "slices": [{"reducer": r, "digest": d} for r, d in sorted(digests.items())][:256]})
             t_published = time.perf_counter()
             decision, signed = self._await_verdicts(redo, group, group_id, cert, new_hash, clean)
             t_verdicts = time.perf_counter() - t_published  # of verify: waiting for the group's verdicts
