@@ -193,18 +193,16 @@ def blame(me: str, mine: Mapping[str, str], dissent: Iterable[str], slices: Mapp
     members tell a lying reducer from a lying member: both need the reducer's signature on its slice.
     """
     agree = set(agree) | {me}
-    dissent = list(dissent)
+    # for each member with a whole record: the reducers whose slice it names otherwise than this peer
+    differs = {p: [r for r in mine if s[r] != mine[r]] for p, s in slices.items() if set(mine) <= set(s)}
     out: set[str] = set()
     for d in dissent:
-        theirs = slices.get(d) or {}
-        differ = [r for r in mine if theirs.get(r) != mine[r]]
-        if not mine or not set(mine) <= set(theirs) or not differ or len(differ) > 1 or me in differ or d in differ:
+        differ = differs.get(d)
+        if differ is None or len(differ) != 1 or me in differ or d in differ:
             out.add(d)
             continue
         r = differ[0]
-        # members that name a whole record differing from this peer's at r's slice alone
-        accusers = {p for p, s in slices.items()
-                    if p not in (r, me) and set(mine) <= set(s) and [q for q in mine if s[q] != mine[q]] == [r]}
+        accusers = {p for p, dif in differs.items() if p not in (r, me) and dif == [r]}
         holders = (agree | {p for p, s in slices.items() if s.get(r) == mine[r]}) - {r}
         out.add(r if len(accusers) >= 2 and len(accusers) > len(holders) else d)
     return out - {me}
