@@ -5,7 +5,8 @@ For each group size and vector size it runs, in one process tree on this machine
 - gloo: P processes (``torch.distributed``, backend gloo, TCP on 127.0.0.1) all-reduce the same
   float32 vector; the figure is the slowest rank's ``all_reduce`` time, median over the repeats.
 - cfp2p: P real averagers (DHT, averager process, p2pd each, on loopback) run one round's fusion
-  as ``cfp2p join`` does: matchmaking (gather, group forming), the verifying all-reduce with the
+  as ``cfp2p join`` does: matchmaking (group forming, each member told the round's ready peers as
+  ``join`` reads them from the records, no target size), the verifying all-reduce with the
   round's rules and strategy, and verify (copying and checking the result, adding it to the base and
   hashing the new base, and beside that the digest of each reducer's slice, as each member does before
   it signs).
@@ -114,6 +115,7 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
     from coldfusion_p2p.model import hash_body
     from coldfusion_p2p.strategies import Strategy
     from coldfusion_p2p.swarm import make_averager, quiet_hivemind, start_dht
+    from coldfusion_p2p.swarm.node import peer_str
 
     quiet_hivemind()
     dhts, averagers, rows = [], [], []
@@ -130,9 +132,10 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                 averagers.append(make_averager(dht, "bench", [t.clone() for t in tensors], Path(tmp), compression,
                                                matchmaking_time, 600.0, size, lane=lane))
             rules = {"min_weight": 1.0, "max_weight": 1.0, "part_bound": 1e9, "strategy": Strategy()}
+            ready = sorted(peer_str(d.peer_id) for d in dhts)  # as in cfp2p join: every member knows the round's ready peers
             for rep in range(-1, repeats):  # -1: the untimed first all-reduce (see the module's docstring)
                 for av, tensors in zip(averagers, inputs):
-                    av.set_round(f"bench_r{rep}", size, size, rules=rules)
+                    av.set_round(f"bench_r{rep}", None, size, rules=rules, expect=ready)
                     with av.get_tensors() as ts:
                         for t, x in zip(ts, tensors):
                             t.copy_(x)
@@ -140,7 +143,7 @@ def cfp2p(size: int, values: int, repeats: int, compression: str, matchmaking_ti
                 start = time.perf_counter()
 
                 def one(i):
-                    results[i] = averagers[i].run_step(1.0, {"i": i}, timeout=600)
+                    results[i] = averagers[i].run_step(1.0, {"i": i, "expect": ready}, timeout=600)
 
                 threads = [threading.Thread(target=one, args=(i,)) for i in range(size)]
                 for t in threads:

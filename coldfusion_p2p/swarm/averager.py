@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from concurrent.futures import InvalidStateError
+import functools
 from functools import cached_property
 import hashlib
 import math
@@ -26,9 +27,11 @@ from typing import Any, AsyncIterator
 
 import torch
 
+import hivemind.averaging.averager as hivemind_averager
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.control import AveragingStage
+from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES, AllreduceException, BannedException, TensorPartReducer
 from hivemind.compression import (
     CompressionInfo, Float16Compression, NoCompression, Uniform8BitQuantization,
@@ -39,7 +42,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, aiter_with_timeout, anext, as_aiter, attach_event_on_finished, azip
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.timed_storage import get_dht_time
+from hivemind.utils.timed_storage import TimedStorage, get_dht_time
 
 from coldfusion_p2p.errors import WorkError
 from coldfusion_p2p.membership import Admission
@@ -79,6 +82,11 @@ LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group le
 FIRST_LOOKUP_INTERVAL = 0.04  # seconds before its second look; each pause doubles up to LEADER_LOOKUP_INTERVAL
 EARLY_START_GRACE = 0.2  # seconds a leader gathers at least, so that a better leader can still be found
 HANG_UP_WAIT = 5.0  # seconds a reducer keeps a p2pd stream open after its last answer, for the member to hang up
+SEED_AHEAD = 0.5  # seconds: how far ahead the round's own leader is put in a member's queue of leaders (``_seed``)
+# times a member puts the round's own leader in its queue in one step (about 10 s of looks: a leader that is not looking
+# yet answers at once, so the limit only bounds a leader that takes each request and never answers)
+SEED_TRIES = 40
+LEAD_HOLD = 1.0  # seconds the round's own leader follows no other member of its round, so that they come to it
 EARLY_START_POLL = 0.05  # seconds between a leader's looks at whether its group is complete
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 logger = get_logger(__name__)
@@ -502,6 +510,11 @@ class FusionAverager(DecentralizedAverager):
         self._rules: dict = {}
         self._excluded: set[str] = set()
         self._expect: frozenset[str] = frozenset()  # the ready peers this peer's round waits for (``_start_when_complete``)
+        self._lead: str | None = None  # the round's own leader, worked out from ``_expect`` (``round_leader``)
+        self._seed_tries = 0  # this step's asks of that leader left (``_seed_leader``)
+        self._seed_connected: bool | None = None  # whether this peer holds a connection to it (once it does, not asked again)
+        self._step_began = -math.inf  # time.monotonic() at this step's start
+        self._led_by: str | None = None  # whom this step's group followed (``guarded_join``); None: this peer led it
         self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
         self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
         # set before the process starts: its handlers must refuse outsiders from their first call
@@ -577,7 +590,8 @@ class FusionAverager(DecentralizedAverager):
         peer has joined too, and a view that names a peer that never comes (or a member that names
         peers that do not exist) only brings back the whole matchmaking time. The leader gathers
         for at least ``EARLY_START_GRACE``, so that a better leader (one every member would follow)
-        is still found and this group disbanded into it, as hivemind does.
+        is still found and this group disbanded into it, as hivemind does; the round's own leader
+        (``round_leader``), whom every member asks first, begins as soon as its group is complete.
         """
         mm = self._matchmaking
         attempt, since = None, started
@@ -587,7 +601,8 @@ class FusionAverager(DecentralizedAverager):
                 continue
             if mm.assembled_group is not attempt:  # hivemind looks again within the step: the grace counts afresh
                 attempt, since = mm.assembled_group, max(started, time.monotonic() - EARLY_START_POLL)
-            if time.monotonic() - since < EARLY_START_GRACE or not self._group_complete():
+            grace = 0.0 if self._leads_round() else EARLY_START_GRACE
+            if time.monotonic() - since < grace or not self._group_complete():
                 continue
             try:
                 async with mm.lock_request_join_group:
@@ -599,6 +614,8 @@ class FusionAverager(DecentralizedAverager):
 
     async def _step(self, *, step, future_for_init):
         self._step_control = step
+        self._step_began, self._led_by = time.monotonic(), None
+        self._seed_tries, self._seed_connected = SEED_TRIES, None
         early = asyncio.create_task(self._start_when_complete(time.monotonic())) if not self.client_mode else None
         try:
             await super()._step(step=step, future_for_init=future_for_init)
@@ -843,6 +860,7 @@ class FusionAverager(DecentralizedAverager):
             "failed_reducers": sorted(peer_str(p) for p in runner.failed_reducers) if runner is not None else [],
             "failure_reasons": {peer_str(p): why for p, why in runner.failure_reasons.items()} if runner is not None else {},
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
+            "leader": self._led_by or peer_str(self.peer_id),  # who formed the group: a member's word, for the logs
             "lanes": sorted(peer_str(p) for p in runner.lane_peers) if runner is not None else [],
             "part_bytes": runner.tensor_part_container.part_size_bytes if runner is not None else 0,
             "slices": [[peer_str(p), n] for p, n in zip(runner.ordered_peer_ids, runner.slice_values)] if runner is not None else [],
@@ -943,20 +961,23 @@ class FusionAverager(DecentralizedAverager):
 
     # --- per-round settings, called through the control pipe ------------------------------------
     def set_round(self, group_prefix: str, target_group_size: int | None, min_group_size: int, rules: dict | None = None,
-                  excluded: list[str] | None = None, expect: list[str] | None = None) -> None:
+                  excluded: list[str] | None = None, expect: list[str] | None = None, leaders: list[str] | None = None) -> None:
         """Move to a round's matchmaking key, with its rules (weights, part bound) and the peers to refuse.
 
         ``expect``: the ready peers this round waits for (this peer among them). As a leader, this peer
         begins once its group holds them and every member's own ``expect`` (which each member must also
-        pass in ``run_step``'s gather): see ``_start_when_complete``. Without it, the whole matchmaking time."""
+        pass in ``run_step``'s gather): see ``_start_when_complete``. Without it, the whole matchmaking time.
+        ``leaders``: those of them that can lead a group (not client-mode peers; default: all of them). One
+        of them is the round's own leader (``round_leader``), whom every member asks first
+        (``_paced_leader_lookups``)."""
         future = MPFuture()
         self._outer_pipe.send(("_set_round", [], dict(group_prefix=group_prefix, target=target_group_size, min_size=min_group_size,
                                                       rules=rules or {}, excluded=list(excluded or ()), expect=list(expect or ()),
-                                                      future=future)))
+                                                      leaders=None if leaders is None else list(leaders), future=future)))
         future.result()
 
     async def _set_round(self, group_prefix: str, target: int | None, min_size: int, rules: dict, excluded: list[str],
-                         future: MPFuture, expect: list[str] | None = None):
+                         future: MPFuture, expect: list[str] | None = None, leaders: list[str] | None = None):
         mm = self._matchmaking
         mm.group_key_manager.prefix = group_prefix
         # the leader's cap only: the key manager's copy must stay None, since hivemind 1.1.12 draws
@@ -969,18 +990,70 @@ class FusionAverager(DecentralizedAverager):
         expect = list(expect or ())
         self._expect = frozenset(expect) if 0 < len(expect) <= MAX_GROUP else frozenset()
         self._join_expects, self._complete_for = {}, None
+        able = self._expect if leaders is None else self._expect & set(leaders)
+        self._lead = round_leader(group_prefix, able - self._excluded - set(self._admission.revoked))
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
             async def guarded_join(leader: PeerID):
                 if peer_str(leader) in self._excluded or peer_str(leader) in self._admission.revoked:
                     return None  # as if it had turned us down: matchmaking moves on to the next leader
-                return await join_leader(leader)
+                if leader in mm.current_followers:  # it follows this peer already: it would only say so, while
+                    return None  # this peer, asking, could take no one else's request
+                if self._leads_round() and peer_str(leader) in self._expect and time.monotonic() - self._step_began < LEAD_HOLD:
+                    # the round's own leader: the members of its round come to it (``round_leader``). Not counted
+                    # as an attempt, so the DHT's next look puts this one back, to be followed once the hold is over
+                    attempts = mm.potential_leaders.past_attempts
+                    attempts.difference_update({a for a in attempts if a[0] == leader})
+                    return None
+                group = await join_leader(leader)  # (a leader that sends this peer on calls this again, deeper)
+                if group is not None and self._led_by is None:
+                    self._led_by = peer_str(leader)  # the deepest call's, the leader this peer followed in the end
+                return group
 
             mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
-            leaders = mm.potential_leaders
-            leaders._update_queue_periodically = lambda key_manager: _paced_leader_lookups(leaders, key_manager)
+            check_request = mm._check_reasons_to_reject
+
+            def lead_check(request, context):
+                """hivemind's checks of a join request, except that the round's own leader takes a member of
+                its round that started before it (hivemind refuses one whose expiration is earlier)."""
+                reason = check_request(request, context)
+                if (reason is not None and reason.code == averaging_pb2.BAD_EXPIRATION_TIME and self._leads_round()
+                        and peer_str(context.remote_id) in self._expect):
+                    return None
+                return reason
+
+            mm._check_reasons_to_reject = lead_check
+            potential = mm.potential_leaders
+            potential._update_queue_periodically = lambda key_manager: _paced_leader_lookups(potential, key_manager, self._seed_leader)
+            potential._declare_averager_periodically = lambda step, key_manager: _declare_periodically(potential, step, key_manager)
         future.set_result(None)
+
+    def _leads_round(self) -> bool:
+        return self._lead is not None and self._lead == peer_str(self.peer_id) and not self.client_mode
+
+    async def _seed_leader(self, take: bool = False) -> PeerID | None:
+        """The round's own leader, for this member to ask from its own queue of leaders (``_seed``); None when
+        this peer is that leader, when there is none, when this step asked it ``SEED_TRIES`` times already
+        (``take``: one more ask), or when this peer holds no connection to it: a peer that cannot be
+        reached, asked first, would hold up this peer's matchmaking for as long as the dial takes, where
+        the DHT's leaders are peers that declared themselves just now."""
+        if self._lead is None or self._lead == peer_str(self.peer_id) or self._seed_tries <= 0:
+            return None
+        try:
+            lead = PeerID.from_base58(self._lead)
+        except Exception:  # noqa: BLE001 - a view's peer id is checked when it is read; this is only a shortcut
+            return None
+        if not self._seed_connected:  # asked again while it says no: the leader's own declaration connects it
+            try:
+                self._seed_connected = any(p.peer_id == lead for p in await self._p2p.list_peers())
+            except Exception:  # noqa: BLE001 - then only the DHT's leaders
+                self._seed_connected = False
+            if not self._seed_connected:
+                return None
+        if take:
+            self._seed_tries -= 1
+        return lead
 
     def set_admission(self, state: dict, label: str = "") -> None:
         """Who may call this averager (``membership.Admission.state()``); ``label`` prefixes its refusal lines."""
@@ -1007,7 +1080,26 @@ class FusionAverager(DecentralizedAverager):
             yield msg
 
 
-async def _paced_leader_lookups(leaders, key_manager) -> None:
+def round_leader(group_prefix: str, peers) -> str | None:
+    """The peer that leads a round's group when every member sees the same ready peers: the one whose
+    id hashes lowest with the round's key (so the role moves from round to round); None for no peers.
+
+    hivemind's members find a leader through the DHT: each declares itself under the group key, reads
+    the key back and asks the peers that declared earlier, who may send it on to their own leaders.
+    With 8 peers that took 0.4 to 0.6 s of a round on two cores, most of it DHT requests. Each member
+    of a round already holds the list of its ready peers, so it asks this one first, at once, and again
+    at its next looks (``SEED_TRIES`` in all). The round's leader takes a member of its round that began
+    before it (hivemind would refuse one), follows none of them for its first ``LEAD_HOLD`` seconds, and
+    begins as soon as its group is complete (``_start_when_complete``). The DHT search goes on beside it
+    all, and settles anything the views disagree on as before: a member whose view lacks this leader
+    asks its own, and after ``LEAD_HOLD`` the round's leader follows hivemind's order again."""
+    peers = [p for p in peers if isinstance(p, str)]
+    if not peers:
+        return None
+    return min(peers, key=lambda p: (hashlib.sha256(f"{group_prefix}|{p}".encode()).digest(), p))
+
+
+async def _paced_leader_lookups(leaders, key_manager, seed=None) -> None:
     """hivemind 1.1.12's ``PotentialLeaders._update_queue_periodically``, at most one lookup per ``LEADER_LOOKUP_INTERVAL``.
 
     hivemind asks for a new look whenever its queue holds no earlier leader: for the peer that is the
@@ -1016,10 +1108,14 @@ async def _paced_leader_lookups(leaders, key_manager) -> None:
     and took CPU from the all-reduce on small machines. A follower still looks at once when it
     starts, and the pauses between its next looks grow from ``FIRST_LOOKUP_INTERVAL`` to the interval:
     peers that became ready together (whose first looks found no one yet) find each other within
-    tenths of a second, for a few more requests a round. The rest is hivemind's loop unchanged."""
+    tenths of a second, for a few more requests a round. ``seed``: the round's own leader
+    (``FusionAverager._seed_leader``), put first in the queue before the first look and again after each
+    (``_seed``). The rest is hivemind's loop unchanged."""
     from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS as DISCREPANCY
 
     last, interval = -math.inf, FIRST_LOOKUP_INTERVAL
+    if await _seed(leaders, seed):  # the round's own leader first, before the first look has come back
+        leaders.update_finished.set()
     while get_dht_time() < leaders.search_end_time:
         pause = last + interval - time.monotonic()
         if pause > 0:
@@ -1035,6 +1131,7 @@ async def _paced_leader_lookups(leaders, key_manager) -> None:
                 continue
             leaders.leader_queue.store(peer, peer_expiration_time, peer_expiration_time)
             leaders.max_assured_time = max(leaders.max_assured_time, peer_expiration_time - DISCREPANCY)
+        await _seed(leaders, seed)
         leaders.update_finished.set()
         waits = {asyncio.create_task(leaders.running.wait()), asyncio.create_task(leaders.update_triggered.wait())}
         try:
@@ -1044,6 +1141,83 @@ async def _paced_leader_lookups(leaders, key_manager) -> None:
             for task in waits:
                 task.cancel()  # hivemind leaves these waiting when its search ends
         leaders.update_triggered.clear()
+
+
+_undeclaring: set[asyncio.Task] = set()  # withdrawals of a declaration still under way (``_declare_periodically``)
+
+
+async def _declare_periodically(leaders, step, key_manager) -> None:
+    """hivemind 1.1.12's ``PotentialLeaders._declare_averager_periodically``, except that the last act (telling
+    the DHT that this peer no longer looks for a group) goes on in the background.
+
+    hivemind awaited it before the group it had just formed could begin: one DHT store, 0.06 to 0.12 s of
+    every all-reduce with 8 peers on two cores (``bench/allreduce.py``). A peer that reads the old
+    declaration meanwhile asks and is told that this one is no longer looking, as before. The withdrawal
+    keeps the declaration's own expiration, so it can never hide a newer declaration of this peer."""
+    async with leaders.lock_declare:
+        try:
+            while True:
+                await leaders.running.wait()
+                new_expiration_time = float(min(max(step.scheduled_time, get_dht_time() + leaders.min_matchmaking_time),
+                                                leaders.search_end_time))
+                leaders.declared_group_key = group_key = key_manager.current_key
+                leaders.declared_expiration_time = new_expiration_time
+                leaders.declared_expiration.set()
+                await key_manager.declare_averager(group_key, leaders.peer_id, expiration_time=new_expiration_time)
+                await asyncio.sleep(leaders.declared_expiration_time - get_dht_time())
+                if leaders.running.is_set() and len(leaders.leader_queue) == 0:
+                    await key_manager.update_key_on_not_enough_peers()
+        finally:
+            if leaders.declared_group_key is not None:
+                key, expiration = leaders.declared_group_key, leaders.declared_expiration_time
+                leaders.declared_group_key, leaders.declared_expiration_time = None, float("inf")
+                leaders.leader_queue, leaders.max_assured_time = TimedStorage[PeerID, float](), float("-inf")
+                task = asyncio.create_task(_withdraw(key_manager, key, leaders.peer_id, expiration))
+                _undeclaring.add(task)
+                task.add_done_callback(_undeclaring.discard)
+
+
+async def _withdraw(key_manager, key, peer: PeerID, expiration: float) -> None:
+    try:
+        await key_manager.declare_averager(key, peer, expiration, looking_for_group=False)
+    except Exception as e:  # noqa: BLE001 - the declaration then runs out at its expiration instead
+        logger.debug(f"could not withdraw a declaration ({type(e).__name__})")
+
+
+@functools.lru_cache(maxsize=64)
+def _load_balance(vector_size: int, bandwidths: tuple, min_size: int = 0) -> tuple[int, ...]:
+    """hivemind's ``load_balance_peers``, worked out once per (size, bandwidths): a linear program (scipy's
+    interior point, 3 to 50 ms of an averager's time with 8 peers on two cores) that every all-reduce
+    of a round's group asks again with the same numbers (``_even_split`` sets every bandwidth to 1)."""
+    return tuple(load_balance_peers(vector_size, list(bandwidths), min_size))
+
+
+def _cached_load_balance(vector_size, bandwidths, min_size: int = 0) -> tuple[int, ...]:
+    return _load_balance(int(vector_size), tuple(None if b is None else float(b) for b in bandwidths), int(min_size))
+
+
+hivemind_averager.load_balance_peers = _cached_load_balance  # what hivemind's ``_aggregate_with_group`` calls
+
+
+async def _seed(leaders, seed) -> bool:
+    """Put the round's own leader (``await seed()``) at the head of the queue of leaders, ahead of those the
+    DHT named (their expirations are a matchmaking time away; the DHT's own entry for it is replaced),
+    unless this peer's own declaration comes first (hivemind then waits for followers instead). Done again
+    at each look, so a leader that was not looking yet when it was first asked is asked again; True when
+    it was put there."""
+    lead = await seed() if seed is not None else None
+    if lead is None:
+        return False
+    now = get_dht_time()
+    expiration = min(now + SEED_AHEAD, leaders.declared_expiration_time - 1e-3)
+    held = leaders.leader_queue.get(lead)
+    if expiration <= now + 1e-3 or (held is not None and held.expiration_time <= expiration):
+        return False
+    if held is not None:  # as the DHT named it, behind this peer's own declaration (it began later): never asked from there
+        del leaders.leader_queue[lead]
+    await seed(take=True)
+    leaders.leader_queue.store(lead, expiration, expiration)
+    return True
 
 
 def make_averager(
