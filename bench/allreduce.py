@@ -105,7 +105,7 @@ def _why_unclean(result: dict | None) -> str:
     """What a member's own view of an unclean all-reduce says went wrong."""
     if not result:
         return "no result"
-    said = {k: result.get(k) for k in ("error", "failure_reasons", "offenders", "banned", "failed_reducers", "failed_size") if result.get(k)}
+    said = {k: result.get(k) for k in ("error", "failure_reasons", "offenders", "banned", "ban_reasons", "failed_reducers", "failed_size") if result.get(k)}
     return f"unclean: {said}" if said else "unclean"
 
 

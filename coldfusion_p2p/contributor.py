@@ -848,7 +848,8 @@ class Contributor:
             self._group_mates.update(set(group) - set(self.offenders))
             why_unclean = result.get("error") or (f"incomplete all-reduce (failed {result['failed_size']} values, banned {len(result['banned'])} "
                                                   f"sender(s), {len(result.get('offenders', {}))} offender(s))"
-                                                  + "".join(f"; {why}" for why in list(result.get("failure_reasons", {}).values())[:1]))
+                                                  + "".join(f"; {why}" for why in list(result.get("failure_reasons", {}).values())[:1])
+                                                  + "".join(f"; banned {peer[:12]}…: {why}" for peer, why in list(result.get("ban_reasons", {}).items())[:1]))
             cert = Certificate(self.manifest.name, base.version + 1, base.hash, new_hash or "0" * 64, group_id, tuple(sorted(group)))
             signature = sign_certificate(cert, me, self.dht.identity) if clean else ""
             cert = cert.with_signature(me, self.dht.identity.public_key, signature) if clean else cert

@@ -169,6 +169,9 @@ def test_reducers_ban_a_member_that_breaks_the_rounds_rules(tmp_path, fault):
         assert not r["clean"] and list(r["offenders"]) == [bad], (bad, r["group"], r["clean"], r["offenders"], r["banned"], r["error"])
         reason = r["offenders"][bad]
         assert {"weight": "claimed weight 1000", "inside": "beyond the round's bound", "nan": "NaN"}[fault] in reason
+        # the ban says why: the offender's exchange was cut off before its last part
+        assert bad in r["banned"] and "its exchange ended after" in r["ban_reasons"][bad], r["ban_reasons"]
+        assert set(r["banned"]) <= set(r["ban_reasons"]), (r["banned"], r["ban_reasons"])
     for r in again[:2]:  # the redo among the honest members: clean, without the cheater
         assert r["clean"] and bad not in r["group"] and len(r["group"]) == 2, (bad, r["group"], r["error"], r["banned"], r["offenders"])
     for k in range(len(shapes)):
@@ -410,7 +413,7 @@ def test_a_second_exchange_from_the_same_sender_is_refused_and_costs_the_honest_
         honest = {dht.peer_id.to_base58() for dht in dhts[:2]}
     for i, r in enumerate(results[:2]):
         blamed = (set(r["banned"]) | set(r["failed_reducers"]) | set(r["offenders"])) & honest
-        assert not blamed and r["failed_size"] == 0, (i, r["banned"], r["failure_reasons"], r["offenders"])
+        assert not blamed and r["failed_size"] == 0, (i, r["banned"], r["ban_reasons"], r["failure_reasons"], r["offenders"])
     assert torch.equal(outputs[0][0], outputs[1][0])
 
 

@@ -20,6 +20,7 @@ import hashlib
 import math
 import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -219,6 +220,7 @@ class CanonicalAllReduceRunner(AllReduceRunner):
         self._averages_sent: dict = {}  # (part index, compression) -> the encoded average (_serialized_average)
         self.offenders: dict[PeerID, str] = {}
         self._served: set[PeerID] = set()  # senders whose whole share this reducer took (``_ban_sender``)
+        self.ban_reasons: dict[PeerID, str] = {}  # sender -> why this reducer banned it (``_ban_sender``)
         self.tensor_part_container.return_deltas = False  # failed parts then hold local values, not zeros
         self.tensor_part_reducer = StrategyPartReducer(self.tensor_part_reducer.part_shapes, self.tensor_part_reducer.num_senders,
                                                        self.rules.get("strategy") or Strategy())
@@ -417,14 +419,22 @@ class CanonicalAllReduceRunner(AllReduceRunner):
                 yield self._average_answer(part_index - 1, averaged_part, part_compression)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
-                await self._ban_sender(sender)
+                await self._ban_sender(sender, f"its exchange ended after {part_index} of {self.tensor_part_reducer.num_parts} parts")
 
-    async def _ban_sender(self, peer_id: PeerID):
+    async def _ban_sender(self, peer_id: PeerID, why: str | None = None):
         """hivemind's, except for a sender whose whole share this reducer already took: hivemind bans a sender
         whenever its handler ends in an exception, and over p2pd a member hangs up as soon as it has every
         average, which could reach a reducer still finishing its handler (a ban then changes no value,
-        only makes an honest member look like one that failed)."""
+        only makes an honest member look like one that failed). Why each one was banned is kept in
+        ``ban_reasons`` (the exception its handler ended on, if any), for the step's result and the logs."""
         if peer_id not in self._served:
+            if peer_id not in self.ban_reasons:
+                error = sys.exc_info()[1]
+                if error is not None:
+                    why = f"{type(error).__name__}: {str(error)[:120]}" + (f" ({why})" if why else "")
+                elif why is None and peer_id not in self.active_senders:
+                    why = f"it did not begin its exchange within {self.sender_timeout} s"
+                self.ban_reasons[peer_id] = why or "banned"
             await super()._ban_sender(peer_id)
 
 
@@ -702,7 +712,7 @@ class FusionAverager(DecentralizedAverager):
         if cut_otherwise and context.remote_id in runner.sender_peer_ids:
             # this group, cut otherwise (``CUT_MARK``, ``LAYOUT_MARK``): none of its parts can be taken. Banned now, not after
             # the senders' timeout (as a sender that never came would be), and never named an offender
-            await runner._ban_sender(context.remote_id)
+            await runner._ban_sender(context.remote_id, "it cut the vector otherwise")
         if runner is None or cut_otherwise:
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
@@ -855,6 +865,7 @@ class FusionAverager(DecentralizedAverager):
             "clean": runner is not None and not error and failed == 0 and not banned and not offenders,
             "failed_size": failed,
             "banned": banned,
+            "ban_reasons": {peer_str(p): why for p, why in runner.ban_reasons.items()} if runner is not None else {},
             "offenders": offenders,
             "outliers": far,
             "failed_reducers": sorted(peer_str(p) for p in runner.failed_reducers) if runner is not None else [],
