@@ -87,6 +87,7 @@ SEED_AHEAD = 0.5  # seconds: how far ahead the round's own leader is put in a me
 # times a member puts the round's own leader in its queue in one step (about 10 s of looks: a leader that is not looking
 # yet answers at once, so the limit only bounds a leader that takes each request and never answers)
 SEED_TRIES = 40
+SEED_GIVE_UP = 1.0  # seconds: a member whose ask of the round's own leader took longer and formed no group asks it first no more
 LEAD_HOLD = 1.0  # seconds the round's own leader follows no other member of its round, so that they come to it
 EARLY_START_POLL = 0.05  # seconds between a leader's looks at whether its group is complete
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
@@ -1017,9 +1018,14 @@ class FusionAverager(DecentralizedAverager):
                     attempts = mm.potential_leaders.past_attempts
                     attempts.difference_update({a for a in attempts if a[0] == leader})
                     return None
+                asked = time.monotonic()
                 group = await join_leader(leader)  # (a leader that sends this peer on calls this again, deeper)
                 if group is not None and self._led_by is None:
                     self._led_by = peer_str(leader)  # the deepest call's, the leader this peer followed in the end
+                if group is None and peer_str(leader) == self._lead and time.monotonic() - asked > SEED_GIVE_UP:
+                    # it took this peer in and then let it go (or kept it waiting): not asked first again this step,
+                    # so that a round's leader that never begins costs its members one wait, not one per look
+                    self._seed_tries = 0
                 return group
 
             mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
