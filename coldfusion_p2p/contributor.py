@@ -313,18 +313,6 @@ class Contributor:
             clients = set()
         return {p: key for p, key in announced.items() if p not in clients}
 
-    def _leaders(self, expect: list[str]) -> list[str]:
-        """Those of a round's ready peers that can lead its group: not client-mode peers (no one can dial them),
-        and peers reached through a relay only where no direct one is ready (``averager.round_leader``)."""
-        try:
-            reach = {p: m.reach for p, m in self.records.metrics().items()}
-        except Exception:  # noqa: BLE001 - metrics are a hint: without them, any ready peer
-            reach = {}
-        if self.reach == "client":
-            reach[self.records.peer_id] = "client"
-        direct = [p for p in expect if reach.get(p) not in ("client", "relayed")]
-        return direct or [p for p in expect if reach.get(p) != "client"]
-
     def _apply_admission(self, manifest: SwarmManifest) -> None:
         """Take the manifest's admission mode and revocation list (the heartbeat calls this on each new serial)."""
         a = manifest.admission
@@ -796,7 +784,7 @@ class Contributor:
             expect = sorted(set(expected) - excluded)
             expect = expect if len(expect) <= MAX_GROUP else []  # a view a group cannot hold: the whole time
             self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size,
-                                    rules=rules, excluded=sorted(excluded), expect=expect, leaders=self._leaders(expect))
+                                    rules=rules, excluded=sorted(excluded), expect=expect)
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
                     t.copy_(d)

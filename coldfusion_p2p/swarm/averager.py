@@ -83,12 +83,6 @@ LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group le
 FIRST_LOOKUP_INTERVAL = 0.04  # seconds before its second look; each pause doubles up to LEADER_LOOKUP_INTERVAL
 EARLY_START_GRACE = 0.2  # seconds a leader gathers at least, so that a better leader can still be found
 HANG_UP_WAIT = 5.0  # seconds a reducer keeps a p2pd stream open after its last answer, for the member to hang up
-SEED_AHEAD = 0.5  # seconds: how far ahead the round's own leader is put in a member's queue of leaders (``_seed``)
-# times a member puts the round's own leader in its queue in one step (about 10 s of looks: a leader that is not looking
-# yet answers at once, so the limit only bounds a leader that takes each request and never answers)
-SEED_TRIES = 40
-SEED_GIVE_UP = 1.0  # seconds: a member whose ask of the round's own leader took longer and formed no group asks it first no more
-LEAD_HOLD = 1.0  # seconds the round's own leader follows no other member of its round, so that they come to it
 EARLY_START_POLL = 0.05  # seconds between a leader's looks at whether its group is complete
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 logger = get_logger(__name__)
@@ -521,10 +515,6 @@ class FusionAverager(DecentralizedAverager):
         self._rules: dict = {}
         self._excluded: set[str] = set()
         self._expect: frozenset[str] = frozenset()  # the ready peers this peer's round waits for (``_start_when_complete``)
-        self._lead: str | None = None  # the round's own leader, worked out from ``_expect`` (``round_leader``)
-        self._seed_tries = 0  # this step's asks of that leader left (``_seed_leader``)
-        self._seed_connected: bool | None = None  # whether this peer holds a connection to it (once it does, not asked again)
-        self._step_began = -math.inf  # time.monotonic() at this step's start
         self._led_by: str | None = None  # whom this step's group followed (``guarded_join``); None: this peer led it
         self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
         self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
@@ -601,8 +591,7 @@ class FusionAverager(DecentralizedAverager):
         peer has joined too, and a view that names a peer that never comes (or a member that names
         peers that do not exist) only brings back the whole matchmaking time. The leader gathers
         for at least ``EARLY_START_GRACE``, so that a better leader (one every member would follow)
-        is still found and this group disbanded into it, as hivemind does; the round's own leader
-        (``round_leader``), whom every member asks first, begins as soon as its group is complete.
+        is still found and this group disbanded into it, as hivemind does.
         """
         mm = self._matchmaking
         attempt, since = None, started
@@ -612,8 +601,7 @@ class FusionAverager(DecentralizedAverager):
                 continue
             if mm.assembled_group is not attempt:  # hivemind looks again within the step: the grace counts afresh
                 attempt, since = mm.assembled_group, max(started, time.monotonic() - EARLY_START_POLL)
-            grace = 0.0 if self._leads_round() else EARLY_START_GRACE
-            if time.monotonic() - since < grace or not self._group_complete():
+            if time.monotonic() - since < EARLY_START_GRACE or not self._group_complete():
                 continue
             try:
                 async with mm.lock_request_join_group:
@@ -625,8 +613,7 @@ class FusionAverager(DecentralizedAverager):
 
     async def _step(self, *, step, future_for_init):
         self._step_control = step
-        self._step_began, self._led_by = time.monotonic(), None
-        self._seed_tries, self._seed_connected = SEED_TRIES, None
+        self._led_by = None
         early = asyncio.create_task(self._start_when_complete(time.monotonic())) if not self.client_mode else None
         try:
             await super()._step(step=step, future_for_init=future_for_init)
@@ -973,23 +960,20 @@ class FusionAverager(DecentralizedAverager):
 
     # --- per-round settings, called through the control pipe ------------------------------------
     def set_round(self, group_prefix: str, target_group_size: int | None, min_group_size: int, rules: dict | None = None,
-                  excluded: list[str] | None = None, expect: list[str] | None = None, leaders: list[str] | None = None) -> None:
+                  excluded: list[str] | None = None, expect: list[str] | None = None) -> None:
         """Move to a round's matchmaking key, with its rules (weights, part bound) and the peers to refuse.
 
         ``expect``: the ready peers this round waits for (this peer among them). As a leader, this peer
         begins once its group holds them and every member's own ``expect`` (which each member must also
-        pass in ``run_step``'s gather): see ``_start_when_complete``. Without it, the whole matchmaking time.
-        ``leaders``: those of them that can lead a group (not client-mode peers; default: all of them). One
-        of them is the round's own leader (``round_leader``), whom every member asks first
-        (``_paced_leader_lookups``)."""
+        pass in ``run_step``'s gather): see ``_start_when_complete``. Without it, the whole matchmaking time."""
         future = MPFuture()
         self._outer_pipe.send(("_set_round", [], dict(group_prefix=group_prefix, target=target_group_size, min_size=min_group_size,
                                                       rules=rules or {}, excluded=list(excluded or ()), expect=list(expect or ()),
-                                                      leaders=None if leaders is None else list(leaders), future=future)))
+                                                      future=future)))
         future.result()
 
     async def _set_round(self, group_prefix: str, target: int | None, min_size: int, rules: dict, excluded: list[str],
-                         future: MPFuture, expect: list[str] | None = None, leaders: list[str] | None = None):
+                         future: MPFuture, expect: list[str] | None = None):
         mm = self._matchmaking
         mm.group_key_manager.prefix = group_prefix
         # the leader's cap only: the key manager's copy must stay None, since hivemind 1.1.12 draws
@@ -1002,8 +986,6 @@ class FusionAverager(DecentralizedAverager):
         expect = list(expect or ())
         self._expect = frozenset(expect) if 0 < len(expect) <= MAX_GROUP else frozenset()
         self._join_expects, self._complete_for = {}, None
-        able = self._expect if leaders is None else self._expect & set(leaders)
-        self._lead = round_leader(group_prefix, able - self._excluded - set(self._admission.revoked))
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
@@ -1012,65 +994,16 @@ class FusionAverager(DecentralizedAverager):
                     return None  # as if it had turned us down: matchmaking moves on to the next leader
                 if leader in mm.current_followers:  # it follows this peer already: it would only say so, while
                     return None  # this peer, asking, could take no one else's request
-                if self._leads_round() and peer_str(leader) in self._expect and time.monotonic() - self._step_began < LEAD_HOLD:
-                    # the round's own leader: the members of its round come to it (``round_leader``). Not counted
-                    # as an attempt, so the DHT's next look puts this one back, to be followed once the hold is over
-                    attempts = mm.potential_leaders.past_attempts
-                    attempts.difference_update({a for a in attempts if a[0] == leader})
-                    return None
-                asked = time.monotonic()
                 group = await join_leader(leader)  # (a leader that sends this peer on calls this again, deeper)
                 if group is not None and self._led_by is None:
                     self._led_by = peer_str(leader)  # the deepest call's, the leader this peer followed in the end
-                if group is None and peer_str(leader) == self._lead and time.monotonic() - asked > SEED_GIVE_UP:
-                    # it took this peer in and then let it go (or kept it waiting): not asked first again this step,
-                    # so that a round's leader that never begins costs its members one wait, not one per look
-                    self._seed_tries = 0
                 return group
 
             mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
-            check_request = mm._check_reasons_to_reject
-
-            def lead_check(request, context):
-                """hivemind's checks of a join request, except that the round's own leader takes a member of
-                its round that started before it (hivemind refuses one whose expiration is earlier)."""
-                reason = check_request(request, context)
-                if (reason is not None and reason.code == averaging_pb2.BAD_EXPIRATION_TIME and self._leads_round()
-                        and peer_str(context.remote_id) in self._expect):
-                    return None
-                return reason
-
-            mm._check_reasons_to_reject = lead_check
             potential = mm.potential_leaders
-            potential._update_queue_periodically = lambda key_manager: _paced_leader_lookups(potential, key_manager, self._seed_leader)
+            potential._update_queue_periodically = lambda key_manager: _paced_leader_lookups(potential, key_manager)
             potential._declare_averager_periodically = lambda step, key_manager: _declare_periodically(potential, step, key_manager)
         future.set_result(None)
-
-    def _leads_round(self) -> bool:
-        return self._lead is not None and self._lead == peer_str(self.peer_id) and not self.client_mode
-
-    async def _seed_leader(self, take: bool = False) -> PeerID | None:
-        """The round's own leader, for this member to ask from its own queue of leaders (``_seed``); None when
-        this peer is that leader, when there is none, when this step asked it ``SEED_TRIES`` times already
-        (``take``: one more ask), or when this peer holds no connection to it: a peer that cannot be
-        reached, asked first, would hold up this peer's matchmaking for as long as the dial takes, where
-        the DHT's leaders are peers that declared themselves just now."""
-        if self._lead is None or self._lead == peer_str(self.peer_id) or self._seed_tries <= 0:
-            return None
-        try:
-            lead = PeerID.from_base58(self._lead)
-        except Exception:  # noqa: BLE001 - a view's peer id is checked when it is read; this is only a shortcut
-            return None
-        if not self._seed_connected:  # asked again while it says no: the leader's own declaration connects it
-            try:
-                self._seed_connected = any(p.peer_id == lead for p in await self._p2p.list_peers())
-            except Exception:  # noqa: BLE001 - then only the DHT's leaders
-                self._seed_connected = False
-            if not self._seed_connected:
-                return None
-        if take:
-            self._seed_tries -= 1
-        return lead
 
     def set_admission(self, state: dict, label: str = "") -> None:
         """Who may call this averager (``membership.Admission.state()``); ``label`` prefixes its refusal lines."""
@@ -1097,26 +1030,7 @@ class FusionAverager(DecentralizedAverager):
             yield msg
 
 
-def round_leader(group_prefix: str, peers) -> str | None:
-    """The peer that leads a round's group when every member sees the same ready peers: the one whose
-    id hashes lowest with the round's key (so the role moves from round to round); None for no peers.
-
-    hivemind's members find a leader through the DHT: each declares itself under the group key, reads
-    the key back and asks the peers that declared earlier, who may send it on to their own leaders.
-    With 8 peers that took 0.4 to 0.6 s of a round on two cores, most of it DHT requests. Each member
-    of a round already holds the list of its ready peers, so it asks this one first, at once, and again
-    at its next looks (``SEED_TRIES`` in all). The round's leader takes a member of its round that began
-    before it (hivemind would refuse one), follows none of them for its first ``LEAD_HOLD`` seconds, and
-    begins as soon as its group is complete (``_start_when_complete``). The DHT search goes on beside it
-    all, and settles anything the views disagree on as before: a member whose view lacks this leader
-    asks its own, and after ``LEAD_HOLD`` the round's leader follows hivemind's order again."""
-    peers = [p for p in peers if isinstance(p, str)]
-    if not peers:
-        return None
-    return min(peers, key=lambda p: (hashlib.sha256(f"{group_prefix}|{p}".encode()).digest(), p))
-
-
-async def _paced_leader_lookups(leaders, key_manager, seed=None) -> None:
+async def _paced_leader_lookups(leaders, key_manager) -> None:
     """hivemind 1.1.12's ``PotentialLeaders._update_queue_periodically``, at most one lookup per ``LEADER_LOOKUP_INTERVAL``.
 
     hivemind asks for a new look whenever its queue holds no earlier leader: for the peer that is the
@@ -1125,14 +1039,10 @@ async def _paced_leader_lookups(leaders, key_manager, seed=None) -> None:
     and took CPU from the all-reduce on small machines. A follower still looks at once when it
     starts, and the pauses between its next looks grow from ``FIRST_LOOKUP_INTERVAL`` to the interval:
     peers that became ready together (whose first looks found no one yet) find each other within
-    tenths of a second, for a few more requests a round. ``seed``: the round's own leader
-    (``FusionAverager._seed_leader``), put first in the queue before the first look and again after each
-    (``_seed``). The rest is hivemind's loop unchanged."""
+    tenths of a second, for a few more requests a round. The rest is hivemind's loop unchanged."""
     from hivemind.utils.timed_storage import MAX_DHT_TIME_DISCREPANCY_SECONDS as DISCREPANCY
 
     last, interval = -math.inf, FIRST_LOOKUP_INTERVAL
-    if await _seed(leaders, seed):  # the round's own leader first, before the first look has come back
-        leaders.update_finished.set()
     while get_dht_time() < leaders.search_end_time:
         pause = last + interval - time.monotonic()
         if pause > 0:
@@ -1148,7 +1058,6 @@ async def _paced_leader_lookups(leaders, key_manager, seed=None) -> None:
                 continue
             leaders.leader_queue.store(peer, peer_expiration_time, peer_expiration_time)
             leaders.max_assured_time = max(leaders.max_assured_time, peer_expiration_time - DISCREPANCY)
-        await _seed(leaders, seed)
         leaders.update_finished.set()
         waits = {asyncio.create_task(leaders.running.wait()), asyncio.create_task(leaders.update_triggered.wait())}
         try:
@@ -1214,27 +1123,6 @@ def _cached_load_balance(vector_size, bandwidths, min_size: int = 0) -> tuple[in
 
 
 hivemind_averager.load_balance_peers = _cached_load_balance  # what hivemind's ``_aggregate_with_group`` calls
-
-
-async def _seed(leaders, seed) -> bool:
-    """Put the round's own leader (``await seed()``) at the head of the queue of leaders, ahead of those the
-    DHT named (their expirations are a matchmaking time away; the DHT's own entry for it is replaced),
-    unless this peer's own declaration comes first (hivemind then waits for followers instead). Done again
-    at each look, so a leader that was not looking yet when it was first asked is asked again; True when
-    it was put there."""
-    lead = await seed() if seed is not None else None
-    if lead is None:
-        return False
-    now = get_dht_time()
-    expiration = min(now + SEED_AHEAD, leaders.declared_expiration_time - 1e-3)
-    held = leaders.leader_queue.get(lead)
-    if expiration <= now + 1e-3 or (held is not None and held.expiration_time <= expiration):
-        return False
-    if held is not None:  # as the DHT named it, behind this peer's own declaration (it began later): never asked from there
-        del leaders.leader_queue[lead]
-    await seed(take=True)
-    leaders.leader_queue.store(lead, expiration, expiration)
-    return True
 
 
 def make_averager(
