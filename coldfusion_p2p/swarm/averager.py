@@ -43,7 +43,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, aiter_with_timeout, anext, as_aiter, attach_event_on_finished, azip
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
-from hivemind.utils.timed_storage import TimedStorage, get_dht_time
+from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.errors import WorkError
 from coldfusion_p2p.membership import Admission
@@ -1002,7 +1002,7 @@ class FusionAverager(DecentralizedAverager):
             mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
             potential = mm.potential_leaders
             potential._update_queue_periodically = lambda key_manager: _paced_leader_lookups(potential, key_manager)
-            potential._declare_averager_periodically = lambda step, key_manager: _declare_periodically(potential, step, key_manager)
+            _background_withdrawals(mm.group_key_manager)
         future.set_result(None)
 
     def set_admission(self, state: dict, label: str = "") -> None:
@@ -1069,43 +1069,34 @@ async def _paced_leader_lookups(leaders, key_manager) -> None:
         leaders.update_triggered.clear()
 
 
-_undeclaring: set[asyncio.Task] = set()  # withdrawals of a declaration still under way (``_declare_periodically``)
+_undeclaring: set[asyncio.Task] = set()  # withdrawals of a declaration still under way (``_background_withdrawals``)
 
 
-async def _declare_periodically(leaders, step, key_manager) -> None:
-    """hivemind 1.1.12's ``PotentialLeaders._declare_averager_periodically``, except that the last act (telling
-    the DHT that this peer no longer looks for a group) goes on in the background.
+def _background_withdrawals(key_manager) -> None:
+    """Make ``key_manager.declare_averager(..., looking_for_group=False)`` go on in the background.
 
-    hivemind awaited it before the group it had just formed could begin: one DHT store, 0.06 to 0.12 s of
-    every all-reduce with 8 peers on two cores (``bench/allreduce.py``). A peer that reads the old
-    declaration meanwhile asks and is told that this one is no longer looking, as before. The withdrawal
-    keeps the declaration's own expiration, so it can never hide a newer declaration of this peer."""
-    async with leaders.lock_declare:
-        try:
-            while True:
-                await leaders.running.wait()
-                new_expiration_time = float(min(max(step.scheduled_time, get_dht_time() + leaders.min_matchmaking_time),
-                                                leaders.search_end_time))
-                leaders.declared_group_key = group_key = key_manager.current_key
-                leaders.declared_expiration_time = new_expiration_time
-                leaders.declared_expiration.set()
-                await key_manager.declare_averager(group_key, leaders.peer_id, expiration_time=new_expiration_time)
-                await asyncio.sleep(leaders.declared_expiration_time - get_dht_time())
-                if leaders.running.is_set() and len(leaders.leader_queue) == 0:
-                    await key_manager.update_key_on_not_enough_peers()
-        finally:
-            if leaders.declared_group_key is not None:
-                key, expiration = leaders.declared_group_key, leaders.declared_expiration_time
-                leaders.declared_group_key, leaders.declared_expiration_time = None, float("inf")
-                leaders.leader_queue, leaders.max_assured_time = TimedStorage[PeerID, float](), float("-inf")
-                task = asyncio.create_task(_withdraw(key_manager, key, leaders.peer_id, expiration))
-                _undeclaring.add(task)
-                task.add_done_callback(_undeclaring.discard)
+    hivemind 1.1.12 withdraws a peer's declaration (its only call with ``looking_for_group=False``, at the
+    end of ``PotentialLeaders._declare_averager_periodically``) and awaits that DHT store before the group
+    it has just formed can begin: 0.06 to 0.12 s of every all-reduce with 8 peers on two cores
+    (``bench/allreduce.py``). A peer that reads the old declaration meanwhile asks and is told that this
+    one is no longer looking, as before. The withdrawal keeps the declaration's own expiration, so it
+    can never hide a newer declaration of this peer."""
+    declare = key_manager.declare_averager
+
+    async def declare_or_withdraw(group_key, peer_id, expiration_time, looking_for_group: bool = True):
+        if looking_for_group:
+            return await declare(group_key, peer_id, expiration_time)
+        task = asyncio.create_task(_withdraw(declare, group_key, peer_id, expiration_time))
+        _undeclaring.add(task)
+        task.add_done_callback(_undeclaring.discard)
+        return True
+
+    key_manager.declare_averager = declare_or_withdraw
 
 
-async def _withdraw(key_manager, key, peer: PeerID, expiration: float) -> None:
+async def _withdraw(declare, key, peer: PeerID, expiration: float) -> None:
     try:
-        await key_manager.declare_averager(key, peer, expiration, looking_for_group=False)
+        await declare(key, peer, expiration, looking_for_group=False)
     except Exception as e:  # noqa: BLE001 - the declaration then runs out at its expiration instead
         logger.debug(f"could not withdraw a declaration ({type(e).__name__})")
 
