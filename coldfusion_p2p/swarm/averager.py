@@ -166,7 +166,10 @@ class StrategyPartReducer(TensorPartReducer):
             self.parts[sender_index] = (tensor_part, float(weight))
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
-        return await current_part_future
+        # shielded: hivemind awaits the part's future bare, so a sender that hung up (its handler cancelled)
+        # while it waited cancelled the future every sender shares; the part's last sender then failed on
+        # ``set_result`` and was banned, and the slice waited until the all-reduce's timeout
+        return await asyncio.shield(current_part_future)
 
     def check_current_part_finished(self):
         assert self.current_part_accumulated_from <= self.num_current_senders
