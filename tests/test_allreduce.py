@@ -18,7 +18,7 @@ from coldfusion_p2p.swarm import make_averager, start_dht
 @contextlib.contextmanager
 def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, target: int | None, rules: dict | None = None,
                     matchmaking_time: float = 5.0, lanes: list[bool] | None = None, clients: list[bool] | None = None,
-                    before=None):
+                    before=None, chunk_timeout: float = 10.0):
     """Real peers (DHT, averager process, p2pd) on loopback, one per input list (three unless more
     inputs are given); all shut down after. A group that reaches its target size begins at once, so the
     matchmaking time only matters when a member is late: with 2 s, one averager that began its step late
@@ -35,7 +35,8 @@ def three_averagers(tmp_path, inputs, compression: str, group_prefix: str, targe
             before(dhts)
         for i, (dht, tensors) in enumerate(zip(dhts, inputs)):
             av = make_averager(dht, "t", [t.clone() for t in tensors], tmp_path, compression, matchmaking_time, 60.0, 2,
-                               lane=True if lanes is None else lanes[i], client_mode=bool(clients and clients[i]))
+                               chunk_timeout=chunk_timeout, lane=True if lanes is None else lanes[i],
+                               client_mode=bool(clients and clients[i]))
             av.set_round(group_prefix, target, 2, rules=rules)
             averagers.append(av)
         yield dhts, averagers
@@ -199,6 +200,7 @@ def test_a_caller_hanging_up_early_cannot_cancel_the_groups_all_reduce(handler):
         here._running_groups = {b"g1": group_future}
         here._pending_groups_registered = asyncio.Event()
         here._allreduce_timeout = 30.0
+        here.allreduce_kwargs = {"sender_timeout": 5.0}
         here._admission = Admission()
         here._parent_pid = -1  # not a started averager: nothing for __del__ to shut down
 
@@ -417,6 +419,63 @@ def test_a_second_exchange_from_the_same_sender_is_refused_and_costs_the_honest_
         assert not blamed and r["failed_size"] == 0, f"member {i}: " + json.dumps(  # every member's view, in full
             [{k: r[k] for k in ("banned", "ban_reasons", "failed_reducers", "failure_reasons", "offenders")} for r in results])
     assert torch.equal(outputs[0][0], outputs[1][0])
+
+
+def test_a_member_that_never_reads_its_averages_holds_up_no_reducer(tmp_path, monkeypatch):
+    """p2pd writes have no timeout. A reducer's handler that waited to write an average to a member that
+    does not read it (a hostile one, or one frozen mid-round) read none of that member's next parts, so
+    the reducer's slice waited for them, and every other member with it, until the all-reduce's timeout:
+    the reducer then banned everyone (a flaky test here showed it: a member banned both of its honest
+    groupmates after 60 s). Here member 2 sends its whole share to each reducer over p2pd and reads no
+    answer for 12 s. The honest members end long before that, with the exact mean of all three (its parts
+    all arrived), banning and failing no one."""
+    import time
+
+    from coldfusion_p2p.swarm import averager as A
+
+    g = torch.Generator().manual_seed(41)
+    inputs = [[torch.randn(4096, 4096, generator=g)] for _ in range(3)]  # slices of ~22 MB: more than any buffer holds
+    hostile, released = {}, tmp_path / "released"
+
+    def before(dhts):
+        hostile["id"] = dhts[2].peer_id
+        honest = A.CanonicalAllReduceRunner._communicate_with_peer
+
+        async def communicate(self, peer_id):
+            if self.peer_id != hostile["id"] or peer_id == self.peer_id:
+                return await honest(self, peer_id)
+            index = self.ordered_peer_ids.index(peer_id)
+            stream = await A.AllReduceRunner._get_peer_stub(self, peer_id).rpc_aggregate_part(
+                A._as_messages(self._generate_input_for_peer(index)))
+            try:
+                await asyncio.sleep(12.0)  # every part goes out (hivemind writes them in a task of their own); no answer is read
+            finally:
+                released.write_text("released")
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+            self.tensor_part_container.register_failed_reducer(index)  # as hivemind's own exchange does on failure
+            raise A.AllreduceException("this member read no average")
+
+        monkeypatch.setattr(A.CanonicalAllReduceRunner, "_communicate_with_peer", communicate)
+
+    with three_averagers(tmp_path, inputs, "none", "t_r0_mute", 3, lanes=[True, True, False], before=before,
+                         chunk_timeout=4.0) as (dhts, averagers):
+        start = time.monotonic()
+        controls = [av.step(weight=1.0, gather={"i": i}, timeout=30, wait=False) for i, av in enumerate(averagers)]
+        results = [c.result(timeout=90) for c in controls[:2]]
+        took, early = time.monotonic() - start, not released.exists()
+        outputs = []
+        for av in averagers[:2]:
+            with av.get_tensors() as ts:
+                outputs.append([t.clone() for t in ts])
+        controls[2].result(timeout=90)
+    assert early, f"the honest members ended only after the silent member let go ({took:.1f} s)"
+    for i, r in enumerate(results):
+        assert r["clean"] and not r["banned"] and not r["failed_reducers"] and r["failed_size"] == 0 and len(r["group"]) == 3, (
+            f"member {i}: " + json.dumps({k: r[k] for k in ("banned", "ban_reasons", "failed_reducers", "failure_reasons", "error")}))
+    expected = mean_delta(inputs)
+    for out in outputs:
+        assert torch.equal(out[0], expected[0])
 
 
 def test_the_part_size_follows_the_slowest_member_and_only_where_it_changes_no_value():

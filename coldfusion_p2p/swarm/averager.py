@@ -655,11 +655,47 @@ class FusionAverager(DecentralizedAverager):
         After the last answer the stream stays open until the caller hangs up (this handler is then
         cancelled), for at most ``HANG_UP_WAIT`` seconds: closing it at once lost the end of the last
         average now and then, and the member then found a part missing ("sent 86 parts, but we
-        expected 87": 4 of about 265 two-peer all-reduces over p2pd here, more on slow links)."""
+        expected 87": 4 of about 265 two-peer all-reduces over p2pd here, more on slow links).
+
+        The caller's parts are taken in a task of their own, and the answers queued for it: p2pd writes
+        have no timeout, and a handler that waited to write an average to a caller that read none (a
+        hostile or frozen one) read none of its next parts, so this reducer's slice, and every other
+        member with it, waited for them until the all-reduce's timeout. Once its parts are all taken, a
+        caller that takes no answer for the senders' timeout has its stream closed."""
+        answers: asyncio.Queue = asyncio.Queue()  # at most one answer per part of this reducer's slice
+        loop, writer = asyncio.get_running_loop(), asyncio.current_task()  # the task that writes what is yielded here
+        patience = self.allreduce_kwargs.get("sender_timeout") or HANG_UP_WAIT
+        written, writing = [0], [True]
+
+        def still_reading(seen: int) -> None:
+            if writing[0]:
+                if written[0] == seen:  # not one answer taken in ``patience`` s: the stream is closed
+                    writer.cancel()
+                else:
+                    loop.call_later(patience, still_reading, written[0])
+
+        async def take_parts():
+            try:
+                async for message in self._aggregate_parts(stream, context):
+                    answers.put_nowait(message)
+            finally:
+                answers.put_nowait(None)
+                loop.call_later(patience, still_reading, written[0])
+
+        taking = asyncio.create_task(take_parts())
         answered = False
-        async for message in self._aggregate_parts(stream, context):
-            answered = answered or message.code == averaging_pb2.AVERAGED_PART
-            yield as_message(message)
+        try:
+            while (message := await answers.get()) is not None:
+                answered = answered or message.code == averaging_pb2.AVERAGED_PART
+                yield as_message(message)
+                written[0] += 1
+            await taking  # its failure, if any, goes to the caller as hivemind sends it
+        finally:
+            writing[0] = False
+            if not taking.done():  # the caller hung up: its exchange ends here, as it did when it was read here
+                taking.cancel()
+                with contextlib.suppress(BaseException):
+                    await taking
         if answered:  # a refused or silent caller is not waited for
             await self._wait_for_hang_up()
 
