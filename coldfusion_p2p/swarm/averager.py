@@ -81,9 +81,8 @@ CUT_MARK = b"cut1:"
 MIN_GROUP_ID = 16  # bytes: hivemind's leaders name groups with 20 random ones; a shorter name is refused as odd
 LEADER_LOOKUP_INTERVAL = 0.25  # seconds between one peer's looks for a group leader (hivemind 1.1.12: back to back)
 FIRST_LOOKUP_INTERVAL = 0.04  # seconds before its second look; each pause doubles up to LEADER_LOOKUP_INTERVAL
-EARLY_START_GRACE = 0.2  # seconds a leader gathers at least, so that a better leader can still be found
 HANG_UP_WAIT = 5.0  # seconds a reducer keeps a p2pd stream open after its last answer, for the member to hang up
-EARLY_START_POLL = 0.05  # seconds between a leader's looks at whether its group is complete
+EARLY_START_POLL = 0.05  # seconds between a leader's looks at whether its group is complete (and at each follower it takes)
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 logger = get_logger(__name__)
 
@@ -521,6 +520,7 @@ class FusionAverager(DecentralizedAverager):
         self._led_by: str | None = None  # whom this step's group followed (``guarded_join``); None: this peer led it
         self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
         self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
+        self._follower_taken: asyncio.Event | None = None  # set as a follower is taken, in the averager's process
         # set before the process starts: its handlers must refuse outsiders from their first call
         self._admission = Admission.from_state(admission) if admission else Admission()
         self._refusals = RefusalLog(label)
@@ -585,26 +585,31 @@ class FusionAverager(DecentralizedAverager):
         self._complete_for = (followers, complete)  # holds until the followers or their views change (rpc_join_group)
         return complete
 
-    async def _start_when_complete(self, started: float) -> None:
+    async def _start_when_complete(self) -> None:
         """Begin the all-reduce as soon as this peer leads a *complete* group, not at the end of the matchmaking time.
 
         Every member says in its join request which ready peers its round waits for (``expect``).
         The group is complete when it holds each of them: the union of all its members' views, not
         the leader's alone. So a member that saw one more ready peer holds the group open until that
         peer has joined too, and a view that names a peer that never comes (or a member that names
-        peers that do not exist) only brings back the whole matchmaking time. The leader gathers
-        for at least ``EARLY_START_GRACE``, so that a better leader (one every member would follow)
-        is still found and this group disbanded into it, as hivemind does.
+        peers that do not exist) only brings back the whole matchmaking time.
+
+        It begins at once, looked at again as each follower is taken (``rpc_join_group``). No better
+        leader can still come for such a group: every peer that any member waits for follows this one,
+        and hivemind lets a leader take only followers that declared no earlier than itself
+        (BAD_EXPIRATION_TIME), so none of them would have led it. Only a peer that no member saw ready
+        misses the group, as it would have missed it a moment later (an earlier stop held every complete
+        group for 0.2 s for such a peer; that was most of the fusion phase's matchmaking time).
         """
         mm = self._matchmaking
-        attempt, since = None, started
+        self._follower_taken = taken = asyncio.Event()
         while True:
-            await asyncio.sleep(EARLY_START_POLL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(taken.wait(), EARLY_START_POLL)
+            taken.clear()
             if not mm.is_looking_for_group or mm.assembled_group.done() or mm.current_leader is not None:
                 continue
-            if mm.assembled_group is not attempt:  # hivemind looks again within the step: the grace counts afresh
-                attempt, since = mm.assembled_group, max(started, time.monotonic() - EARLY_START_POLL)
-            if time.monotonic() - since < EARLY_START_GRACE or not self._group_complete():
+            if not self._group_complete():
                 continue
             try:
                 async with mm.lock_request_join_group:
@@ -617,7 +622,7 @@ class FusionAverager(DecentralizedAverager):
     async def _step(self, *, step, future_for_init):
         self._step_control = step
         self._led_by = None
-        early = asyncio.create_task(self._start_when_complete(time.monotonic())) if not self.client_mode else None
+        early = asyncio.create_task(self._start_when_complete()) if not self.client_mode else None
         try:
             await super()._step(step=step, future_for_init=future_for_init)
         except InvalidStateError:
@@ -642,6 +647,8 @@ class FusionAverager(DecentralizedAverager):
             async for response in super().rpc_join_group(request, context):
                 if response.code == averaging_pb2.ACCEPTED:  # a follower now: whom it waits for, parsed once
                     self._join_expects[peer], self._complete_for = (request, self._expect_in(request.gather)), None
+                    if self._follower_taken is not None:
+                        self._follower_taken.set()  # the group may be complete now (``_start_when_complete``)
                 yield response
         finally:  # only current followers' views are kept
             if self._join_expects.get(peer, (None,))[0] is request:
