@@ -427,7 +427,7 @@ def test_a_member_that_never_reads_its_averages_holds_up_no_reducer(tmp_path, mo
     the reducer's slice waited for them, and every other member with it, until the all-reduce's timeout:
     the reducer then banned everyone (a flaky test here showed it: a member banned both of its honest
     groupmates after 60 s). Here member 2 sends its whole share to each reducer over p2pd and reads no
-    answer for 12 s. The honest members end long before that, with the exact mean of all three (its parts
+    answer for 8 s. The honest members end long before that, with the exact mean of all three (its parts
     all arrived), banning and failing no one."""
     import time
 
@@ -448,7 +448,7 @@ def test_a_member_that_never_reads_its_averages_holds_up_no_reducer(tmp_path, mo
             stream = await A.AllReduceRunner._get_peer_stub(self, peer_id).rpc_aggregate_part(
                 A._as_messages(self._generate_input_for_peer(index)))
             try:
-                await asyncio.sleep(12.0)  # every part goes out (hivemind writes them in a task of their own); no answer is read
+                await asyncio.sleep(8.0)  # every part goes out (hivemind writes them in a task of their own); no answer is read
             finally:
                 released.write_text("released")
                 with contextlib.suppress(Exception):
