@@ -598,8 +598,9 @@ class FusionAverager(DecentralizedAverager):
         leader can still come for such a group: every peer that any member waits for follows this one,
         and hivemind lets a leader take only followers that declared no earlier than itself
         (BAD_EXPIRATION_TIME), so none of them would have led it. Only a peer that no member saw ready
-        misses the group, as it would have missed it a moment later (an earlier stop held every complete
-        group for 0.2 s for such a peer; that was most of the fusion phase's matchmaking time).
+        misses the group, as it would have missed it a moment later: also one that a member led before
+        it followed this leader, and that hivemind sends on here (tens of ms). An earlier stop held every
+        complete group for 0.2 s for such peers; that was most of the fusion phase's matchmaking time.
         """
         mm = self._matchmaking
         self._follower_taken = taken = asyncio.Event()
@@ -668,10 +669,11 @@ class FusionAverager(DecentralizedAverager):
         have no timeout, and a handler that waited to write an average to a caller that read none (a
         hostile or frozen one) read none of its next parts, so this reducer's slice, and every other
         member with it, waited for them until the all-reduce's timeout. Once its parts are all taken, a
-        caller that takes no answer for the senders' timeout has its stream closed."""
+        caller that takes no answer for the reducers' timeout (as long as it waits for each answer itself)
+        has its stream closed, unbanned: every part of its share is in."""
         answers: asyncio.Queue = asyncio.Queue()  # at most one answer per part of this reducer's slice
         loop, writer = asyncio.get_running_loop(), asyncio.current_task()  # the task that writes what is yielded here
-        patience = self.allreduce_kwargs.get("sender_timeout") or HANG_UP_WAIT
+        patience = self.allreduce_kwargs.get("reducer_timeout") or self.allreduce_kwargs.get("sender_timeout") or HANG_UP_WAIT
         written, writing = [0], [True]
 
         def still_reading(seen: int) -> None:
@@ -687,7 +689,8 @@ class FusionAverager(DecentralizedAverager):
                     answers.put_nowait(message)
             finally:
                 answers.put_nowait(None)
-                loop.call_later(patience, still_reading, written[0])
+                if writing[0]:
+                    loop.call_later(patience, still_reading, written[0])
 
         taking = asyncio.create_task(take_parts())
         answered = False
@@ -703,6 +706,8 @@ class FusionAverager(DecentralizedAverager):
                 taking.cancel()
                 with contextlib.suppress(BaseException):
                     await taking
+            elif not taking.cancelled():
+                taking.exception()  # retrieved: a failure the caller can no longer be told of is not logged as lost
         if answered:  # a refused or silent caller is not waited for
             await self._wait_for_hang_up()
 
