@@ -16,15 +16,21 @@ Attacks:
   manifest    a manifest for the same swarm name with a higher serial, signed by itself
   history     history with forged versions, and metrics claiming to be the bootstrap peer
   malformed   values of every record kind that break the schema, under its own owner subkey
+  leader      declares itself a matchmaking leader of the current round (every redo key) four times a
+              second, always earlier than any member, takes every member that asks in and forms no
+              group: it disbands a moment before the member would give up on it
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +47,33 @@ from coldfusion_p2p.certs import Certificate, sign_certificate  # noqa: I001
 from coldfusion_p2p.store import VersionInfo, VersionStore
 from coldfusion_p2p.certs import peer_id_of_public_key
 from coldfusion_p2p.swarm import Identity, make_averager, sign_manifest
+
+
+async def _declare(dht, node, key: str, subkey: bytes, expiration: float):
+    """A matchmaking declaration, as hivemind's ``GroupKeyManager.declare_averager`` stores it."""
+    return await node.store(key, True, expiration, subkey=subkey)
+
+
+def _hostile_leader(joins: Path):
+    """``rpc_join_group`` of a leader that takes every member in and forms no group (set before the averager forks)."""
+    from hivemind.proto import averaging_pb2
+
+    async def rpc_join_group(self, request, context):
+        with open(joins, "a") as fh:
+            fh.write(f"{context.remote_id}\n")
+        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
+        # the member waits for its own expiration and the request timeout (1.5 s here): disbanded just before
+        await asyncio.sleep(max(0.0, request.expiration - get_dht_time()) + 1.0)
+        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.GROUP_DISBANDED)
+
+    from typing import AsyncIterator
+
+    from hivemind.p2p import P2PContext
+
+    # hivemind reads a handler's message types from its annotations, which this module keeps as strings
+    rpc_join_group.__annotations__ = {"request": averaging_pb2.JoinRequest, "context": P2PContext,
+                                      "return": AsyncIterator[averaging_pb2.MessageFromLeader]}
+    return rpc_join_group
 
 
 async def _store_as(dht, node, key: str, value, expiration: float, private_key=None, plain: bool = False):
@@ -71,6 +104,8 @@ class Outsider:
         self.log: list[dict] = []
         self.served: dict[int, str] = {}
         self.averager = None
+        self.initial_peer, self.leader = initial_peer, None  # ``attack_leader``'s node and averager
+        self.mine = {self.me} | {peer_id_of_public_key(Identity(k).public_key.encode()) for k in self.identities}
 
     def store(self, key, value, ttl=15.0, identity=None, plain=False, expiration=None):
         expiration = expiration if expiration is not None else get_dht_time() + ttl
@@ -195,6 +230,39 @@ class Outsider:
                    "device": "-", "uptime": 1.0, "last_round_seconds": None, "rounds": 99, "t": get_dht_time()}
         self.note("history-metrics", stored=self.store(R.METRICS_KEY, metrics, ttl=12.0))
 
+    def attack_leader(self, v_cur, h_cur):
+        if self.leader is None:  # a node of its own (one more free identity), driven by a thread of its own
+            from coldfusion_p2p.swarm import start_dht
+
+            dht = start_dht([self.initial_peer], ["/ip4/127.0.0.1/tcp/0"])  # a member's node: it reads records as members do
+            # any tensors: a leader is never asked for its schema
+            self.leader = (dht, make_averager(dht, self.swarm, [torch.zeros(4)], self.workdir / "leader-store", "none", 3.0, 30.0, 2))
+            threading.Thread(target=self._declare_as_leader, args=(dht,), daemon=True).start()
+        joins = self.workdir / "leader_joins.txt"
+        self.note("leader", version=v_cur, joins=len(joins.read_text().split()) if joins.is_file() else 0)
+
+    def _declare_as_leader(self, dht) -> None:
+        from coldfusion_p2p.swarm import averager_prefix
+
+        subkey, prefix = dht.peer_id.to_bytes(), averager_prefix(self.swarm)
+        v, h, looked = 0, "0" * 64, 0.0
+        while True:
+            if time.monotonic() - looked > 1.0:  # the round the members are in (not its own forged ones), looked up
+                looked = time.monotonic()       # on its own: the other attacks take seconds
+                with contextlib.suppress(Exception):
+                    found = dht.get(R.BASES_KEY, latest=True, return_future=True).result(timeout=5)
+                    items = found.value.items() if isinstance(found.value, dict) else ()
+                    bases = [(value["v"], value["hash"]) for sub, value in ((sub, getattr(item, "value", None)) for sub, item in items)
+                             if isinstance(value, dict) and value.get("swarm") == self.swarm
+                             and R.peer_id_of_owner(R.owner_of(sub) or "") not in self.mine]  # ("plain" may stand there too)
+                    v, h = max(bases)
+            expiration = get_dht_time() + 0.6  # earlier than any member's (now + matchmaking_time)
+            for redo in range(4):
+                with contextlib.suppress(Exception):
+                    dht.run_coroutine(functools.partial(_declare, key=f"{prefix}_r{v}_{h[:16]}_x{redo}.0b", subkey=subkey,
+                                                        expiration=expiration), return_future=True).result(timeout=5)
+            time.sleep(0.25)
+
     def attack_malformed(self, v_cur, h_cur):
         junk = [{"swarm": self.swarm, "v": "1", "hash": h_cur}, {"swarm": self.swarm, "v": -1, "hash": h_cur}, [1, 2, 3], "text",
                 {"swarm": self.swarm, "v": v_cur, "hash": h_cur, "state": "ready", "examples": 1.5, "t": 1.0},
@@ -207,6 +275,10 @@ class Outsider:
 def main() -> None:
     initial_peer, swarm, workdir, *attacks = sys.argv[1:]
     torch.set_num_threads(1)
+    if "leader" in attacks:  # its averager process forks from here with it, whichever attack makes that averager
+        from coldfusion_p2p.swarm.averager import FusionAverager
+
+        FusionAverager.rpc_join_group = _hostile_leader(Path(workdir) / "leader_joins.txt")
     outsider = Outsider(initial_peer, swarm, Path(workdir))
     outsider.note("start", peer=outsider.me, identities=[peer_id_of_public_key(Identity(k).public_key.encode()) for k in outsider.identities])
     try:
@@ -216,6 +288,9 @@ def main() -> None:
     finally:
         if outsider.averager is not None:
             outsider.averager.shutdown()
+        if outsider.leader is not None:
+            outsider.leader[1].shutdown()
+            outsider.leader[0].shutdown()
         outsider.dht.shutdown()
         os._exit(0)
 

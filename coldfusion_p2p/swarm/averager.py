@@ -521,6 +521,12 @@ class FusionAverager(DecentralizedAverager):
         self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
         self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
         self._follower_taken: asyncio.Event | None = None  # set as a follower is taken, in the averager's process
+        # a leader that was not a ready peer of this round (not in ``_expect``), took this peer in and formed no group:
+        # hivemind's follower then waits until its own expiration, and such a leader, declaring itself earlier than
+        # everyone at every look, held every peer of a round at every attempt (a red-team helper's outsider stopped
+        # every commit). After one, this round asks no leader from outside its ready peers (``guarded_join``)
+        self._held_outside: str | None = None
+        self._held_round = ""
         # set before the process starts: its handlers must refuse outsiders from their first call
         self._admission = Admission.from_state(admission) if admission else Admission()
         self._refusals = RefusalLog(label)
@@ -1037,17 +1043,35 @@ class FusionAverager(DecentralizedAverager):
         expect = list(expect or ())
         self._expect = frozenset(expect) if 0 < len(expect) <= MAX_GROUP else frozenset()
         self._join_expects, self._complete_for = {}, None
+        held_round = group_prefix.rsplit("_x", 1)[0]  # the round (base) without its redo counter
+        if held_round != self._held_round:
+            self._held_round, self._held_outside = held_round, None
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
             async def guarded_join(leader: PeerID):
-                if peer_str(leader) in self._excluded or peer_str(leader) in self._admission.revoked:
+                who = peer_str(leader)
+                if who in self._excluded or who in self._admission.revoked:
                     return None  # as if it had turned us down: matchmaking moves on to the next leader
                 if leader in mm.current_followers:  # it follows this peer already: it would only say so, while
                     return None  # this peer, asking, could take no one else's request
-                group = await join_leader(leader)  # (a leader that sends this peer on calls this again, deeper)
+                outside = bool(self._expect) and who not in self._expect  # not a ready peer of this round, as this peer saw it
+                if outside and self._held_outside is not None:
+                    return None  # one leader from outside already took this peer in and formed nothing (``_held_outside``)
+                # (set already: an outer call's leader took this peer in and sent it here; that one is judged there)
+                taken = asyncio.create_task(mm.was_accepted_to_group.wait()) if outside and not mm.was_accepted_to_group.is_set() else None
+                try:
+                    group = await join_leader(leader)  # (a leader that sends this peer on calls this again, deeper)
+                finally:
+                    took = taken is not None and taken.done() and not taken.cancelled()
+                    if taken is not None:
+                        taken.cancel()
+                if group is None and took and self._held_outside is None:
+                    self._held_outside = who
+                    logger.warning(f"{who[:12]}…, a leader outside this round's ready peers, took this peer in and formed no "
+                                   "group; leaders outside them are not asked again this round")
                 if group is not None and self._led_by is None:
-                    self._led_by = peer_str(leader)  # the deepest call's, the leader this peer followed in the end
+                    self._led_by = who  # the deepest call's, the leader this peer followed in the end
                 return group
 
             mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
