@@ -122,8 +122,9 @@ class Outsider:
 
         return start_dht([self.initial_peer], ["/ip4/127.0.0.1/tcp/0"])
 
-    def honest_bases(self) -> dict[str, tuple[int, str]]:
-        found = self.reader.get(R.BASES_KEY, latest=True, return_future=True).result(timeout=20)
+    def honest_bases(self, dht=None) -> dict[str, tuple[int, str]]:
+        """Each peer's announced base, read through ``dht`` (default: ``reader``)."""
+        found = (dht or self.reader).get(R.BASES_KEY, latest=True, return_future=True).result(timeout=20)
         out = {}
         if found is not None and isinstance(found.value, dict):
             for sub, item in found.value.items():
@@ -260,13 +261,8 @@ class Outsider:
         while True:
             if time.monotonic() - looked > 1.0:  # the round the members are in (not its own forged ones), looked up
                 looked = time.monotonic()       # on its own: the other attacks take seconds
-                with contextlib.suppress(Exception):
-                    found = dht.get(R.BASES_KEY, latest=True, return_future=True).result(timeout=5)
-                    items = found.value.items() if isinstance(found.value, dict) else ()
-                    bases = [(value["v"], value["hash"]) for sub, value in ((sub, getattr(item, "value", None)) for sub, item in items)
-                             if isinstance(value, dict) and value.get("swarm") == self.swarm
-                             and R.peer_id_of_owner(R.owner_of(sub) or "") not in self.mine]  # ("plain" may stand there too)
-                    v, h = max(bases)
+                with contextlib.suppress(Exception):  # through its own node: ``reader`` is the main thread's
+                    v, h = max(vh for peer, vh in self.honest_bases(dht).items() if peer not in self.mine)
             expiration = get_dht_time() + 0.6  # earlier than any member's (now + matchmaking_time)
             for redo in range(4):
                 with contextlib.suppress(Exception):

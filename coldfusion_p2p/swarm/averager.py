@@ -680,14 +680,14 @@ class FusionAverager(DecentralizedAverager):
         answers: asyncio.Queue = asyncio.Queue()  # at most one answer per part of this reducer's slice
         loop, writer = asyncio.get_running_loop(), asyncio.current_task()  # the task that writes what is yielded here
         patience = self.allreduce_kwargs.get("reducer_timeout") or self.allreduce_kwargs.get("sender_timeout") or HANG_UP_WAIT
-        written, writing = [0], [True]
+        written, writing = 0, True  # answers taken by the caller so far; whether this handler still writes them
 
         def still_reading(seen: int) -> None:
-            if writing[0]:
-                if written[0] == seen:  # not one answer taken in ``patience`` s: the stream is closed
+            if writing:
+                if written == seen:  # not one answer taken in ``patience`` s: the stream is closed
                     writer.cancel()
                 else:
-                    loop.call_later(patience, still_reading, written[0])
+                    loop.call_later(patience, still_reading, written)
 
         async def take_parts():
             try:
@@ -695,8 +695,8 @@ class FusionAverager(DecentralizedAverager):
                     answers.put_nowait(message)
             finally:
                 answers.put_nowait(None)
-                if writing[0]:
-                    loop.call_later(patience, still_reading, written[0])
+                if writing:
+                    loop.call_later(patience, still_reading, written)
 
         taking = asyncio.create_task(take_parts())
         answered = False
@@ -704,10 +704,10 @@ class FusionAverager(DecentralizedAverager):
             while (message := await answers.get()) is not None:
                 answered = answered or message.code == averaging_pb2.AVERAGED_PART
                 yield as_message(message)
-                written[0] += 1
+                written += 1
             await taking  # its failure, if any, goes to the caller as hivemind sends it
         finally:
-            writing[0] = False
+            writing = False
             if not taking.done():  # the caller hung up: its exchange ends here, as it did when it was read here
                 taking.cancel()
                 with contextlib.suppress(BaseException):
