@@ -18,7 +18,8 @@ Attacks:
   malformed   values of every record kind that break the schema, under its own owner subkey
   leader      declares itself a matchmaking leader of the current round (every redo key) four times a
               second, always earlier than any member, takes every member that asks in and forms no
-              group: it disbands a moment before the member would give up on it
+              group: it disbands a moment before the member would give up on it, or (every second join) at
+              once, sending the member back to itself
 """
 
 from __future__ import annotations
@@ -54,14 +55,21 @@ async def _declare(dht, node, key: str, subkey: bytes, expiration: float):
     return await node.store(key, True, expiration, subkey=subkey)
 
 
-def _hostile_leader(joins: Path):
-    """``rpc_join_group`` of a leader that takes every member in and forms no group (set before the averager forks)."""
+def _hostile_leader(joins: Path, redirect_every: int = 0):
+    """``rpc_join_group`` of a leader that takes every member in and forms no group (set before the averager forks).
+    Every ``redirect_every``-th join (0: none) it disbands at once and sends the member back to itself as the
+    leader to follow: hivemind's follower asks whomever it is sent to, from inside the same request, as deep
+    as it is sent."""
     from hivemind.proto import averaging_pb2
 
     async def rpc_join_group(self, request, context):
         with open(joins, "a") as fh:
             fh.write(f"{context.remote_id}\n")
+        count = len(joins.read_text().split())
         yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
+        if redirect_every and count % redirect_every == 0:
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.GROUP_DISBANDED, suggested_leader=self.peer_id.to_bytes())
+            return
         # the member waits for its own expiration and the request timeout (1.5 s here): disbanded just before
         await asyncio.sleep(max(0.0, request.expiration - get_dht_time()) + 1.0)
         yield averaging_pb2.MessageFromLeader(code=averaging_pb2.GROUP_DISBANDED)
@@ -285,7 +293,7 @@ def main() -> None:
     if "leader" in attacks:  # its averager process forks from here with it, whichever attack makes that averager
         from coldfusion_p2p.swarm.averager import FusionAverager
 
-        FusionAverager.rpc_join_group = _hostile_leader(Path(workdir) / "leader_joins.txt")
+        FusionAverager.rpc_join_group = _hostile_leader(Path(workdir) / "leader_joins.txt", redirect_every=2)
     outsider = Outsider(initial_peer, swarm, Path(workdir))
     outsider.note("start", peer=outsider.me, identities=[peer_id_of_public_key(Identity(k).public_key.encode()) for k in outsider.identities])
     try:

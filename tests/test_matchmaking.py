@@ -6,11 +6,14 @@ that takes 2 ms and counts calls (the real lookups are counted by bench/scale.py
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
+import pytest
 import torch
 from hivemind.averaging.matchmaking import PotentialLeaders
 from hivemind.p2p import PeerID
+from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.swarm.averager import FIRST_LOOKUP_INTERVAL, LEADER_LOOKUP_INTERVAL, _paced_leader_lookups
 
@@ -134,3 +137,64 @@ def test_whom_a_member_waits_for_counts_only_as_a_short_list_of_ids():
         assert reader._expect_in(blob(junk)) is None, junk
     for raw in (b"", b"\xff\x00junk", S.dumps([1.0]), S.dumps([1.0, 0, b"\xc1"])):
         assert reader._expect_in(raw) is None
+
+
+@pytest.mark.parametrize("hostile", ["outside_loop", "ready_hold"])
+def test_a_leader_that_sends_members_round_in_a_loop_or_holds_them_past_its_start_holds_up_no_group(tmp_path, monkeypatch, hostile):
+    """A node declares itself the earliest leader of the round at every look and takes in every member that asks.
+
+    ``outside_loop``: a node outside the round's ready peers that at once sends the member back to itself as the
+    leader to follow. hivemind's follower asks whomever it is sent to from inside the same request: before the
+    guard every member's step failed with a RecursionError within seconds. A member now follows no redirect to a
+    leader outside the round's ready peers, nor to one it was sent from already.
+
+    ``ready_hold``: one of the round's ready peers (every member waits for it) that keeps each member until just
+    before the member's own start would end the wait, and forms no group. hivemind's follower waits for its own
+    start, so such a leader held every member at every attempt. A member now waits for the start the leader
+    declared (and a request's timeout), and asks a leader that held it past that no more this round.
+
+    Either way the two members form their group without it, each asking it once."""
+    import threading
+    from collections import Counter
+
+    from coldfusion_p2p.swarm import start_dht
+    from coldfusion_p2p.swarm.averager import FusionAverager, make_averager
+    from coldfusion_p2p.swarm.node import peer_str
+    from tests.outsider import _declare, _hostile_leader
+    from tests.test_allreduce import three_averagers
+
+    joins = tmp_path / "joins.txt"
+    inputs = [[torch.full((1000,), float(i))] for i in range(2)]
+    with three_averagers(tmp_path, inputs, "none", "t_hostile_warmup", None, matchmaking_time=MATCHMAKING) as (dhts, averagers):
+        ids = sorted(peer_str(av.peer_id) for av in averagers)
+        hostile_dht = start_dht([str(a) for a in dhts[0].get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"])
+        leader, stop = None, threading.Event()
+        try:
+            monkeypatch.setattr(FusionAverager, "rpc_join_group", _hostile_leader(joins, redirect_every=1 if hostile == "outside_loop" else 0))
+            leader = make_averager(hostile_dht, "t", [torch.zeros(4)], tmp_path / "hostile", "none", 3.0, 30.0, 2)
+            monkeypatch.undo()  # forked with the hostile handler; the members' averagers forked before it
+            view = ids if hostile == "outside_loop" else sorted(ids + [peer_str(hostile_dht.peer_id)])
+
+            def declare():  # earlier than any member's declaration, at every look
+                subkey = hostile_dht.peer_id.to_bytes()
+                while not stop.is_set():
+                    hostile_dht.run_coroutine(functools.partial(_declare, key="t_hostile.0b", subkey=subkey,
+                                                                expiration=get_dht_time() + 0.6), return_future=True).result(timeout=5)
+                    stop.wait(0.2)
+
+            thread = threading.Thread(target=declare, daemon=True)
+            thread.start()
+            time.sleep(1.0)  # declared before the members look
+            times, groups = _step(averagers, {0: view, 1: view}, "t_hostile")
+        finally:
+            stop.set()
+            if leader is not None:
+                leader.shutdown()
+            hostile_dht.shutdown()
+    asked = Counter(joins.read_text().split()) if joins.is_file() else Counter()
+    assert asked, "no member asked the hostile leader: the attack was not tried"
+    assert max(asked.values()) == 1, f"a member asked the hostile leader more than once: {dict(asked)}"
+    assert groups == [ids, ids], groups
+    # a group that waits for a ready peer that never joins it begins at its leader's start (MATCHMAKING)
+    limit = MATCHMAKING * 0.6 if hostile == "outside_loop" else MATCHMAKING + 2.0
+    assert max(times) < limit, f"the group formed after {max(times):.1f}s (limit {limit}s)"

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import torch
 
@@ -58,6 +58,8 @@ from coldfusion_p2p.swarm.transfer import serve_blob, split_blob_request
 
 
 MAX_GROUP = 256  # members a verdict can list
+HOLD_ALLOWANCE = 1.0  # seconds past a leader's declared start and a request's timeout a follower waits (``held_past``)
+MAX_REDIRECTS = 8  # leaders one join request follows after the first (a disbanding leader names the next; ``guarded_join``)
 PART_FIRST_READ_TIMEOUT = 10.0  # seconds a caller has to send the first message of a part
 GROUP_SETUP_TIMEOUT = 30.0  # seconds a part waits for its group to be registered here
 PART_SIZE_BYTES = DEFAULT_PART_SIZE_BYTES  # per part of the all-reduce: hivemind's, and every older peer's
@@ -527,6 +529,13 @@ class FusionAverager(DecentralizedAverager):
         # every commit). After one, this round asks no leader from outside its ready peers (``guarded_join``)
         self._held_outside: str | None = None
         self._held_round = ""
+        # the leaders of the join requests the one being made is nested in: a leader that took this peer in and then
+        # disbanded names the leader to follow, and hivemind asks that one from inside the same request, as deep as
+        # it is sent (an outsider sending every member back to itself crashed each step with a RecursionError)
+        self._join_chain: list[str] = []
+        # leaders that kept this peer past the start they had declared (and the allowance of ``held_past``) this round,
+        # inside or outside its ready peers: not asked again this round (a ready peer could hold every attempt before)
+        self._overheld: set[str] = set()
         # set before the process starts: its handlers must refuse outsiders from their first call
         self._admission = Admission.from_state(admission) if admission else Admission()
         self._refusals = RefusalLog(label)
@@ -1045,40 +1054,84 @@ class FusionAverager(DecentralizedAverager):
         self._join_expects, self._complete_for = {}, None
         held_round = group_prefix.rsplit("_x", 1)[0]  # the round (base) without its redo counter
         if held_round != self._held_round:
-            self._held_round, self._held_outside = held_round, None
+            self._held_round, self._held_outside, self._overheld = held_round, None, set()
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
             async def guarded_join(leader: PeerID):
                 who = peer_str(leader)
-                if who in self._excluded or who in self._admission.revoked:
+                if who in self._excluded or who in self._admission.revoked or who in self._overheld:
                     return None  # as if it had turned us down: matchmaking moves on to the next leader
                 if leader in mm.current_followers:  # it follows this peer already: it would only say so, while
                     return None  # this peer, asking, could take no one else's request
                 outside = bool(self._expect) and who not in self._expect  # not a ready peer of this round, as this peer saw it
+                chain = self._join_chain
+                if chain and (outside or who in chain or len(chain) >= MAX_REDIRECTS):
+                    # sent here by the leader that took this peer in: followed only to a ready peer of this round that
+                    # did not send this peer on already, a few times at most (an honest leader sends its followers to
+                    # the leader it joined itself, one of the round's ready peers: no loop, no stranger)
+                    logger.debug(f"not following a redirect from {chain[-1][:12]}… to {who[:12]}…")
+                    return None  # the outer request then ends with no group, and judges its own leader
                 if outside and self._held_outside is not None:
                     return None  # one leader from outside already took this peer in and formed nothing (``_held_outside``)
-                # (set already: an outer call's leader took this peer in and sent it here; that one is judged there)
-                taken = asyncio.create_task(mm.was_accepted_to_group.wait()) if outside and not mm.was_accepted_to_group.is_set() else None
-                try:
+                taken = asyncio.create_task(mm.was_accepted_to_group.wait()) if outside and not chain else None
+                formed = []
+
+                async def follow():
                     group = await join_leader(leader)  # (a leader that sends this peer on calls this again, deeper)
+                    if group is not None:
+                        formed.append(group)
+                        if self._led_by is None:  # the deepest call's, the leader this peer followed in the end; noted
+                            self._led_by = who  # here, in the request's own task: the step stops it once a group is formed
+                    return group
+
+                deadline = None if chain else held_past(mm, leader)
+                chain.append(who)
+                try:
+                    # a redirect: the first request's deadline covers the leaders it is sent on to
+                    return await (follow() if deadline is None else self._join_until(follow(), deadline))
                 finally:
-                    took = taken is not None and taken.done() and not taken.cancelled()
+                    chain.pop()
                     if taken is not None:
+                        took = taken.done() and not taken.cancelled()
                         taken.cancel()
-                if group is None and took and self._held_outside is None:
-                    self._held_outside = who
-                    logger.warning(f"{who[:12]}…, a leader outside this round's ready peers, took this peer in and formed no "
-                                   "group; leaders outside them are not asked again this round")
-                if group is not None and self._led_by is None:
-                    self._led_by = who  # the deepest call's, the leader this peer followed in the end
-                return group
+                        # also when this step is cancelled while such a leader holds it: the round's next attempt
+                        # (a redo) asks no outside leader again
+                        if not formed and took and self._held_outside is None:
+                            self._held_outside = who
+                            logger.warning(f"{who[:12]}…, a leader outside this round's ready peers, took this peer in and "
+                                           "formed no group; leaders outside them are not asked again this round")
 
             mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
             potential = mm.potential_leaders
             potential._update_queue_periodically = lambda key_manager: _paced_leader_lookups(potential, key_manager)
             _background_withdrawals(mm.group_key_manager)
         future.set_result(None)
+
+    async def _join_until(self, join: Awaitable, deadline: float):
+        """``join`` (a request to a leader, and to any it sends this peer on to), given up at ``deadline`` (DHT time)
+        if no group came of it by then. The leader holding this peer at that moment is not asked again this round."""
+        task = asyncio.ensure_future(join)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - get_dht_time()))
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if done:
+            return task.result()
+        holder = self._join_chain[-1]  # the deepest leader this peer was sent on to
+        task.cancel()
+        try:
+            group = await task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # this step itself was cancelled meanwhile
+            group = None
+        if group is None:  # (one that came just as it was given up is kept)
+            self._overheld.add(holder)
+            logger.warning(f"{holder[:12]}… took this peer in and held it past the start it had declared; "
+                           "it is not asked to lead this peer again this round")
+        return group
 
     def set_admission(self, state: dict, label: str = "") -> None:
         """Who may call this averager (``membership.Admission.state()``); ``label`` prefixes its refusal lines."""
@@ -1103,6 +1156,16 @@ class FusionAverager(DecentralizedAverager):
             return
         async for msg in serve_blob(Path(self._store_root), name):
             yield msg
+
+
+def held_past(mm, leader: PeerID) -> float | None:
+    """DHT time by which ``leader`` must have begun its group, or let this peer go: the latest start it declared, as
+    this peer's search found it, then a request's timeout (an honest leader still waiting at its start for another
+    leader's first answer begins once that comes) and ``HOLD_ALLOWANCE``. hivemind's follower waits for its own
+    declared start instead, so a leader declaring itself earlier than everyone could hold each member that long
+    at every attempt. None: no declaration of it was found (nothing to hold it to)."""
+    declared = [expiration for peer, expiration in mm.potential_leaders.past_attempts if peer == leader]
+    return max(declared) + mm.request_timeout + HOLD_ALLOWANCE if declared else None
 
 
 async def _paced_leader_lookups(leaders, key_manager) -> None:
