@@ -18,8 +18,9 @@ Attacks:
   malformed   values of every record kind that break the schema, under its own owner subkey
   leader      declares itself a matchmaking leader of the current round (every redo key) four times a
               second, always earlier than any member, takes every member that asks in and forms no
-              group: it disbands a moment before the member would give up on it, or (every second join) at
-              once, sending the member back to itself
+              group: it holds a member until just before the member would give up on it, sends it back to
+              itself, or begins a group of the member alone, in turn (members follow only their round's
+              ready peers, so none should ask it)
 """
 
 from __future__ import annotations
@@ -55,20 +56,33 @@ async def _declare(dht, node, key: str, subkey: bytes, expiration: float):
     return await node.store(key, True, expiration, subkey=subkey)
 
 
-def _hostile_leader(joins: Path, redirect_every: int = 0):
-    """``rpc_join_group`` of a leader that takes every member in and forms no group (set before the averager forks).
-    Every ``redirect_every``-th join (0: none) it disbands at once and sends the member back to itself as the
-    leader to follow: hivemind's follower asks whomever it is sent to, from inside the same request, as deep
-    as it is sent."""
+def _hostile_leader(joins: Path, behaviours: tuple[str, ...] = ("hold",)):
+    """``rpc_join_group`` of a leader that takes every member in and forms no group with it (set before the averager
+    forks). The n-th join gets ``behaviours[n % len(behaviours)]``:
+
+    - hold: disband a moment before the member, waiting for its own start and the request timeout, would give up
+    - loop: disband at once, sending the member back to this leader (hivemind's follower asks whomever it is
+      sent to from inside the same request, as deep as it is sent)
+    - alone: begin at once with a group of the member alone
+    - without: begin at once with a group of this leader and a made-up peer, without the member
+    - silent: answer nothing"""
     from hivemind.proto import averaging_pb2
 
     async def rpc_join_group(self, request, context):
         with open(joins, "a") as fh:
             fh.write(f"{context.remote_id}\n")
-        count = len(joins.read_text().split())
+        behaviour = behaviours[(len(joins.read_text().split()) - 1) % len(behaviours)]
+        if behaviour == "silent":
+            await asyncio.sleep(3600)
         yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
-        if redirect_every and count % redirect_every == 0:
+        if behaviour == "loop":
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.GROUP_DISBANDED, suggested_leader=self.peer_id.to_bytes())
+            return
+        if behaviour in ("alone", "without"):
+            made_up = b"\x12\x20" + os.urandom(32)
+            ids = [context.remote_id.to_bytes()] if behaviour == "alone" else [self.peer_id.to_bytes(), made_up]
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.BEGIN_ALLREDUCE, group_id=os.urandom(20), ordered_peer_ids=ids,
+                                                  gathered=[request.gather] * len(ids))
             return
         # the member waits for its own expiration and the request timeout (1.5 s here): disbanded just before
         await asyncio.sleep(max(0.0, request.expiration - get_dht_time()) + 1.0)
@@ -113,6 +127,7 @@ class Outsider:
         self.served: dict[int, str] = {}
         self.averager = None
         self.initial_peer, self.leader = initial_peer, None  # ``attack_leader``'s node and averager
+        self.declared = 0  # its declarations as a leader that the DHT took
         self.mine = {self.me} | {peer_id_of_public_key(Identity(k).public_key.encode()) for k in self.identities}
 
     def store(self, key, value, ttl=15.0, identity=None, plain=False, expiration=None):
@@ -259,7 +274,7 @@ class Outsider:
             self.leader = (dht, make_averager(dht, self.swarm, [torch.zeros(4)], self.workdir / "leader-store", "none", 3.0, 30.0, 2))
             threading.Thread(target=self._declare_as_leader, args=(dht,), daemon=True).start()
         joins = self.workdir / "leader_joins.txt"
-        self.note("leader", version=v_cur, joins=len(joins.read_text().split()) if joins.is_file() else 0)
+        self.note("leader", version=v_cur, joins=len(joins.read_text().split()) if joins.is_file() else 0, declared=self.declared)
 
     def _declare_as_leader(self, dht) -> None:
         from coldfusion_p2p.swarm import averager_prefix
@@ -274,8 +289,8 @@ class Outsider:
             expiration = get_dht_time() + 0.6  # earlier than any member's (now + matchmaking_time)
             for redo in range(4):
                 with contextlib.suppress(Exception):
-                    dht.run_coroutine(functools.partial(_declare, key=f"{prefix}_r{v}_{h[:16]}_x{redo}.0b", subkey=subkey,
-                                                        expiration=expiration), return_future=True).result(timeout=5)
+                    self.declared += bool(dht.run_coroutine(functools.partial(
+                        _declare, key=f"{prefix}_r{v}_{h[:16]}_x{redo}.0b", subkey=subkey, expiration=expiration), return_future=True).result(timeout=5))
             time.sleep(0.25)
 
     def attack_malformed(self, v_cur, h_cur):
@@ -293,7 +308,7 @@ def main() -> None:
     if "leader" in attacks:  # its averager process forks from here with it, whichever attack makes that averager
         from coldfusion_p2p.swarm.averager import FusionAverager
 
-        FusionAverager.rpc_join_group = _hostile_leader(Path(workdir) / "leader_joins.txt", redirect_every=2)
+        FusionAverager.rpc_join_group = _hostile_leader(Path(workdir) / "leader_joins.txt", ("hold", "loop", "alone"))
     outsider = Outsider(initial_peer, swarm, Path(workdir))
     outsider.note("start", peer=outsider.me, identities=[peer_id_of_public_key(Identity(k).public_key.encode()) for k in outsider.identities])
     try:

@@ -139,21 +139,28 @@ def test_whom_a_member_waits_for_counts_only_as_a_short_list_of_ids():
         assert reader._expect_in(raw) is None
 
 
-@pytest.mark.parametrize("hostile", ["outside_loop", "ready_hold"])
-def test_a_leader_that_sends_members_round_in_a_loop_or_holds_them_past_its_start_holds_up_no_group(tmp_path, monkeypatch, hostile):
-    """A node declares itself the earliest leader of the round at every look and takes in every member that asks.
+HOSTILE_LEADERS = {  # case -> (whether members count it among the round's ready peers, what it does with each join)
+    "stranger": (False, ("loop", "hold", "alone")),
+    "ready_hold": (True, ("hold",)),
+    "ready_loop": (True, ("loop",)),
+    "ready_alone": (True, ("alone",)),
+    "ready_without": (True, ("without",)),
+    "ready_silent": (True, ("silent",)),
+}
 
-    ``outside_loop``: a node outside the round's ready peers that at once sends the member back to itself as the
-    leader to follow. hivemind's follower asks whomever it is sent to from inside the same request: before the
-    guard every member's step failed with a RecursionError within seconds. A member now follows no redirect to a
-    leader outside the round's ready peers, nor to one it was sent from already.
 
-    ``ready_hold``: one of the round's ready peers (every member waits for it) that keeps each member until just
-    before the member's own start would end the wait, and forms no group. hivemind's follower waits for its own
-    start, so such a leader held every member at every attempt. A member now waits for the start the leader
-    declared (and a request's timeout), and asks a leader that held it past that no more this round.
+@pytest.mark.parametrize("case", sorted(HOSTILE_LEADERS))
+def test_a_hostile_leader_of_any_kind_holds_up_no_group(tmp_path, monkeypatch, case):
+    """A node declares itself the earliest leader of the round at every look (so every member asks it first),
+    and does what ``tests.outsider._hostile_leader`` says with each member it takes in. Before the guards,
+    a stranger (not a ready peer of the round) that sent members back to itself crashed every member's step
+    with a RecursionError within seconds, one that began a group of the member alone had every round end
+    with each member in a group of its own, and a ready peer that held members until their own start, or sent
+    them a group without them (a hivemind assert, retried at once), held every attempt until the step's timeout.
 
-    Either way the two members form their group without it, each asking it once."""
+    Now members follow only ready peers of their round, a leader no longer than the start it declared, and a
+    leader that holds them past it, sends them round a loop, a group that is not theirs, or no answer at all,
+    not again that round. The two members form their group without it, each asking it at most once."""
     import threading
     from collections import Counter
 
@@ -163,6 +170,7 @@ def test_a_leader_that_sends_members_round_in_a_loop_or_holds_them_past_its_star
     from tests.outsider import _declare, _hostile_leader
     from tests.test_allreduce import three_averagers
 
+    ready, behaviours = HOSTILE_LEADERS[case]
     joins = tmp_path / "joins.txt"
     inputs = [[torch.full((1000,), float(i))] for i in range(2)]
     with three_averagers(tmp_path, inputs, "none", "t_hostile_warmup", None, matchmaking_time=MATCHMAKING) as (dhts, averagers):
@@ -170,10 +178,10 @@ def test_a_leader_that_sends_members_round_in_a_loop_or_holds_them_past_its_star
         hostile_dht = start_dht([str(a) for a in dhts[0].get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"])
         leader, stop = None, threading.Event()
         try:
-            monkeypatch.setattr(FusionAverager, "rpc_join_group", _hostile_leader(joins, redirect_every=1 if hostile == "outside_loop" else 0))
+            monkeypatch.setattr(FusionAverager, "rpc_join_group", _hostile_leader(joins, behaviours))
             leader = make_averager(hostile_dht, "t", [torch.zeros(4)], tmp_path / "hostile", "none", 3.0, 30.0, 2)
             monkeypatch.undo()  # forked with the hostile handler; the members' averagers forked before it
-            view = ids if hostile == "outside_loop" else sorted(ids + [peer_str(hostile_dht.peer_id)])
+            view = sorted(ids + [peer_str(hostile_dht.peer_id)]) if ready else ids
 
             def declare():  # earlier than any member's declaration, at every look
                 subkey = hostile_dht.peer_id.to_bytes()
@@ -192,9 +200,56 @@ def test_a_leader_that_sends_members_round_in_a_loop_or_holds_them_past_its_star
                 leader.shutdown()
             hostile_dht.shutdown()
     asked = Counter(joins.read_text().split()) if joins.is_file() else Counter()
-    assert asked, "no member asked the hostile leader: the attack was not tried"
-    assert max(asked.values()) == 1, f"a member asked the hostile leader more than once: {dict(asked)}"
     assert groups == [ids, ids], groups
-    # a group that waits for a ready peer that never joins it begins at its leader's start (MATCHMAKING)
-    limit = MATCHMAKING * 0.6 if hostile == "outside_loop" else MATCHMAKING + 2.0
-    assert max(times) < limit, f"the group formed after {max(times):.1f}s (limit {limit}s)"
+    if ready:
+        assert asked, "no member asked the hostile leader: the attack was not tried"
+        assert max(asked.values()) == 1, f"a member asked the hostile leader more than once: {dict(asked)}"
+        # a group that waits for a ready peer that never joins it begins at its leader's start (MATCHMAKING)
+        assert max(times) < MATCHMAKING + 2.0, f"the group formed after {max(times):.1f}s"
+    else:
+        assert not asked, f"members asked a leader that is not a ready peer of their round: {dict(asked)}"
+        assert max(times) < MATCHMAKING * 0.6, f"the group formed after {max(times):.1f}s"
+
+
+def test_a_leader_refuses_a_follower_whose_gathered_data_would_spoil_its_group(tmp_path):
+    """A member's gathered data travels to every member of its group, and each parses it before the all-reduce:
+    malformed, it spoiled the all-reduce of every group it was in and no one was blamed (red team). A leader now
+    refuses such a request to join (over real libp2p), and a follower refuses a group that carries such data."""
+    from hivemind.proto import averaging_pb2
+    from hivemind.utils.serializer import MSGPackSerializer as S
+
+    from coldfusion_p2p.swarm import start_dht
+    from coldfusion_p2p.swarm.averager import FusionAverager, averager_prefix, gather_problem, peer_id_bytes_ok
+    from tests.test_allreduce import three_averagers
+
+    good = S.dumps([None, 0, S.dumps({"expect": ["QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"]})])
+    junk = [b"\xc1\xc1junk", S.dumps([1.0, 0]), S.dumps([1.0, 9, S.dumps({})]), S.dumps([float("nan"), 0, S.dumps({})]),
+            S.dumps([1.0, 0, b"\xc1"]), S.dumps(["fast", 0, S.dumps({})]), b""]
+    assert gather_problem(good) is None and gather_problem(S.dumps([2.5, 1, S.dumps(None)])) is None
+    assert all(gather_problem(blob) for blob in junk)
+    assert peer_id_bytes_ok(b"\x12\x20" + bytes(32)) and not peer_id_bytes_ok(b"\x12\x20" + bytes(31))
+    assert not peer_id_bytes_ok(b"") and not peer_id_bytes_ok(bytes(37))
+
+    inputs = [[torch.full((100,), float(i))] for i in range(2)]
+    with three_averagers(tmp_path, inputs, "none", "t_gather", 2) as (dhts, averagers):
+        asker = start_dht([str(a) for a in dhts[0].get_visible_maddrs()], ["/ip4/127.0.0.1/tcp/0"])
+        try:
+            async def ask(gathers: list[bytes]) -> list[int]:
+                p2p = await asker.replicate_p2p()
+                try:
+                    stub = FusionAverager.get_stub(p2p, dhts[0].peer_id, namespace=averager_prefix("t"))
+                    codes = []
+                    for gather in gathers:
+                        stream = await stub.rpc_join_group(averaging_pb2.JoinRequest(
+                            schema_hash=b"x", expiration=get_dht_time() + 5, gather=gather, group_key="t_gather.0b"))
+                        codes.append((await asyncio.wait_for(stream.__anext__(), 10)).code)
+                        await stream.aclose()
+                    return codes
+                finally:
+                    await p2p.shutdown()
+
+            codes = asyncio.run(ask([good] + junk))
+        finally:
+            asker.shutdown()
+    assert codes[0] != averaging_pb2.PROTOCOL_VIOLATION, codes  # refused for what it is (not looking for a group now)
+    assert all(code == averaging_pb2.PROTOCOL_VIOLATION for code in codes[1:]), codes

@@ -30,7 +30,7 @@ import torch
 
 import hivemind.averaging.averager as hivemind_averager
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.allreduce import AllReduceRunner, AveragingMode
 from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES, AllreduceException, BannedException, TensorPartReducer
@@ -43,6 +43,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, aiter_with_timeout, anext, as_aiter, attach_event_on_finished, azip
 from hivemind.utils.logging import get_logger
 from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.errors import WorkError
@@ -523,19 +524,17 @@ class FusionAverager(DecentralizedAverager):
         self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
         self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
         self._follower_taken: asyncio.Event | None = None  # set as a follower is taken, in the averager's process
-        # a leader that was not a ready peer of this round (not in ``_expect``), took this peer in and formed no group:
-        # hivemind's follower then waits until its own expiration, and such a leader, declaring itself earlier than
-        # everyone at every look, held every peer of a round at every attempt (a red-team helper's outsider stopped
-        # every commit). After one, this round asks no leader from outside its ready peers (``guarded_join``)
-        self._held_outside: str | None = None
+        # leaders this peer follows no more this round (peer id -> why): one that held it past the start it had declared,
+        # sent it round a loop or to a stranger, answered its request with nothing, sent a group it is not in (or a
+        # malformed one), or took it in and let it go twice (``guarded_join``). Before, each could do it at every attempt
+        self._refused_leaders: dict[str, str] = {}
         self._held_round = ""
+        self._let_go: dict[str, int] = {}  # leader -> times it took this peer in and let it go this round, no group, no redirect
         # the leaders of the join requests the one being made is nested in: a leader that took this peer in and then
         # disbanded names the leader to follow, and hivemind asks that one from inside the same request, as deep as
         # it is sent (an outsider sending every member back to itself crashed each step with a RecursionError)
         self._join_chain: list[str] = []
-        # leaders that kept this peer past the start they had declared (and the allowance of ``held_past``) this round,
-        # inside or outside its ready peers: not asked again this round (a ready peer could hold every attempt before)
-        self._overheld: set[str] = set()
+        self._redirects = 0  # redirects this averager was sent on so far
         # set before the process starts: its handlers must refuse outsiders from their first call
         self._admission = Admission.from_state(admission) if admission else Admission()
         self._refusals = RefusalLog(label)
@@ -657,6 +656,9 @@ class FusionAverager(DecentralizedAverager):
             return
         if peer_str(context.remote_id) in self._excluded:
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)  # it broke the rules before
+            return
+        if gather_problem(request.gather) is not None:  # it would spoil the group's all-reduce for every member
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         peer = peer_str(context.remote_id)
         try:
@@ -1054,28 +1056,34 @@ class FusionAverager(DecentralizedAverager):
         self._join_expects, self._complete_for = {}, None
         held_round = group_prefix.rsplit("_x", 1)[0]  # the round (base) without its redo counter
         if held_round != self._held_round:
-            self._held_round, self._held_outside, self._overheld = held_round, None, set()
+            self._held_round, self._refused_leaders, self._let_go = held_round, {}, {}
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
             async def guarded_join(leader: PeerID):
                 who = peer_str(leader)
-                if who in self._excluded or who in self._admission.revoked or who in self._overheld:
+                if who in self._excluded or who in self._admission.revoked or who in self._refused_leaders:
                     return None  # as if it had turned us down: matchmaking moves on to the next leader
                 if leader in mm.current_followers:  # it follows this peer already: it would only say so, while
                     return None  # this peer, asking, could take no one else's request
-                outside = bool(self._expect) and who not in self._expect  # not a ready peer of this round, as this peer saw it
                 chain = self._join_chain
-                if chain and (outside or who in chain or len(chain) >= MAX_REDIRECTS):
-                    # sent here by the leader that took this peer in: followed only to a ready peer of this round that
-                    # did not send this peer on already, a few times at most (an honest leader sends its followers to
-                    # the leader it joined itself, one of the round's ready peers: no loop, no stranger)
-                    logger.debug(f"not following a redirect from {chain[-1][:12]}… to {who[:12]}…")
-                    return None  # the outer request then ends with no group, and judges its own leader
-                if outside and self._held_outside is not None:
-                    return None  # one leader from outside already took this peer in and formed nothing (``_held_outside``)
-                taken = asyncio.create_task(mm.was_accepted_to_group.wait()) if outside and not chain else None
-                formed = []
+                self._redirects += bool(chain)  # (a leader that sent this peer on is not counted as letting it go)
+                # Only a ready peer of this round leads this peer. hivemind asks any peer that declared itself at the
+                # round's key, and a stranger declaring itself earlier than everyone could hold every member, send it
+                # round in a loop, or hand each member a group of its own (red team: no commit at all). An honest leader
+                # is a ready peer, and one sent on to is the leader the sender joined itself: never one this request
+                # followed already, and never deeper than a few
+                stranger = bool(self._expect) and who not in self._expect
+                if chain and (stranger or who in chain or len(chain) >= MAX_REDIRECTS):
+                    why = ("whom it had followed already" if who in chain else "past the redirects it follows"
+                           if len(chain) >= MAX_REDIRECTS else "not a ready peer of this round")
+                    self._refuse_leader(chain[-1], f"it sent this peer on to {who[:12]}…, {why}")
+                    return None  # the outer request then ends with no group
+                if stranger:
+                    return None
+                if not mm.is_looking_for_group or mm.current_leader is not None:
+                    return await join_leader(leader)  # hivemind's own checks of this peer's state: its errors are its own
+                formed, redirects = [], self._redirects
 
                 async def follow():
                     group = await join_leader(leader)  # (a leader that sends this peer on calls this again, deeper)
@@ -1086,22 +1094,39 @@ class FusionAverager(DecentralizedAverager):
                     return group
 
                 deadline = None if chain else held_past(mm, leader)
+                taken = asyncio.create_task(mm.was_accepted_to_group.wait()) if not chain else None
+                asked = time.monotonic()
                 chain.append(who)
                 try:
                     # a redirect: the first request's deadline covers the leaders it is sent on to
                     return await (follow() if deadline is None else self._join_until(follow(), deadline))
+                except Exception as e:  # noqa: BLE001 - whatever a leader's answers break in hivemind's follower (asserts that
+                    # loop the step at once, parsing): that leader is not asked again this round, the step goes on
+                    self._refuse_leader(who, f"its answer broke this peer's request ({type(e).__name__}: {str(e)[:80]})")
+                    return None
                 finally:
                     chain.pop()
                     if taken is not None:
                         took = taken.done() and not taken.cancelled()
                         taken.cancel()
-                        # also when this step is cancelled while such a leader holds it: the round's next attempt
-                        # (a redo) asks no outside leader again
-                        if not formed and took and self._held_outside is None:
-                            self._held_outside = who
-                            logger.warning(f"{who[:12]}…, a leader outside this round's ready peers, took this peer in and "
-                                           "formed no group; leaders outside them are not asked again this round")
+                        if not formed and who not in self._refused_leaders:
+                            if not took and time.monotonic() - asked >= 0.9 * mm.request_timeout:
+                                self._refuse_leader(who, f"it answered no request to join in {mm.request_timeout:g}s")
+                            elif took and self._redirects == redirects:
+                                self._let_go[who] = self._let_go.get(who, 0) + 1
+                                if self._let_go[who] >= 2:
+                                    self._refuse_leader(who, "it took this peer in and let it go twice with no group")
 
+            assemble = mm.follower_assemble_group
+
+            async def checked_assemble(leader: PeerID, msg: averaging_pb2.MessageFromLeader):
+                problem = self._group_problem(leader, msg)
+                if problem is not None:  # hivemind asserts a little of it, and a failed assert retried the step at once
+                    self._refuse_leader(peer_str(leader), f"it sent {problem}")
+                    return None  # no group from this leader: the request ends, matchmaking goes on
+                return await assemble(leader, msg)
+
+            mm.follower_assemble_group = checked_assemble
             mm._request_join_group, mm._cfp2p_guarded = guarded_join, True
             potential = mm.potential_leaders
             potential._update_queue_periodically = lambda key_manager: _paced_leader_lookups(potential, key_manager)
@@ -1128,10 +1153,31 @@ class FusionAverager(DecentralizedAverager):
                 raise  # this step itself was cancelled meanwhile
             group = None
         if group is None:  # (one that came just as it was given up is kept)
-            self._overheld.add(holder)
-            logger.warning(f"{holder[:12]}… took this peer in and held it past the start it had declared; "
-                           "it is not asked to lead this peer again this round")
+            self._refuse_leader(holder, "it held this peer past the start it had declared")
         return group
+
+    def _group_problem(self, leader: PeerID, msg: averaging_pb2.MessageFromLeader) -> str | None:
+        """What is wrong with the group a leader's BEGIN_ALLREDUCE hands this peer, None if nothing: its size, its
+        ids, this peer and the leader in it once each, this peer's own gathered data unchanged, every member's parsable."""
+        mm = self._matchmaking
+        ids = list(msg.ordered_peer_ids)
+        if not max(2, mm.min_group_size or 2) <= len(ids) <= MAX_GROUP:
+            return f"a group of {len(ids)}"
+        if len(msg.gathered) != len(ids) or not 0 < len(msg.group_id) <= 64 or not all(map(peer_id_bytes_ok, ids)):
+            return "a malformed group"
+        me = self.peer_id.to_bytes()
+        if len(set(ids)) != len(ids) or me not in ids or leader.to_bytes() not in ids:
+            return "a group that leaves this peer or itself out, or lists a member twice"
+        if mm.step_control is None or msg.gathered[ids.index(me)] != mm.step_control.data_for_gather:
+            return "a group with this peer's own gathered data changed"
+        problem = next(filter(None, map(gather_problem, msg.gathered)), None)
+        return f"a group with {problem}" if problem else None
+
+    def _refuse_leader(self, who: str, why: str) -> None:
+        """Follow ``who`` no more this round (``_refused_leaders``), and say why once."""
+        if who not in self._refused_leaders:
+            self._refused_leaders[who] = why
+            logger.warning(f"not following {who[:12]}… as a leader again this round: {why}")
 
     def set_admission(self, state: dict, label: str = "") -> None:
         """Who may call this averager (``membership.Admission.state()``); ``label`` prefixes its refusal lines."""
@@ -1156,6 +1202,28 @@ class FusionAverager(DecentralizedAverager):
             return
         async for msg in serve_blob(Path(self._store_root), name):
             yield msg
+
+
+def peer_id_bytes_ok(raw: bytes) -> bool:
+    """Whether ``raw`` is a libp2p peer id's bytes: a sha256 multihash (RSA keys, hivemind's) or an identity one
+    (small keys such as ed25519)."""
+    return (len(raw) == 34 and raw[:2] == b"\x12\x20") or (len(raw) >= 2 and raw[0] == 0 and raw[1] <= 42 and len(raw) == raw[1] + 2)
+
+
+def gather_problem(blob: bytes) -> str | None:
+    """What is wrong with a member's gathered data as hivemind makes it (``[bandwidth, mode, user bytes]``, each part
+    msgpack), None if nothing. Malformed, it spoiled the all-reduce of every group it was in, and no one was blamed."""
+    try:
+        entry = MSGPackSerializer.loads(blob)
+        bandwidth, mode, user = entry
+        if bandwidth is not None and (type(bandwidth) not in (int, float) or not math.isfinite(bandwidth) or bandwidth < 0):
+            return "a malformed bandwidth"
+        if type(mode) is not int or mode not in {m.value for m in AveragingMode} or not isinstance(user, bytes):
+            return "a malformed mode or user data"
+        MSGPackSerializer.loads(user)
+    except Exception:  # noqa: BLE001 - whatever does not parse
+        return "gathered data that does not parse"
+    return None
 
 
 def held_past(mm, leader: PeerID) -> float | None:
