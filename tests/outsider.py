@@ -65,7 +65,8 @@ def _hostile_leader(joins: Path, behaviours: tuple[str, ...] = ("hold",)):
       sent to from inside the same request, as deep as it is sent)
     - alone: begin at once with a group of the member alone
     - without: begin at once with a group of this leader and a made-up peer, without the member
-    - silent: answer nothing"""
+    - silent: answer nothing
+    - slow_no: say no (not looking for a group) after 2 s, before the member's request timeout"""
     from hivemind.proto import averaging_pb2
 
     async def rpc_join_group(self, request, context):
@@ -74,6 +75,10 @@ def _hostile_leader(joins: Path, behaviours: tuple[str, ...] = ("hold",)):
         behaviour = behaviours[(len(joins.read_text().split()) - 1) % len(behaviours)]
         if behaviour == "silent":
             await asyncio.sleep(3600)
+        if behaviour == "slow_no":
+            await asyncio.sleep(2.0)
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
+            return
         yield averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
         if behaviour == "loop":
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.GROUP_DISBANDED, suggested_leader=self.peer_id.to_bytes())

@@ -146,6 +146,7 @@ HOSTILE_LEADERS = {  # case -> (whether members count it among the round's ready
     "ready_alone": (True, ("alone",)),
     "ready_without": (True, ("without",)),
     "ready_silent": (True, ("silent",)),
+    "ready_slow_no": (True, ("slow_no",)),
 }
 
 
@@ -159,7 +160,8 @@ def test_a_hostile_leader_of_any_kind_holds_up_no_group(tmp_path, monkeypatch, c
     them a group without them (a hivemind assert, retried at once), held every attempt until the step's timeout.
 
     Now members follow only ready peers of their round, a leader no longer than the start it declared, and a
-    leader that holds them past it, sends them round a loop, a group that is not theirs, or no answer at all,
+    leader that holds them past it, sends them round a loop, a group that is not theirs, no answer at all or a
+    slow no (red team: a no just before the request timeout held every step to the whole matchmaking time),
     not again that round. The two members form their group without it, each asking it at most once."""
     import threading
     from collections import Counter

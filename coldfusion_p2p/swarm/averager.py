@@ -530,6 +530,7 @@ class FusionAverager(DecentralizedAverager):
         self._refused_leaders: dict[str, str] = {}
         self._held_round = ""
         self._let_go: dict[str, int] = {}  # leader -> times it took this peer in and let it go this round, no group, no redirect
+        self._kept_waiting: dict[str, float] = {}  # leader -> seconds this round this peer waited for its answers that took it in to nothing
         # the leaders of the join requests the one being made is nested in: a leader that took this peer in and then
         # disbanded names the leader to follow, and hivemind asks that one from inside the same request, as deep as
         # it is sent (an outsider sending every member back to itself crashed each step with a RecursionError)
@@ -1056,7 +1057,7 @@ class FusionAverager(DecentralizedAverager):
         self._join_expects, self._complete_for = {}, None
         held_round = group_prefix.rsplit("_x", 1)[0]  # the round (base) without its redo counter
         if held_round != self._held_round:
-            self._held_round, self._refused_leaders, self._let_go = held_round, {}, {}
+            self._held_round, self._refused_leaders, self._let_go, self._kept_waiting = held_round, {}, {}, {}
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
@@ -1110,9 +1111,14 @@ class FusionAverager(DecentralizedAverager):
                         took = taken.done() and not taken.cancelled()
                         taken.cancel()
                         if not formed and who not in self._refused_leaders:
-                            if not took and time.monotonic() - asked >= 0.9 * mm.request_timeout:
-                                self._refuse_leader(who, f"it answered no request to join in {mm.request_timeout:g}s")
-                            elif took and self._redirects == redirects:
+                            if not took:  # a no (or none): an honest leader says it at once, and this peer can take
+                                # no one's request while it waits for it; a leader declaring itself first at every look
+                                # and answering no just before the timeout held every step to the whole matchmaking time
+                                self._kept_waiting[who] = self._kept_waiting.get(who, 0.0) + time.monotonic() - asked
+                                if self._kept_waiting[who] >= 0.5 * mm.request_timeout:
+                                    self._refuse_leader(who, f"it kept this peer waiting {self._kept_waiting[who]:.1f}s "
+                                                        "for answers that did not take it in")
+                            elif self._redirects == redirects:
                                 self._let_go[who] = self._let_go.get(who, 0) + 1
                                 if self._let_go[who] >= 2:
                                     self._refuse_leader(who, "it took this peer in and let it go twice with no group")
