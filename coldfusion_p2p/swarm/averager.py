@@ -1063,12 +1063,13 @@ class FusionAverager(DecentralizedAverager):
 
             async def guarded_join(leader: PeerID):
                 who = peer_str(leader)
+                # a leader that sent this peer on is not counted as letting it go (``_let_go``), wherever it sent it
+                self._redirects += bool(self._join_chain)
                 if who in self._excluded or who in self._admission.revoked or who in self._refused_leaders:
                     return None  # as if it had turned us down: matchmaking moves on to the next leader
                 if leader in mm.current_followers:  # it follows this peer already: it would only say so, while
                     return None  # this peer, asking, could take no one else's request
                 chain = self._join_chain
-                self._redirects += bool(chain)  # (a leader that sent this peer on is not counted as letting it go)
                 # Only a ready peer of this round leads this peer. hivemind asks any peer that declared itself at the
                 # round's key, and a stranger declaring itself earlier than everyone could hold every member, send it
                 # round in a loop, or hand each member a group of its own (red team: no commit at all). An honest leader
