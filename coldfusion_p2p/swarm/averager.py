@@ -530,7 +530,7 @@ class FusionAverager(DecentralizedAverager):
         self._refused_leaders: dict[str, str] = {}
         self._held_round = ""
         self._let_go: dict[str, int] = {}  # leader -> times it took this peer in and let it go this round, no group, no redirect
-        self._kept_waiting: dict[str, float] = {}  # leader -> seconds this round this peer waited for its answers that took it in to nothing
+        self._kept_waiting: dict[str, float] = {}  # leader -> seconds this round this peer waited for its answers that did not take it in
         # the leaders of the join requests the one being made is nested in: a leader that took this peer in and then
         # disbanded names the leader to follow, and hivemind asks that one from inside the same request, as deep as
         # it is sent (an outsider sending every member back to itself crashed each step with a RecursionError)
@@ -1217,15 +1217,17 @@ def peer_id_bytes_ok(raw: bytes) -> bool:
     return (len(raw) == 34 and raw[:2] == b"\x12\x20") or (len(raw) >= 2 and raw[0] == 0 and raw[1] <= 42 and len(raw) == raw[1] + 2)
 
 
+_MODES = frozenset(m.value for m in AveragingMode)  # hivemind's averaging modes, as gathered data carries them
+
+
 def gather_problem(blob: bytes) -> str | None:
     """What is wrong with a member's gathered data as hivemind makes it (``[bandwidth, mode, user bytes]``, each part
     msgpack), None if nothing. Malformed, it spoiled the all-reduce of every group it was in, and no one was blamed."""
     try:
-        entry = MSGPackSerializer.loads(blob)
-        bandwidth, mode, user = entry
+        bandwidth, mode, user = MSGPackSerializer.loads(blob)
         if bandwidth is not None and (type(bandwidth) not in (int, float) or not math.isfinite(bandwidth) or bandwidth < 0):
             return "a malformed bandwidth"
-        if type(mode) is not int or mode not in {m.value for m in AveragingMode} or not isinstance(user, bytes):
+        if type(mode) is not int or mode not in _MODES or not isinstance(user, bytes):
             return "a malformed mode or user data"
         MSGPackSerializer.loads(user)
     except Exception:  # noqa: BLE001 - whatever does not parse
