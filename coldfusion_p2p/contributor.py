@@ -171,6 +171,7 @@ class Contributor:
         self._body_module = None  # the body module of the last round, refilled with each new base (model.refill_body_module)
         self._first_seen: dict[tuple[int, str], dict[str, float]] = {}  # base -> peer -> when its ready record was first seen
         self._group_mates: set[str] = set()  # peers this one ran an all-reduce with
+        self._leaders_refused: tuple[int, set[str]] = (-1, set())  # (round's base version, leaders reported refused in it)
         self.token: dict | None = None  # this peer's membership token (private swarms)
         self.admission = Admission()  # who may take part; open unless the manifest says otherwise
         self._admission_changed = False  # set by the heartbeat, applied to the averager by the main thread
@@ -726,6 +727,22 @@ class Contributor:
                              f"round's redos, and keeping {len(kept)} member(s) it sent other averages", peer=reducer, kept=len(kept))
         return out, others - set(verdicts) - dissent
 
+    def _report_refused_leaders(self, version: int) -> None:
+        """Say once a round each matchmaking leader this peer's averager stopped following, and why (a ready peer
+        that held it, sent it round, answered with a group that was not its own...): hivemind's log, where the
+        averager says it, is hidden from ``cfp2p`` commands."""
+        try:
+            refused = self.averager.refused_leaders()
+        except Exception:  # noqa: BLE001 - no answer from the averager: its next step says what became of it
+            return
+        if self._leaders_refused[0] != version:
+            self._leaders_refused = (version, set())
+        for peer, why in sorted(refused.items()):
+            if peer not in self._leaders_refused[1]:
+                self._leaders_refused[1].add(peer)
+                self.events.emit("leader_refused", f"not following peer {peer[:12]} as a matchmaking leader again this round: {why}",
+                                 peer=peer, reason=why)
+
     def _signature_ok(self, peer: str, signature: str, payload: bytes) -> bool:
         key = self.records.public_keys.get(peer)  # the verdict's owner key: its hash is ``peer``
         return key is not None and bool(signature) and verify_signature(key, payload, signature)
@@ -794,6 +811,7 @@ class Contributor:
                 weight, {"examples": examples, "expect": expect, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
                 give_up=lambda: self._fatal is not None or self._base_withdrawn or self._newer_base_exists(), on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
+            self._report_refused_leaders(base.version)
             if result is None:
                 if self._base_withdrawn:
                     return "withdrawn"

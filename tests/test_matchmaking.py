@@ -196,20 +196,26 @@ def test_a_hostile_leader_of_any_kind_holds_up_no_group(tmp_path, monkeypatch, c
             thread.start()
             time.sleep(1.0)  # declared before the members look
             times, groups = _step(averagers, {0: view, 1: view}, "t_hostile")
+            refused = {peer_str(av.peer_id): av.refused_leaders() for av in averagers}  # what the contributor reports
         finally:
             stop.set()
             if leader is not None:
                 leader.shutdown()
             hostile_dht.shutdown()
     asked = Counter(joins.read_text().split()) if joins.is_file() else Counter()
+    hostile = peer_str(hostile_dht.peer_id)
     assert groups == [ids, ids], groups
+    assert all(set(r) <= {hostile} for r in refused.values()), f"an honest leader was refused: {refused}"
     if ready:
         assert asked, "no member asked the hostile leader: the attack was not tried"
         assert max(asked.values()) == 1, f"a member asked the hostile leader more than once: {dict(asked)}"
+        for member in asked:  # and it says why it asks no more (the contributor's ``leader_refused`` event)
+            assert refused[member].get(hostile), f"{member[:12]} asked the hostile leader and did not refuse it: {refused}"
         # a group that waits for a ready peer that never joins it begins at its leader's start (MATCHMAKING)
         assert max(times) < MATCHMAKING + 2.0, f"the group formed after {max(times):.1f}s"
     else:
         assert not asked, f"members asked a leader that is not a ready peer of their round: {dict(asked)}"
+        assert not any(refused.values()), f"a stranger is never asked, so never refused: {refused}"
         assert max(times) < MATCHMAKING * 0.6, f"the group formed after {max(times):.1f}s"
 
 

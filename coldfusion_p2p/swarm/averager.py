@@ -1186,6 +1186,16 @@ class FusionAverager(DecentralizedAverager):
             self._refused_leaders[who] = why
             logger.warning(f"not following {who[:12]}… as a leader again this round: {why}")
 
+    def refused_leaders(self) -> dict[str, str]:
+        """The leaders this peer follows no more this round, each with why (``_refuse_leader``). hivemind's logger
+        says so only at WARNING, which a ``cfp2p`` command does not show: the contributor reports them as events."""
+        future = MPFuture()
+        self._outer_pipe.send(("_get_refused_leaders", [], dict(future=future)))
+        return future.result(timeout=10.0)
+
+    async def _get_refused_leaders(self, future: MPFuture):
+        future.set_result(dict(self._refused_leaders))
+
     def set_admission(self, state: dict, label: str = "") -> None:
         """Who may call this averager (``membership.Admission.state()``); ``label`` prefixes its refusal lines."""
         future = MPFuture()
