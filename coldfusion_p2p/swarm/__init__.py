@@ -7,11 +7,16 @@ network and the engine stays replaceable.
 - ``board``: this peer's reads and writes of the swarm's records; the signed manifest.
 - ``averager``: the canonical all-reduce whose reducers enforce the round's rules.
 - ``transfer``: serving and fetching bases, certificates and model files.
+- ``streams``: hivemind's p2pd streams, bounded against a peer that does not follow the protocol.
 """
 
 import os
 
 os.environ.setdefault("HIVEMIND_LOGLEVEL", "CRITICAL")  # we report hivemind's failures in our own one-liners
+
+from coldfusion_p2p.swarm import streams  # noqa: E402
+
+streams.harden()  # before any node starts: every process of a peer reads other peers' streams with bounds
 
 from coldfusion_p2p.swarm.node import (  # noqa: E402
     Identity, dht_requests, dht_time, load_identity, peer_of_maddr, peer_str, quiet_hivemind, start_dht, stop_process, visible_maddrs,
