@@ -12,6 +12,7 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import averaging_pb2
 
 import coldfusion_p2p.swarm  # noqa: F401 - hardens hivemind's streams on import
+from coldfusion_p2p.swarm import streams
 from coldfusion_p2p.swarm.streams import MAX_MESSAGE_BYTES, MessageTooLong
 
 HANDLER = "cfp2p_test.echo_slow"
@@ -131,3 +132,192 @@ def test_an_overlong_message_is_refused_before_its_body_is_read_from_either_end(
 async def _requests(items):
     for item in items:
         yield item if isinstance(item, averaging_pb2.AveragingData) else averaging_pb2.AveragingData(weight=item)
+
+
+async def _open(caller, server, handler, data: bytes = b""):
+    _, reader, writer = await caller.call_binary_stream_handler(server.peer_id, handler)
+    if data:
+        writer.write(data)
+        await writer.drain()
+    return reader, writer
+
+
+async def _closed_within(reader, seconds: float) -> bool:
+    """Whether the other end closes the stream within ``seconds`` (False: it is still open)."""
+    try:
+        await _until_closed(reader, seconds)
+        return True
+    except TimeoutError:
+        return False
+
+
+async def _echo(requests, context: P2PContext):
+    async for request in requests:
+        yield averaging_pb2.AveragingData(weight=request.weight + 1)
+
+
+def test_silent_dripping_and_stalled_callers_lose_their_streams_and_an_honest_caller_does_not(monkeypatch):
+    """A stream opened and left silent, a body sent a byte at a time, and a caller silent between two messages each
+    held a stream, its task and buffers for as long as the caller liked. Each now meets a deadline."""
+    monkeypatch.setattr(streams, "HEADER_TIMEOUT", 1.0)
+    monkeypatch.setattr(streams, "NEXT_TIMEOUT", 1.0)
+    monkeypatch.setattr(streams, "BODY_TIMEOUT", 1.0)
+    monkeypatch.setattr(streams, "MIN_RATE", 1 << 30)  # the body deadline: BODY_TIMEOUT, whatever the length
+
+    async def main():
+        server, caller = await _pair()
+        try:
+            await server.add_protobuf_handler(HANDLER, _echo, averaging_pb2.AveragingData, stream_input=True, stream_output=True)
+            silent, _ = await _open(caller, server, HANDLER, P2P.MESSAGE_MARKER)  # a marker, then nothing (p2pd opens a stream lazily)
+            header = _frame(body=b"\x00" * 1000)[:1 + P2P.HEADER_LEN]
+            dripping, drip_writer = await _open(caller, server, HANDLER, header)
+            stalled, _ = await _open(caller, server, HANDLER, _frame(averaging_pb2.AveragingData(weight=1.0)))
+
+            async def drip():
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(100):
+                        drip_writer.write(b"\x00")
+                        await drip_writer.drain()
+                        await asyncio.sleep(0.2)
+
+            dripper = asyncio.create_task(drip())
+            closed = await asyncio.gather(*(_closed_within(r, 6.0) for r in (silent, dripping, stalled)))
+            dripper.cancel()
+            answers = [a.weight async for a in await caller.iterate_protobuf_handler(
+                server.peer_id, HANDLER, _requests([2.0, 3.0]), averaging_pb2.AveragingData)]
+            return closed, answers
+        finally:
+            await caller.shutdown()
+            await server.shutdown()
+
+    closed, answers = asyncio.run(main())
+    assert closed == [True, True, True], closed
+    assert answers == [3.0, 4.0], answers
+
+
+def test_one_peer_holds_a_bounded_number_of_streams_and_another_peer_still_gets_through(monkeypatch):
+    """Streams past ``PEER_STREAMS`` from one peer close unread while its first ones stay; a second peer's call works,
+    and the first peer gets its room back as its streams end."""
+    monkeypatch.setattr(streams, "PEER_STREAMS", 4)
+
+    async def main():
+        server, caller = await _pair()
+        other = await P2P.create(initial_peers=await server.get_visible_maddrs())
+        try:
+            await server.add_protobuf_handler(HANDLER, _echo, averaging_pb2.AveragingData, stream_input=True, stream_output=True)
+            opened = [await _open(caller, server, HANDLER) for _ in range(8)]
+            closed = await asyncio.gather(*(_closed_within(reader, 2.0) for reader, _ in opened))
+            theirs = [a.weight async for a in await other.iterate_protobuf_handler(
+                server.peer_id, HANDLER, _requests([5.0]), averaging_pb2.AveragingData)]
+            for _, writer in opened:
+                writer.close()
+            await asyncio.sleep(0.5)
+            again = [a.weight async for a in await caller.iterate_protobuf_handler(
+                server.peer_id, HANDLER, _requests([7.0]), averaging_pb2.AveragingData)]
+            return closed, theirs, again
+        finally:
+            for p in (other, caller, server):
+                await p.shutdown()
+
+    closed, theirs, again = asyncio.run(main())
+    assert sorted(closed) == [False] * 4 + [True] * 4, closed
+    assert theirs == [6.0] and again == [8.0], (theirs, again)
+
+
+def test_a_handler_that_takes_one_request_reads_a_short_one_only():
+    """A join request or a download's name is short: a 300 KiB one closes the stream unanswered, while a handler
+    that takes a stream of parts still reads messages that long."""
+    async def single(request, context: P2PContext):
+        yield averaging_pb2.AveragingData(weight=float(len(request.tensor_part.buffer)))
+
+    async def main():
+        server, caller = await _pair()
+        try:
+            await server.add_protobuf_handler("cfp2p_test.single", single, averaging_pb2.AveragingData, stream_output=True)
+            await server.add_protobuf_handler(HANDLER, _echo, averaging_pb2.AveragingData, stream_input=True, stream_output=True)
+            long = averaging_pb2.AveragingData(tensor_part={"buffer": b"\x01" * (300 << 10)}, weight=1.0)
+            reader, writer = await _open(caller, server, "cfp2p_test.single", _frame(long) + _frame())
+            got, after = await _until_closed(reader, 10.0)
+            short = [a.weight async for a in await caller.iterate_protobuf_handler(
+                server.peer_id, "cfp2p_test.single", averaging_pb2.AveragingData(tensor_part={"buffer": b"\x01" * 1000}),
+                averaging_pb2.AveragingData)]
+            streamed = [a.weight async for a in await caller.iterate_protobuf_handler(
+                server.peer_id, HANDLER, _requests([long]), averaging_pb2.AveragingData)]
+            return got, after, short, streamed
+        finally:
+            await caller.shutdown()
+            await server.shutdown()
+
+    got, after, short, streamed = asyncio.run(main())
+    assert got == b"" and after < 5.0, (got[:20], after)
+    assert short == [1000.0] and streamed == [2.0], (short, streamed)
+
+
+def test_a_download_nobody_reads_ends_and_one_peer_runs_a_bounded_number_of_them(monkeypatch):
+    """A download whose caller takes nothing held the handler, its chunks and the stream for good (p2pd writes have
+    no timeout); now its answer has a deadline, the handler ends, and a peer's downloads past ``PEER_DOWNLOADS``
+    are closed at once."""
+    monkeypatch.setattr(streams, "WRITE_TIMEOUT", 1.0)
+    monkeypatch.setattr(streams, "MIN_RATE", 1 << 30)
+    monkeypatch.setattr(streams, "PEER_DOWNLOADS", 2)
+    ended = []
+    name = "cfp2p_test.FusionAverager.rpc_fetch_blob"
+
+    async def download(request, context: P2PContext):
+        try:
+            for _ in range(128):
+                yield averaging_pb2.AveragingData(tensor_part={"buffer": b"\x02" * (1 << 20)})
+        finally:
+            ended.append(time.monotonic())
+
+    async def main():
+        server, caller = await _pair()
+        try:
+            await server.add_protobuf_handler(name, download, averaging_pb2.AveragingData, stream_output=True)
+            start = time.monotonic()
+            opened = [await _open(caller, server, name, _frame(averaging_pb2.AveragingData(weight=1.0)) + _frame())
+                      for _ in range(3)]
+            third_closed = await _closed_within(opened[2][0], 2.0)
+            async with asyncio.timeout(15.0):
+                while len(ended) < 2:
+                    await asyncio.sleep(0.1)
+            for _, writer in opened:
+                writer.close()
+            return third_closed, [t - start for t in ended]
+        finally:
+            await caller.shutdown()
+            await server.shutdown()
+
+    third_closed, ended_after = asyncio.run(main())
+    assert third_closed, "a third download from one peer was served"
+    assert len(ended_after) == 2 and max(ended_after) < 10.0, ended_after
+
+
+def test_long_messages_from_peers_in_no_group_share_one_budget_and_members_do_not(monkeypatch):
+    """Each long message a caller starts is held in memory as its body arrives: a peer in no group of this process
+    now starts only as many as the strangers' budget holds (the next stream closes), while a member's go on."""
+    monkeypatch.setattr(streams, "STRANGER_LARGE_BYTES", 1 << 20)
+    header = _frame(body=b"\x00" * (600 << 10))[:1 + P2P.HEADER_LEN] + b"\x00" * 1000  # 600 KiB announced, 1000 B sent
+
+    async def opened_twice(caller, server):
+        first = await _open(caller, server, HANDLER, header)
+        await asyncio.sleep(0.3)
+        second = await _open(caller, server, HANDLER, header)
+        return await asyncio.gather(_closed_within(first[0], 2.0), _closed_within(second[0], 2.0))
+
+    async def main():
+        server, caller = await _pair()
+        try:
+            await server.add_protobuf_handler(HANDLER, _echo, averaging_pb2.AveragingData, stream_input=True, stream_output=True)
+            stranger = await opened_twice(caller, server)
+            streams.set_member_check(lambda peer: peer == caller.peer_id)
+            member = await opened_twice(caller, server)
+            return stranger, member
+        finally:
+            streams.set_member_check(None)
+            await caller.shutdown()
+            await server.shutdown()
+
+    stranger, member = asyncio.run(main())
+    assert stranger == [False, True], stranger
+    assert member == [False, False], member

@@ -49,6 +49,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from coldfusion_p2p.errors import WorkError
 from coldfusion_p2p.membership import Admission
 from coldfusion_p2p.strategies import Strategy, outliers
+from coldfusion_p2p.swarm import streams
 from coldfusion_p2p.swarm.gate import RefusalLog
 from coldfusion_p2p.swarm.lane import (
     GRANT_TIMEOUT, RAW, LaneDialer, LanePart, LaneServer, as_message, decode_tensor, encode_tensor, exchange, listen_hosts,
@@ -788,6 +789,8 @@ class FusionAverager(DecentralizedAverager):
         await super().add_p2p_handlers(p2p, wrapper, namespace=namespace, balanced=balanced)
         from coldfusion_p2p.swarm.reach import DIAL_BACK, DialBackServer
 
+        streams.set_member_check(self._in_a_group)  # members' parts do not share the strangers' budget for long messages
+
         await p2p.add_binary_stream_handler(DIAL_BACK, DialBackServer().handle)  # "can you dial me?" for joiners
         if self._lane_on and self._lane_server is None:
             # a reducer gives up writing to a sender that stopped reading after the senders' own timeout: that
@@ -798,6 +801,10 @@ class FusionAverager(DecentralizedAverager):
                 self._lane_server = server
             except Exception as e:  # noqa: BLE001 - without a lane, parts go over p2pd as before
                 logger.warning(f"no direct lane for the all-reduce ({type(e).__name__}: {str(e)[:120]}); parts go over p2pd")
+
+    def _in_a_group(self, peer: PeerID) -> bool:
+        """Whether ``peer`` is a member of a group this peer runs an all-reduce with, or a follower it took in."""
+        return any(peer in runner.ordered_peer_ids for runner in list(self._runners.values())) or peer_str(peer) in self._join_expects
 
     async def rpc_open_lane(self, request: averaging_pb2.DownloadData, context: P2PContext) -> averaging_pb2.DownloadData:
         """A lane grant (``swarm/lane.py``) for the caller, a member of this peer's group ``request.metadata``;

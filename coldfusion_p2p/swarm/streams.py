@@ -1,27 +1,42 @@
 """hivemind's p2pd streams, hardened against a caller or server that does not follow the protocol.
 
 Every streaming call between peers (the averager's join requests and parts, downloads of bases and
-certificates) goes through two pieces of hivemind 1.1.12 that trust the other end:
+certificates, dial-backs) goes through pieces of hivemind 1.1.12 that trust the other end:
 
 - ``P2P.receive_raw_data`` reads a message whose length is the first 8 bytes the other end sends, any
   length: one message announced as 20 GB is buffered in full as it arrives, until this process is
   out of memory. Here a message longer than ``MAX_MESSAGE_BYTES`` ends its stream before a byte of
   its body is read (``MessageTooLong``); the longest an honest peer sends is a part of the all-reduce
-  (2 MiB of values, ``averager.WIDE_PART_BYTES``) or a 1 MiB chunk of a file.
+  (2 MiB of values, ``averager.WIDE_PART_BYTES``) or a 1 MiB chunk of a file. A handler that takes one
+  request (a join request, a download's name) reads at most ``SMALL_MESSAGE_BYTES`` of it.
 - The handler side of a stream (``P2P._add_protobuf_stream_handler``) puts each request into a queue
   of 5 that nobody reads once the caller has said end-of-stream, so a caller that sends 6 more
   messages blocks the handler's loop on that queue for good: the stream, its socket and its task
   outlive the handler, for as long as the process runs. Here a message after end-of-stream closes
   the stream, and no wait on the queue outlasts the handler.
+- Nothing is timed: a stream opened and left silent, a message sent one byte a minute, or a download
+  never read held its stream (about 83 KB in p2pd each, measured with 14,680 of them), its buffers
+  and a task for as long as the caller liked, and any number of them. Here each stream has deadlines
+  (``HEADER_TIMEOUT``: the first message's header; ``NEXT_TIMEOUT``: each later one until end-of-stream;
+  ``BODY_TIMEOUT`` plus the length at ``MIN_RATE``: a body; ``WRITE_TIMEOUT`` plus the length at
+  ``MIN_RATE``: an answer written), one remote peer holds at most ``PEER_STREAMS`` streams open to this
+  process and everyone together ``ALL_STREAMS`` (those past either are closed unread), a peer holds at
+  most ``PEER_DOWNLOADS`` downloads at a time (``ALL_DOWNLOADS`` in all; one past that waits up to
+  ``DOWNLOAD_WAIT`` for a slot), and bodies longer than ``SMALL_MESSAGE_BYTES`` being read take room
+  from a budget: ``PEER_LARGE_BYTES`` per peer, and ``STRANGER_LARGE_BYTES`` shared by every peer that
+  is not a member of one of this process's groups (``set_member_check``). A stream past its deadline
+  or its budget is closed; nothing else is touched, and the caller may open another.
 
-``harden()`` swaps both in; ``coldfusion_p2p.swarm`` calls it on import, so every process of a peer
-(its main process, and its DHT and averager processes) runs them.
+``harden()`` swaps these in; ``coldfusion_p2p.swarm`` calls it on import, so every process of a peer
+(its main process, and its DHT and averager processes) runs them. Module constants are read at each
+use, so a test may shorten them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from contextlib import closing
+import collections
+import contextlib
 from typing import Callable
 
 from hivemind.p2p import P2P, P2PContext
@@ -29,30 +44,131 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from hivemind.utils.logging import get_logger
 
 MAX_MESSAGE_BYTES = 16 << 20  # four times the longest frame an honest peer sends (a wide part, with framing)
+SMALL_MESSAGE_BYTES = 256 << 10  # a handler's single request (a join request with its token, a file's name) is far shorter
+HEADER_TIMEOUT = 20.0  # seconds from a stream's opening to its first message's header
+NEXT_TIMEOUT = 60.0  # seconds between the caller's messages, until it says end-of-stream
+BODY_TIMEOUT = 20.0  # seconds for a message's body, plus its length at MIN_RATE
+WRITE_TIMEOUT = 30.0  # seconds for an answer to be taken by the caller, plus its length at MIN_RATE
+MIN_RATE = 64 << 10  # bytes per second: the slowest link a peer may read or write at
+PEER_STREAMS = 32  # streams one remote peer may hold open to this process (an honest one holds a few)
+ALL_STREAMS = 512  # streams all remote peers together may hold open to this process
+PEER_DOWNLOADS = 4  # downloads (a base, a file) one peer may run from this process at a time
+ALL_DOWNLOADS = 32  # downloads all peers together may run from this process at a time
+DOWNLOAD_WAIT = 60.0  # seconds a download waits for one of the ALL_DOWNLOADS slots before its stream closes
+PEER_LARGE_BYTES = 32 << 20  # bytes of long messages (over SMALL_MESSAGE_BYTES) one peer may have in reading at once
+STRANGER_LARGE_BYTES = 64 << 20  # the same, shared by every peer that is in none of this process's groups
+DOWNLOADS = ("rpc_download_state", "rpc_fetch_blob")  # handler names (their ends) that answer with a download
 logger = get_logger(__name__)
+
+_member_check: Callable[[object], bool] | None = None
+_original_add_binary_stream_handler = P2P.add_binary_stream_handler
+_original_add_protobuf_handler = P2P.add_protobuf_handler  # hivemind's own, kept for comparison in tests
 
 
 class MessageTooLong(ConnectionError):
-    """The other end announced a message longer than ``MAX_MESSAGE_BYTES``: the stream is dropped unread."""
+    """The other end announced a message longer than it may send: the stream is dropped unread."""
 
 
-async def receive_raw_data(reader: asyncio.StreamReader) -> bytes:
+class OverBudget(ConnectionError):
+    """A long message that would take this process past its budget for reading such messages: the stream is dropped."""
+
+
+def set_member_check(check: Callable[[object], bool] | None) -> None:
+    """``check(peer_id)`` says whether a remote peer is a member of one of this process's groups (the averager sets
+    it): members' long messages (their parts) do not share the budget of strangers."""
+    global _member_check
+    _member_check = check
+
+
+def _is_member(peer) -> bool:
+    try:
+        return bool(_member_check is not None and _member_check(peer))
+    except Exception:  # noqa: BLE001 - a check that fails says "not a member"
+        return False
+
+
+class _Limits:
+    """What remote peers hold of one P2P instance: open streams, downloads, bytes of long messages in reading."""
+
+    def __init__(self) -> None:
+        self.streams: collections.Counter = collections.Counter()
+        self.downloads: collections.Counter = collections.Counter()
+        self.download_slots: asyncio.Semaphore | None = None
+        self.large: collections.Counter = collections.Counter()
+        self.stranger_large = 0
+
+    @contextlib.contextmanager
+    def large_message(self, peer, length: int):
+        """Room for reading a message of ``length`` bytes from ``peer``; raises OverBudget without it."""
+        if length <= SMALL_MESSAGE_BYTES:
+            yield
+            return
+        stranger = not _is_member(peer)
+        if self.large[peer] + length > PEER_LARGE_BYTES or (stranger and self.stranger_large + length > STRANGER_LARGE_BYTES):
+            raise OverBudget(f"a message of {length} bytes is past the budget for long messages being read "
+                             f"({self.large[peer]} from this peer, {self.stranger_large} from peers in no group)")
+        self.large[peer] += length
+        self.stranger_large += length if stranger else 0
+        try:
+            yield
+        finally:
+            self.large[peer] -= length
+            if not self.large[peer]:
+                del self.large[peer]
+            self.stranger_large -= length if stranger else 0
+
+
+def _limits(p2p: P2P) -> _Limits:
+    limits = getattr(p2p, "_cfp2p_limits", None)
+    if limits is None:
+        limits = p2p._cfp2p_limits = _Limits()
+    return limits
+
+
+async def receive_raw_data(reader: asyncio.StreamReader, max_bytes: int | None = None) -> bytes:
     """hivemind's ``P2P.receive_raw_data`` with a bound on the announced length."""
     header = await reader.readexactly(P2P.HEADER_LEN)
     length = int.from_bytes(header, P2P.BYTEORDER)
-    if length > MAX_MESSAGE_BYTES:
-        raise MessageTooLong(f"the other end announced a message of {length} bytes (at most {MAX_MESSAGE_BYTES} are read)")
+    limit = MAX_MESSAGE_BYTES if max_bytes is None else max_bytes
+    if length > limit:
+        raise MessageTooLong(f"the other end announced a message of {length} bytes (at most {limit} are read)")
     return await reader.readexactly(length)
 
 
+async def _receive_request(reader: asyncio.StreamReader, input_protobuf_type, limits: _Limits, peer, max_bytes: int,
+                           header_timeout: float | None):
+    """One message from a caller, as ``P2P.receive_protobuf`` reads it, within its deadlines and budget."""
+    async with asyncio.timeout(header_timeout):
+        kind = await reader.readexactly(1)
+        header = await reader.readexactly(P2P.HEADER_LEN)
+    if kind not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+        raise TypeError("Invalid Protobuf message type")
+    length = int.from_bytes(header, P2P.BYTEORDER)
+    if length > max_bytes:
+        raise MessageTooLong(f"the caller announced a message of {length} bytes (at most {max_bytes} are read here)")
+    with limits.large_message(peer, length):
+        async with asyncio.timeout(BODY_TIMEOUT + length / MIN_RATE):
+            body = await reader.readexactly(length)
+    message = input_protobuf_type() if kind == P2P.MESSAGE_MARKER else RPCError()
+    message.ParseFromString(body)
+    return (message, None) if kind == P2P.MESSAGE_MARKER else (None, message)
+
+
+async def _send(message, writer: asyncio.StreamWriter) -> None:
+    """``P2P.send_protobuf`` within the write deadline: a caller that does not read its answers loses its stream."""
+    await asyncio.wait_for(P2P.send_protobuf(message, writer), WRITE_TIMEOUT + message.ByteSize() / MIN_RATE)
+
+
 async def _add_protobuf_stream_handler(self: P2P, name: str, handler: Callable, input_protobuf_type, max_prefetch: int = 5,
-                                       balanced: bool = False) -> None:
-    """hivemind's ``P2P._add_protobuf_stream_handler`` (same arguments, same answers to an honest caller),
-    whose loop closes the stream on a message after end-of-stream and never waits on a full queue
-    beyond the handler's end."""
+                                       balanced: bool = False, max_request: int | None = None) -> None:
+    """hivemind's ``P2P._add_protobuf_stream_handler`` (same arguments, same answers to an honest caller), whose loop
+    reads within deadlines and budgets, closes the stream on a message after end-of-stream, never waits on a full
+    queue beyond the handler's end, and gives up an answer the caller does not take."""
+    limits = _limits(self)
 
     async def _handle_stream(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        context = P2PContext(handle_name=name, local_id=self.peer_id, remote_id=stream_info.peer_id)
+        peer = stream_info.peer_id
+        context = P2PContext(handle_name=name, local_id=self.peer_id, remote_id=peer)
         requests: asyncio.Queue = asyncio.Queue(max_prefetch)
 
         async def _read_stream():
@@ -63,26 +179,31 @@ async def _add_protobuf_stream_handler(self: P2P, name: str, handler: Callable, 
                 yield request
 
         async def _process_stream() -> None:
+            responses = handler(_read_stream(), context)
             try:
-                async for response in handler(_read_stream(), context):
+                async for response in responses:
                     try:
-                        await P2P.send_protobuf(response, writer)
-                    except Exception:  # noqa: BLE001 - the caller hung up or the stream broke: the caller sees it
+                        await _send(response, writer)
+                    except Exception:  # noqa: BLE001 - the caller hung up, stopped reading, or the stream broke
                         logger.debug("Exception while sending response:", exc_info=True)
                         break
             except Exception as e:  # noqa: BLE001 - told to the caller, as hivemind does
                 logger.warning("Handler failed with the exception:", exc_info=True)
-                try:
-                    await P2P.send_protobuf(RPCError(message=str(e)), writer)
-                except Exception:  # noqa: BLE001 - often the very connection that failed
-                    pass
+                with contextlib.suppress(Exception):  # often the very connection that failed
+                    await _send(RPCError(message=str(e)), writer)
+            finally:
+                with contextlib.suppress(Exception):
+                    await responses.aclose()  # the handler's own cleanup runs now, not when it is collected
 
-        with closing(writer):
+        with contextlib.closing(writer):
             processing = asyncio.create_task(_process_stream())
-            ended = False  # the caller said end-of-stream: it has nothing more to send
+            first, ended = True, False  # ended: the caller said end-of-stream, it has nothing more to send
             try:
                 while True:
-                    receiving = asyncio.create_task(P2P.receive_protobuf(input_protobuf_type, reader))
+                    timeout = None if ended else HEADER_TIMEOUT if first else NEXT_TIMEOUT
+                    receiving = asyncio.create_task(_receive_request(
+                        reader, input_protobuf_type, limits, peer, MAX_MESSAGE_BYTES if max_request is None else max_request, timeout))
+                    first = False
                     await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
                     if processing.done():
                         receiving.cancel()
@@ -92,7 +213,7 @@ async def _add_protobuf_stream_handler(self: P2P, name: str, handler: Callable, 
                     except asyncio.IncompleteReadError:  # the caller hung up (cancelled or died)
                         return
                     if ended:  # a message after end-of-stream: not a caller of this protocol
-                        logger.debug(f"{name}: a message after end-of-stream from {stream_info.peer_id}; closing the stream")
+                        logger.debug(f"{name}: a message after end-of-stream from {peer}; closing the stream")
                         return
                     ended = request is None  # ``request`` is None for the end-of-stream message
                     putting = asyncio.create_task(requests.put(request))
@@ -100,15 +221,88 @@ async def _add_protobuf_stream_handler(self: P2P, name: str, handler: Callable, 
                     if not putting.done():  # the handler ended without reading it
                         putting.cancel()
                         return
-            except Exception:  # noqa: BLE001 - a malformed or overlong message: this stream ends, nothing else
-                logger.debug("Exception while receiving requests:", exc_info=True)
+            except Exception:  # noqa: BLE001 - a late, malformed, overlong or over-budget message: this stream ends
+                logger.debug(f"{name}: closing a stream from {peer}", exc_info=True)
             finally:
                 processing.cancel()
 
     await self.add_binary_stream_handler(name, _handle_stream, balanced=balanced)
 
 
+async def add_protobuf_handler(self: P2P, name: str, handler: Callable, input_protobuf_type, *, stream_input: bool = False,
+                               stream_output: bool = False, balanced: bool = False) -> None:
+    """hivemind's ``P2P.add_protobuf_handler``, whose stream handlers taking one request read at most
+    ``SMALL_MESSAGE_BYTES`` of it (unary handlers are p2pd's, bounded by p2pd)."""
+    if not stream_input and not stream_output:
+        await self._add_protobuf_unary_handler(name, handler, input_protobuf_type, balanced=balanced)
+        return
+
+    async def _stream_handler(requests, context: P2PContext):
+        if stream_input:
+            output = handler(requests, context)
+        else:
+            got = [request async for request in requests]  # hivemind's ``asingle``: one request, then end-of-stream
+            if len(got) != 1:
+                logger.debug(f"{name}: {len(got)} requests from {context.remote_id} to a handler that takes one")
+                return
+            output = handler(got[0], context)
+        if hasattr(output, "__aiter__"):
+            async for item in output:
+                yield item
+        else:
+            yield await output
+
+    await _add_protobuf_stream_handler(self, name, _stream_handler, input_protobuf_type, balanced=balanced,
+                                       max_request=None if stream_input else SMALL_MESSAGE_BYTES)
+
+
+async def add_binary_stream_handler(self: P2P, name: str, handler: Callable, balanced: bool = False) -> None:
+    """hivemind's ``P2P.add_binary_stream_handler``, whose streams count against ``PEER_STREAMS`` and ``ALL_STREAMS``
+    (and downloads against ``PEER_DOWNLOADS`` and ``ALL_DOWNLOADS``), and are closed when their handler ends."""
+    limits = _limits(self)
+    download = name.endswith(DOWNLOADS)
+
+    async def _guarded(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = stream_info.peer_id
+        with contextlib.closing(writer):
+            if limits.streams[peer] >= PEER_STREAMS or limits.streams.total() >= ALL_STREAMS:
+                logger.debug(f"{name}: {peer} holds {limits.streams[peer]} streams ({limits.streams.total()} in all); closing a new one")
+                return
+            limits.streams[peer] += 1
+            counted = slot = False
+            try:
+                if download:
+                    if limits.downloads[peer] >= PEER_DOWNLOADS:
+                        logger.debug(f"{name}: {peer} runs {limits.downloads[peer]} downloads; closing a new one")
+                        return
+                    limits.downloads[peer] += 1
+                    counted = True
+                    if limits.download_slots is None:
+                        limits.download_slots = asyncio.Semaphore(ALL_DOWNLOADS)
+                    try:
+                        await asyncio.wait_for(limits.download_slots.acquire(), DOWNLOAD_WAIT)
+                    except TimeoutError:
+                        logger.debug(f"{name}: no download slot for {peer} in {DOWNLOAD_WAIT}s; closing its stream")
+                        return
+                    slot = True
+                await handler(stream_info, reader, writer)
+            finally:
+                limits.streams[peer] -= 1
+                if limits.streams[peer] <= 0:
+                    del limits.streams[peer]
+                if counted:
+                    limits.downloads[peer] -= 1
+                    if limits.downloads[peer] <= 0:
+                        del limits.downloads[peer]
+                    if slot:
+                        limits.download_slots.release()
+
+    await _original_add_binary_stream_handler(self, name, _guarded, balanced)
+
+
 def harden() -> None:
-    """Swap the bounded reader and the closing stream handler into hivemind's ``P2P`` (idempotent)."""
+    """Swap the bounded reader and the guarded stream handlers into hivemind's ``P2P`` (idempotent)."""
     P2P.receive_raw_data = staticmethod(receive_raw_data)
     P2P._add_protobuf_stream_handler = _add_protobuf_stream_handler
+    P2P.add_protobuf_handler = add_protobuf_handler
+    P2P.add_binary_stream_handler = add_binary_stream_handler
