@@ -252,8 +252,8 @@ class HistorySync:
             if body is None:
                 wait = SKIP_SECONDS if lied else RETRY_SECONDS
                 self.skip.add(key, "; ".join(problems)[:300] or "no holder", wait)
-                self.log(f"no holder served a valid v{choice.version} ({choice.hash[:12]}); staying on "
-                         f"{f'v{current.version}' if current else 'nothing yet'} and not trying it again for {wait:.0f}s")
+                self.log(f"no holder served a valid v{choice.version} ({choice.hash[:12]}: {problems[0][:120] if problems else 'no holder'}); "
+                         f"staying on {f'v{current.version}' if current else 'nothing yet'} and not trying it again for {wait:.0f}s")
                 return None
             self.store_names = list(body)
             info = self._info(choice, tmpdir)
