@@ -321,3 +321,105 @@ def test_long_messages_from_peers_in_no_group_share_one_budget_and_members_do_no
     stranger, member = asyncio.run(main())
     assert stranger == [False, True], stranger
     assert member == [False, False], member
+
+
+def test_a_handler_that_takes_one_request_closes_a_caller_that_sends_more_or_never_ends(monkeypatch):
+    """Red team: a caller that sent 250 KB requests back to back without end-of-stream had each one kept (+4 GB in
+    40 s on a joiner), and one that sent a request every 45 s kept its stream (and a download slot) for good.
+    Now a second request closes the stream, and the request with its end-of-stream has one deadline."""
+    monkeypatch.setattr(streams, "HEADER_TIMEOUT", 1.0)
+    monkeypatch.setattr(streams, "BODY_TIMEOUT", 1.0)
+    monkeypatch.setattr(streams, "NEXT_TIMEOUT", 30.0)  # what kept a keep-alive caller's stream before
+    monkeypatch.setattr(streams, "MIN_RATE", 1 << 30)
+    name = "cfp2p_test.single"
+
+    async def single(request, context: P2PContext):
+        yield averaging_pb2.AveragingData(weight=request.weight + 1)
+
+    async def main():
+        server, caller = await _pair()
+        try:
+            await server.add_protobuf_handler(name, single, averaging_pb2.AveragingData, stream_output=True)
+            request = _frame(averaging_pb2.AveragingData(weight=1.0, tensor_part={"buffer": b"\x03" * (200 << 10)}))
+            more, more_writer = await _open(caller, server, name, request * 2)  # two requests, no end-of-stream
+            quiet, _ = await _open(caller, server, name, request)  # one request, and its end-of-stream never comes
+            start = time.monotonic()
+            more_closed = await _closed_within(more, 1.5)
+            more_after = time.monotonic() - start
+            quiet_closed = await _closed_within(quiet, 5.0)
+            answers = [a.weight async for a in await caller.iterate_protobuf_handler(
+                server.peer_id, name, averaging_pb2.AveragingData(weight=2.0), averaging_pb2.AveragingData)]
+            return more_closed, more_after, quiet_closed, answers
+        finally:
+            await caller.shutdown()
+            await server.shutdown()
+
+    more_closed, more_after, quiet_closed, answers = asyncio.run(main())
+    assert more_closed and more_after < 1.0, (more_closed, more_after)  # before the one-request deadline (2 s here)
+    assert quiet_closed
+    assert answers == [3.0], answers
+
+
+def test_a_caller_that_takes_each_answer_just_in_time_still_loses_a_download_it_reads_too_slowly(monkeypatch):
+    """Each answer's own deadline let a caller hold a download by taking one chunk just before it: the write budget
+    covers the whole stream, so one that reads slower than MIN_RATE on the whole loses it (here: 8 MiB/s allowed,
+    1 MiB read every 1.5 s, each within its own 2.1 s)."""
+    monkeypatch.setattr(streams, "WRITE_TIMEOUT", 2.0)
+    monkeypatch.setattr(streams, "MIN_RATE", 8 << 20)
+    sent, ended = [], []
+    name = "cfp2p_test.FusionAverager.rpc_fetch_blob"
+
+    async def download(request, context: P2PContext):
+        try:
+            for i in range(200):
+                sent.append(i)
+                yield averaging_pb2.AveragingData(tensor_part={"buffer": b"\x02" * (1 << 20)})
+        finally:
+            ended.append(time.monotonic())
+
+    async def main():
+        server, caller = await _pair()
+        try:
+            await server.add_protobuf_handler(name, download, averaging_pb2.AveragingData, stream_output=True)
+            start = time.monotonic()
+            reader, writer = await _open(caller, server, name, _frame(averaging_pb2.AveragingData(weight=1.0)) + _frame())
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                async with asyncio.timeout(40.0):
+                    while not ended:
+                        await reader.readexactly(1 << 20)
+                        await asyncio.sleep(1.5)
+            writer.close()
+            return [t - start for t in ended], len(sent)
+        finally:
+            await caller.shutdown()
+            await server.shutdown()
+
+    ended_after, chunks = asyncio.run(main())
+    assert ended_after and ended_after[0] < 35.0, ended_after
+    assert chunks < 200, chunks
+
+
+def test_streams_past_the_cap_for_everyone_are_closed_except_a_members(monkeypatch):
+    """Identities are free: streams from many of them fill ``ALL_STREAMS``; then a stranger's new stream is closed
+    and a member's (a ready peer of the round, a groupmate) still opens."""
+    monkeypatch.setattr(streams, "ALL_STREAMS", 4)
+
+    async def main():
+        server, caller = await _pair()
+        others = [await P2P.create(initial_peers=await server.get_visible_maddrs()) for _ in range(2)]
+        try:
+            await server.add_protobuf_handler(HANDLER, _echo, averaging_pb2.AveragingData, stream_input=True, stream_output=True)
+            held = [await _open(caller, server, HANDLER, P2P.MESSAGE_MARKER) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            stranger, _ = await _open(others[0], server, HANDLER, P2P.MESSAGE_MARKER)
+            streams.set_member_check(lambda peer: peer == others[1].peer_id)
+            member, _ = await _open(others[1], server, HANDLER, P2P.MESSAGE_MARKER)
+            closed = await asyncio.gather(*(_closed_within(r, 2.0) for r in (stranger, member, held[0][0])))
+            return closed
+        finally:
+            streams.set_member_check(None)
+            for p in (*others, caller, server):
+                await p.shutdown()
+
+    stranger_closed, member_closed, held_closed = asyncio.run(main())
+    assert stranger_closed and not member_closed and not held_closed, (stranger_closed, member_closed, held_closed)

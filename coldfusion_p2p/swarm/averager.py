@@ -803,8 +803,12 @@ class FusionAverager(DecentralizedAverager):
                 logger.warning(f"no direct lane for the all-reduce ({type(e).__name__}: {str(e)[:120]}); parts go over p2pd")
 
     def _in_a_group(self, peer: PeerID) -> bool:
-        """Whether ``peer`` is a member of a group this peer runs an all-reduce with, or a follower it took in."""
-        return any(peer in runner.ordered_peer_ids for runner in list(self._runners.values())) or peer_str(peer) in self._join_expects
+        """Whether ``peer`` is a member of a group this peer runs an all-reduce with, a follower it took in, or a ready peer
+        of the round it waits for (``streams.set_member_check``)."""
+        if any(peer in runner.ordered_peer_ids for runner in list(self._runners.values())):
+            return True
+        name = peer_str(peer)
+        return name in self._join_expects or name in self._expect
 
     async def rpc_open_lane(self, request: averaging_pb2.DownloadData, context: P2PContext) -> averaging_pb2.DownloadData:
         """A lane grant (``swarm/lane.py``) for the caller, a member of this peer's group ``request.metadata``;

@@ -18,13 +18,15 @@ certificates, dial-backs) goes through pieces of hivemind 1.1.12 that trust the 
   never read held its stream (about 83 KB in p2pd each, measured with 14,680 of them), its buffers
   and a task for as long as the caller liked, and any number of them. Here each stream has deadlines
   (``HEADER_TIMEOUT``: the first message's header; ``NEXT_TIMEOUT``: each later one until end-of-stream;
-  ``BODY_TIMEOUT`` plus the length at ``MIN_RATE``: a body; ``WRITE_TIMEOUT`` plus the length at
-  ``MIN_RATE``: an answer written), one remote peer holds at most ``PEER_STREAMS`` streams open to this
+  ``BODY_TIMEOUT`` plus the length at ``MIN_RATE``: a body; a handler that takes one request gets it
+  and the end-of-stream by the sum of the first and the third, and a second request closes the stream;
+  ``WRITE_TIMEOUT`` plus all written at ``MIN_RATE``: the time spent waiting for the caller to take
+  the stream's answers, ``_Writer``), one remote peer holds at most ``PEER_STREAMS`` streams open to this
   process and everyone together ``ALL_STREAMS`` (those past either are closed unread), a peer holds at
   most ``PEER_DOWNLOADS`` downloads at a time (``ALL_DOWNLOADS`` in all; one past that waits up to
   ``DOWNLOAD_WAIT`` for a slot), and bodies longer than ``SMALL_MESSAGE_BYTES`` being read take room
   from a budget: ``PEER_LARGE_BYTES`` per peer, and ``STRANGER_LARGE_BYTES`` shared by every peer that
-  is not a member of one of this process's groups (``set_member_check``). A stream past its deadline
+  is not a member of one of this process's groups (``set_member_check``; members also pass ``ALL_STREAMS``). A stream past its deadline
   or its budget is closed; nothing else is touched, and the caller may open another.
 
 ``harden()`` swaps these in; ``coldfusion_p2p.swarm`` calls it on import, so every process of a peer
@@ -74,8 +76,9 @@ class OverBudget(ConnectionError):
 
 
 def set_member_check(check: Callable[[object], bool] | None) -> None:
-    """``check(peer_id)`` says whether a remote peer is a member of one of this process's groups (the averager sets
-    it): members' long messages (their parts) do not share the budget of strangers."""
+    """``check(peer_id)`` says whether a remote peer is a member of one of this process's groups or a ready peer of its
+    round (the averager sets it): members' long messages (their parts) do not share the budget of strangers, and
+    their streams pass ``ALL_STREAMS``."""
     global _member_check
     _member_check = check
 
@@ -136,8 +139,15 @@ async def receive_raw_data(reader: asyncio.StreamReader, max_bytes: int | None =
 
 
 async def _receive_request(reader: asyncio.StreamReader, input_protobuf_type, limits: _Limits, peer, max_bytes: int,
-                           header_timeout: float | None):
-    """One message from a caller, as ``P2P.receive_protobuf`` reads it, within its deadlines and budget."""
+                           header_timeout: float | None, deadline: float | None = None):
+    """One message from a caller, as ``P2P.receive_protobuf`` reads it, within its deadlines and budget (and all of it
+    by ``deadline``, the event loop's time, where one is given)."""
+    async with asyncio.timeout_at(deadline):
+        return await _receive_within(reader, input_protobuf_type, limits, peer, max_bytes, header_timeout)
+
+
+async def _receive_within(reader: asyncio.StreamReader, input_protobuf_type, limits: _Limits, peer, max_bytes: int,
+                          header_timeout: float | None):
     async with asyncio.timeout(header_timeout):
         kind = await reader.readexactly(1)
         header = await reader.readexactly(P2P.HEADER_LEN)
@@ -154,9 +164,27 @@ async def _receive_request(reader: asyncio.StreamReader, input_protobuf_type, li
     return (message, None) if kind == P2P.MESSAGE_MARKER else (None, message)
 
 
-async def _send(message, writer: asyncio.StreamWriter) -> None:
-    """``P2P.send_protobuf`` within the write deadline: a caller that does not read its answers loses its stream."""
-    await asyncio.wait_for(P2P.send_protobuf(message, writer), WRITE_TIMEOUT + message.ByteSize() / MIN_RATE)
+class _Writer:
+    """``P2P.send_protobuf`` within the stream's write budget: the time spent waiting for the caller to take answers
+    may add up to ``WRITE_TIMEOUT`` plus everything written at ``MIN_RATE``, over the whole stream. A caller that
+    takes none loses its stream, and so does one that takes each answer just in time for a deadline of its own
+    (a 1 MiB chunk every 45 s would hold a download for an hour)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer, self.waited, self.written = writer, 0.0, 0
+
+    async def send(self, message) -> None:
+        size = message.ByteSize()
+        allowed = WRITE_TIMEOUT + (self.written + size) / MIN_RATE - self.waited
+        if allowed <= 0:
+            raise TimeoutError("the caller takes its answers slower than the slowest link allowed")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await asyncio.wait_for(P2P.send_protobuf(message, self.writer), allowed)
+        finally:
+            self.waited += loop.time() - start
+            self.written += size
 
 
 async def _add_protobuf_stream_handler(self: P2P, name: str, handler: Callable, input_protobuf_type, max_prefetch: int = 5,
@@ -179,18 +207,18 @@ async def _add_protobuf_stream_handler(self: P2P, name: str, handler: Callable, 
                 yield request
 
         async def _process_stream() -> None:
-            responses = handler(_read_stream(), context)
+            responses, out = handler(_read_stream(), context), _Writer(writer)
             try:
                 async for response in responses:
                     try:
-                        await _send(response, writer)
+                        await out.send(response)
                     except Exception:  # noqa: BLE001 - the caller hung up, stopped reading, or the stream broke
                         logger.debug("Exception while sending response:", exc_info=True)
                         break
             except Exception as e:  # noqa: BLE001 - told to the caller, as hivemind does
                 logger.warning("Handler failed with the exception:", exc_info=True)
                 with contextlib.suppress(Exception):  # often the very connection that failed
-                    await _send(RPCError(message=str(e)), writer)
+                    await out.send(RPCError(message=str(e)))
             finally:
                 with contextlib.suppress(Exception):
                     await responses.aclose()  # the handler's own cleanup runs now, not when it is collected
@@ -198,12 +226,17 @@ async def _add_protobuf_stream_handler(self: P2P, name: str, handler: Callable, 
         with contextlib.closing(writer):
             processing = asyncio.create_task(_process_stream())
             first, ended = True, False  # ended: the caller said end-of-stream, it has nothing more to send
+            # a handler taking one request gets it and the end-of-stream by one deadline: before, a caller could keep its
+            # stream (and one of the process's stream and download slots) with a message every NEXT_TIMEOUT, or send
+            # 250 KB messages back to back, each kept until the end-of-stream that never came (red team: +4 GB in 40 s)
+            deadline = None if max_request is None else (
+                asyncio.get_running_loop().time() + HEADER_TIMEOUT + BODY_TIMEOUT + max_request / MIN_RATE)
             try:
                 while True:
                     timeout = None if ended else HEADER_TIMEOUT if first else NEXT_TIMEOUT
                     receiving = asyncio.create_task(_receive_request(
-                        reader, input_protobuf_type, limits, peer, MAX_MESSAGE_BYTES if max_request is None else max_request, timeout))
-                    first = False
+                        reader, input_protobuf_type, limits, peer, MAX_MESSAGE_BYTES if max_request is None else max_request, timeout,
+                        None if ended else deadline))
                     await asyncio.wait({processing, receiving}, return_when=asyncio.FIRST_COMPLETED)
                     if processing.done():
                         receiving.cancel()
@@ -215,7 +248,10 @@ async def _add_protobuf_stream_handler(self: P2P, name: str, handler: Callable, 
                     if ended:  # a message after end-of-stream: not a caller of this protocol
                         logger.debug(f"{name}: a message after end-of-stream from {peer}; closing the stream")
                         return
-                    ended = request is None  # ``request`` is None for the end-of-stream message
+                    if max_request is not None and not first and request is not None:  # a second request: not this protocol
+                        logger.debug(f"{name}: a second request from {peer} to a handler that takes one; closing the stream")
+                        return
+                    first, ended = False, request is None  # ``request`` is None for the end-of-stream message
                     putting = asyncio.create_task(requests.put(request))
                     await asyncio.wait({processing, putting}, return_when=asyncio.FIRST_COMPLETED)
                     if not putting.done():  # the handler ended without reading it
@@ -265,7 +301,9 @@ async def add_binary_stream_handler(self: P2P, name: str, handler: Callable, bal
     async def _guarded(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id
         with contextlib.closing(writer):
-            if limits.streams[peer] >= PEER_STREAMS or limits.streams.total() >= ALL_STREAMS:
+            # members (and the ready peers of this process's round) pass the cap for everyone together: identities are
+            # free, and an outsider re-opening 32 streams from each of 16 of them held all of a joiner's 512 (red team)
+            if limits.streams[peer] >= PEER_STREAMS or (limits.streams.total() >= ALL_STREAMS and not _is_member(peer)):
                 logger.debug(f"{name}: {peer} holds {limits.streams[peer]} streams ({limits.streams.total()} in all); closing a new one")
                 return
             limits.streams[peer] += 1
