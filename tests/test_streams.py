@@ -423,3 +423,48 @@ def test_streams_past_the_cap_for_everyone_are_closed_except_a_members(monkeypat
 
     stranger_closed, member_closed, held_closed = asyncio.run(main())
     assert stranger_closed and not member_closed and not held_closed, (stranger_closed, member_closed, held_closed)
+
+
+def test_a_download_slot_is_taken_once_the_request_is_in_and_members_pass_the_cap_for_everyone(monkeypatch):
+    """Red team: 8 identities that sent a download request and never its end-of-stream held all 32 slots with no
+    bandwidth at all; honest fetches failed and members' fetches of a new base's certificates timed out (no commit
+    for 56 s). Now a stream holds a slot only once its request is in, and members pass the cap for everyone."""
+    monkeypatch.setattr(streams, "ALL_DOWNLOADS", 1)
+    monkeypatch.setattr(streams, "DOWNLOAD_WAIT", 3.0)
+    name = "cfp2p_test.FusionAverager.rpc_fetch_blob"
+
+    async def download(request, context: P2PContext):
+        for _ in range(64 if request.weight == 9.0 else 1):
+            yield averaging_pb2.AveragingData(tensor_part={"buffer": b"\x02" * (1 << 20)})
+
+    async def timed_fetch(p2p, server, weight):
+        start = time.monotonic()
+        got = [len(m.tensor_part.buffer) async for m in await p2p.iterate_protobuf_handler(
+            server.peer_id, name, averaging_pb2.AveragingData(weight=weight), averaging_pb2.AveragingData)]
+        return sum(got), time.monotonic() - start
+
+    async def main():
+        server, caller = await _pair()
+        others = [await P2P.create(initial_peers=await server.get_visible_maddrs()) for _ in range(2)]
+        try:
+            await server.add_protobuf_handler(name, download, averaging_pb2.AveragingData, stream_output=True)
+            # a request that never ends, from each of the caller's 4 allowed downloads: no slot taken
+            _ = [await _open(caller, server, name, _frame(averaging_pb2.AveragingData(weight=1.0))) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            honest = await timed_fetch(others[0], server, 1.0)
+            # a real download nobody reads takes the one slot: a stranger waits and is refused, a member is served
+            unread, _ = await _open(caller, server, name, _frame(averaging_pb2.AveragingData(weight=9.0)) + _frame())
+            await asyncio.sleep(0.5)
+            stranger = await timed_fetch(others[0], server, 1.0)
+            streams.set_member_check(lambda peer: peer == others[1].peer_id)
+            member = await timed_fetch(others[1], server, 1.0)
+            return honest, stranger, member
+        finally:
+            streams.set_member_check(None)
+            for p in (*others, caller, server):
+                await p.shutdown()
+
+    honest, stranger, member = asyncio.run(main())
+    assert honest[0] == 1 << 20 and honest[1] < 2.0, honest
+    assert stranger[0] == 0 and stranger[1] >= 2.5, stranger
+    assert member[0] == 1 << 20 and member[1] < 2.0, member

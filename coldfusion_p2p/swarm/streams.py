@@ -23,8 +23,8 @@ certificates, dial-backs) goes through pieces of hivemind 1.1.12 that trust the 
   ``WRITE_TIMEOUT`` plus all written at ``MIN_RATE``: the time spent waiting for the caller to take
   the stream's answers, ``_Writer``), one remote peer holds at most ``PEER_STREAMS`` streams open to this
   process and everyone together ``ALL_STREAMS`` (those past either are closed unread), a peer holds at
-  most ``PEER_DOWNLOADS`` downloads at a time (``ALL_DOWNLOADS`` in all; one past that waits up to
-  ``DOWNLOAD_WAIT`` for a slot), and bodies longer than ``SMALL_MESSAGE_BYTES`` being read take room
+  most ``PEER_DOWNLOADS`` downloads at a time (``ALL_DOWNLOADS`` in all, taken once a request is in,
+  which members pass; one past that waits up to ``DOWNLOAD_WAIT`` for a slot), and bodies longer than ``SMALL_MESSAGE_BYTES`` being read take room
   from a budget: ``PEER_LARGE_BYTES`` per peer, and ``STRANGER_LARGE_BYTES`` shared by every peer that
   is not a member of one of this process's groups (``set_member_check``; members also pass ``ALL_STREAMS``). A stream past its deadline
   or its budget is closed; nothing else is touched, and the caller may open another.
@@ -119,6 +119,38 @@ class _Limits:
             if not self.large[peer]:
                 del self.large[peer]
             self.stranger_large -= length if stranger else 0
+
+
+    @contextlib.asynccontextmanager
+    async def download(self, peer, name: str):
+        """A download slot for ``peer``, taken once its request is in (a stream that never sends one holds none):
+        yields False where it gets none. Members and the round's ready peers pass ``ALL_DOWNLOADS`` (red team: 8
+        identities sending requests that never ended held all 32 slots, and members' fetches of a new base's
+        certificates timed out: no commit for 56 s)."""
+        if self.downloads[peer] >= PEER_DOWNLOADS:
+            logger.debug(f"{name}: {peer} runs {self.downloads[peer]} downloads; refusing another")
+            yield False
+            return
+        self.downloads[peer] += 1
+        slot = False
+        try:
+            if not _is_member(peer):
+                if self.download_slots is None:
+                    self.download_slots = asyncio.Semaphore(ALL_DOWNLOADS)
+                try:
+                    await asyncio.wait_for(self.download_slots.acquire(), DOWNLOAD_WAIT)
+                    slot = True
+                except TimeoutError:
+                    logger.debug(f"{name}: no download slot for {peer} in {DOWNLOAD_WAIT}s; refusing it")
+                    yield False
+                    return
+            yield True
+        finally:
+            self.downloads[peer] -= 1
+            if self.downloads[peer] <= 0:
+                del self.downloads[peer]
+            if slot:
+                self.download_slots.release()
 
 
 def _limits(p2p: P2P) -> _Limits:
@@ -273,30 +305,35 @@ async def add_protobuf_handler(self: P2P, name: str, handler: Callable, input_pr
         await self._add_protobuf_unary_handler(name, handler, input_protobuf_type, balanced=balanced)
         return
 
+    limits, download = _limits(self), name.endswith(DOWNLOADS)
+
     async def _stream_handler(requests, context: P2PContext):
         if stream_input:
-            output = handler(requests, context)
+            request = requests
         else:
             got = [request async for request in requests]  # hivemind's ``asingle``: one request, then end-of-stream
             if len(got) != 1:
                 logger.debug(f"{name}: {len(got)} requests from {context.remote_id} to a handler that takes one")
                 return
-            output = handler(got[0], context)
-        if hasattr(output, "__aiter__"):
-            async for item in output:
-                yield item
-        else:
-            yield await output
+            request = got[0]
+        async with contextlib.AsyncExitStack() as stack:
+            if download and not await stack.enter_async_context(limits.download(context.remote_id, name)):
+                return
+            output = handler(request, context)
+            if hasattr(output, "__aiter__"):
+                async for item in output:
+                    yield item
+            else:
+                yield await output
 
     await _add_protobuf_stream_handler(self, name, _stream_handler, input_protobuf_type, balanced=balanced,
                                        max_request=None if stream_input else SMALL_MESSAGE_BYTES)
 
 
 async def add_binary_stream_handler(self: P2P, name: str, handler: Callable, balanced: bool = False) -> None:
-    """hivemind's ``P2P.add_binary_stream_handler``, whose streams count against ``PEER_STREAMS`` and ``ALL_STREAMS``
-    (and downloads against ``PEER_DOWNLOADS`` and ``ALL_DOWNLOADS``), and are closed when their handler ends."""
+    """hivemind's ``P2P.add_binary_stream_handler``, whose streams count against ``PEER_STREAMS`` and ``ALL_STREAMS``,
+    and are closed when their handler ends."""
     limits = _limits(self)
-    download = name.endswith(DOWNLOADS)
 
     async def _guarded(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = stream_info.peer_id
@@ -307,33 +344,12 @@ async def add_binary_stream_handler(self: P2P, name: str, handler: Callable, bal
                 logger.debug(f"{name}: {peer} holds {limits.streams[peer]} streams ({limits.streams.total()} in all); closing a new one")
                 return
             limits.streams[peer] += 1
-            counted = slot = False
             try:
-                if download:
-                    if limits.downloads[peer] >= PEER_DOWNLOADS:
-                        logger.debug(f"{name}: {peer} runs {limits.downloads[peer]} downloads; closing a new one")
-                        return
-                    limits.downloads[peer] += 1
-                    counted = True
-                    if limits.download_slots is None:
-                        limits.download_slots = asyncio.Semaphore(ALL_DOWNLOADS)
-                    try:
-                        await asyncio.wait_for(limits.download_slots.acquire(), DOWNLOAD_WAIT)
-                    except TimeoutError:
-                        logger.debug(f"{name}: no download slot for {peer} in {DOWNLOAD_WAIT}s; closing its stream")
-                        return
-                    slot = True
                 await handler(stream_info, reader, writer)
             finally:
                 limits.streams[peer] -= 1
                 if limits.streams[peer] <= 0:
                     del limits.streams[peer]
-                if counted:
-                    limits.downloads[peer] -= 1
-                    if limits.downloads[peer] <= 0:
-                        del limits.downloads[peer]
-                    if slot:
-                        limits.download_slots.release()
 
     await _original_add_binary_stream_handler(self, name, _guarded, balanced)
 
