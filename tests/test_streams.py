@@ -40,7 +40,7 @@ async def _until_closed(reader: asyncio.StreamReader, seconds: float) -> tuple[b
         try:
             while chunk := await reader.read(1 << 16):
                 got += chunk
-        except ConnectionResetError:  # closed with our bytes unread: a reset, closed all the same
+        except ConnectionError:  # closed with our bytes unread (a reset, or a broken pipe on our last write): closed all the same
             pass
     return got, time.monotonic() - start
 

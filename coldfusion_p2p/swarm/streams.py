@@ -120,7 +120,6 @@ class _Limits:
                 del self.large[peer]
             self.stranger_large -= length if stranger else 0
 
-
     @contextlib.asynccontextmanager
     async def download(self, peer, name: str):
         """A download slot for ``peer``, taken once its request is in (a stream that never sends one holds none):
