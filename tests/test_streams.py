@@ -151,6 +151,22 @@ async def _closed_within(reader, seconds: float) -> bool:
         return False
 
 
+DOWNLOAD = "cfp2p_test.FusionAverager.rpc_fetch_blob"  # a handler name the download bounds apply to
+
+
+def _download_of(chunks: int, sent: list, ended: list):
+    """A download handler of ``chunks`` answers of 1 MiB that notes each one it yields in ``sent`` and when it ended in ``ended``."""
+    async def download(request, context: P2PContext):
+        try:
+            for i in range(chunks):
+                sent.append(i)
+                yield averaging_pb2.AveragingData(tensor_part={"buffer": b"\x02" * (1 << 20)})
+        finally:
+            ended.append(time.monotonic())
+
+    return download
+
+
 async def _echo(requests, context: P2PContext):
     async for request in requests:
         yield averaging_pb2.AveragingData(weight=request.weight + 1)
@@ -261,14 +277,7 @@ def test_a_download_nobody_reads_ends_and_one_peer_runs_a_bounded_number_of_them
     monkeypatch.setattr(streams, "MIN_RATE", 1 << 30)
     monkeypatch.setattr(streams, "PEER_DOWNLOADS", 2)
     ended = []
-    name = "cfp2p_test.FusionAverager.rpc_fetch_blob"
-
-    async def download(request, context: P2PContext):
-        try:
-            for _ in range(128):
-                yield averaging_pb2.AveragingData(tensor_part={"buffer": b"\x02" * (1 << 20)})
-        finally:
-            ended.append(time.monotonic())
+    name, download = DOWNLOAD, _download_of(128, [], ended)
 
     async def main():
         server, caller = await _pair()
@@ -367,15 +376,7 @@ def test_a_caller_that_takes_each_answer_just_in_time_still_loses_a_download_it_
     monkeypatch.setattr(streams, "WRITE_TIMEOUT", 2.0)
     monkeypatch.setattr(streams, "MIN_RATE", 8 << 20)
     sent, ended = [], []
-    name = "cfp2p_test.FusionAverager.rpc_fetch_blob"
-
-    async def download(request, context: P2PContext):
-        try:
-            for i in range(200):
-                sent.append(i)
-                yield averaging_pb2.AveragingData(tensor_part={"buffer": b"\x02" * (1 << 20)})
-        finally:
-            ended.append(time.monotonic())
+    name, download = DOWNLOAD, _download_of(200, sent, ended)
 
     async def main():
         server, caller = await _pair()
@@ -431,7 +432,7 @@ def test_a_download_slot_is_taken_once_the_request_is_in_and_members_pass_the_ca
     for 56 s). Now a stream holds a slot only once its request is in, and members pass the cap for everyone."""
     monkeypatch.setattr(streams, "ALL_DOWNLOADS", 1)
     monkeypatch.setattr(streams, "DOWNLOAD_WAIT", 3.0)
-    name = "cfp2p_test.FusionAverager.rpc_fetch_blob"
+    name = DOWNLOAD
 
     async def download(request, context: P2PContext):
         for _ in range(64 if request.weight == 9.0 else 1):

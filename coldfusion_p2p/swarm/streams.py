@@ -64,7 +64,6 @@ logger = get_logger(__name__)
 
 _member_check: Callable[[object], bool] | None = None
 _original_add_binary_stream_handler = P2P.add_binary_stream_handler
-_original_add_protobuf_handler = P2P.add_protobuf_handler  # hivemind's own, kept for comparison in tests
 
 
 class MessageTooLong(ConnectionError):
@@ -81,6 +80,13 @@ def set_member_check(check: Callable[[object], bool] | None) -> None:
     their streams pass ``ALL_STREAMS``."""
     global _member_check
     _member_check = check
+
+
+def _release(counter: collections.Counter, key, amount: int = 1) -> None:
+    """Take ``amount`` off ``counter[key]``, dropping the key at zero (a Counter of every peer ever seen would grow)."""
+    counter[key] -= amount
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _is_member(peer) -> bool:
@@ -115,9 +121,7 @@ class _Limits:
         try:
             yield
         finally:
-            self.large[peer] -= length
-            if not self.large[peer]:
-                del self.large[peer]
+            _release(self.large, peer, length)
             self.stranger_large -= length if stranger else 0
 
     @contextlib.asynccontextmanager
@@ -145,9 +149,7 @@ class _Limits:
                     return
             yield True
         finally:
-            self.downloads[peer] -= 1
-            if self.downloads[peer] <= 0:
-                del self.downloads[peer]
+            _release(self.downloads, peer)
             if slot:
                 self.download_slots.release()
 
@@ -159,13 +161,12 @@ def _limits(p2p: P2P) -> _Limits:
     return limits
 
 
-async def receive_raw_data(reader: asyncio.StreamReader, max_bytes: int | None = None) -> bytes:
+async def receive_raw_data(reader: asyncio.StreamReader) -> bytes:
     """hivemind's ``P2P.receive_raw_data`` with a bound on the announced length."""
     header = await reader.readexactly(P2P.HEADER_LEN)
     length = int.from_bytes(header, P2P.BYTEORDER)
-    limit = MAX_MESSAGE_BYTES if max_bytes is None else max_bytes
-    if length > limit:
-        raise MessageTooLong(f"the other end announced a message of {length} bytes (at most {limit} are read)")
+    if length > MAX_MESSAGE_BYTES:
+        raise MessageTooLong(f"the other end announced a message of {length} bytes (at most {MAX_MESSAGE_BYTES} are read)")
     return await reader.readexactly(length)
 
 
@@ -174,22 +175,17 @@ async def _receive_request(reader: asyncio.StreamReader, input_protobuf_type, li
     """One message from a caller, as ``P2P.receive_protobuf`` reads it, within its deadlines and budget (and all of it
     by ``deadline``, the event loop's time, where one is given)."""
     async with asyncio.timeout_at(deadline):
-        return await _receive_within(reader, input_protobuf_type, limits, peer, max_bytes, header_timeout)
-
-
-async def _receive_within(reader: asyncio.StreamReader, input_protobuf_type, limits: _Limits, peer, max_bytes: int,
-                          header_timeout: float | None):
-    async with asyncio.timeout(header_timeout):
-        kind = await reader.readexactly(1)
-        header = await reader.readexactly(P2P.HEADER_LEN)
-    if kind not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
-        raise TypeError("Invalid Protobuf message type")
-    length = int.from_bytes(header, P2P.BYTEORDER)
-    if length > max_bytes:
-        raise MessageTooLong(f"the caller announced a message of {length} bytes (at most {max_bytes} are read here)")
-    with limits.large_message(peer, length):
-        async with asyncio.timeout(BODY_TIMEOUT + length / MIN_RATE):
-            body = await reader.readexactly(length)
+        async with asyncio.timeout(header_timeout):
+            kind = await reader.readexactly(1)
+            header = await reader.readexactly(P2P.HEADER_LEN)
+        if kind not in (P2P.MESSAGE_MARKER, P2P.ERROR_MARKER):
+            raise TypeError("Invalid Protobuf message type")
+        length = int.from_bytes(header, P2P.BYTEORDER)
+        if length > max_bytes:
+            raise MessageTooLong(f"the caller announced a message of {length} bytes (at most {max_bytes} are read here)")
+        with limits.large_message(peer, length):
+            async with asyncio.timeout(BODY_TIMEOUT + length / MIN_RATE):
+                body = await reader.readexactly(length)
     message = input_protobuf_type() if kind == P2P.MESSAGE_MARKER else RPCError()
     message.ParseFromString(body)
     return (message, None) if kind == P2P.MESSAGE_MARKER else (None, message)
@@ -315,8 +311,8 @@ async def add_protobuf_handler(self: P2P, name: str, handler: Callable, input_pr
                 logger.debug(f"{name}: {len(got)} requests from {context.remote_id} to a handler that takes one")
                 return
             request = got[0]
-        async with contextlib.AsyncExitStack() as stack:
-            if download and not await stack.enter_async_context(limits.download(context.remote_id, name)):
+        async with limits.download(context.remote_id, name) if download else contextlib.nullcontext(True) as allowed:
+            if not allowed:
                 return
             output = handler(request, context)
             if hasattr(output, "__aiter__"):
@@ -346,9 +342,7 @@ async def add_binary_stream_handler(self: P2P, name: str, handler: Callable, bal
             try:
                 await handler(stream_info, reader, writer)
             finally:
-                limits.streams[peer] -= 1
-                if limits.streams[peer] <= 0:
-                    del limits.streams[peer]
+                _release(limits.streams, peer)
 
     await _original_add_binary_stream_handler(self, name, _guarded, balanced)
 
