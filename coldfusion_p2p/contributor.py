@@ -511,13 +511,14 @@ class Contributor:
     # ---------------------------------------------------------------- heartbeat
     _PUBLIC_PHASE = {"training": "training", "ready": "matchmaking", "averaging": "matchmaking", "storing": "averaging", "idle": "idle"}
 
-    def _set_phase(self, state: str, examples: int = 0) -> None:
+    def _set_phase(self, state: str, examples: int = 0, redo: int = 0) -> None:
         from coldfusion_p2p.swarm import dht_time
 
         # "since" stays fixed while the heartbeat refreshes the record: the round window counts from it
-        self._phase = {"state": state, "examples": examples, "version": self.base.version, "hash": self.base.hash, "since": dht_time()}
+        self._phase = {"state": state, "examples": examples, "version": self.base.version, "hash": self.base.hash, "since": dht_time(),
+                       "redo": redo}
         if state in ("training", "ready"):
-            self.records.set_progress(self.base.version, self.base.hash, state, examples, since=self._phase["since"])
+            self.records.set_progress(self.base.version, self.base.hash, state, examples, since=self._phase["since"], redo=redo)
         # the progress record the others see: "ready" stays true while this peer averages, and the heartbeat
         # keeps it alive then too (its one store is not waited for: if it was lost, the others would wait for
         # this peer's "training" record to expire while it looked for them in a group)
@@ -525,6 +526,26 @@ class Contributor:
         self._metrics["phase"] = self._PUBLIC_PHASE.get(state, self._metrics["phase"])
         self._publish_metrics()
         self.events.emit("phase", None, state=state, version=self.base.version)
+
+    def _level_above(self, redo: int, expected: list[str]) -> int:
+        """The highest matchmaking level above ``redo`` that a ready peer this round waits for looks at (its progress
+        record), or 0. Asked between steps, and every couple of seconds while matchmaking (``run_step``'s give_up):
+        waiting out a step at a key the others have left cost 42 s a time in the tests' settings."""
+        base, me, cap = self.base, self.records.peer_id, 2 * self.manifest.round.max_attempts
+        try:
+            progress = self.records.progress(base.version, base.hash)
+        except Exception:  # noqa: BLE001 - a look that failed is no reason to leave the step; the next look may do
+            return 0
+        return max([0] + [s.redo for p, s in progress.items() if p != me and p in expected and p not in self.offenders
+                          and s.state == "ready" and redo < s.redo < cap])
+
+    def _show_level(self, redo: int) -> None:
+        """Say at once in this peer's ready record the matchmaking level it now looks at (``_fuse``)."""
+        shown = self._shown
+        if shown is None or shown.get("state") != "ready" or shown.get("redo", 0) == redo:
+            return
+        self._shown = {**shown, "redo": redo}
+        self.records.set_progress(shown["version"], shown["hash"], "ready", shown["examples"], since=shown["since"], redo=redo)
 
     def _publish_metrics(self) -> None:
         from coldfusion_p2p.swarm import metrics_record
@@ -582,7 +603,8 @@ class Contributor:
                     self.records.announce_base(base.version, base.hash)
                 shown = self._shown
                 if shown is not None:
-                    self.records.set_progress(shown["version"], shown["hash"], shown["state"], shown["examples"], since=shown["since"])
+                    self.records.set_progress(shown["version"], shown["hash"], shown["state"], shown["examples"], since=shown["since"],
+                                              redo=shown.get("redo", 0))
                 if phase.get("state") != "left":
                     self._publish_metrics()
                 if time.monotonic() - last_manifest > MANIFEST_REFRESH_SECONDS:
@@ -789,15 +811,25 @@ class Contributor:
             # (only the levels of peers known to be real: the base's makers and this peer's past group mates,
             # so that verdicts from made-up identities cannot steer it to an empty key)
             known = set(base.contributors) | self._group_mates
-            levels = [v.redo for p, v in self.records.verdicts(base.version, base.hash).items()
+            levels = [v.redo + 1 for p, v in self.records.verdicts(base.version, base.hash).items()
                       if p != me and p in known and v.redo < 2 * r.max_attempts]
-            redo = max([redo] + [lvl + 1 for lvl in levels])
+            # and at the level each ready peer it waits for looks for its group at (its progress record): a member
+            # that never learnt it was in a group (a leader's answer lost on the way) found "no group", and so
+            # stayed at the old key while the others redid at the next one, each side waiting for the other until
+            # the round was given up (CI saw a three-peer round stall so). Levels only rise: all meet at the highest
+            redo = max([redo, self._level_above(redo, expected)] + levels)
+            self._show_level(redo)
             t_gather = time.perf_counter() - t0
             self._set_phase("averaging", examples)
             group_prefix = f"{averager_prefix(self.manifest.name)}_r{base.version}_{base.hash[:16]}_x{redo}"
             # no target size (a count of ready peers can be short of the truth): the leader begins once its
             # group holds every peer that any member's round waits for, else at the end of the matchmaking time
             excluded = set(self.offenders) | suspects
+            if suspects and len(set(expected) - excluded) < r.min_group_size:
+                # without them no group can form: leaving them out would only cost a step (max_attempts bounds a redo)
+                self.log(f"not leaving out {len(suspects)} suspect member(s) on redo {redo}: without them fewer than "
+                         f"{r.min_group_size} ready peers remain")
+                excluded = set(self.offenders)
             expect = sorted(set(expected) - excluded)
             expect = expect if len(expect) <= MAX_GROUP else []  # a view a group cannot hold: the whole time
             self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size,
@@ -809,7 +841,8 @@ class Contributor:
                              + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
             result, t_match, t_allreduce, error = self.averager.run_step(
                 weight, {"examples": examples, "expect": expect, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
-                give_up=lambda: self._fatal is not None or self._base_withdrawn or self._newer_base_exists(), on_allreduce=self._allreduce_started,
+                give_up=lambda: self._fatal is not None or self._base_withdrawn or self._newer_base_exists() or self._level_above(redo, expected),
+                on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             self._report_refused_leaders(base.version)
             if result is None:
@@ -817,9 +850,14 @@ class Contributor:
                     return "withdrawn"
                 if self._newer_base_exists():
                     return "superseded"
-                self.events.emit("retry", f"no group formed on v{base.version} ({error or 'timeout'}); trying again", redo=redo)
+                above = self._level_above(redo, expected)
+                if above:
+                    self.events.emit("retry", f"ready peers of v{base.version} look for their group at redo {above}: moving there", redo=above,
+                                     moved_up=True)
+                else:
+                    self.events.emit("retry", f"no group formed on v{base.version} ({error or 'timeout'}); trying again", redo=redo)
                 suspects.clear()  # the survivors of a failed all-reduce may suspect each other: start afresh
-                self._set_phase("ready", examples)
+                self._set_phase("ready", examples, redo)
                 continue
             for peer, far in result.get("outliers", {}).items():
                 self.events.emit("outlier", f"peer {peer[:12]}'s delta is {far:g}x further from the {self.strategy.name} result than the median member's",
@@ -899,7 +937,7 @@ class Contributor:
             suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", [])) | dissent | silent) - {me}
             redo += 1
             failures += 1
-            self._set_phase("ready", examples)
+            self._set_phase("ready", examples, redo)
         return "kept"
 
     def _dht_load(self) -> dict[str, int]:

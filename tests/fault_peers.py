@@ -12,6 +12,8 @@ Usage: python -m tests.fault_peers FAULT JOIN_OPTIONS_JSON
   times100 shares its honest delta times 100
   collude  shares the same noise as every other colluder (seeded by the base version), 20 times as long as
           its honest delta, cut to just inside the round's bound: bad members that agree with each other
+  deaf    honest, but the first group a leader hands it is lost on the way (it starts its first step 2 s late,
+          so that it follows): the leader's group holds it, it never learns so, and finds "no group"
 """
 
 from __future__ import annotations
@@ -78,8 +80,39 @@ def equivocate() -> None:
     A.CanonicalAllReduceRunner._accumulate_parts_streaming = equivocating  # before the averager process forks
 
 
+def deaf() -> None:
+    """The first BEGIN_ALLREDUCE this peer's averager gets is dropped (as if lost), without refusing its leader."""
+    import asyncio
+
+    from coldfusion_p2p.swarm import averager as A
+
+    honest_step, honest_problem, honest_refuse = A.FusionAverager._step, A.FusionAverager._group_problem, A.FusionAverager._refuse_leader
+    lost = "DEAF: this group is lost on the way"
+
+    async def late_step(self, *, step, future_for_init):
+        if not getattr(self, "_deaf_late", False):
+            self._deaf_late = True
+            await asyncio.sleep(2.0)  # the others declare first: this peer follows
+        return await honest_step(self, step=step, future_for_init=future_for_init)
+
+    def group_problem(self, leader, msg):
+        if not getattr(self, "_deaf_dropped", False):
+            self._deaf_dropped = True
+            print(f"deaf: dropping the group {leader} handed this peer", flush=True)
+            return lost
+        return honest_problem(self, leader, msg)
+
+    def refuse(self, who, why):
+        if lost not in why:
+            honest_refuse(self, who, why)
+
+    A.FusionAverager._step, A.FusionAverager._group_problem, A.FusionAverager._refuse_leader = late_step, group_problem, refuse
+
+
 if __name__ == "__main__":
     FaultyContributor.fault = sys.argv[1]
     if FaultyContributor.fault == "equivocate":
         equivocate()
+    if FaultyContributor.fault == "deaf":
+        deaf()
     FaultyContributor(JoinOptions(**json.loads(sys.argv[2]))).run()

@@ -344,3 +344,24 @@ def test_ctrl_c_on_the_bootstrap_peer_ends_it_without_a_traceback(swarm):
     before, took = _stop_and_count(boot, signal.SIGINT, whole_group=True)
     assert before >= 4 and group_size(boot.pid) == 0, f"{before} processes, {group_size(boot.pid)} left after {took:.1f}s"
     assert "Traceback" not in swarm.log("bootstrap", tail=None) and "bootstrap peer stopped" in swarm.log("bootstrap", tail=None), swarm.log("bootstrap")
+
+
+def test_a_member_that_never_learnt_of_its_group_meets_the_others_at_their_redo(swarm, tmp_path):
+    """CI once saw a three-peer round (min_group_size 3) stall for good: one member never got its leader's
+    BEGIN_ALLREDUCE, so the other two ran the all-reduce without it, banned it and redid at the next key,
+    while it found "no group" and looked on at the old one, each side waiting for the other. Each ready
+    peer now says its level in its progress record, and a peer moves up to the highest level of the peers
+    it waits for, also in the middle of a step; two that redid without the third neither leave it out (no
+    group could form) nor refuse each other as leaders for letting go a group that could not be complete."""
+    swarm.start_bootstrap("tiny-bert", min_group_size=3)
+    deaf = start_faulty(swarm, tmp_path, "deaf", "deaf", rounds=1)
+    honest = {n: swarm.join(n, d, rounds=1) for n, d in (("ann", "sms_spam"), ("bob", "rotten_tomatoes"))}
+    for name, proc in honest.items():
+        assert swarm.wait(proc, name, 240) == 0, swarm.log(name)
+    assert deaf.wait(timeout=60) == 0, (tmp_path / "deaf.log").read_text()[-3000:]
+    assert "deaf: dropping the group" in (tmp_path / "deaf.log").read_text()  # the fault did happen
+    infos = [VersionStore(tmp_path / n).read_info(1) for n in ("ann", "bob", "deaf")]
+    assert len({i.hash for i in infos}) == 1 and len(infos[0].contributors) == 3, infos
+    assert infos[0].round_stats["redo"] >= 1  # the lost group's all-reduce was not verified: v1 came of a redo
+    moved = [e for e in swarm.events("deaf") if e["event"] == "retry" and e.get("moved_up")]
+    assert moved, [e for e in swarm.events("deaf") if e["event"] in ("retry", "averaging")]

@@ -1130,7 +1130,11 @@ class FusionAverager(DecentralizedAverager):
                                 if self._kept_waiting[who] >= 0.5 * mm.request_timeout:
                                     self._refuse_leader(who, f"it kept this peer waiting {self._kept_waiting[who]:.1f}s "
                                                         "for answers that did not take it in")
-                            elif self._redirects == redirects:
+                            elif self._redirects == redirects and (not self._expect or len(self._expect) >= max(2, mm.min_group_size)):
+                                # (an honest leader lets its followers go when its group is short of min_group_size at its
+                                # start: when the ready peers this peer waits for are fewer than that, its group could not
+                                # be complete, and the let-go is no evidence: counted, two honest peers that redid without
+                                # a third refused each other for the rest of the round, and it never formed again)
                                 self._let_go[who] = self._let_go.get(who, 0) + 1
                                 if self._let_go[who] >= 2:
                                     self._refuse_leader(who, "it took this peer in and let it go twice with no group")
