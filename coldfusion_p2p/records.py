@@ -67,7 +67,7 @@ class ProgressRecord(_Record):
     t: Seconds
     # the matchmaking level (redo) a ready peer looks for its group at: peers that missed a group's unverified
     # all-reduce (or never learnt of it) move up to it, so that no two parts of a round wait at different keys
-    redo: pydantic.conint(strict=True, ge=0, le=1000) = 0
+    redo: pydantic.conint(strict=True, ge=0, le=1000)
 
 
 class VerdictRecord(_Record):

@@ -235,7 +235,7 @@ class Outsider:
     def attack_phantoms(self, v_cur, h_cur):
         stored = 0
         for ident in self.identities[2:]:
-            value = {"swarm": self.swarm, "v": v_cur, "hash": h_cur, "state": "training", "examples": 0, "t": get_dht_time()}
+            value = {"swarm": self.swarm, "v": v_cur, "hash": h_cur, "state": "training", "examples": 0, "t": get_dht_time(), "redo": 0}
             stored += self.store(R.PROGRESS_KEY, value, identity=ident)
         self.note("phantoms", stored=stored, version=v_cur)
 

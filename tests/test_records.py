@@ -59,7 +59,7 @@ def _node_validator() -> CompositeValidator:
 
 
 def progress(**kw):
-    return {"swarm": "s", "v": 3, "hash": H1, "state": "training", "examples": 0, "t": 1.0, **kw}
+    return {"swarm": "s", "v": 3, "hash": H1, "state": "training", "examples": 0, "t": 1.0, "redo": 0, **kw}
 
 
 def test_a_well_formed_owned_record_passes():
