@@ -839,9 +839,11 @@ class Contributor:
                     t.copy_(d)
             self.events.emit("averaging", f"round on v{base.version}: averaging with up to {len(expected)} ready peer(s)"
                              + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
+            looking_since = time.monotonic()  # a group forms within the matchmaking time: past it, look at the others' levels
             result, t_match, t_allreduce, error = self.averager.run_step(
                 weight, {"examples": examples, "expect": expect, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
-                give_up=lambda: self._fatal is not None or self._base_withdrawn or self._newer_base_exists() or self._level_above(redo, expected),
+                give_up=lambda: self._fatal is not None or self._base_withdrawn or self._newer_base_exists()
+                or (time.monotonic() - looking_since > r.matchmaking_time and self._level_above(redo, expected) > 0),
                 on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             self._report_refused_leaders(base.version)

@@ -128,7 +128,8 @@ def test_the_robust_strategy_in_the_reducers_bounds_a_bad_member_and_names_it(tm
         assert off > 3 * honest_norm, (off, honest_norm)
 
 
-@pytest.mark.parametrize("fault", ["weight", "nan", pytest.param("inside", marks=pytest.mark.slow)])
+# the claimed-weight rule (22 s here) runs with -m slow: the NaN ban goes the same way, from the reducer to the verdicts
+@pytest.mark.parametrize("fault", [pytest.param("weight", marks=pytest.mark.slow), "nan", pytest.param("inside", marks=pytest.mark.slow)])
 def test_reducers_ban_a_member_that_breaks_the_rounds_rules(tmp_path, fault):
     """Every honest reducer checks each member's claimed weight and part: a weight of the member's
     choosing, noise inside the old fixed bound (990 < 1000), or NaN is banned and the member named."""

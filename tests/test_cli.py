@@ -30,11 +30,14 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, fragment
     "content, extra, fragment",
     [
         (None, [], "data file not found"),
-        (b"", [], "is empty"),
-        (b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', [], "single class"),
-        (b'{"text": "a", "label": "x"}\n', ["--text-column", "sentence"], "text column 'sentence' not found"),
+        # each is a whole `cfp2p join` start (6 s here, most of it importing torch): four of them run with -m slow,
+        # and tests/test_data.py checks every message of the loader itself in the default run
+        pytest.param(b"", [], "is empty", marks=pytest.mark.slow),
+        pytest.param(b'{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n', [], "single class", marks=pytest.mark.slow),
+        pytest.param(b'{"text": "a", "label": "x"}\n', ["--text-column", "sentence"], "text column 'sentence' not found",
+                     marks=pytest.mark.slow),
         (b'{"text": "a", "label": "x"}\n', ["--label-column", "y"], "label column 'y' not found"),
-        (b'{"text": "\xff\xfe", "label": "x"}\n', [], "not valid UTF-8"),
+        pytest.param(b'{"text": "\xff\xfe", "label": "x"}\n', [], "not valid UTF-8", marks=pytest.mark.slow),
     ],
 )
 def test_join_with_bad_data_fails_before_the_network(tmp_path, content, extra, fragment):

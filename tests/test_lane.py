@@ -448,7 +448,7 @@ async def _aiter(items):
         yield item
 
 
-@pytest.mark.parametrize("value, sealed", [("1", True), ("0", False), ("", False)])
+@pytest.mark.parametrize("value, sealed", [("1", True), ("0", False), pytest.param("", False, marks=pytest.mark.slow)])
 def test_cfp2p_seal_loopback_turns_the_cipher_on_over_loopback(value, sealed):
     """For peers reached through a plain TCP port forward on 127.0.0.1, where loopback is not this machine."""
     import os
