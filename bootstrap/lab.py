@@ -82,7 +82,7 @@ def manifest_toml(manifest: SwarmManifest) -> str:
 
 def init_lab(config: str, out: str, admission: str) -> tuple[Path, SwarmManifest]:
     """Create the lab folder; refuses to overwrite an existing authority key."""
-    from coldfusion_p2p.swarm.node import _new_identity_file
+    from coldfusion_p2p.identity import new_identity_file
 
     manifest = SwarmManifest.from_toml(config)
     if admission not in ("open", "members", "enroll"):
@@ -94,7 +94,7 @@ def init_lab(config: str, out: str, admission: str) -> tuple[Path, SwarmManifest
         raise UserError(f"{lab / KEY_FILE} exists: this folder already holds a swarm authority (refusing to replace its key)")
     lab.mkdir(parents=True, exist_ok=True)
     os.chmod(lab, 0o700)
-    _new_identity_file(str(lab / KEY_FILE))
+    new_identity_file(str(lab / KEY_FILE))
     _private_write(lab / CONFIG_FILE, manifest_toml(manifest))
     for name, empty in ((MEMBERS_FILE, {}), (REVOKED_FILE, [])):
         if not (lab / name).exists():
@@ -111,9 +111,9 @@ def _lab(lab: str) -> Path:
 
 
 def authority(lab: str):
-    from coldfusion_p2p.swarm.node import Identity, load_identity
+    from coldfusion_p2p.identity import load_identity
 
-    return Identity(load_identity(str(_lab(lab) / KEY_FILE)))
+    return load_identity(str(_lab(lab) / KEY_FILE))
 
 
 def members(lab: str) -> dict:

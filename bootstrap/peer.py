@@ -288,7 +288,7 @@ def run_bootstrap(
         SwarmRecords, make_averager, metrics_record, quiet_hivemind, sign_manifest, start_dht, stop_process, visible_maddrs,
     )
     from coldfusion_p2p.swarm.gate import EnrollDesk, EnrollService, RefusalLog
-    from coldfusion_p2p.swarm.node import Identity, _new_identity_file, load_identity
+    from coldfusion_p2p.identity import load_identity, new_identity_file
 
     from coldfusion_p2p.bootstrap import lab as L
 
@@ -326,9 +326,9 @@ def run_bootstrap(
         token = admission = None
         refusals = RefusalLog("[bootstrap] ")
         if identity and not Path(identity).is_file():
-            _new_identity_file(identity)
+            new_identity_file(identity)
         if private:  # the authority admits itself: its DHT calls carry a token like every member's
-            me = Identity(load_identity(identity))
+            me = load_identity(identity)
             from coldfusion_p2p.certs import peer_id_of_public_key
 
             admission = Admission(manifest.admission.mode, manifest.name, peer_id_of_public_key(me.public_key.encode()),

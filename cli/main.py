@@ -235,15 +235,15 @@ def id_cmd(
 ):
     """Print this peer's public key and peer id: send the key line to a lab to be admitted to its swarm."""
     from coldfusion_p2p.certs import peer_id_of_public_key
-    from coldfusion_p2p.swarm.node import Identity, _new_identity_file, load_identity
+    from coldfusion_p2p.identity import load_identity, new_identity_file
 
     try:
         if not identity.exists():
             if not identity.parent.exists():
                 raise UserError(f"the folder for --identity does not exist: {identity.parent}")
-            _new_identity_file(str(identity))
+            new_identity_file(str(identity))
             err.print(f"created a new identity key in {identity} (keep it: a token works only with this key)")
-        key = Identity(load_identity(str(identity)))
+        key = load_identity(str(identity))
     except (UserError, WorkError) as e:
         _fail(e)
     err.print(f"peer id {peer_id_of_public_key(key.public_key.encode())}; send the next line to the swarm's lab:")
@@ -368,7 +368,7 @@ def _member_credentials(token_file: Path, identity: Optional[Path], authority: s
     """(token, Admission) for a member's DHT node: the token parsed and checked against --identity's key."""
     from coldfusion_p2p.certs import peer_id_of_public_key
     from coldfusion_p2p.membership import Admission, TokenError, parse_token, token_problem
-    from coldfusion_p2p.swarm import load_identity
+    from coldfusion_p2p.identity import load_identity
 
     if identity is None or not identity.is_file():
         raise UserError("--token needs the identity key it was issued for: add --identity KEY")
@@ -378,7 +378,7 @@ def _member_credentials(token_file: Path, identity: Optional[Path], authority: s
         raise UserError(f"cannot read the membership token {token_file}: {e.strerror}") from None
     except TokenError as e:
         raise UserError(f"{token_file}: {e}") from None
-    me = peer_id_of_public_key(load_identity(str(identity)).get_public_key().to_bytes())
+    me = peer_id_of_public_key(load_identity(str(identity)).public_key.encode())
     why = token_problem(token, token["swarm"], authority, time.time(), peer=me)
     if why is not None:
         raise UserError(f"membership token {token_file}: {why}")

@@ -200,7 +200,7 @@ class Contributor:
     # ---------------------------------------------------------------- membership (private swarms)
     def _credentials(self, authority: str | None) -> tuple[str | None, dict | None]:
         """(identity file, token): ``--identity``/``--token``, or what an earlier enrollment saved in the store."""
-        from coldfusion_p2p.swarm import load_identity
+        from coldfusion_p2p.identity import load_identity
 
         opts = self.opts
         identity, token_path = opts.identity, opts.token
@@ -219,7 +219,7 @@ class Contributor:
             raise UserError(f"{token_path}: {e}") from None
         if not os.path.isfile(identity):
             raise UserError(f"identity key {identity} not found: a token works only with the key it was issued for")
-        me = peer_id_of_public_key(load_identity(identity).get_public_key().to_bytes())
+        me = peer_id_of_public_key(load_identity(identity).public_key.encode())
         why = token_problem(token, token["swarm"], authority or "", time.time(), peer=me)
         if why is not None and "expired" in why and token_path == str(saved):
             return identity, None  # an enrolled token: ask for a fresh one
@@ -234,9 +234,9 @@ class Contributor:
     def _start_dht(self, identity: str | None, client_mode: bool = False):
         """The DHT node; in a private swarm it carries this peer's token, and a peer without one asks the
         authority to enroll it (``admission = "enroll"``), or is told how to get one."""
-        from coldfusion_p2p.swarm import Identity, load_identity, start_dht
+        from coldfusion_p2p.identity import load_identity, new_identity_file
+        from coldfusion_p2p.swarm import start_dht
         from coldfusion_p2p.swarm.gate import RefusalLog, ask_to_enroll
-        from coldfusion_p2p.swarm.node import _new_identity_file
 
         opts = self.opts
         refusals = RefusalLog(f"[{opts.name}] " if opts.name else "")
@@ -256,8 +256,8 @@ class Contributor:
         # no answer: perhaps a private swarm that refuses nodes without a token; its authority says which
         identity = identity or str(self.store.root / ENROLLED_KEY)
         if not os.path.isfile(identity):
-            _new_identity_file(identity)
-        key = Identity(load_identity(identity))
+            new_identity_file(identity)
+        key = load_identity(identity)
         try:
             answer = ask_to_enroll(opts.initial_peers, identity, self.authority, opts.name, key.public_key)
         except ConnectionError:

@@ -64,12 +64,13 @@ class Intruder:
     def __init__(self, initial_peer: str, swarm: str, workdir: Path, targets: Path, credentials: dict[str, dict | None]):
         self.initial_peer, self.swarm, self.workdir, self.targets = initial_peer, swarm, workdir, targets
         self.credentials = credentials
-        from coldfusion_p2p.swarm.node import _new_identity_file, load_identity
+        from coldfusion_p2p.identity import new_identity_file
+        from coldfusion_p2p.swarm.node import _hivemind_key
 
         self.key_file = workdir / "intruder.key"  # made by the test when it wants an expired token for this key
         if not self.key_file.is_file():
-            _new_identity_file(str(self.key_file))
-        self.key = load_identity(str(self.key_file))
+            new_identity_file(str(self.key_file))
+        self.key = _hivemind_key(str(self.key_file))  # what hivemind's validator and authorizer take
         self.out = open(workdir / "intruder.json", "a", buffering=1)
         self.dhts = {}
         for name, token in credentials.items():

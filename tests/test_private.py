@@ -149,7 +149,7 @@ def test_a_peer_without_a_token_is_told_how_to_get_one(swarm, tmp_path):
 @pytest.mark.slow
 def test_enroll_mode_admits_new_keys_within_the_rate_limit(swarm, tmp_path):
     from coldfusion_p2p.swarm.gate import ask_to_enroll
-    from coldfusion_p2p.swarm.node import Identity, _new_identity_file, load_identity
+    from coldfusion_p2p.identity import load_identity, new_identity_file
 
     boot = swarm.start_lab("tiny-bert", admission="enroll", extra_toml="[admission]\nenroll_per_address = 3\n")
     procs = {n: swarm.join(n, ds, rounds=1) for n, ds in (("ann", "sms_spam"), ("bob", "rotten_tomatoes"))}
@@ -160,8 +160,8 @@ def test_enroll_mode_admits_new_keys_within_the_rate_limit(swarm, tmp_path):
     answers = []
     for i in range(3):  # one more new key is within the limit of 3 an hour from this address; the next is not
         key = tmp_path / f"new{i}.key"
-        _new_identity_file(str(key))
-        answers.append(ask_to_enroll([boot], str(key), peer_of_maddr(boot), f"new{i}", Identity(load_identity(str(key))).public_key))
+        new_identity_file(str(key))
+        answers.append(ask_to_enroll([boot], str(key), peer_of_maddr(boot), f"new{i}", load_identity(str(key)).public_key))
     assert "token" in answers[0]
     assert "token" not in answers[1] and "in the last hour" in answers[1]["refused"]
     assert "refused an enrollment" in swarm.log("bootstrap", tail=None)

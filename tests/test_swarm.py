@@ -105,7 +105,7 @@ def test_a_second_meeting_point_serves_the_swarm_when_the_bootstrap_peer_is_gone
     import socket
 
     from coldfusion_p2p.certs import peer_id_of_public_key
-    from coldfusion_p2p.swarm.node import _new_identity_file, load_identity
+    from coldfusion_p2p.identity import load_identity, new_identity_file
 
     model_copy = tmp_path / "lab-model"
     shutil.copytree(tiny_model_dir, model_copy)
@@ -114,8 +114,8 @@ def test_a_second_meeting_point_serves_the_swarm_when_the_bootstrap_peer_is_gone
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     key = tmp_path / "mirror.key"
-    _new_identity_file(str(key))
-    mirror_id = peer_id_of_public_key(load_identity(str(key)).get_public_key().to_bytes())
+    new_identity_file(str(key))
+    mirror_id = peer_id_of_public_key(load_identity(str(key)).public_key.encode())
     maddrs = tmp_path / "mirror.maddrs"
     mirror = swarm.children.start(cli_command(
         "bootstrap", "--initial-peers", boot, "--identity", str(key), "--store", str(tmp_path / "mirror"),

@@ -19,7 +19,7 @@ from coldfusion_p2p.swarm import streams  # noqa: E402
 streams.harden()  # before any node starts: every process of a peer reads other peers' streams with bounds
 
 from coldfusion_p2p.swarm.node import (  # noqa: E402
-    Identity, dht_requests, dht_time, load_identity, peer_of_maddr, peer_str, quiet_hivemind, start_dht, stop_process, visible_maddrs,
+    Identity, dht_requests, dht_time, peer_of_maddr, peer_str, quiet_hivemind, start_dht, stop_process, visible_maddrs,
 )
 from coldfusion_p2p.swarm.board import (  # noqa: E402
     SwarmRecords, authority_of, metrics_record, open_manifest, sign_manifest,
@@ -29,7 +29,7 @@ from coldfusion_p2p.swarm.transfer import BlobError, fetch_blob, sha256_file  # 
 from coldfusion_p2p.swarm.validation import ProtocolValidator  # noqa: E402
 
 __all__ = [
-    "Identity", "dht_requests", "dht_time", "load_identity", "peer_of_maddr", "peer_str", "quiet_hivemind", "start_dht", "stop_process",
+    "Identity", "dht_requests", "dht_time", "peer_of_maddr", "peer_str", "quiet_hivemind", "start_dht", "stop_process",
     "visible_maddrs", "SwarmRecords", "authority_of", "metrics_record", "open_manifest", "sign_manifest", "FusionAverager",
     "averager_prefix", "make_averager", "BlobError", "fetch_blob", "sha256_file", "ProtocolValidator",
 ]

@@ -9,12 +9,10 @@ import os
 import pickle
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
 import typing
-from dataclasses import dataclass
 from typing import Sequence
 
 from hivemind.dht import DHT
@@ -23,6 +21,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.errors import UserError, WorkError
+from coldfusion_p2p.identity import Identity, load_key, new_identity_file
 from coldfusion_p2p.swarm.validation import ProtocolValidator, ValidCache
 
 
@@ -243,20 +242,6 @@ class SwarmDHT(DHT):
         super().run()
 
 
-@dataclass
-class Identity:
-    """A peer's libp2p identity key: it signs DHT records (as their owner) and version certificates."""
-
-    key: RSAPrivateKey
-
-    @property
-    def public_key(self) -> str:
-        return self.key.get_public_key().to_bytes().decode()
-
-    def sign(self, data: bytes) -> str:
-        return self.key.sign(data).decode()
-
-
 def dht_time() -> float:
     return get_dht_time()
 
@@ -289,8 +274,8 @@ def start_dht(
             raise UserError(f"not a multiaddress: {addr!r} ({e}); expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm...") from None
     fresh = None
     if identity_path is None or not os.path.isfile(identity_path):
-        fresh = _new_identity_file(identity_path)
-    key = load_identity(identity_path or fresh)
+        fresh = new_identity_file(identity_path)
+    key = _hivemind_key(identity_path or fresh)
     # a key made a moment ago is nobody's; a watcher (client mode) may share a member's key with its contributor
     extra = {} if identity_path and not client_mode else {"check_if_identity_free": False}
     signer = CachedSignatureValidator(key)
@@ -332,34 +317,11 @@ def start_dht(
             os.unlink(fresh)  # p2pd has read it; this run's key lives on in memory only
 
 
-def _new_identity_file(path: str | None) -> str:
-    """An RSA identity in libp2p's protobuf format, at ``path`` or in a private temporary file."""
-    from hivemind.proto import crypto_pb2
-
-    blob = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes()).SerializeToString()
-    if path is None:
-        fd, path = tempfile.mkstemp(prefix="cfp2p-identity-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-    else:
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-            f.write(blob)
-    return path
-
-
-def load_identity(path: str) -> RSAPrivateKey:
-    from hivemind.proto import crypto_pb2
-
-    try:
-        with open(path, "rb") as f:
-            proto = crypto_pb2.PrivateKey.FromString(f.read())
-        if proto.key_type != crypto_pb2.KeyType.RSA:
-            raise ValueError("not an RSA key")
-        key = RSAPrivateKey.__new__(RSAPrivateKey)
-        key.__setstate__({"_private_key": proto.data})
-        return key
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign key file
-        raise UserError(f"identity file {path} is not a libp2p RSA private key ({type(e).__name__}: {str(e)[:80]})") from None
+def _hivemind_key(path: str) -> RSAPrivateKey:
+    """The identity key in ``path`` as hivemind's key type (what its signature validator takes)."""
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key._private_key = load_key(path)
+    return key
 
 
 def visible_maddrs(dht: DHT) -> list[str]:
