@@ -13,6 +13,8 @@ Attacks:
   plain       plain values (no subkey) at every protocol key, expiring in ten years
   phantoms    'training' progress records from 20 identities on the current base
   verdicts    'unclean' verdicts from its identities on the current round
+  levels      'ready' progress records on the current base from 4 identities, each saying it looks for its group
+              at a higher redo level each time (1 up to the highest that counts), and at levels past it
   manifest    a manifest for the same swarm name with a higher serial, signed by itself
   history     history with forged versions, and metrics claiming to be the bootstrap peer
   malformed   values of every record kind that break the schema, under its own owner subkey
@@ -120,7 +122,8 @@ class Outsider:
     def __init__(self, initial_peer: str, swarm: str, workdir: Path):
         self.swarm, self.workdir = swarm, workdir
         self.key = RSAPrivateKey()
-        self.identities = [RSAPrivateKey() for _ in range(20)]
+        self.identities = [RSAPrivateKey() for _ in range(24)]
+        self.level = 0  # ``attack_levels``' last level
         from hivemind.proto import crypto_pb2
 
         key_file = workdir / "outsider.key"  # its libp2p identity is the key it signs with, like any peer's
@@ -151,7 +154,9 @@ class Outsider:
         return start_dht([self.initial_peer], ["/ip4/127.0.0.1/tcp/0"])
 
     def honest_bases(self, dht=None) -> dict[str, tuple[int, str]]:
-        """Each peer's announced base, read through ``dht`` (default: ``reader``)."""
+        """Each honest peer's announced base, read through ``dht`` (default: ``reader``): with its own announcements
+        of v+1 and v+5 counted, its "current" version ran ahead of the swarm's and the attacks on the current
+        round (phantoms, levels, verdicts) aimed at versions no peer was on after their first turn."""
         found = (dht or self.reader).get(R.BASES_KEY, latest=True, return_future=True).result(timeout=20)
         out = {}
         if found is not None and isinstance(found.value, dict):
@@ -160,7 +165,7 @@ class Outsider:
                 # are no records. Read as one, every attack that needed the current version failed or aimed at v0
                 v = getattr(item, "value", None)
                 peer = R.peer_id_of_owner(R.owner_of(sub) or "")
-                if isinstance(v, dict) and v.get("swarm") == self.swarm and peer:
+                if isinstance(v, dict) and v.get("swarm") == self.swarm and peer and peer not in self.mine:  # not its own forgeries
                     out[peer] = (v["v"], v["hash"])
         return out
 
@@ -234,10 +239,20 @@ class Outsider:
 
     def attack_phantoms(self, v_cur, h_cur):
         stored = 0
-        for ident in self.identities[2:]:
+        for ident in self.identities[2:20]:
             value = {"swarm": self.swarm, "v": v_cur, "hash": h_cur, "state": "training", "examples": 0, "t": get_dht_time(), "redo": 0}
             stored += self.store(R.PROGRESS_KEY, value, identity=ident)
         self.note("phantoms", stored=stored, version=v_cur)
+
+    def attack_levels(self, v_cur, h_cur):
+        # every honest ready peer moves up to the highest level a ready peer it waits for shows: levels that only
+        # rise, to at most 2 * max_attempts - 1 (5 by default), and no further however high the record says
+        self.level = self.level % 5 + 1
+        stored = 0
+        for ident, redo in zip(self.identities[20:], (self.level, 5, 6, 10**6)):
+            value = {"swarm": self.swarm, "v": v_cur, "hash": h_cur, "state": "ready", "examples": 64, "t": get_dht_time(), "redo": redo}
+            stored += self.store(R.PROGRESS_KEY, value, identity=ident)
+        self.note("levels", stored=stored, level=self.level, version=v_cur)
 
     def attack_verdicts(self, v_cur, h_cur):
         members = sorted(p for p in self.honest_bases() if p.startswith("Qm"))[:8] or [self.me]

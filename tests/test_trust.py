@@ -22,8 +22,8 @@ from coldfusion_p2p.fusion import delta_norm
 from coldfusion_p2p.procs import child_env, cli_command
 from coldfusion_p2p.store import VersionStore
 
-ALL_OUTSIDER_ATTACKS = ("replace", "unservable", "nexthash", "plain", "phantoms", "verdicts", "manifest", "history", "malformed",
-                        "leader")
+ALL_OUTSIDER_ATTACKS = ("replace", "unservable", "nexthash", "plain", "phantoms", "levels", "verdicts", "manifest", "history",
+                        "malformed", "leader")
 
 
 def _verified_versions(store) -> list[dict]:
@@ -104,6 +104,8 @@ def test_an_outsider_with_forged_records_cannot_replace_freeze_or_crash_the_swar
     declared, taken = max((a.get("declared", 0) for a in leader), default=0), max((a.get("joins", 0) for a in leader), default=0)
     assert declared >= 20, f"the outsider declared itself a leader {declared} times: its attack was not tried"
     assert taken == 0, f"members asked the outsider's leader to take them in {taken} times: only ready peers lead"
+    levels = [a for a in attacks if a["attack"] == "levels"]
+    assert sum(bool(a.get("stored")) for a in levels) >= 3, levels  # its ready records at high redo levels were in the DHT
 
     status = subprocess.run(cli_command("status", "--initial-peers", boot, "--json"), capture_output=True, text=True,
                             env=child_env(), timeout=90, check=False)
