@@ -132,8 +132,8 @@ class SwarmManifest:
         r = self.round
         if r.min_group_size < 2:
             problems.append("round.min_group_size must be at least 2")
-        if r.max_attempts < 1:
-            problems.append("round.max_attempts must be at least 1")
+        if not 1 <= r.max_attempts <= 100:  # redo levels reach 2·max_attempts − 1, and a record carries at most 1000
+            problems.append("round.max_attempts must be between 1 and 100")
         for name in ("round_window", "matchmaking_time", "allreduce_timeout", "verify_timeout", "chunk_timeout"):
             if getattr(r, name) <= 0:
                 problems.append(f"round.{name} must be positive (seconds)")

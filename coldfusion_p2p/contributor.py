@@ -531,13 +531,19 @@ class Contributor:
         """The highest matchmaking level above ``redo`` that a ready peer this round waits for looks at (its progress
         record), or 0. Asked between steps, and every couple of seconds while matchmaking (``run_step``'s give_up):
         waiting out a step at a key the others have left cost 42 s a time in the tests' settings."""
-        base, me, cap = self.base, self.records.peer_id, 2 * self.manifest.round.max_attempts
+        base, me, top = self.base, self.records.peer_id, self._top_level()
         try:
             progress = self.records.progress(base.version, base.hash)
         except Exception:  # noqa: BLE001 - a look that failed is no reason to leave the step; the next look may do
             return 0
-        return max([0] + [s.redo for p, s in progress.items() if p != me and p in expected and p not in self.offenders
-                          and s.state == "ready" and redo < s.redo < cap])
+        waits_for = set(expected)
+        return max([0] + [s.redo for p, s in progress.items() if p != me and p in waits_for and p not in self.offenders
+                          and s.state == "ready" and redo < s.redo <= top])
+
+    def _top_level(self) -> int:
+        """The highest matchmaking level of a round: every peer's level stays at or below it, so that a peer that missed
+        its group can always follow the others (a level past it was followed by no one: the stall came back there)."""
+        return 2 * self.manifest.round.max_attempts - 1
 
     def _show_level(self, redo: int) -> None:
         """Say at once in this peer's ready record the matchmaking level it now looks at (``_fuse``)."""
@@ -811,8 +817,9 @@ class Contributor:
             # (only the levels of peers known to be real: the base's makers and this peer's past group mates,
             # so that verdicts from made-up identities cannot steer it to an empty key)
             known = set(base.contributors) | self._group_mates
-            levels = [v.redo + 1 for p, v in self.records.verdicts(base.version, base.hash).items()
-                      if p != me and p in known and v.redo < 2 * r.max_attempts]
+            top = self._top_level()
+            levels = [min(v.redo + 1, top) for p, v in self.records.verdicts(base.version, base.hash).items()
+                      if p != me and p in known and v.redo <= top]
             # and at the level each ready peer it waits for looks for its group at (its progress record): a member
             # that never learnt it was in a group (a leader's answer lost on the way) found "no group", and so
             # stayed at the old key while the others redid at the next one, each side waiting for the other until
@@ -839,11 +846,13 @@ class Contributor:
                     t.copy_(d)
             self.events.emit("averaging", f"round on v{base.version}: averaging with up to {len(expected)} ready peer(s)"
                              + (f", redo {redo}" if redo else ""), redo=redo, expected=len(expected))
-            looking_since = time.monotonic()  # a group forms within the matchmaking time: past it, look at the others' levels
+            # a group forms within the matchmaking time, and a leader's answer within a request's timeout: only past both
+            # does a peer look at the others' levels (a move while its leader begins would cost the group an attempt)
+            looking_since, look_after = time.monotonic(), r.matchmaking_time + min(3.0, r.matchmaking_time / 2) + 1.0
             result, t_match, t_allreduce, error = self.averager.run_step(
                 weight, {"examples": examples, "expect": expect, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
                 give_up=lambda: self._fatal is not None or self._base_withdrawn or self._newer_base_exists()
-                or (time.monotonic() - looking_since > r.matchmaking_time and self._level_above(redo, expected) > 0),
+                or (time.monotonic() - looking_since > look_after and self._level_above(redo, expected) > 0),
                 on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             self._report_refused_leaders(base.version)
@@ -858,7 +867,8 @@ class Contributor:
                                      moved_up=True)
                 else:
                     self.events.emit("retry", f"no group formed on v{base.version} ({error or 'timeout'}); trying again", redo=redo)
-                suspects.clear()  # the survivors of a failed all-reduce may suspect each other: start afresh
+                    suspects.clear()  # the survivors of a failed all-reduce may suspect each other: start afresh
+                    # (not on a move: a level claimed mid-step must not bring back a member that just failed the group)
                 self._set_phase("ready", examples, redo)
                 continue
             for peer, far in result.get("outliers", {}).items():
@@ -937,7 +947,7 @@ class Contributor:
             if decision.dissent and digests:
                 dissent, silent = self._blame(redo, group, group_id, digests, new_hash, decision)
             suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", [])) | dissent | silent) - {me}
-            redo += 1
+            redo = min(redo + 1, self._top_level())  # past the top, the next attempt meets at the top key again
             failures += 1
             self._set_phase("ready", examples, redo)
         return "kept"

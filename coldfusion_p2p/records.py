@@ -66,8 +66,9 @@ class ProgressRecord(_Record):
     examples: Count
     t: Seconds
     # the matchmaking level (redo) a ready peer looks for its group at: peers that missed a group's unverified
-    # all-reduce (or never learnt of it) move up to it, so that no two parts of a round wait at different keys
-    redo: pydantic.conint(strict=True, ge=0, le=1000)
+    # all-reduce (or never learnt of it) move up to it, so that no two parts of a round wait at different keys;
+    # left out at 0, so that peers of the release before it (which forbid unknown fields) read the common record
+    redo: pydantic.conint(strict=True, ge=0, le=1000) = 0
 
 
 class VerdictRecord(_Record):
@@ -197,7 +198,8 @@ def parse(kind: RecordKind, value: Any) -> _Record | None:
         parsed = kind.schema.parse_obj(value)
     except (pydantic.ValidationError, TypeError, ValueError):
         return None
-    return parsed if parsed.dict() == value else None  # a conversion happened somewhere: refuse
+    # a conversion happened somewhere: refuse (a field left out for its default is no conversion)
+    return parsed if parsed.dict(exclude_unset=True) == value else None
 
 
 def check(kind: RecordKind, subkey: Any, value: Any, expiration: float, now: float) -> _Record | None:

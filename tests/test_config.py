@@ -22,6 +22,8 @@ def test_example_config_loads_and_round_trips():
         ("[nonsense]\nx = 1\n", "unknown section"),
         ("[fusion]\nweighting = 'loudest'\n", "weighting"),
         ("[round]\nmin_group_size = 1\n", "min_group_size"),
+        ("[round]\nmax_attempts = 101\n", "max_attempts must be between 1 and 100"),
+        ("[round]\nmax_attempts = 0\n", "max_attempts must be between 1 and 100"),
         ("[training\n", "not valid TOML"),
     ],
 )

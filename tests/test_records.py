@@ -94,6 +94,17 @@ def test_malformed_values_are_refused(bad):
     assert not _node_validator().validate(_signed_record(0, R.PROGRESS_KEY, bad))
 
 
+def test_a_progress_record_says_its_redo_level_only_above_zero_and_one_without_it_is_read_as_zero():
+    """Peers of the release before redo levels forbid unknown fields: the common record (level 0) stays theirs."""
+    old = {k: v for k, v in progress(state="ready").items() if k != "redo"}
+    assert _node_validator().validate(_signed_record(0, R.PROGRESS_KEY, old))
+    assert R.parse(R.KINDS[R.PROGRESS_KEY], old).redo == 0
+    assert R.parse(R.KINDS[R.PROGRESS_KEY], progress(redo=5)).redo == 5
+    for bad in (1.0, True, "1", -1, 1001, None):  # no conversions, and no level past what a manifest allows
+        assert R.parse(R.KINDS[R.PROGRESS_KEY], progress(redo=bad)) is None, bad
+        assert not _node_validator().validate(_signed_record(0, R.PROGRESS_KEY, progress(redo=bad)))
+
+
 def test_plain_values_foreign_subkeys_long_expirations_and_forged_owners_are_refused():
     v = _node_validator()
     key_id = DHTID.generate(source=R.PROGRESS_KEY).to_bytes()

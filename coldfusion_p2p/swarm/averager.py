@@ -986,7 +986,8 @@ class FusionAverager(DecentralizedAverager):
                 if time.perf_counter() - last_check > 2.0:
                     last_check = time.perf_counter()
                     died = not self.is_alive()
-                    if give_up is not None and control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up():
+                    if give_up is not None and control.stage == AveragingStage.LOOKING_FOR_GROUP and give_up() \
+                            and control.stage == AveragingStage.LOOKING_FOR_GROUP:  # give_up() may read the DHT a while
                         control.cancel()
                 time.sleep(0.02)
             while not died:  # the step ends itself (hivemind's timeouts), unless its process is gone

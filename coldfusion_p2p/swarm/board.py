@@ -172,7 +172,7 @@ class SwarmRecords:
     def set_progress(self, version: int, body_hash: str, state: str, examples: int = 0, wait: bool = False,
                      since: float | None = None, redo: int = 0) -> None:
         value = {"swarm": self.swarm, "v": int(version), "hash": body_hash, "state": state, "examples": int(examples),
-                 "t": float(since if since is not None else dht_time()), "redo": int(redo)}
+                 "t": float(since if since is not None else dht_time()), **({"redo": int(redo)} if redo else {})}
         self._store(R.PROGRESS_KEY, value, RECORD_TTL, wait=wait)
 
     def progress(self, version: int, body_hash: str) -> dict[str, R.ProgressRecord]:
