@@ -29,7 +29,7 @@ _HASH = re.compile(r"^[0-9a-f]{64}$")
 _GROUP = re.compile(r"^[0-9a-f]{2,128}$")
 _PEER = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,60}$")
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
+RSA_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 
 
 class Signer(Protocol):
@@ -61,9 +61,12 @@ def peer_id_of_public_key(ssh_public_key: bytes) -> str:
     if not isinstance(key, rsa.RSAPublicKey):
         raise ValueError("not an RSA key")
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    # libp2p's crypto.pb PublicKey{key_type: RSA (0), data: der}, serialized by hand
-    proto = b"\x08\x00\x12" + _varint(len(der)) + der
-    return _base58(b"\x12\x20" + hashlib.sha256(proto).digest())
+    return _base58(b"\x12\x20" + hashlib.sha256(rsa_key_message(der)).digest())
+
+
+def rsa_key_message(der: bytes) -> bytes:
+    """libp2p's crypto.pb PublicKey or PrivateKey {key_type: RSA (0), data: der}, serialized by hand."""
+    return b"\x08\x00\x12" + _varint(len(der)) + der
 
 
 def _varint(n: int) -> bytes:
@@ -81,7 +84,7 @@ def verify_signature(public_key: str, data: bytes, signature: str) -> bool:
         key = serialization.load_ssh_public_key(public_key.encode())
         if not isinstance(key, rsa.RSAPublicKey):
             return False
-        key.verify(base64.b64decode(signature, validate=True), data, _PSS, hashes.SHA256())
+        key.verify(base64.b64decode(signature, validate=True), data, RSA_PSS, hashes.SHA256())
         return True
     except (InvalidSignature, ValueError, TypeError):
         return False

@@ -15,12 +15,12 @@ import tempfile
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from coldfusion_p2p.certs import RSA_PSS, rsa_key_message
 from coldfusion_p2p.errors import UserError
 
 _RSA = 0  # libp2p's KeyType.RSA
-_PADDING = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 _MAX_FILE = 1 << 16  # an RSA-4096 key in DER is about 2.4 kB
 
 
@@ -45,16 +45,7 @@ class Identity:
         return self.key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
     def sign(self, data: bytes) -> str:
-        return base64.b64encode(self.key.sign(data, _PADDING, hashes.SHA256())).decode()
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
+        return base64.b64encode(self.key.sign(data, RSA_PSS, hashes.SHA256())).decode()
 
 
 def _read_varint(blob: bytes, i: int) -> tuple[int, int]:
@@ -71,7 +62,7 @@ def _read_varint(blob: bytes, i: int) -> tuple[int, int]:
 
 def encode_key_file(key: rsa.RSAPrivateKey) -> bytes:
     der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
-    return b"\x08" + _varint(_RSA) + b"\x12" + _varint(len(der)) + der
+    return rsa_key_message(der)
 
 
 def decode_key_file(blob: bytes) -> rsa.RSAPrivateKey:
