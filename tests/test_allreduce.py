@@ -322,8 +322,10 @@ def test_members_that_cut_the_vector_otherwise_fail_that_exchange_and_name_no_on
         [r["failure_reasons"] for r in results]
 
 
-@pytest.mark.parametrize("lie", ["order", "client", "forged cut"])
-def test_members_shown_another_view_of_the_group_fail_those_exchanges_and_name_no_one(tmp_path, monkeypatch, lie):
+@pytest.mark.parametrize("lie,lanes", [("order", [True, False, True]), ("client", [True, False, True]),
+                                       ("forged cut", [True, False, True]), ("order", [True, True, True])],
+                         ids=["order", "client", "forged cut", "order over lanes"])
+def test_members_shown_another_view_of_the_group_fail_those_exchanges_and_name_no_one(tmp_path, monkeypatch, lie, lanes):
     """A hostile leader can show one follower the group in another order, or another member as a client.
     Its slices are then other members' slices: as a reducer it would take parts meant for someone else,
     as a sender it would send its parts to the wrong reducers, and parts of another shape would be judged
@@ -331,7 +333,12 @@ def test_members_shown_another_view_of_the_group_fail_those_exchanges_and_name_n
     (``CUT_MARK``, in a field older peers never read), usual 512 KiB parts included, whatever the leader
     relayed: each exchange across the difference is refused without blame, the round is unclean
     everywhere, no member is named an offender, and no part of another slice reaches a sum. A member
-    that says 64 KiB of garbage there instead fares the same, and nothing crashes."""
+    that says 64 KiB of garbage there instead fares the same, and nothing crashes.
+
+    Each refused member reads the reducer's refusal itself, over p2pd (peer 1 has no lane) and over a
+    lane: a reducer that closed at once, with the member's parts still coming, reset the connection, and
+    the reset overtook the code in 17 of 44 refusals here (0 of 33 since) ("Connection reset by peer",
+    "Broken pipe": a refusal that looked like a broken link)."""
     from coldfusion_p2p.swarm import averager as A
 
     g = torch.Generator().manual_seed(31)
@@ -359,7 +366,7 @@ def test_members_shown_another_view_of_the_group_fail_those_exchanges_and_name_n
         monkeypatch.setattr(A.CanonicalAllReduceRunner, "cut", functools.cached_property(forged_cut))
         A.CanonicalAllReduceRunner.cut.__set_name__(A.CanonicalAllReduceRunner, "cut")
 
-    with three_averagers(tmp_path, inputs, "none", "t_r0_order", 3, lanes=[True, False, True], before=shuffle) as (dhts, averagers):
+    with three_averagers(tmp_path, inputs, "none", "t_r0_order", 3, lanes=lanes, before=shuffle) as (dhts, averagers):
         results, _ = step_all(averagers, 90)
         assert all(av.is_alive() for av in averagers)
     assert [r["part_bytes"] for r in results] == [A.PART_SIZE_BYTES] * 3, [r["error"] for r in results]
@@ -367,11 +374,10 @@ def test_members_shown_another_view_of_the_group_fail_those_exchanges_and_name_n
         assert not r["clean"] and r["offenders"] == {} and r["outliers"] == {}, (i, r["offenders"], r["outliers"])
         # each one's exchanges across the difference failed (with a vector this small, a pair could have none)
         assert r["failure_reasons"], (i, [(k, r.get(k)) for k in ("banned", "failed_size", "failed_reducers", "reduced_parts")])
-    # the refusal is the reducer's code, or the reset that can overtake it: a reducer that answers and closes while the
-    # sender's parts are still unread resets the connection, and the reset may discard the answer (fresh-clone CI: every
-    # failure of one run a "Connection reset by peer", clean and with no one named, as always)
-    assert any(f"sent code {A.averaging_pb2.BAD_GROUP_ID}" in why or "Connection reset" in why
-               for r in results for why in r["failure_reasons"].values()), [r["failure_reasons"] for r in results]
+    # every failure is what the reducer said (its refusal, or parts another cut made too many or too few), never a reset
+    reasons = [why for r in results for why in r["failure_reasons"].values()]
+    assert all(why.startswith("AllreduceException: ") for why in reasons), reasons
+    assert any(f"sent code {A.averaging_pb2.BAD_GROUP_ID}" in why for why in reasons), reasons
 
 
 def test_a_second_exchange_from_the_same_sender_is_refused_and_costs_the_honest_members_nothing(tmp_path, monkeypatch):
@@ -526,7 +532,7 @@ def test_over_p2pd_members_hang_up_once_they_have_every_average_and_reducers_wai
 
     waits = tmp_path / "waits.txt"
 
-    async def timed_wait(self) -> None:  # the averager processes fork from here and keep it
+    async def timed_wait(self, seconds: float) -> None:  # the averager processes fork from here and keep it
         start = time.monotonic()
         try:
             await asyncio.sleep(60.0)

@@ -699,3 +699,59 @@ def test_a_lane_takes_frames_only_as_long_as_its_groups_parts():
     assert wide == 1, wide
     assert narrow != 1 and echo.seen.count(1.0) == 1, (narrow, echo.seen)  # only the wide group's part reached the averager
     assert any(e.startswith("a frame of 262") for e in echo.ended), echo.ended  # refused for its length
+
+
+@pytest.mark.parametrize("sealed", [True, False])
+def test_a_sender_refused_midway_reads_the_refusal_and_a_sender_that_never_hangs_up_is_let_go(monkeypatch, sealed):
+    """A reducer that refuses a sender midway answers with a code and stops reading, with the sender's parts
+    still coming. Closed at once with those bytes unread, the socket was reset, and the reset threw away
+    whatever of the answers still waited in the reducer's send buffer (a sender that reads late, as a
+    client-mode member does, or a slow link): the sender saw a broken lane instead of a refusal. The
+    reducer now ends its sending side and drops what still comes until the sender hangs up: the sender
+    reads every answer, the code and the clean end. A sender that goes on sending and never hangs up is
+    let go after ``FINISH_WAIT``."""
+    monkeypatch.setattr(lane, "SEAL_LOOPBACK", sealed)
+
+    async def refuses(peer, group_id, messages):
+        for _ in range(20):  # 1.3 MB of answers, far more than the sender's small receive buffer holds
+            message = await anext(messages)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=message.tensor_part)
+        yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+
+    async def many_parts(n):
+        for i in range(n):
+            yield part(i, size=1 << 16)
+
+    async def scenario():
+        server = await served(refuses)
+        loop = asyncio.get_running_loop()
+        try:
+            port, token, key = parse_grant(server.grant(PEER, GROUP))
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, MAGIC + token)
+            channel = Channel(sock, key, outbound=True, frame_limit=1 << 20, sealed=sealed)
+            await channel.accepted()
+            answers = exchange(channel, many_parts(2000))  # far more than the socket buffers hold
+            await asyncio.sleep(0.5)  # the reducer has refused and finished long before this sender reads
+            got = [answer.code async for answer in answers]
+
+            port, token, key = parse_grant(server.grant(PEER, GROUP + b"-2"))
+            sock = await dial(port, MAGIC + token)
+            stubborn = Channel(sock, key, outbound=True, frame_limit=1 << 20, sealed=sealed)
+            await stubborn.accepted()
+            started = loop.time()
+            with contextlib.suppress(LaneError):
+                for i in range(100000):  # never reads, never hangs up: until the reducer lets it go
+                    await stubborn.send(part(i, size=1 << 16))
+            let_go = loop.time() - started
+            sock.close()
+            return got, let_go
+        finally:
+            await server.close()
+
+    got, let_go = asyncio.run(scenario())
+    assert got == [averaging_pb2.AVERAGED_PART] * 20 + [averaging_pb2.BAD_GROUP_ID], got
+    assert let_go < lane.FINISH_WAIT + 3, let_go

@@ -70,6 +70,7 @@ GRANT_TIMEOUT = 5.0  # seconds a sender waits for a grant before it takes the p2
 CONNECT_TIMEOUT = 3.0  # seconds a sender waits to connect before it takes the p2pd stream
 WRITE_TIMEOUT = 30.0  # seconds one frame may wait for the other end to read (a reducer uses its sender timeout)
 BROKEN_FOR = 600.0  # seconds a reducer whose lane cannot be reached (or is not served) is reached over p2pd only
+FINISH_WAIT = 1.0  # seconds a reducer that refused a sender reads on for it to hang up (``Channel.finish``)
 RETRY_AFTER = 60.0  # seconds before a lane is asked again after a slow grant or a connection dropped before acceptance
 # encrypt lanes over loopback too: for tests, ``bench/allreduce.py --seal-loopback``, and peers reached through a
 # plain TCP port forward on 127.0.0.1 (set CFP2P_SEAL_LOOPBACK=1)
@@ -221,6 +222,7 @@ class Channel:
         self._send_prefix, self._recv_prefix = (_TO_REDUCER, _TO_SENDER) if outbound else (_TO_SENDER, _TO_REDUCER)
         self._sent = self._received = 0
         self._frame_limit = frame_limit
+        self.ended = False  # whether the other end's end of stream has been read
 
     async def send(self, message: averaging_pb2.AveragingData | LanePart | None) -> None:
         """Send one message; None sends the end of the stream."""
@@ -284,6 +286,7 @@ class Channel:
         """The next message; None at the other end's authenticated end of stream."""
         frame = await self._receive_frame()
         if frame is None:
+            self.ended = True
             return None
         fields, raw = frame
         try:
@@ -352,6 +355,22 @@ class Channel:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             retire(self.sock)
+
+    async def finish(self, seconds: float = FINISH_WAIT) -> None:
+        """After this end's last frame, when the other end's stream is not read to its end (a reducer that
+        refused its sender): end the sending side only, and read and drop what still comes until the other
+        end hangs up, for at most ``seconds``. A socket closed with bytes unread is reset, and the reset can
+        overtake the last frames on their way: the sender then saw "Connection reset by peer" instead of
+        the reducer's code."""
+        if self.ended:
+            return
+        sink = bytearray(1 << 16)
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0:
+                if not await asyncio.wait_for(self._loop.sock_recv_into(self.sock, sink), left):
+                    break  # the other end hung up
 
 
 @dataclass
@@ -500,7 +519,7 @@ class LaneServer:
         return struct.pack(">H", self.port) + token + key
 
     async def _handle(self, sock: socket.socket) -> None:
-        lane, answers = None, None
+        lane, answers, channel, sent_end = None, None, None, False
         try:
             try:
                 hello = await asyncio.wait_for(_read_hello(sock), HELLO_TIMEOUT)
@@ -518,11 +537,15 @@ class LaneServer:
             async for answer in answers:
                 await channel.send(answer)
             await channel.send(None)
+            sent_end = True
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever a remote peer sends ends its own lane only
             logger.debug(f"a lane ended: {type(e).__name__}: {str(e)[:160]}")
         finally:
+            if sent_end:  # the handler is done (it may have refused the sender before the sender's end)
+                with contextlib.suppress(Exception):
+                    await channel.finish()  # a refused sender reads the code before the connection ends
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)  # the other end sees the end now; the task's done callback closes it
             if lane is not None:
