@@ -543,16 +543,18 @@ class LaneServer:
         except Exception as e:  # noqa: BLE001 - whatever a remote peer sends ends its own lane only
             logger.debug(f"a lane ended: {type(e).__name__}: {str(e)[:160]}")
         finally:
-            if sent_end:  # the handler is done (it may have refused the sender before the sender's end)
-                with contextlib.suppress(Exception):
-                    await channel.finish()  # a refused sender reads the code before the connection ends
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # the other end sees the end now; the task's done callback closes it
-            if lane is not None:
-                self._lanes.discard(lane)
-            if answers is not None:  # now, not when collected: the handler then bans a sender whose stream broke
-                with contextlib.suppress(Exception):
-                    await answers.aclose()
+            try:
+                if sent_end:  # the handler is done (it may have refused the sender before the sender's end)
+                    with contextlib.suppress(Exception):
+                        await channel.finish()  # a refused sender reads the code before the connection ends
+            finally:  # also when the server closes (cancelled) during that wait
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # the other end sees the end now; the task's done callback closes it
+                if lane is not None:
+                    self._lanes.discard(lane)
+                if answers is not None:  # now, not when collected: the handler then bans a sender whose stream broke
+                    with contextlib.suppress(Exception):
+                        await answers.aclose()
 
     async def close(self) -> None:
         tasks = list(self._tasks)
