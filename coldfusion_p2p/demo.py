@@ -207,8 +207,10 @@ def _before_after(console: Console, store_dir: Path, work: Path) -> None:
 
 def _summary(console: Console, peers: list[PeerView], codes: list[int], work: Path, rounds: int, seconds: float, timed_out: bool,
              stopped: set[int] = frozenset()) -> bool:
-    breakdown = Table(title="where the time went, per round (seconds, mean over peers)")
-    for col in ("version", "contributors", "finetune", "wait for group", "matchmaking", "all-reduce", "verify", "store", "hash"):
+    breakdown = Table(title="where the time went, per round (seconds, mean over peers)",
+                      caption="peers: the group's size; train: the local finetune; wait: for the group's members to be ready; "
+                              "match: matchmaking; reduce: the all-reduce")
+    for col in ("version", "peers", "train", "wait", "match", "reduce", "verify", "store", "hash"):  # fits 80 columns
         breakdown.add_column(col)
     hashes_by_version: dict[int, set[str]] = {}
     for p in peers:
@@ -226,7 +228,7 @@ def _summary(console: Console, peers: list[PeerView], codes: list[int], work: Pa
             f"v{version}", str(max(s["group_size"] for s in stats)), mean(trains),
             mean([s["gather_s"] for s in stats]), mean([s["matchmaking_s"] for s in stats]), mean([s["allreduce_s"] for s in stats]),
             mean([s["verify_s"] for s in stats]), mean([s.get("store_s", 0) for s in stats]),
-            next(iter(hashes))[:16] if len(hashes) == 1 else f"[red]{len(hashes)} different![/red]",
+            next(iter(hashes))[:8] if len(hashes) == 1 else f"[red]{len(hashes)} differ[/red]",
         )
     accuracy = Table(title="each contributor's held-out accuracy after its local finetune, by base it started from")
     accuracy.add_column("peer")
