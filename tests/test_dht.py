@@ -54,3 +54,79 @@ def test_a_child_dying_while_fetching_a_handle_prints_no_traceback():
             os.close(write)
     finally:
         sys.excepthook = previous
+
+
+async def _store_at(victim, _dht, node):
+    """Run in a plain hivemind node's DHT process: ask ``victim`` to keep records at keys that are not the protocol's."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.utils.timed_storage import get_dht_time
+
+    now = get_dht_time()
+
+    async def store(names, values, expiration, subkeys=None):
+        keys = [DHTID.generate(source=name) for name in names]
+        answer = await node.protocol.call_store(victim, keys, values, [expiration] * len(keys), subkeys)
+        return None if answer is None else list(answer)  # None: no answer at all
+
+    said = {"matchmaking": await store(["a_round.0b"], [b"\x01"], now + 15, [b"peer-1"])}  # what hivemind's averager keeps
+    said["a day"] = await store(["for_a_day"], [b"x"], now + 86400)
+    said["100 KB"] = await store(["long"], [b"x" * (100 << 10)], now + 15)
+    said["flood"] = []
+    for i in range(8):  # 8 x 16 records of 48 KB: 6 MB, for five minutes
+        said["flood"] += await store([f"flood_{i}_{j}" for j in range(16)], [b"y" * (48 << 10)] * 16, now + 300)
+    said["crumbs"] = await store([f"crumb_{j}" for j in range(256)], [b"z" * 100] * 256, now + 300)  # 64 KB: what 48 KB left
+    said["after"] = await store(["b_round.0b"], [b"\x01"], now + 15, [b"peer-2"])
+    return said
+
+
+async def _kept(names, _dht, node):
+    """Run in the victim's DHT process: which of these keys its own storage holds."""
+    from hivemind.dht.routing import DHTID
+
+    return {name: node.protocol.storage.get(DHTID.generate(source=name)) is not None for name in names}
+
+
+def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_keys(monkeypatch):
+    """hivemind keeps whatever another node asks it to store, at any key, as long and as large as asked: a
+    plain hivemind node could grow a peer's DHT process until the system ended it. A record at a key that
+    is not the protocol's is now refused when it asks for more than ``FOREIGN_TTL`` or is longer than
+    ``FOREIGN_RECORD_BYTES``, and once those taken and not yet expired reach ``FOREIGN_BYTES`` (1 MiB here):
+    the flood is cut at the budget, later records at such keys are refused until it expires, and the
+    peer's DHT goes on serving its own records."""
+    import functools
+
+    import hivemind
+
+    from coldfusion_p2p.swarm import validation
+
+    monkeypatch.setattr(validation, "FOREIGN_BYTES", 1 << 20)  # before the fork: the victim's DHT process keeps it
+    victim = swarm.start_dht()
+    outsider = None
+    try:
+        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)  # hivemind's own
+        said = outsider.run_coroutine(functools.partial(_store_at, victim.peer_id))
+        assert victim.is_alive()
+        kept = victim.run_coroutine(functools.partial(_kept, ["a_round.0b", "flood_0_0", "flood_7_15", "long"]))
+        assert victim.store("still.here", 1, swarm.dht_time() + 30)
+        assert victim.get("still.here", latest=True).value == 1
+    finally:
+        if outsider is not None:
+            outsider.shutdown()
+        swarm.stop_process(victim)
+    assert said["matchmaking"] == [True] and said["a day"] == [False] and said["100 KB"] == [False], said
+    taken = sum(said["flood"])
+    assert len(said["flood"]) == 128 and 15 <= taken <= 21, said["flood"]  # about 1 MiB of 48 KB records, then no more
+    assert said["flood"][:taken] == [True] * taken and said["after"] == [False], said
+    assert 0 < sum(said["crumbs"]) < 256, said["crumbs"]
+    assert kept == {"a_round.0b": True, "flood_0_0": True, "flood_7_15": False, "long": False}, kept
+
+
+def test_the_foreign_budget_frees_what_expired():
+    from coldfusion_p2p.swarm.validation import FOREIGN_BYTES, FOREIGN_TTL, ForeignBudget
+
+    budget = ForeignBudget()
+    assert budget.take(FOREIGN_BYTES // 2, 100.0, now=0.0) and budget.take(FOREIGN_BYTES // 2, 200.0, now=0.0)
+    assert not budget.take(1, 50.0, now=0.0)  # full
+    assert budget.take(1000, 150.0, now=101.0) and budget.used == FOREIGN_BYTES // 2 + 1000  # the first expired
+    assert not budget.take(10, 101.0 + FOREIGN_TTL + 1, now=101.0)  # too far ahead, whatever the room
+    assert budget.take(0, 160.0, now=101.0) and budget.used == FOREIGN_BYTES // 2 + 1256  # an empty one counts 256

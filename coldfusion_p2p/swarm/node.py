@@ -22,7 +22,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.errors import UserError, WorkError
 from coldfusion_p2p.identity import Identity, load_key, new_identity_file
-from coldfusion_p2p.swarm.validation import ProtocolValidator, ValidCache
+from coldfusion_p2p.swarm.validation import ProtocolValidator, ValidCache, cap_foreign_stores
 
 
 def quiet_hivemind() -> None:
@@ -234,10 +234,12 @@ class CachedSignatureValidator(RSASignatureValidator):
 
 
 class SwarmDHT(DHT):
-    """hivemind's DHT, but a request from a process that has since exited cannot kill it; it counts its requests."""
+    """hivemind's DHT, but a request from a process that has since exited cannot kill it; it counts its requests,
+    and keeps records at keys that are not the protocol's only within ``validation.ForeignBudget``."""
 
     def run(self) -> None:
         self._inner_pipe = _SturdyPipe(self._inner_pipe)
+        cap_foreign_stores()
         _count_dht_requests()
         super().run()
 

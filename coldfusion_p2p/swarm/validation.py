@@ -6,8 +6,11 @@ and expiration must be the owner's), then this one, on the value with the signat
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import heapq
 import struct
+import typing
 from typing import Callable
 
 from hivemind.dht.protocol import DHTProtocol
@@ -19,6 +22,11 @@ from hivemind.utils.timed_storage import get_dht_time
 from coldfusion_p2p import records as R
 
 VALID_CACHE_SIZE = 50_000  # records remembered as valid, per validator (32-byte digests: a few MB at most)
+# records another node asks this node to keep at keys that are not the protocol's (hivemind's matchmaking keys:
+# a few bytes each, for seconds); hivemind keeps any number of them, as large and as long as the writer asks
+FOREIGN_TTL = 600.0  # seconds: the furthest expiration such a record may ask for here
+FOREIGN_RECORD_BYTES = 64 << 10  # the longest such record (key, subkey and value)
+FOREIGN_BYTES = 16 << 20  # bytes of such records this node takes until they expire (each counted as at least 256)
 
 
 class ValidCache:
@@ -86,3 +94,62 @@ class ProtocolValidator(RecordValidatorBase):
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return isinstance(other, ProtocolValidator)  # one is enough: the keys are global
+
+
+class ForeignBudget:
+    """The bytes of records at keys that are not the protocol's that this node took and that have not expired.
+
+    hivemind's ``rpc_store`` keeps whatever another node sends, at any key, for as long as it asks: a plain
+    hivemind node could fill a peer's DHT process until the system ended it. Such a record is refused here
+    when it asks for more than ``FOREIGN_TTL`` or is longer than ``FOREIGN_RECORD_BYTES``, and once the
+    records taken and not yet expired reach ``FOREIGN_BYTES``. A flood then costs this node at most that
+    much memory, and new records at such keys (a round's matchmaking) are refused here until some of it
+    expires: degraded, not ended. Records at the protocol's keys are judged by ``ProtocolValidator``."""
+
+    def __init__(self):
+        self.used, self._expiring = 0, []  # [(expiration, bytes)]
+
+    def take(self, nbytes: int, expiration: float, now: float) -> bool:
+        while self._expiring and self._expiring[0][0] < now:
+            self.used -= heapq.heappop(self._expiring)[1]
+        nbytes = max(nbytes, 256)  # a record's own keeping costs about that much, whatever its length
+        if not expiration <= now + FOREIGN_TTL or self.used + nbytes > FOREIGN_BYTES:
+            return False
+        heapq.heappush(self._expiring, (expiration, nbytes))
+        self.used += nbytes
+        return True
+
+
+_foreign = ForeignBudget()
+
+
+def cap_foreign_stores() -> None:
+    """Put ``ForeignBudget`` before hivemind's ``rpc_store`` (called in the DHT process, before its node starts)."""
+    from hivemind.proto import dht_pb2
+
+    if getattr(DHTProtocol, "_cfp2p_capped", False):
+        return
+    original = DHTProtocol.rpc_store
+
+    async def rpc_store(self, request, context):
+        columns = (request.keys, request.subkeys, request.values, request.expiration_time, request.in_cache)
+        if len({len(c) for c in columns}) != 1:
+            return await original(self, request, context)  # hivemind refuses a request whose columns differ
+        now, taken = get_dht_time(), []
+        for key, subkey, value, expiration, _ in zip(*columns):
+            size = len(key) + len(subkey) + len(value)
+            taken.append(key in _KIND_BY_ID or (size <= FOREIGN_RECORD_BYTES and _foreign.take(size, expiration, now)))
+        if all(taken):
+            return await original(self, request, context)
+        kept = dht_pb2.StoreRequest(peer=request.peer)
+        for column, name in zip(columns, ("keys", "subkeys", "values", "expiration_time", "in_cache")):
+            getattr(kept, name).extend(item for item, ok in zip(column, taken) if ok)
+        response = await original(self, kept, context)
+        answers = iter(response.store_ok)
+        return dht_pb2.StoreResponse(store_ok=[ok and next(answers, False) for ok in taken], peer=response.peer)
+
+    functools.update_wrapper(rpc_store, original)
+    del rpc_store.__wrapped__  # hivemind registers handlers by their own (self, request, context) and type hints
+    rpc_store.__annotations__ = typing.get_type_hints(original)
+    DHTProtocol.rpc_store = rpc_store
+    DHTProtocol._cfp2p_capped = True
