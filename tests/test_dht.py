@@ -71,6 +71,11 @@ async def _store_at(victim, _dht, node):
     said = {"matchmaking": await store(["a_round.0b"], [b"\x01"], now + 15, [b"peer-1"])}  # what hivemind's averager keeps
     said["a day"] = await store(["for_a_day"], [b"x"], now + 86400)
     said["100 KB"] = await store(["long"], [b"x" * (100 << 10)], now + 15)
+    from hivemind.dht.storage import DictionaryDHTValue
+
+    whole = DictionaryDHTValue()
+    whole.store(b"sub", b"x", now + 1e7)  # a whole dictionary whose entry asks for four months, sent as if for 15 s
+    said["dictionary"] = await store(["whole"], [whole], now + 15)
     said["flood"] = []
     for i in range(8):  # 8 x 16 records of 48 KB: 6 MB, for five minutes
         said["flood"] += await store([f"flood_{i}_{j}" for j in range(16)], [b"y" * (48 << 10)] * 16, now + 300)
@@ -90,7 +95,7 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
     """hivemind keeps whatever another node asks it to store, at any key, as long and as large as asked: a
     plain hivemind node could grow a peer's DHT process until the system ended it. A record at a key that
     is not the protocol's is now refused when it asks for more than ``FOREIGN_TTL`` or is longer than
-    ``FOREIGN_RECORD_BYTES``, and once those taken and not yet expired reach ``FOREIGN_BYTES`` (1 MiB here):
+    ``FOREIGN_RECORD_BYTES`` or is a whole dictionary (whose entries name their own expirations), and once those taken and not yet expired reach ``FOREIGN_BYTES`` (1 MiB here):
     the flood is cut at the budget, later records at such keys are refused until it expires, and the
     peer's DHT goes on serving its own records."""
     import functools
@@ -106,7 +111,7 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
         outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)  # hivemind's own
         said = outsider.run_coroutine(functools.partial(_store_at, victim.peer_id))
         assert victim.is_alive()
-        kept = victim.run_coroutine(functools.partial(_kept, ["a_round.0b", "flood_0_0", "flood_7_15", "long"]))
+        kept = victim.run_coroutine(functools.partial(_kept, ["a_round.0b", "flood_0_0", "flood_7_15", "long", "whole"]))
         assert victim.store("still.here", 1, swarm.dht_time() + 30)
         assert victim.get("still.here", latest=True).value == 1
     finally:
@@ -114,11 +119,12 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
             outsider.shutdown()
         swarm.stop_process(victim)
     assert said["matchmaking"] == [True] and said["a day"] == [False] and said["100 KB"] == [False], said
+    assert said["dictionary"] == [False], said
     taken = sum(said["flood"])
     assert len(said["flood"]) == 128 and 15 <= taken <= 21, said["flood"]  # about 1 MiB of 48 KB records, then no more
     assert said["flood"][:taken] == [True] * taken and said["after"] == [False], said
     assert 0 < sum(said["crumbs"]) < 256, said["crumbs"]
-    assert kept == {"a_round.0b": True, "flood_0_0": True, "flood_7_15": False, "long": False}, kept
+    assert kept == {"a_round.0b": True, "flood_0_0": True, "flood_7_15": False, "long": False, "whole": False}, kept
 
 
 def test_the_foreign_budget_frees_what_expired():

@@ -101,7 +101,8 @@ class ForeignBudget:
 
     hivemind's ``rpc_store`` keeps whatever another node sends, at any key, for as long as it asks: a plain
     hivemind node could fill a peer's DHT process until the system ended it. Such a record is refused here
-    when it asks for more than ``FOREIGN_TTL`` or is longer than ``FOREIGN_RECORD_BYTES``, and once the
+    when it asks for more than ``FOREIGN_TTL``, is longer than ``FOREIGN_RECORD_BYTES`` or is a whole
+    dictionary (each entry has an expiration of its own, which the request's does not bound), and once the
     records taken and not yet expired reach ``FOREIGN_BYTES``. A flood then costs this node at most that
     much memory, and new records at such keys (a round's matchmaking) are refused here until some of it
     expires: degraded, not ended. Records at the protocol's keys are judged by ``ProtocolValidator``."""
@@ -138,7 +139,9 @@ def cap_foreign_stores() -> None:
         now, taken = get_dht_time(), []
         for key, subkey, value, expiration, _ in zip(*columns):
             size = len(key) + len(subkey) + len(value)
-            taken.append(key in _KIND_BY_ID or (size <= FOREIGN_RECORD_BYTES and _foreign.take(size, expiration, now)))
+            # a whole dictionary carries an expiration per entry, each as far ahead as its writer liked: never at such keys
+            taken.append(key in _KIND_BY_ID or (subkey != DHTProtocol.IS_DICTIONARY and size <= FOREIGN_RECORD_BYTES
+                                                and _foreign.take(size, expiration, now)))
         if all(taken):
             return await original(self, request, context)
         kept = dht_pb2.StoreRequest(peer=request.peer)
