@@ -79,7 +79,7 @@ async def _store_at(victim, _dht, node):
     said["flood"] = []
     for i in range(8):  # 8 x 16 records of 48 KB: 6 MB, for five minutes
         said["flood"] += await store([f"flood_{i}_{j}" for j in range(16)], [b"y" * (48 << 10)] * 16, now + 300)
-    said["crumbs"] = await store([f"crumb_{j}" for j in range(256)], [b"z" * 100] * 256, now + 300)  # 64 KB: what 48 KB left
+    said["crumbs"] = await store([f"crumb_{j}" for j in range(256)], [b"z" * 100] * 256, now + 300)  # what 48 KB left, and more
     said["after"] = await store(["b_round.0b"], [b"\x01"], now + 15, [b"peer-2"])
     return said
 
@@ -128,11 +128,11 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
 
 
 def test_the_foreign_budget_frees_what_expired():
-    from coldfusion_p2p.swarm.validation import FOREIGN_BYTES, FOREIGN_TTL, ForeignBudget
+    from coldfusion_p2p.swarm.validation import FOREIGN_BYTES, FOREIGN_RECORD_COST, FOREIGN_TTL, ForeignBudget
 
     budget = ForeignBudget()
     assert budget.take(FOREIGN_BYTES // 2, 100.0, now=0.0) and budget.take(FOREIGN_BYTES // 2, 200.0, now=0.0)
     assert not budget.take(1, 50.0, now=0.0)  # full
-    assert budget.take(1000, 150.0, now=101.0) and budget.used == FOREIGN_BYTES // 2 + 1000  # the first expired
+    assert budget.take(4000, 150.0, now=101.0) and budget.used == FOREIGN_BYTES // 2 + 4000  # the first expired
     assert not budget.take(10, 101.0 + FOREIGN_TTL + 1, now=101.0)  # too far ahead, whatever the room
-    assert budget.take(0, 160.0, now=101.0) and budget.used == FOREIGN_BYTES // 2 + 1256  # an empty one counts 256
+    assert budget.take(0, 160.0, now=101.0) and budget.used == FOREIGN_BYTES // 2 + 4000 + FOREIGN_RECORD_COST  # an empty one too
