@@ -81,6 +81,11 @@ async def _store_at(victim, _dht, node):
         said["flood"] += await store([f"flood_{i}_{j}" for j in range(16)], [b"y" * (48 << 10)] * 16, now + 300)
     said["crumbs"] = await store([f"crumb_{j}" for j in range(256)], [b"z" * 100] * 256, now + 300)  # what 48 KB left, and more
     said["after"] = await store(["b_round.0b"], [b"\x01"], now + 15, [b"peer-2"])
+    from hivemind.proto import dht_pb2
+
+    odd = dht_pb2.StoreRequest(keys=[DHTID.generate(source="odd").to_bytes()], subkeys=[node.protocol.IS_REGULAR_VALUE] * 2,
+                               values=[b"x"], expiration_time=[now + 86400], in_cache=[False], peer=node.protocol.node_info)
+    said["one more subkey"] = list((await node.protocol.get_stub(victim).rpc_store(odd, timeout=10)).store_ok)
     return said
 
 
@@ -119,7 +124,7 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
             outsider.shutdown()
         swarm.stop_process(victim)
     assert said["matchmaking"] == [True] and said["a day"] == [False] and said["100 KB"] == [False], said
-    assert said["dictionary"] == [False], said
+    assert said["dictionary"] == [False] and said["one more subkey"] == [False], said  # hivemind zips the columns
     taken = sum(said["flood"])
     assert len(said["flood"]) == 128 and 15 <= taken <= 21, said["flood"]  # about 1 MiB of 48 KB records, then no more
     assert said["flood"][:taken] == [True] * taken and said["after"] == [False], said
@@ -127,12 +132,19 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
     assert kept == {"a_round.0b": True, "flood_0_0": True, "flood_7_15": False, "long": False, "whole": False}, kept
 
 
-def test_the_foreign_budget_frees_what_expired():
-    from coldfusion_p2p.swarm.validation import FOREIGN_BYTES, FOREIGN_RECORD_COST, FOREIGN_TTL, ForeignBudget
+def test_a_store_budget_counts_what_is_held_gives_back_what_was_refused_and_frees_what_expired():
+    from coldfusion_p2p.swarm.validation import FOREIGN_RECORD_COST, StoreBudget
 
-    budget = ForeignBudget()
-    assert budget.take(FOREIGN_BYTES // 2, 100.0, now=0.0) and budget.take(FOREIGN_BYTES // 2, 200.0, now=0.0)
-    assert not budget.take(1, 50.0, now=0.0)  # full
-    assert budget.take(4000, 150.0, now=101.0) and budget.used == FOREIGN_BYTES // 2 + 4000  # the first expired
-    assert not budget.take(10, 101.0 + FOREIGN_TTL + 1, now=101.0)  # too far ahead, whatever the room
-    assert budget.take(0, 160.0, now=101.0) and budget.used == FOREIGN_BYTES // 2 + 4000 + FOREIGN_RECORD_COST  # an empty one too
+    budget, undo = StoreBudget(lambda: 8500), []
+    a, b, c = (b"a", b""), (b"b", b""), (b"c", b"")
+    assert budget.take(a, 4000, 100.0, 0.0, undo) and budget.take(b, 4000, 200.0, 0.0, undo)
+    assert not budget.take(c, 4000, 50.0, 0.0, undo) and budget.used == 8000  # full
+    assert budget.take(a, 4400, 150.0, 0.0, undo) and budget.used == 8400  # a record that replaces one replaces its count
+    budget.restore(a, undo[-1][2])  # hivemind refused it: the count before comes back
+    assert budget.used == 8000
+    for _ in range(5000):  # the same record again and again costs no room, and the heap stays small
+        assert budget.take(b, 4000, 200.0, 0.0, undo)
+    assert budget.used == 8000 and len(budget._expiring) < 3000
+    assert budget.take(c, 4000, 160.0, 101.0, undo) and budget.used == 8000  # a (expiring at 100) freed its room
+    assert budget.take((b"d", b""), 0, 160.0, 101.0, []) is False  # an empty one counts FOREIGN_RECORD_COST: no room left
+    assert FOREIGN_RECORD_COST > 8500 - 8000

@@ -235,7 +235,7 @@ class CachedSignatureValidator(RSASignatureValidator):
 
 class SwarmDHT(DHT):
     """hivemind's DHT, but a request from a process that has since exited cannot kill it; it counts its requests,
-    and keeps records at keys that are not the protocol's only within ``validation.ForeignBudget``."""
+    and keeps records only within ``validation.StoreBudget``s."""
 
     def run(self) -> None:
         self._inner_pipe = _SturdyPipe(self._inner_pipe)

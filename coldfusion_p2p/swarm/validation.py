@@ -29,6 +29,8 @@ FOREIGN_RECORD_BYTES = 64 << 10  # the longest such record (key, subkey and valu
 FOREIGN_BYTES = 16 << 20  # bytes of such records this node takes until they expire
 FOREIGN_RECORD_COST = 1024  # bytes a record is counted as at least: what keeping one costs hivemind (65,536 records of
 # 8 bytes grew a DHT process by 39 MiB)
+PROTOCOL_BYTES = 8 << 20  # bytes of records one of the protocol's kinds may hold on this node (any key can own one):
+# twice what a read can carry (p2pd answers at most 4 MiB, and a read of a kind takes all of its records at once)
 
 
 class ValidCache:
@@ -98,36 +100,70 @@ class ProtocolValidator(RecordValidatorBase):
         return isinstance(other, ProtocolValidator)  # one is enough: the keys are global
 
 
-class ForeignBudget:
-    """The bytes of records at keys that are not the protocol's that this node took and that have not expired.
+class StoreBudget:
+    """The bytes of the records at some keys that this node holds and that have not expired, by (key, subkey).
 
     hivemind's ``rpc_store`` keeps whatever another node sends, at any key, for as long as it asks: a plain
-    hivemind node could fill a peer's DHT process until the system ended it. Such a record is refused here
-    when it asks for more than ``FOREIGN_TTL``, is longer than ``FOREIGN_RECORD_BYTES`` or is a whole
-    dictionary (each entry has an expiration of its own, which the request's does not bound), and once the
-    records taken and not yet expired reach ``FOREIGN_BYTES``. A flood then costs this node at most that
-    much memory, and new records at such keys (a round's matchmaking) are refused here until some of it
-    expires: degraded, not ended. Records at the protocol's keys are judged by ``ProtocolValidator``."""
+    hivemind node could fill a peer's DHT process until the system ended it (280 MiB in 6 s here). Each
+    record taken is counted (at least ``FOREIGN_RECORD_COST``) until its expiration; a record that replaces
+    one at the same (key, subkey) replaces its count, and one hivemind then refuses is given back
+    (``restore``), so that refused or repeated stores cost no room. ``limit()``: the bytes it may hold."""
 
-    def __init__(self):
-        self.used, self._expiring = 0, []  # [(expiration, bytes)]
+    def __init__(self, limit: Callable[[], int]):
+        self.limit, self.used = limit, 0
+        self._held: dict[tuple[bytes, bytes], tuple[float, int]] = {}  # (key, subkey) -> (expiration, bytes)
+        self._expiring: list[tuple[float, bytes, bytes]] = []  # a heap; entries replaced since are skipped
 
-    def take(self, nbytes: int, expiration: float, now: float) -> bool:
+    def take(self, where: tuple[bytes, bytes], nbytes: int, expiration: float, now: float, undo: list) -> bool:
+        """Count a record at ``where`` if it fits; what it replaced goes to ``undo`` (for ``restore``)."""
         while self._expiring and self._expiring[0][0] < now:
-            self.used -= heapq.heappop(self._expiring)[1]
+            expired, key, subkey = heapq.heappop(self._expiring)
+            held = self._held.get((key, subkey))
+            if held is not None and held[0] == expired:
+                self.used -= self._held.pop((key, subkey))[1]
         nbytes = max(nbytes, FOREIGN_RECORD_COST)
-        if not expiration <= now + FOREIGN_TTL or self.used + nbytes > FOREIGN_BYTES:
+        before = self._held.get(where)
+        if self.used - (before[1] if before else 0) + nbytes > self.limit():
             return False
-        heapq.heappush(self._expiring, (expiration, nbytes))
-        self.used += nbytes
+        self.used += nbytes - (before[1] if before else 0)
+        self._held[where] = (expiration, nbytes)
+        heapq.heappush(self._expiring, (expiration, *where))
+        if len(self._expiring) > 2 * len(self._held) + 1024:  # replaced entries: rebuilt from what is held
+            self._expiring = [(exp, *w) for w, (exp, _) in self._held.items()]
+            heapq.heapify(self._expiring)
+        undo.append((self, where, before))
         return True
 
+    def restore(self, where: tuple[bytes, bytes], before: tuple[float, int] | None) -> None:
+        """Give back a record hivemind refused: ``where`` counts what it counted before ``take``."""
+        now = self._held.pop(where, None)
+        self.used -= now[1] if now else 0
+        if before is not None:
+            self._held[where] = before
+            self.used += before[1]
+            heapq.heappush(self._expiring, (before[0], *where))
 
-_foreign = ForeignBudget()
+
+_foreign = StoreBudget(lambda: FOREIGN_BYTES)
+_protocol = {key_id: StoreBudget(lambda: PROTOCOL_BYTES) for key_id in _KIND_BY_ID}  # one per kind: a flood of one
+# kind (a history record may be 2 MB, from a key minted for it) cannot crowd out the others
+
+
+def _taken(key: bytes, subkey: bytes, value: bytes, expiration: float, now: float, undo: list) -> bool:
+    """Whether this node takes one record of a store request, counted in its budget (``StoreBudget``)."""
+    size = len(key) + len(subkey) + len(value)
+    whole = subkey == DHTProtocol.IS_DICTIONARY  # a whole dictionary: each entry names its own expiration
+    kind = _KIND_BY_ID.get(key)
+    if kind is not None:  # judged by the validators; a whole one's entries at most the kind's TTL ahead
+        lasts = now + kind.ttl + R.CLOCK_SLACK if whole else expiration
+        return _protocol[key].take((key, subkey), size, lasts, now, undo)
+    # not the protocol's: hivemind's matchmaking records, a few bytes for seconds; never a whole dictionary
+    return (not whole and size <= FOREIGN_RECORD_BYTES and expiration <= now + FOREIGN_TTL
+            and _foreign.take((key, subkey), size, expiration, now, undo))
 
 
 def cap_foreign_stores() -> None:
-    """Put ``ForeignBudget`` before hivemind's ``rpc_store`` (called in the DHT process, before its node starts)."""
+    """Put ``StoreBudget`` before hivemind's ``rpc_store`` (called in the DHT process, before its node starts)."""
     from hivemind.proto import dht_pb2
 
     if getattr(DHTProtocol, "_cfp2p_capped", False):
@@ -136,22 +172,24 @@ def cap_foreign_stores() -> None:
 
     async def rpc_store(self, request, context):
         columns = (request.keys, request.subkeys, request.values, request.expiration_time, request.in_cache)
-        if len({len(c) for c in columns}) != 1:
-            return await original(self, request, context)  # hivemind refuses a request whose columns differ
-        now, taken = get_dht_time(), []
-        for key, subkey, value, expiration, _ in zip(*columns):
-            size = len(key) + len(subkey) + len(value)
-            # a whole dictionary carries an expiration per entry, each as far ahead as its writer liked: never at such keys
-            taken.append(key in _KIND_BY_ID or (subkey != DHTProtocol.IS_DICTIONARY and size <= FOREIGN_RECORD_BYTES
-                                                and _foreign.take(size, expiration, now)))
-        if all(taken):
-            return await original(self, request, context)
+        if len({len(c) for c in columns}) != 1:  # hivemind checks four of them and zips all five: refused here
+            return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=self.node_info)
+        now, taken, undo = get_dht_time(), [], []
+        for i, (key, subkey, value, expiration, _) in enumerate(zip(*columns)):
+            mark = len(undo)
+            taken.append(_taken(key, subkey, value, expiration, now, undo))
+            undo[mark:] = [(i, *u) for u in undo[mark:]]  # which record each count belongs to
         kept = dht_pb2.StoreRequest(peer=request.peer)
         for column, name in zip(columns, ("keys", "subkeys", "values", "expiration_time", "in_cache")):
             getattr(kept, name).extend(item for item, ok in zip(column, taken) if ok)
         response = await original(self, kept, context)
         answers = iter(response.store_ok)
-        return dht_pb2.StoreResponse(store_ok=[ok and next(answers, False) for ok in taken], peer=response.peer)
+        said = [ok and bool(next(answers, False)) for ok in taken]
+        refused = {i for i, (ok, stored) in enumerate(zip(taken, said)) if ok and not stored}
+        for i, budget, where, before in reversed(undo):
+            if i in refused:  # hivemind kept nothing: the count goes back
+                budget.restore(where, before)
+        return dht_pb2.StoreResponse(store_ok=said, peer=response.peer)
 
     functools.update_wrapper(rpc_store, original)
     del rpc_store.__wrapped__  # hivemind registers handlers by their own (self, request, context) and type hints
