@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import heapq
+import math
 import struct
 import typing
 from typing import Callable
@@ -114,8 +115,12 @@ class StoreBudget:
         self._held: dict[tuple[bytes, bytes], tuple[float, int]] = {}  # (key, subkey) -> (expiration, bytes)
         self._expiring: list[tuple[float, bytes, bytes]] = []  # a heap; entries replaced since are skipped
 
-    def take(self, where: tuple[bytes, bytes], nbytes: int, expiration: float, now: float, undo: list) -> bool:
-        """Count a record at ``where`` if it fits; what it replaced goes to ``undo`` (for ``restore``)."""
+    def take(self, where: tuple[bytes, bytes], nbytes: int, expiration: float, now: float) -> tuple | None:
+        """Count a record at ``where`` if it fits: (this budget, ``where``, what it replaced), what ``restore`` takes to
+        give it back; None if it does not fit, or if its expiration is not a finite number (a NaN at the top of the
+        heap would compare false with ``now`` for ever, and nothing held here would expire again)."""
+        if not math.isfinite(expiration):
+            return None
         while self._expiring and self._expiring[0][0] < now:
             expired, key, subkey = heapq.heappop(self._expiring)
             held = self._held.get((key, subkey))
@@ -124,15 +129,14 @@ class StoreBudget:
         nbytes = max(nbytes, FOREIGN_RECORD_COST)
         before = self._held.get(where)
         if self.used - (before[1] if before else 0) + nbytes > self.limit():
-            return False
+            return None
         self.used += nbytes - (before[1] if before else 0)
         self._held[where] = (expiration, nbytes)
         heapq.heappush(self._expiring, (expiration, *where))
         if len(self._expiring) > 2 * len(self._held) + 1024:  # replaced entries: rebuilt from what is held
             self._expiring = [(exp, *w) for w, (exp, _) in self._held.items()]
             heapq.heapify(self._expiring)
-        undo.append((self, where, before))
-        return True
+        return self, where, before
 
     def restore(self, where: tuple[bytes, bytes], before: tuple[float, int] | None) -> None:
         """Give back a record hivemind refused: ``where`` counts what it counted before ``take``."""
@@ -149,17 +153,18 @@ _protocol = {key_id: StoreBudget(lambda: PROTOCOL_BYTES) for key_id in _KIND_BY_
 # kind (a history record may be 2 MB, from a key minted for it) cannot crowd out the others
 
 
-def _taken(key: bytes, subkey: bytes, value: bytes, expiration: float, now: float, undo: list) -> bool:
-    """Whether this node takes one record of a store request, counted in its budget (``StoreBudget``)."""
+def _taken(key: bytes, subkey: bytes, value: bytes, expiration: float, now: float) -> tuple | None:
+    """Whether this node takes one record of a store request: its count in its budget (``StoreBudget.take``), or None."""
     size = len(key) + len(subkey) + len(value)
     whole = subkey == DHTProtocol.IS_DICTIONARY  # a whole dictionary: each entry names its own expiration
     kind = _KIND_BY_ID.get(key)
     if kind is not None:  # judged by the validators; a whole one's entries at most the kind's TTL ahead
         lasts = now + kind.ttl + R.CLOCK_SLACK if whole else expiration
-        return _protocol[key].take((key, subkey), size, lasts, now, undo)
+        return _protocol[key].take((key, subkey), size, lasts, now)
     # not the protocol's: hivemind's matchmaking records, a few bytes for seconds; never a whole dictionary
-    return (not whole and size <= FOREIGN_RECORD_BYTES and expiration <= now + FOREIGN_TTL
-            and _foreign.take((key, subkey), size, expiration, now, undo))
+    if whole or size > FOREIGN_RECORD_BYTES or not expiration <= now + FOREIGN_TTL:
+        return None
+    return _foreign.take((key, subkey), size, expiration, now)
 
 
 def cap_foreign_stores() -> None:
@@ -174,20 +179,18 @@ def cap_foreign_stores() -> None:
         columns = (request.keys, request.subkeys, request.values, request.expiration_time, request.in_cache)
         if len({len(c) for c in columns}) != 1:  # hivemind checks four of them and zips all five: refused here
             return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=self.node_info)
-        now, taken, undo = get_dht_time(), [], []
-        for i, (key, subkey, value, expiration, _) in enumerate(zip(*columns)):
-            mark = len(undo)
-            taken.append(_taken(key, subkey, value, expiration, now, undo))
-            undo[mark:] = [(i, *u) for u in undo[mark:]]  # which record each count belongs to
+        now = get_dht_time()
+        counts = [_taken(key, subkey, value, expiration, now) for key, subkey, value, expiration, _ in zip(*columns)]
+        taken = [count is not None for count in counts]
         kept = dht_pb2.StoreRequest(peer=request.peer)
         for column, name in zip(columns, ("keys", "subkeys", "values", "expiration_time", "in_cache")):
             getattr(kept, name).extend(item for item, ok in zip(column, taken) if ok)
         response = await original(self, kept, context)
         answers = iter(response.store_ok)
         said = [ok and bool(next(answers, False)) for ok in taken]
-        refused = {i for i, (ok, stored) in enumerate(zip(taken, said)) if ok and not stored}
-        for i, budget, where, before in reversed(undo):
-            if i in refused:  # hivemind kept nothing: the count goes back
+        for count, stored in reversed(list(zip(counts, said))):  # last first: one request may store one place twice
+            if count is not None and not stored:  # hivemind kept nothing: the count goes back
+                budget, where, before = count
                 budget.restore(where, before)
         return dht_pb2.StoreResponse(store_ok=said, peer=response.peer)
 
