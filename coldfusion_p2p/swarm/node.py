@@ -22,7 +22,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.errors import UserError, WorkError
 from coldfusion_p2p.identity import Identity, load_key, new_identity_file
-from coldfusion_p2p.swarm.validation import ProtocolValidator, ValidCache, cap_foreign_stores
+from coldfusion_p2p.swarm.validation import ProtocolValidator, ValidCache, budgeted_store
 
 
 def quiet_hivemind() -> None:
@@ -203,11 +203,32 @@ def _count_dht_requests() -> None:
                 async def counted(self, *args, _original=original, _label=label, **kwargs):
                     _rpc_counts[_label] += 1
                     return await _original(self, *args, **kwargs)
-            functools.update_wrapper(counted, original)
-            del counted.__wrapped__  # getfullargspec must see the wrapper's own arguments,
-            counted.__annotations__ = typing.get_type_hints(original)  # and the hints are resolved where they were written
-            setattr(DHTProtocol, prefix + kind, counted)
+            setattr(DHTProtocol, prefix + kind, _in_place_of(original, counted))
     DHTProtocol._cfp2p_counted = True
+
+
+def _in_place_of(original, wrapper):
+    """``wrapper`` dressed as ``original``, as hivemind finds its handlers: getfullargspec must see the wrapper's
+    own arguments, and the type hints are resolved where they were written."""
+    functools.update_wrapper(wrapper, original)
+    del wrapper.__wrapped__
+    wrapper.__annotations__ = typing.get_type_hints(original)
+    return wrapper
+
+
+def _budget_dht_stores() -> None:
+    """Put ``validation.budgeted_store`` in place of hivemind's ``rpc_store`` (in the DHT process, before its node starts)."""
+    from hivemind.dht.protocol import DHTProtocol
+
+    if getattr(DHTProtocol, "_cfp2p_budgeted", False):
+        return
+    original = DHTProtocol.rpc_store
+
+    async def rpc_store(self, request, context):
+        return await budgeted_store(original, self, request, context)
+
+    DHTProtocol.rpc_store = _in_place_of(original, rpc_store)
+    DHTProtocol._cfp2p_budgeted = True
 
 
 async def _read_dht_requests(_dht, _node) -> dict[str, int]:
@@ -239,7 +260,7 @@ class SwarmDHT(DHT):
 
     def run(self) -> None:
         self._inner_pipe = _SturdyPipe(self._inner_pipe)
-        cap_foreign_stores()
+        _budget_dht_stores()
         _count_dht_requests()
         super().run()
 

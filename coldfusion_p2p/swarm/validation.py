@@ -6,12 +6,10 @@ and expiration must be the owner's), then this one, on the value with the signat
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import heapq
 import math
 import struct
-import typing
 from typing import Callable
 
 from hivemind.dht.protocol import DHTProtocol
@@ -167,35 +165,25 @@ def _taken(key: bytes, subkey: bytes, value: bytes, expiration: float, now: floa
     return _foreign.take((key, subkey), size, expiration, now)
 
 
-def cap_foreign_stores() -> None:
-    """Put ``StoreBudget`` before hivemind's ``rpc_store`` (called in the DHT process, before its node starts)."""
+async def budgeted_store(original, protocol: DHTProtocol, request, context):
+    """hivemind's ``rpc_store`` (``original``) for the records of ``request`` that fit their ``StoreBudget``;
+    False for the others (``node._budget_dht_stores`` puts it in hivemind's place, in the DHT process)."""
     from hivemind.proto import dht_pb2
 
-    if getattr(DHTProtocol, "_cfp2p_capped", False):
-        return
-    original = DHTProtocol.rpc_store
-
-    async def rpc_store(self, request, context):
-        columns = (request.keys, request.subkeys, request.values, request.expiration_time, request.in_cache)
-        if len({len(c) for c in columns}) != 1:  # hivemind checks four of them and zips all five: refused here
-            return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=self.node_info)
-        now = get_dht_time()
-        counts = [_taken(key, subkey, value, expiration, now) for key, subkey, value, expiration, _ in zip(*columns)]
-        taken = [count is not None for count in counts]
-        kept = dht_pb2.StoreRequest(peer=request.peer)
-        for column, name in zip(columns, ("keys", "subkeys", "values", "expiration_time", "in_cache")):
-            getattr(kept, name).extend(item for item, ok in zip(column, taken) if ok)
-        response = await original(self, kept, context)
-        answers = iter(response.store_ok)
-        said = [ok and bool(next(answers, False)) for ok in taken]
-        for count, stored in reversed(list(zip(counts, said))):  # last first: one request may store one place twice
-            if count is not None and not stored:  # hivemind kept nothing: the count goes back
-                budget, where, before = count
-                budget.restore(where, before)
-        return dht_pb2.StoreResponse(store_ok=said, peer=response.peer)
-
-    functools.update_wrapper(rpc_store, original)
-    del rpc_store.__wrapped__  # hivemind registers handlers by their own (self, request, context) and type hints
-    rpc_store.__annotations__ = typing.get_type_hints(original)
-    DHTProtocol.rpc_store = rpc_store
-    DHTProtocol._cfp2p_capped = True
+    columns = (request.keys, request.subkeys, request.values, request.expiration_time, request.in_cache)
+    if len({len(c) for c in columns}) != 1:  # hivemind checks four of them and zips all five: refused here
+        return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=protocol.node_info)
+    now = get_dht_time()
+    counts = [_taken(key, subkey, value, expiration, now) for key, subkey, value, expiration, _ in zip(*columns)]
+    taken = [count is not None for count in counts]
+    kept = dht_pb2.StoreRequest(peer=request.peer)
+    for column, name in zip(columns, ("keys", "subkeys", "values", "expiration_time", "in_cache")):
+        getattr(kept, name).extend(item for item, ok in zip(column, taken) if ok)
+    response = await original(protocol, kept, context)
+    answers = iter(response.store_ok)
+    said = [ok and bool(next(answers, False)) for ok in taken]
+    for count, stored in reversed(list(zip(counts, said))):  # last first: one request may store one place twice
+        if count is not None and not stored:  # hivemind kept nothing: the count goes back
+            budget, where, before = count
+            budget.restore(where, before)
+    return dht_pb2.StoreResponse(store_ok=said, peer=response.peer)
