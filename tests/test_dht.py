@@ -68,7 +68,23 @@ async def _store_at(victim, _dht, node):
         answer = await node.protocol.call_store(victim, keys, values, [expiration] * len(keys), subkeys)
         return None if answer is None else list(answer)  # None: no answer at all
 
-    said = {"matchmaking": await store(["a_round.0b"], [b"\x01"], now + 15, [b"peer-1"])}  # what hivemind's averager keeps
+    from hivemind.proto import dht_pb2
+
+    async def raw(request):  # the answer's store_ok, or the error's name: hivemind raises on bytes it cannot parse
+        try:
+            return list((await node.protocol.get_stub(victim).rpc_store(request, timeout=10)).store_ok)
+        except Exception as e:  # noqa: BLE001 - what the caller sees
+            return type(e).__name__
+
+    # 1,200 records that make hivemind's rpc_store raise (a key that is no DHT ID, a subkey that is not msgpack),
+    # between two good ones: counted as 1 KB each, they would fill the 1 MiB budget while storing nothing
+    good = [DHTID.generate(source=name).to_bytes() for name in ("before_junk", "after_junk")]
+    plain = node.protocol.IS_REGULAR_VALUE
+    junk = [b"\xff" * 21] * 600 + [DHTID.generate(source=f"junk_{j}").to_bytes() for j in range(600)]
+    said = {"junk": await raw(dht_pb2.StoreRequest(
+        keys=[good[0], *junk, good[1]], subkeys=[plain] * 601 + [b"\xc1"] * 600 + [plain], values=[b"j"] * 1202,
+        expiration_time=[now + 300] * 1202, in_cache=[False] * 1202, peer=node.protocol.node_info))}
+    said["matchmaking"] = await store(["a_round.0b"], [b"\x01"], now + 15, [b"peer-1"])  # what hivemind's averager keeps
     said["a day"] = await store(["for_a_day"], [b"x"], now + 86400)
     said["100 KB"] = await store(["long"], [b"x" * (100 << 10)], now + 15)
     from hivemind.dht.storage import DictionaryDHTValue
@@ -81,8 +97,6 @@ async def _store_at(victim, _dht, node):
         said["flood"] += await store([f"flood_{i}_{j}" for j in range(16)], [b"y" * (48 << 10)] * 16, now + 300)
     said["crumbs"] = await store([f"crumb_{j}" for j in range(256)], [b"z" * 100] * 256, now + 300)  # what 48 KB left, and more
     said["after"] = await store(["b_round.0b"], [b"\x01"], now + 15, [b"peer-2"])
-    from hivemind.proto import dht_pb2
-
     odd = dht_pb2.StoreRequest(keys=[DHTID.generate(source="odd").to_bytes()], subkeys=[node.protocol.IS_REGULAR_VALUE] * 2,
                                values=[b"x"], expiration_time=[now + 86400], in_cache=[False], peer=node.protocol.node_info)
     said["one more subkey"] = list((await node.protocol.get_stub(victim).rpc_store(odd, timeout=10)).store_ok)
@@ -116,7 +130,8 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
         outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)  # hivemind's own
         said = outsider.run_coroutine(functools.partial(_store_at, victim.peer_id))
         assert victim.is_alive()
-        kept = victim.run_coroutine(functools.partial(_kept, ["a_round.0b", "flood_0_0", "flood_7_15", "long", "whole"]))
+        kept = victim.run_coroutine(functools.partial(
+            _kept, ["a_round.0b", "flood_0_0", "flood_7_15", "long", "whole", "before_junk", "after_junk", "junk_0"]))
         assert victim.store("still.here", 1, swarm.dht_time() + 30)
         assert victim.get("still.here", latest=True).value == 1
     finally:
@@ -129,7 +144,9 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
     assert len(said["flood"]) == 128 and 15 <= taken <= 21, said["flood"]  # about 1 MiB of 48 KB records, then no more
     assert said["flood"][:taken] == [True] * taken and said["after"] == [False], said
     assert 0 < sum(said["crumbs"]) < 256, said["crumbs"]
-    assert kept == {"a_round.0b": True, "flood_0_0": True, "flood_7_15": False, "long": False, "whole": False}, kept
+    assert said["junk"] == [True] + [False] * 1200 + [True], said["junk"]  # each record judged alone, none fills the budget
+    assert kept == {"a_round.0b": True, "flood_0_0": True, "flood_7_15": False, "long": False, "whole": False,
+                    "before_junk": True, "after_junk": True, "junk_0": False}, kept
 
 
 def test_a_store_budget_counts_what_is_held_gives_back_what_was_refused_and_frees_what_expired():

@@ -167,23 +167,30 @@ def _taken(key: bytes, subkey: bytes, value: bytes, expiration: float, now: floa
 
 async def budgeted_store(original, protocol: DHTProtocol, request, context):
     """hivemind's ``rpc_store`` (``original``) for the records of ``request`` that fit their ``StoreBudget``;
-    False for the others (``node._budget_dht_stores`` puts it in hivemind's place, in the DHT process)."""
+    False for the others (``node._budget_dht_stores`` puts it in hivemind's place, in the DHT process).
+
+    Each record is counted, handed to hivemind alone and given back when hivemind does not keep it. hivemind
+    raises on bytes it cannot parse (a key that is no DHT ID, a subkey that is not msgpack) and drops the rest
+    of the request with them: handed over together, the counts of a request that stored nothing stayed taken."""
     from hivemind.proto import dht_pb2
 
     columns = (request.keys, request.subkeys, request.values, request.expiration_time, request.in_cache)
     if len({len(c) for c in columns}) != 1:  # hivemind checks four of them and zips all five: refused here
         return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=protocol.node_info)
-    now = get_dht_time()
-    counts = [_taken(key, subkey, value, expiration, now) for key, subkey, value, expiration, _ in zip(*columns)]
-    taken = [count is not None for count in counts]
-    kept = dht_pb2.StoreRequest(peer=request.peer)
-    for column, name in zip(columns, ("keys", "subkeys", "values", "expiration_time", "in_cache")):
-        getattr(kept, name).extend(item for item, ok in zip(column, taken) if ok)
-    response = await original(protocol, kept, context)
-    answers = iter(response.store_ok)
-    said = [ok and bool(next(answers, False)) for ok in taken]
-    for count, stored in reversed(list(zip(counts, said))):  # last first: one request may store one place twice
-        if count is not None and not stored:  # hivemind kept nothing: the count goes back
-            budget, where, before = count
-            budget.restore(where, before)
+    # no records: what hivemind does with the sender (a ping into its routing table) is done once, not per record
+    response = await original(protocol, dht_pb2.StoreRequest(peer=request.peer), context)
+    now, said = get_dht_time(), []
+    for key, subkey, value, expiration, in_cache in zip(*columns):  # in order: one request may store one place twice
+        count, stored = _taken(key, subkey, value, expiration, now), False
+        if count is not None:
+            one = dht_pb2.StoreRequest(keys=[key], subkeys=[subkey], values=[value], expiration_time=[expiration],
+                                       in_cache=[in_cache])
+            try:  # hivemind's rpc_store awaits nothing: no other request runs between this take and its restore
+                stored = bool(next(iter((await original(protocol, one, context)).store_ok), False))
+            except Exception:  # noqa: BLE001 - bytes hivemind could not parse: this record is refused, the others go on
+                stored = False
+            if not stored:  # hivemind kept nothing: the count goes back
+                budget, where, before = count
+                budget.restore(where, before)
+        said.append(stored)
     return dht_pb2.StoreResponse(store_ok=said, peer=response.peer)
