@@ -40,7 +40,7 @@ from coldfusion_p2p.certs import (
 )
 from coldfusion_p2p.fusion import body_delta, check_delta, clip_to_norm, delta_norm, round_bound, slice_digests
 from coldfusion_p2p.membership import CLOCK_SLACK, MAX_TOKEN_BYTES, Admission, TokenError, describe, parse_token, token_problem
-from coldfusion_p2p.protocol import CommitDecision, NoShows, RoundView, VerdictView, blame, decide_commit, round_start
+from coldfusion_p2p.protocol import Absentees, CommitDecision, NoShows, RoundView, VerdictView, blame, decide_commit, round_start
 from coldfusion_p2p.store import VersionInfo, VersionStore
 from coldfusion_p2p.sync import Held, HistorySync
 from coldfusion_p2p.training import LocalTrainer, amp_dtype_for, pick_device, round_seed
@@ -163,6 +163,7 @@ class Contributor:
         self._identity_used: str | None = None
         self._role = "contributor"  # or "mirror": a second meeting point that serves and never trains (serve)
         self.no_shows = NoShows()
+        self.absentees = Absentees()  # ready peers a group formed without: not waited for a while (protocol.Absentees)
         self.offenders: dict[str, str] = {}  # peers this peer caught breaking the round's rules -> why
         self.signed_manifest: dict | None = None  # the authority's signed record, re-published by this peer
         self.authority: str | None = None
@@ -504,6 +505,7 @@ class Contributor:
             return False
         self.base = got
         self.no_shows.seen(got.contributors)
+        self.absentees.seen(got.contributors)
         self.records.announce_base(self.base.version, self.base.hash)
         self.events.emit("synced", f"synced to v{self.base.version} ({self.base.hash[:12]})", version=self.base.version, hash=self.base.hash)
         return True
@@ -813,6 +815,8 @@ class Contributor:
             expected = self._wait_for_group()
             if expected is None:
                 return "withdrawn" if self._base_withdrawn else "superseded"
+            # ready peers a group formed without lately: not waited for, their levels not followed (they may still join)
+            expected = [p for p in expected if p == me or self.absentees.waited_for(p, base.version)]
             # a peer that arrives while the group redoes an unverified all-reduce joins it at its redo level
             # (only the levels of peers known to be real: the base's makers and this peer's past group mates,
             # so that verdicts from made-up identities cannot steer it to an empty key)
@@ -856,6 +860,13 @@ class Contributor:
                 on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             self._report_refused_leaders(base.version)
+            if result is not None:
+                self.absentees.seen(result["group"])
+                gone = self.absentees.missed(sorted(set(expect) - set(result["group"]) - {me}), base.version)
+                if gone:
+                    self.events.emit("absent", f"{len(gone)} ready peer(s) this peer waited for were not in the group; not "
+                                     f"waiting for them for a while ({', '.join(p[:12] for p in gone[:3])}{', …' if len(gone) > 3 else ''})",
+                                     peers=gone[:64], version=base.version)
             if result is None:
                 if self._base_withdrawn:
                     return "withdrawn"

@@ -221,3 +221,45 @@ class NoShows:
 
     def seen(self, peers: Iterable[str]) -> None:
         self.peers.difference_update(peers)
+
+
+ABSENT_MAX_SKIP = 64  # versions: the longest a ready peer that never joins goes without being waited for
+ABSENT_MAX_PEERS = 10_000  # absentees remembered (a record from a fresh key costs its writer nothing)
+
+
+@dataclass
+class Absentees:
+    """Ready peers that a group formed without, though this peer waited for them: not waited for again for a while.
+
+    A record saying "ready" costs its writer nothing, and a leader waits for every ready peer its members wait for
+    until the end of the matchmaking time; a peer that also follows the levels its ready peers claim moved up with
+    them, a matchmaking time and a request's timeout a level. Ready records from keys that never join cost every
+    round that much for as long as they were kept up. Now a peer missed at version v is not waited for (and its
+    levels not followed) through version v + 1, nor in v's own redos; each further miss, once it was waited for
+    again, multiplies that by 4 (1, 4, 16, then ``ABSENT_MAX_SKIP`` versions), and being in a group or signing a
+    version this peer accepts ends it. It may still join whenever it comes: only the waiting is given up, so an
+    honest peer whose request came late loses at most a group it was late for."""
+
+    peers: dict[str, tuple[int, int]] = field(default_factory=dict)  # peer -> (misses, last version it is skipped in)
+
+    def missed(self, peers: Iterable[str], version: int) -> list[str]:
+        """Peers a group formed without at ``version``: the ones not already skipped there, now skipped."""
+        new = []
+        for p in peers:
+            misses, until = self.peers.get(p, (0, -1))
+            if version <= until:
+                continue
+            self.peers.pop(p, None)  # re-inserted last: the oldest entries go first when there are too many
+            self.peers[p] = (misses + 1, version + min(4 ** misses, ABSENT_MAX_SKIP))
+            new.append(p)
+        while len(self.peers) > ABSENT_MAX_PEERS:
+            self.peers.pop(next(iter(self.peers)))
+        return new
+
+    def waited_for(self, peer: str, version: int) -> bool:
+        misses, until = self.peers.get(peer, (0, -1))
+        return version > until
+
+    def seen(self, peers: Iterable[str]) -> None:
+        for p in peers:
+            self.peers.pop(p, None)

@@ -13,8 +13,9 @@ Attacks:
   plain       plain values (no subkey) at every protocol key, expiring in ten years
   phantoms    'training' progress records from 20 identities on the current base
   verdicts    'unclean' verdicts from its identities on the current round
-  levels      'ready' progress records on the current base from 4 identities, each saying it looks for its group
-              at a higher redo level each time (1 up to the highest that counts), and at levels past it
+  levels      'ready' progress records on the round the honest peers are in, twice a second, from 4 identities that
+              never join a group, each saying it looks for its group at a higher redo level each time (1 up to the
+              highest that counts), and at levels past it
   manifest    a manifest for the same swarm name with a higher serial, signed by itself
   history     history with forged versions, and metrics claiming to be the bootstrap peer
   malformed   values of every record kind that break the schema, under its own owner subkey
@@ -124,6 +125,7 @@ class Outsider:
         self.key = RSAPrivateKey()
         self.identities = [RSAPrivateKey() for _ in range(24)]
         self.level = 0  # ``attack_levels``' last level
+        self.levels: dict | None = None  # ``attack_levels``' node, and what it stored
         from hivemind.proto import crypto_pb2
 
         key_file = workdir / "outsider.key"  # its libp2p identity is the key it signs with, like any peer's
@@ -245,14 +247,29 @@ class Outsider:
         self.note("phantoms", stored=stored, version=v_cur)
 
     def attack_levels(self, v_cur, h_cur):
+        if self.levels is None:  # a node and a thread of its own: it keeps up with rounds of a second or two
+            from coldfusion_p2p.swarm import start_dht
+
+            self.levels = {"node": start_dht([self.initial_peer], ["/ip4/127.0.0.1/tcp/0"]), "stored": 0, "peers": set()}
+            threading.Thread(target=self._claim_levels, args=(self.levels,), daemon=True).start()
+        self.note("levels", stored=self.levels["stored"], level=self.level, peers=sorted(self.levels["peers"]))
+
+    def _claim_levels(self, levels: dict) -> None:
         # every honest ready peer moves up to the highest level a ready peer it waits for shows: levels that only
-        # rise, to at most 2 * max_attempts - 1 (5 by default), and no further however high the record says
-        self.level = self.level % 5 + 1
-        stored = 0
-        for ident, redo in zip(self.identities[20:], (self.level, 5, 6, 10**6)):
-            value = {"swarm": self.swarm, "v": v_cur, "hash": h_cur, "state": "ready", "examples": 64, "t": get_dht_time(), "redo": redo}
-            stored += self.store(R.PROGRESS_KEY, value, identity=ident)
-        self.note("levels", stored=stored, level=self.level, version=v_cur)
+        # rise, to at most 2 * max_attempts - 1 (5 by default), and no further however high the record says.
+        # Ready records on the round the honest peers are in, twice a second, from keys that never join a group
+        dht = levels["node"]
+        while True:
+            with contextlib.suppress(Exception):
+                v, h = max(vh for peer, vh in self.honest_bases(dht).items() if peer not in self.mine)
+                self.level = self.level % 5 + 1
+                for ident, redo in zip(self.identities[20:], (self.level, 5, 6, 10**6)):  # the last: past the records' bound
+                    value = {"swarm": self.swarm, "v": v, "hash": h, "state": "ready", "examples": 64, "t": get_dht_time(), "redo": redo}
+                    if dht.run_coroutine(functools.partial(_store_as, key=R.PROGRESS_KEY, value=value, expiration=get_dht_time() + 15,
+                                                           private_key=ident), return_future=True).result(timeout=20):
+                        levels["stored"] += 1
+                        levels["peers"].add(peer_id_of_public_key(Identity(ident).public_key.encode()))
+            time.sleep(0.5)
 
     def attack_verdicts(self, v_cur, h_cur):
         members = sorted(p for p in self.honest_bases() if p.startswith("Qm"))[:8] or [self.me]
@@ -341,6 +358,8 @@ def main() -> None:
         if outsider.leader is not None:
             outsider.leader[1].shutdown()
             outsider.leader[0].shutdown()
+        if outsider.levels is not None:
+            outsider.levels["node"].shutdown()
         if "reader" in outsider.__dict__:
             outsider.reader.shutdown()
         outsider.dht.shutdown()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coldfusion_p2p.protocol import (
-    NoShows, RoundView, VerdictView, choose_base, decide_commit, round_start, to_verify,
+    Absentees, NoShows, RoundView, VerdictView, choose_base, decide_commit, round_start, to_verify,
 )
 
 H = {c: c * 64 for c in "abcdef0123"}
@@ -86,6 +86,24 @@ def test_phantom_trainers_cost_one_window_then_are_not_waited_for():
     assert second.start and not second.missing  # the next round starts at once
     shows.seen(["ghost3"])  # a no-show that turns up ready is waited for again
     assert "ghost3" not in shows.peers and "ghost4" in shows.peers
+
+
+def test_ready_peers_that_never_join_are_not_waited_for_and_each_miss_lasts_four_times_longer():
+    absent = Absentees()
+    assert absent.missed(["ghost", "late"], 7) == ["ghost", "late"]
+    assert not absent.waited_for("ghost", 7) and not absent.waited_for("ghost", 8)  # v7's redos, and v8's round
+    assert absent.missed(["ghost"], 8) == []  # not waited for there: not missed again
+    assert absent.waited_for("ghost", 9) and absent.waited_for("bob", 7)
+    absent.seen(["late"])  # it made a group: waited for again at once, its misses forgotten
+    assert absent.waited_for("late", 8) and "late" not in absent.peers
+    assert absent.missed(["ghost"], 9) == ["ghost"]  # waited for again, missed again: 4 versions
+    assert not absent.waited_for("ghost", 13) and absent.waited_for("ghost", 14)
+    for v in (14, 31, 96, 161):  # 16, then 64 versions at most
+        assert absent.missed(["ghost"], v) == ["ghost"]
+    assert absent.peers["ghost"] == (6, 161 + 64)
+    sybils = Absentees()
+    sybils.missed((f"key{i}" for i in range(20_000)), 1)
+    assert len(sybils.peers) == 10_000 and "key19999" in sybils.peers and "key0" not in sybils.peers
 
 
 def test_a_forged_early_ready_time_does_not_stretch_or_skip_the_window():
