@@ -49,7 +49,7 @@ def main() -> None:
     from coldfusion_p2p.swarm import node as N
 
     if args.uncapped:
-        N._budget_dht_stores = lambda: None  # read when the DHT process starts
+        N._bound_dht_handlers = lambda: None  # read when the DHT process starts
     victim = swarm.start_dht()
     outsider = None
     try:

@@ -149,6 +149,54 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
                     "before_junk": True, "after_junk": True, "junk_0": False}, kept
 
 
+async def _find_at(victim, big_key, _dht, node):
+    """Run in a plain hivemind node's DHT process: ask ``victim`` to find keys, as a red-team node did."""
+    import os
+    import time
+
+    from hivemind.dht.routing import DHTID
+    from hivemind.proto import dht_pb2
+
+    async def find(keys):
+        started = time.monotonic()
+        answer = await node.protocol.get_stub(victim).rpc_find(dht_pb2.FindRequest(keys=keys, peer=node.protocol.node_info), timeout=60)
+        return [(r.type, len(r.value), len(r.nearest_peer_ids)) for r in answer.results], time.monotonic() - started
+
+    said = {"90,000 random keys": await find([os.urandom(20) for _ in range(90_000)])}
+    said["257 keys"] = await find([DHTID.generate().to_bytes() for _ in range(257)])
+    big = DHTID.generate(source=big_key).to_bytes()
+    said["one value 200 times"] = await find([big] * 200 + [DHTID.generate().to_bytes()])
+    return said
+
+
+def test_a_find_request_answers_a_bounded_number_of_keys_and_each_value_once():
+    """hivemind answers every key of a find request, with the value it holds and 20 nearest neighbours each, before
+    a byte is sent: 90,000 random keys a request from a red-team node grew a peer's DHT process to 1.8 GiB and held
+    its event loop for seconds (median 6.5 s for a local read meanwhile). A request past ``FIND_KEYS`` (256) keys
+    now gets an empty answer, and a value asked for many times in one request is sent once."""
+    import functools
+
+    import hivemind
+
+    victim = swarm.start_dht()
+    outsider = None
+    try:
+        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
+        assert victim.store("big.one", b"v" * 50_000, swarm.dht_time() + 60, return_future=True).result(timeout=30)
+        said = outsider.run_coroutine(functools.partial(_find_at, victim.peer_id, "big.one"))
+        assert victim.is_alive() and victim.get("big.one", latest=True).value == b"v" * 50_000
+    finally:
+        if outsider is not None:
+            outsider.shutdown()
+        swarm.stop_process(victim)
+    answers, seconds = said["90,000 random keys"]
+    assert answers == [] and seconds < 5, (len(answers), seconds)
+    assert said["257 keys"][0] == []
+    answers, _ = said["one value 200 times"]
+    assert len(answers) == 201 and answers[0][0] != 0 and answers[0][1] > 50_000, answers[:2]  # found, its bytes
+    assert all(t == 0 and size == 0 for t, size, _ in answers[1:]), answers[1:3]  # the repeats: not found (neighbours only)
+
+
 def test_a_store_budget_counts_what_is_held_gives_back_what_was_refused_and_frees_what_expired():
     from coldfusion_p2p.swarm.validation import FOREIGN_RECORD_COST, StoreBudget
 

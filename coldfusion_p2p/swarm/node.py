@@ -22,7 +22,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from coldfusion_p2p.errors import UserError, WorkError
 from coldfusion_p2p.identity import Identity, load_key, new_identity_file
-from coldfusion_p2p.swarm.validation import ProtocolValidator, ValidCache, budgeted_store
+from coldfusion_p2p.swarm.validation import ProtocolValidator, ValidCache, bounded_find, budgeted_store
 
 
 def quiet_hivemind() -> None:
@@ -216,18 +216,23 @@ def _in_place_of(original, wrapper):
     return wrapper
 
 
-def _budget_dht_stores() -> None:
-    """Put ``validation.budgeted_store`` in place of hivemind's ``rpc_store`` (in the DHT process, before its node starts)."""
+def _bound_dht_handlers() -> None:
+    """Put ``validation.budgeted_store`` in place of hivemind's ``rpc_store`` and ``validation.bounded_find`` in place
+    of its ``rpc_find`` (in the DHT process, before its node starts)."""
     from hivemind.dht.protocol import DHTProtocol
 
     if getattr(DHTProtocol, "_cfp2p_budgeted", False):
         return
-    original = DHTProtocol.rpc_store
+    original_store, original_find = DHTProtocol.rpc_store, DHTProtocol.rpc_find
 
     async def rpc_store(self, request, context):
-        return await budgeted_store(original, self, request, context)
+        return await budgeted_store(original_store, self, request, context)
 
-    DHTProtocol.rpc_store = _in_place_of(original, rpc_store)
+    async def rpc_find(self, request, context):
+        return await bounded_find(original_find, self, request, context)
+
+    DHTProtocol.rpc_store = _in_place_of(original_store, rpc_store)
+    DHTProtocol.rpc_find = _in_place_of(original_find, rpc_find)
     DHTProtocol._cfp2p_budgeted = True
 
 
@@ -260,7 +265,7 @@ class SwarmDHT(DHT):
 
     def run(self) -> None:
         self._inner_pipe = _SturdyPipe(self._inner_pipe)
-        _budget_dht_stores()
+        _bound_dht_handlers()
         _count_dht_requests()
         super().run()
 

@@ -28,6 +28,10 @@ FOREIGN_RECORD_BYTES = 64 << 10  # the longest such record (key, subkey and valu
 FOREIGN_BYTES = 16 << 20  # bytes of such records this node takes until they expire
 FOREIGN_RECORD_COST = 1024  # bytes a record is counted as at least: what keeping one costs hivemind (65,536 records of
 # 8 bytes grew a DHT process by 39 MiB)
+FIND_KEYS = 256  # keys one find request may ask about: hivemind's own lookups ask a few (its cache refresh 16 at most);
+# answered, 90,000 random keys a request from a red-team node grew a peer's DHT process to 1.8 GiB and held its loop for seconds
+FIND_VALUE_BYTES = 4 << 20  # bytes of values one answer carries (p2pd carries no longer answer): later found keys answer
+# as not found, each key's value goes once however often it is asked, and its nearest neighbours always
 PROTOCOL_BYTES = 8 << 20  # bytes of records one of the protocol's kinds may hold on this node (any key can own one):
 # twice what a read can carry (p2pd answers at most 4 MiB, and a read of a kind takes all of its records at once)
 
@@ -167,7 +171,7 @@ def _taken(key: bytes, subkey: bytes, value: bytes, expiration: float, now: floa
 
 async def budgeted_store(original, protocol: DHTProtocol, request, context):
     """hivemind's ``rpc_store`` (``original``) for the records of ``request`` that fit their ``StoreBudget``;
-    False for the others (``node._budget_dht_stores`` puts it in hivemind's place, in the DHT process).
+    False for the others (``node._bound_dht_handlers`` puts it in hivemind's place, in the DHT process).
 
     Each record is counted, handed to hivemind alone and given back when hivemind does not keep it. hivemind
     raises on bytes it cannot parse (a key that is no DHT ID, a subkey that is not msgpack) and drops the rest
@@ -194,3 +198,33 @@ async def budgeted_store(original, protocol: DHTProtocol, request, context):
                 budget.restore(where, before)
         said.append(stored)
     return dht_pb2.StoreResponse(store_ok=said, peer=response.peer)
+
+
+async def bounded_find(original, protocol: DHTProtocol, request, context):
+    """hivemind's ``rpc_find`` (``original``) for at most ``FIND_KEYS`` keys, each looked up once, with at most
+    ``FIND_VALUE_BYTES`` of values in the answer; a request past the key count, or with a key that is no DHT ID,
+    gets an empty answer (the caller's hivemind takes that as no answer). hivemind answers every key of a request,
+    repeated ones too, with the value found and its nearest neighbours, before a byte of it is sent."""
+    from hivemind.proto import dht_pb2
+
+    keys = list(request.keys)
+    if len(keys) > FIND_KEYS:
+        return dht_pb2.FindResponse(results=[], peer=protocol.node_info)
+    unique = list(dict.fromkeys(keys))
+    try:
+        response = await original(protocol, dht_pb2.FindRequest(keys=unique, peer=request.peer), context)
+    except Exception:  # noqa: BLE001 - bytes hivemind could not parse (a key that is no DHT ID): no answer
+        return dht_pb2.FindResponse(results=[], peer=protocol.node_info)
+    found = dict(zip(unique, response.results))
+    answer, given, spent = dht_pb2.FindResponse(peer=response.peer), set(), 0
+    for key in keys:
+        item = found[key]
+        if item.type != dht_pb2.NOT_FOUND:
+            if key in given or spent + len(item.value) > FIND_VALUE_BYTES:
+                item = dht_pb2.FindResult(type=dht_pb2.NOT_FOUND, nearest_node_ids=item.nearest_node_ids,
+                                          nearest_peer_ids=item.nearest_peer_ids)
+            else:
+                given.add(key)
+                spent += len(item.value)
+        answer.results.append(item)
+    return answer
