@@ -169,6 +169,14 @@ async def _find_at(victim, big_key, _dht, node):
     return said
 
 
+async def _keep_locally(_dht, node):
+    from hivemind.dht.routing import DHTID
+    from hivemind.utils.timed_storage import get_dht_time
+
+    return node.protocol.storage.store(DHTID.generate(source="big.one"), node.protocol.serializer.dumps(b"v" * 50_000),
+                                       get_dht_time() + 60)
+
+
 def test_a_find_request_answers_a_bounded_number_of_keys_and_each_value_once():
     """hivemind answers every key of a find request, with the value it holds and 20 nearest neighbours each, before
     a byte is sent: 90,000 random keys a request from a red-team node grew a peer's DHT process to 1.8 GiB and held
@@ -182,9 +190,9 @@ def test_a_find_request_answers_a_bounded_number_of_keys_and_each_value_once():
     outsider = None
     try:
         outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
-        assert victim.store("big.one", b"v" * 50_000, swarm.dht_time() + 60, return_future=True).result(timeout=30)
+        assert victim.run_coroutine(_keep_locally)  # a value this node holds (its own storage: no network in the way)
         said = outsider.run_coroutine(functools.partial(_find_at, victim.peer_id, "big.one"))
-        assert victim.is_alive() and victim.get("big.one", latest=True).value == b"v" * 50_000
+        assert victim.is_alive() and victim.get("big.one", latest=True).value == b"v" * 50_000  # still served
     finally:
         if outsider is not None:
             outsider.shutdown()
@@ -195,6 +203,56 @@ def test_a_find_request_answers_a_bounded_number_of_keys_and_each_value_once():
     answers, _ = said["one value 200 times"]
     assert len(answers) == 201 and answers[0][0] != 0 and answers[0][1] > 50_000, answers[:2]  # found, its bytes
     assert all(t == 0 and size == 0 for t, size, _ in answers[1:]), answers[1:3]  # the repeats: not found (neighbours only)
+
+
+async def _store_again(victim, _dht, node):
+    """Run in a plain hivemind node's DHT process: one tiny record sent again and again, and a record's older copy."""
+    import asyncio
+
+    from hivemind.dht.routing import DHTID
+    from hivemind.utils.timed_storage import get_dht_time
+
+    now, again, short = get_dht_time(), DHTID.generate(source="again"), DHTID.generate(source="short")
+    said = []
+    for _ in range(4):  # 20,000 stores of the same record
+        said += await node.protocol.call_store(victim, [again] * 5000, [b"\x01"] * 5000, [now + 300] * 5000, [b"peer-x"] * 5000)
+    said += await node.protocol.call_store(victim, [short], [b"new"], [now + 60], [b"peer-y"])
+    said += await node.protocol.call_store(victim, [short], [b"old"], [now + 1], [b"peer-y"])  # an older copy: refused
+    await asyncio.sleep(2.0)  # past the older copy's expiration
+    return said
+
+
+async def _heaps(_dht, node):
+    """Run in the victim's DHT process: its storage's heap, the dictionary's heap, and whether "short" is still held."""
+    from hivemind.dht.routing import DHTID
+
+    storage = node.protocol.storage
+    again, short = storage.get(DHTID.generate(source="again")), storage.get(DHTID.generate(source="short"))
+    return len(storage.expiration_heap), len(again.value.expiration_heap), short is not None and len(short.value) == 1
+
+
+def test_a_record_sent_again_and_again_leaves_no_trace_and_an_older_copy_cuts_no_record_short():
+    """hivemind's storage pushed an entry on its expiration heap at every store, also one it refused, kept until that
+    entry's expiration (a red-team node grew a peer's DHT process by about 200 MiB a minute with one tiny record sent
+    again and again), and pointed the key at the refused entry: the record held was deleted at the older copy's
+    expiration. In our DHT processes a refused store now leaves storage as it was."""
+    import functools
+
+    import hivemind
+
+    victim = swarm.start_dht()
+    outsider = None
+    try:
+        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
+        said = outsider.run_coroutine(functools.partial(_store_again, victim.peer_id))
+        heap, entries, short_held = victim.run_coroutine(_heaps)
+    finally:
+        if outsider is not None:
+            outsider.shutdown()
+        swarm.stop_process(victim)
+    assert said[0] and not any(said[1:20_000]) and said[20_000] and not said[20_001], said[:3]
+    assert entries <= 2 and heap <= 8, (heap, entries)  # was 20,000 entries for one record
+    assert short_held  # the refused older copy did not take the record with it at its expiration
 
 
 def test_a_store_budget_counts_what_is_held_gives_back_what_was_refused_and_frees_what_expired():

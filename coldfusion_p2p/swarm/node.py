@@ -233,7 +233,47 @@ def _bound_dht_handlers() -> None:
 
     DHTProtocol.rpc_store = _in_place_of(original_store, rpc_store)
     DHTProtocol.rpc_find = _in_place_of(original_find, rpc_find)
+    _store_without_ghosts()
     DHTProtocol._cfp2p_budgeted = True
+
+
+def _store_without_ghosts() -> None:
+    """hivemind's ``TimedStorage.store``, as the DHT's storage (records, and each dictionary's entries) uses it, without
+    its two faults. It pushed an entry on its expiration heap at every call, also for a store it then refused (an
+    expiration no later than the one held), and such entries left the heap only at their own expiration: a red-team
+    node sending one tiny record again and again grew a peer's DHT process by about 200 MiB a minute (each record
+    passes the store budget: it replaces its own count). And it pointed the key at that refused entry, so the record
+    held was deleted at the refused, earlier expiration: a replayed older record of any peer cut its current one
+    short. Now a refused store leaves storage as it was, and the heap is rebuilt when replaced entries pile up."""
+    import heapq
+
+    from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
+    from hivemind.utils.timed_storage import HeapEntry, TimedStorage, ValueWithExpiration, get_dht_time
+
+    original = TimedStorage.store
+    if getattr(original, "_cfp2p", False):
+        return
+
+    def store(self, key, value, expiration_time) -> bool:
+        if not isinstance(self, (DHTLocalStorage, DictionaryDHTValue)):  # hivemind's other queues keep their ways
+            return original(self, key, value, expiration_time)
+        if expiration_time < get_dht_time() and not self.frozen:
+            return False
+        held = self.data.get(key)
+        if held is not None and held.expiration_time >= expiration_time:
+            return False
+        self.key_to_heap[key] = entry = HeapEntry(expiration_time, key)
+        heapq.heappush(self.expiration_heap, entry)
+        self.data[key] = ValueWithExpiration(value, expiration_time)
+        if len(self.expiration_heap) > 2 * len(self.key_to_heap) + 1024:  # entries of replaced records: rebuilt
+            self.expiration_heap = list(self.key_to_heap.values())
+            heapq.heapify(self.expiration_heap)
+        if held is None:
+            self._remove_outdated()
+        return True
+
+    store._cfp2p = True
+    TimedStorage.store = store
 
 
 async def _read_dht_requests(_dht, _node) -> dict[str, int]:
