@@ -22,8 +22,8 @@ def test_dht_survives_a_request_whose_sender_exited():
         child.join(10)
         time.sleep(2.0)  # the DHT reads the request and fails to fetch the handle
         assert dht.is_alive()
-        assert dht.store("still.here", 1, swarm.dht_time() + 30)
-        assert dht.get("still.here", latest=True).value == 1
+        assert dht.store("still.here", True, swarm.dht_time() + 30, subkey=b"peer")  # a matchmaking record's shape
+        assert dht.get("still.here", latest=True).value[b"peer"].value is True
     finally:
         swarm.stop_process(dht)
 
@@ -59,16 +59,16 @@ def test_a_child_dying_while_fetching_a_handle_prints_no_traceback():
 async def _store_at(victim, _dht, node):
     """Run in a plain hivemind node's DHT process: ask ``victim`` to keep records at keys that are not the protocol's."""
     from hivemind.dht.routing import DHTID
+    from hivemind.proto import dht_pb2
+    from hivemind.utils.serializer import MSGPackSerializer
     from hivemind.utils.timed_storage import get_dht_time
 
-    now = get_dht_time()
+    now, looking = get_dht_time(), MSGPackSerializer.dumps(True)  # what hivemind's matchmaking keeps at such keys
 
     async def store(names, values, expiration, subkeys=None):
         keys = [DHTID.generate(source=name) for name in names]
         answer = await node.protocol.call_store(victim, keys, values, [expiration] * len(keys), subkeys)
         return None if answer is None else list(answer)  # None: no answer at all
-
-    from hivemind.proto import dht_pb2
 
     async def raw(request):  # the answer's store_ok, or the error's name: hivemind raises on bytes it cannot parse
         try:
@@ -76,29 +76,28 @@ async def _store_at(victim, _dht, node):
         except Exception as e:  # noqa: BLE001 - what the caller sees
             return type(e).__name__
 
-    # 1,200 records that make hivemind's rpc_store raise (a key that is no DHT ID, a subkey that is not msgpack),
-    # between two good ones: counted as 1 KB each, they would fill the 1 MiB budget while storing nothing
+    # 1,200 records that make hivemind's rpc_store raise (a key that is no DHT ID), between two good ones: counted
+    # as 1 KB each, they would fill the 1 MiB budget while storing nothing
     good = [DHTID.generate(source=name).to_bytes() for name in ("before_junk", "after_junk")]
-    plain = node.protocol.IS_REGULAR_VALUE
-    junk = [b"\xff" * 21] * 600 + [DHTID.generate(source=f"junk_{j}").to_bytes() for j in range(600)]
+    peer = MSGPackSerializer.dumps(b"peer-z")
     said = {"junk": await raw(dht_pb2.StoreRequest(
-        keys=[good[0], *junk, good[1]], subkeys=[plain] * 601 + [b"\xc1"] * 600 + [plain], values=[b"j"] * 1202,
+        keys=[good[0], *[b"\xff" * 21] * 1200, good[1]], subkeys=[peer] * 1202, values=[looking] * 1202,
         expiration_time=[now + 300] * 1202, in_cache=[False] * 1202, peer=node.protocol.node_info))}
-    said["matchmaking"] = await store(["a_round.0b"], [b"\x01"], now + 15, [b"peer-1"])  # what hivemind's averager keeps
-    said["a day"] = await store(["for_a_day"], [b"x"], now + 86400)
-    said["100 KB"] = await store(["long"], [b"x" * (100 << 10)], now + 15)
+    said["matchmaking"] = await store(["a_round.0b"], [looking], now + 15, [b"peer-1"])
+    said["a day"] = await store(["for_a_day"], [looking], now + 86400, [b"peer-1"])
+    said["not a bool"] = await store(["long"], [b"x" * (10 << 10)], now + 15, [b"peer-1"])
+    said["plain"] = await store(["plain"], [looking], now + 15)
     from hivemind.dht.storage import DictionaryDHTValue
 
     whole = DictionaryDHTValue()
-    whole.store(b"sub", b"x", now + 1e7)  # a whole dictionary whose entry asks for four months, sent as if for 15 s
+    whole.store(b"sub", looking, now + 1e7)  # a whole dictionary whose entry asks for four months, sent as if for 15 s
     said["dictionary"] = await store(["whole"], [whole], now + 15)
     said["flood"] = []
-    for i in range(8):  # 8 x 16 records of 48 KB: 6 MB, for five minutes
-        said["flood"] += await store([f"flood_{i}_{j}" for j in range(16)], [b"y" * (48 << 10)] * 16, now + 300)
-    said["crumbs"] = await store([f"crumb_{j}" for j in range(256)], [b"z" * 100] * 256, now + 300)  # what 48 KB left, and more
-    said["after"] = await store(["b_round.0b"], [b"\x01"], now + 15, [b"peer-2"])
-    odd = dht_pb2.StoreRequest(keys=[DHTID.generate(source="odd").to_bytes()], subkeys=[node.protocol.IS_REGULAR_VALUE] * 2,
-                               values=[b"x"], expiration_time=[now + 86400], in_cache=[False], peer=node.protocol.node_info)
+    for i in range(8):  # 8 x 256 records, each counted as 1 KB: 2 MiB, for five minutes
+        said["flood"] += await store([f"flood_{i}_{j}" for j in range(256)], [looking] * 256, now + 300, [b"peer-2"] * 256)
+    said["after"] = await store(["b_round.0b"], [looking], now + 15, [b"peer-2"])
+    odd = dht_pb2.StoreRequest(keys=[DHTID.generate(source="odd").to_bytes()], subkeys=[peer] * 2, values=[looking],
+                               expiration_time=[now + 60], in_cache=[False], peer=node.protocol.node_info)
     said["one more subkey"] = list((await node.protocol.get_stub(victim).rpc_store(odd, timeout=10)).store_ok)
     return said
 
@@ -113,10 +112,11 @@ async def _kept(names, _dht, node):
 def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_keys(monkeypatch):
     """hivemind keeps whatever another node asks it to store, at any key, as long and as large as asked: a
     plain hivemind node could grow a peer's DHT process until the system ended it. A record at a key that
-    is not the protocol's is now refused when it asks for more than ``FOREIGN_TTL`` or is longer than
-    ``FOREIGN_RECORD_BYTES`` or is a whole dictionary (whose entries name their own expirations), and once those taken and not yet expired reach ``FOREIGN_BYTES`` (1 MiB here):
-    the flood is cut at the budget, later records at such keys are refused until it expires, and the
-    peer's DHT goes on serving its own records."""
+    is not the protocol's is now refused unless it is shaped as hivemind's matchmaking keeps it (a peer id's
+    bytes as subkey, True or False, for at most ``FOREIGN_TTL``), or when it is a whole dictionary (whose
+    entries name their own expirations), and once those taken and not yet expired reach ``FOREIGN_BYTES``
+    (1 MiB here, each record counted as at least 1 KB): the flood is cut at the budget, later records at
+    such keys are refused until it expires, and the peer's DHT goes on serving its own records."""
     import functools
 
     import hivemind
@@ -131,22 +131,21 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
         said = outsider.run_coroutine(functools.partial(_store_at, victim.peer_id))
         assert victim.is_alive()
         kept = victim.run_coroutine(functools.partial(
-            _kept, ["a_round.0b", "flood_0_0", "flood_7_15", "long", "whole", "before_junk", "after_junk", "junk_0"]))
-        assert victim.store("still.here", 1, swarm.dht_time() + 30)
-        assert victim.get("still.here", latest=True).value == 1
+            _kept, ["a_round.0b", "flood_0_0", "flood_7_255", "long", "whole", "before_junk", "after_junk"]))
+        assert victim.store("still.here", True, swarm.dht_time() + 30, subkey=b"peer")
+        assert victim.get("still.here", latest=True).value[b"peer"].value is True
     finally:
         if outsider is not None:
             outsider.shutdown()
         swarm.stop_process(victim)
-    assert said["matchmaking"] == [True] and said["a day"] == [False] and said["100 KB"] == [False], said
+    assert said["matchmaking"] == [True] and said["a day"] == said["not a bool"] == said["plain"] == [False], said
     assert said["dictionary"] == [False] and said["one more subkey"] == [False], said  # hivemind zips the columns
     taken = sum(said["flood"])
-    assert len(said["flood"]) == 128 and 15 <= taken <= 21, said["flood"]  # about 1 MiB of 48 KB records, then no more
-    assert said["flood"][:taken] == [True] * taken and said["after"] == [False], said
-    assert 0 < sum(said["crumbs"]) < 256, said["crumbs"]
+    assert len(said["flood"]) == 2048 and 1000 <= taken <= 1024, taken  # 1 MiB of records counted as 1 KB, then no more
+    assert said["flood"][:taken] == [True] * taken and said["after"] == [False], said["after"]
     assert said["junk"] == [True] + [False] * 1200 + [True], said["junk"]  # each record judged alone, none fills the budget
-    assert kept == {"a_round.0b": True, "flood_0_0": True, "flood_7_15": False, "long": False, "whole": False,
-                    "before_junk": True, "after_junk": True, "junk_0": False}, kept
+    assert kept == {"a_round.0b": True, "flood_0_0": True, "flood_7_255": False, "long": False, "whole": False,
+                    "before_junk": True, "after_junk": True}, kept
 
 
 async def _find_at(victim, big_key, _dht, node):
@@ -212,12 +211,15 @@ async def _store_again(victim, _dht, node):
     from hivemind.dht.routing import DHTID
     from hivemind.utils.timed_storage import get_dht_time
 
+    from hivemind.utils.serializer import MSGPackSerializer
+
     now, again, short = get_dht_time(), DHTID.generate(source="again"), DHTID.generate(source="short")
+    yes, no = MSGPackSerializer.dumps(True), MSGPackSerializer.dumps(False)  # matchmaking records
     said = []
     for _ in range(4):  # 20,000 stores of the same record
-        said += await node.protocol.call_store(victim, [again] * 5000, [b"\x01"] * 5000, [now + 300] * 5000, [b"peer-x"] * 5000)
-    said += await node.protocol.call_store(victim, [short], [b"new"], [now + 60], [b"peer-y"])
-    said += await node.protocol.call_store(victim, [short], [b"old"], [now + 1], [b"peer-y"])  # an older copy: refused
+        said += await node.protocol.call_store(victim, [again] * 5000, [yes] * 5000, [now + 300] * 5000, [b"peer-x"] * 5000)
+    said += await node.protocol.call_store(victim, [short], [yes], [now + 60], [b"peer-y"])
+    said += await node.protocol.call_store(victim, [short], [no], [now + 1], [b"peer-y"])  # an older copy: refused
     await asyncio.sleep(2.0)  # past the older copy's expiration
     return said
 
@@ -253,6 +255,57 @@ def test_a_record_sent_again_and_again_leaves_no_trace_and_an_older_copy_cuts_no
     assert said[0] and not any(said[1:20_000]) and said[20_000] and not said[20_001], said[:3]
     assert entries <= 2 and heap <= 8, (heap, entries)  # was 20,000 entries for one record
     assert short_held  # the refused older copy did not take the record with it at its expiration
+
+
+async def _hold_junk(_dht, node):
+    """Run in a plain hivemind node's DHT process: hold 2,000 entries at a matchmaking-like key, expiring in three
+    years, and a matchmaking record at another, to answer other nodes' lookups with."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.utils.serializer import MSGPackSerializer
+    from hivemind.utils.timed_storage import get_dht_time
+
+    now, looking = get_dht_time(), MSGPackSerializer.dumps(True)
+    junk = DHTID.generate(source="a_round.0b")
+    for i in range(2000):
+        node.protocol.storage.store_subkey(junk, f"junk-{i}".encode(), b"j" * 100, now + 3 * 365 * 86400)
+    return node.protocol.storage.store_subkey(DHTID.generate(source="b_round.0b"), b"peer-1", looking, now + 30)
+
+
+async def _held(names, _dht, node):
+    """Run in the victim's DHT process: the entries its storage and cache hold at these keys."""
+    from hivemind.dht.routing import DHTID
+
+    out = {}
+    for name in names:
+        key = DHTID.generate(source=name)
+        out[name] = sum(len(found.value) for found in (node.protocol.storage.get(key), node.protocol.cache.get(key))
+                        if found is not None and hasattr(found.value, "__len__"))
+    return out
+
+
+def test_answers_to_a_peers_own_lookups_at_other_keys_take_only_matchmaking_records():
+    """A peer's lookups at hivemind's matchmaking keys merged whatever the answering node sent into what the peer
+    holds, unchecked (a red-team node answered each with 20,000 new entries expiring in three years: +200 MiB in a
+    minute). Now a record at a key that is not the protocol's is refused, stored or found, unless it is shaped as
+    matchmaking keeps it, and hivemind drops such an answer whole."""
+    import functools
+
+    import hivemind
+
+    victim = swarm.start_dht()
+    outsider = None
+    try:
+        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
+        assert outsider.run_coroutine(_hold_junk)
+        junk = victim.get("a_round.0b", latest=True)
+        honest = victim.get("b_round.0b", latest=True)
+        held = victim.run_coroutine(functools.partial(_held, ["a_round.0b", "b_round.0b"]))
+    finally:
+        if outsider is not None:
+            outsider.shutdown()
+        swarm.stop_process(victim)
+    assert junk is None and held["a_round.0b"] == 0, (None if junk is None else len(junk.value), held)
+    assert honest is not None and honest.value[b"peer-1"].value is True  # a matchmaking record is still found
 
 
 def test_a_store_budget_counts_what_is_held_gives_back_what_was_refused_and_frees_what_expired():

@@ -113,10 +113,15 @@ def test_plain_values_foreign_subkeys_long_expirations_and_forged_owners_are_ref
     assert not v.validate(_signed_record(0, R.PROGRESS_KEY, progress(), subkey="QmSomePeer"))  # not an owner subkey
     assert not v.validate(_signed_record(0, R.PROGRESS_KEY, progress(), ttl=10 * 365 * 86400))  # years ahead
     assert not v.validate(_signed_record(0, R.PROGRESS_KEY, progress(), signer_index=1))  # signed by someone else
-    # keys that are not the protocol's are not ours to judge
-    other = DHTRecord(DHTID.generate(source="someone.else").to_bytes(), DHTProtocol.IS_REGULAR_VALUE, MSGPackSerializer.dumps(5),
-                      get_dht_time() + 1e6)
-    assert v.validate(other)
+    # at keys that are not the protocol's: hivemind's matchmaking records only (a peer id's bytes, True or False, minutes)
+    other, now = DHTID.generate(source="someone.else").to_bytes(), get_dht_time()
+    peer = MSGPackSerializer.dumps(b"\x12\x20" + b"p" * 32)
+    assert v.validate(DHTRecord(other, peer, MSGPackSerializer.dumps(True), now + 10))
+    assert v.validate(DHTRecord(other, peer, MSGPackSerializer.dumps(False), now + 10))
+    for subkey, value, expiration in ((DHTProtocol.IS_REGULAR_VALUE, True, now + 10), (peer, 5, now + 10), (peer, True, now + 1e6),
+                                      (peer, b"x" * 100, now + 10), (MSGPackSerializer.dumps("text"), True, now + 10),
+                                      (MSGPackSerializer.dumps(b"p" * 129), True, now + 10), (b"\xc1", True, now + 10)):
+        assert not v.validate(DHTRecord(other, subkey, MSGPackSerializer.dumps(value), expiration)), (subkey, value, expiration)
 
 
 def test_metrics_must_name_their_owner():

@@ -72,11 +72,12 @@ _KIND_BY_ID = {DHTID.generate(source=key).to_bytes(): kind for key, kind in R.KI
 
 class ProtocolValidator(RecordValidatorBase):
     """Refuses, at the protocol's keys: a plain value (no subkey), a subkey that is not an owner
-    subkey, an expiration beyond the record's TTL, and a value that is not exactly its schema.
+    subkey, an expiration beyond the record's TTL, and a value that is not exactly its schema; at other keys,
+    anything but hivemind's matchmaking records (``_matchmaking_shaped``).
 
     A DHT key holds either one plain value or a dictionary, and a plain value with a later expiration
     replaces the whole dictionary: without this, one record could erase or freeze a round's records
-    for as long as its writer asked. Records at other keys are not ours to judge.
+    for as long as its writer asked. At other keys only matchmaking records are kept.
     """
 
     def __init__(self):
@@ -85,7 +86,7 @@ class ProtocolValidator(RecordValidatorBase):
     def validate(self, record: DHTRecord) -> bool:
         kind = _KIND_BY_ID.get(record.key)
         if kind is None:
-            return True
+            return _matchmaking_shaped(record)
         return self._valid.valid(record, lambda r: self._check(kind, r))
 
     @staticmethod
@@ -101,6 +102,28 @@ class ProtocolValidator(RecordValidatorBase):
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return isinstance(other, ProtocolValidator)  # one is enough: the keys are global
+
+
+_LOOKING = (MSGPackSerializer.dumps(True), MSGPackSerializer.dumps(False))
+MATCHMAKING_SUBKEY_BYTES = 128  # a peer id's bytes (34 for the RSA keys peers use)
+
+
+def _matchmaking_shaped(record: DHTRecord) -> bool:
+    """Whether a record at a key that is not the protocol's is what hivemind's matchmaking keeps there (the only
+    records the swarm writes at such keys): a peer id's bytes as subkey, True or False ("looking for a group") as value,
+    for at most ``FOREIGN_TTL``. Any other record there is refused, stored or found: answers to this node's own
+    lookups were merged, unchecked, into what it holds (a red-team node answered each matchmaking lookup with 20,000
+    new entries expiring in three years, and a peer's DHT process grew by 200 MiB in a minute); hivemind drops an
+    answer for a key whole when one of its records is refused."""
+    if record.value not in _LOOKING or not record.expiration_time <= get_dht_time() + FOREIGN_TTL:
+        return False
+    if record.subkey in DHTProtocol.RESERVED_SUBKEYS or len(record.subkey) > MATCHMAKING_SUBKEY_BYTES + 2:
+        return False
+    try:
+        subkey = MSGPackSerializer.loads(record.subkey)
+    except Exception:  # noqa: BLE001 - bytes that do not even decode
+        return False
+    return isinstance(subkey, bytes) and 0 < len(subkey) <= MATCHMAKING_SUBKEY_BYTES
 
 
 class StoreBudget:
