@@ -308,6 +308,54 @@ def test_answers_to_a_peers_own_lookups_at_other_keys_take_only_matchmaking_reco
     assert honest is not None and honest.value[b"peer-1"].value is True  # a matchmaking record is still found
 
 
+async def _ping_as_many(victim, _dht, node):
+    """Run in a plain hivemind node's DHT process: 2,000 matchmaking records for the victim to hold, then 500 pings,
+    each naming a fresh node id for the same peer."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.proto import dht_pb2
+    from hivemind.utils.serializer import MSGPackSerializer
+    from hivemind.utils.timed_storage import get_dht_time
+
+    keys = [DHTID.generate(source=f"held_{i}") for i in range(2000)]
+    stored = await node.protocol.call_store(victim, keys, [MSGPackSerializer.dumps(True)] * 2000, [get_dht_time() + 300] * 2000,
+                                            [b"peer-h"] * 2000)
+    stub = node.protocol.get_stub(victim)
+    for _ in range(500):
+        await stub.rpc_ping(dht_pb2.PingRequest(peer=dht_pb2.NodeInfo(node_id=DHTID.generate().to_bytes()), validate=False), timeout=10)
+    return sum(stored)
+
+
+async def _table(_dht, node):
+    """Run in the victim's DHT process: node ids in its routing table, and how often it offered a peer its records."""
+    from coldfusion_p2p.swarm import node as N
+
+    return len(node.protocol.routing_table.uid_to_peer_id), getattr(N, "_offers", None)
+
+
+def test_one_peer_holds_one_place_in_a_routing_table_and_is_offered_records_once_in_a_while():
+    """A request names its sender's node id, and hivemind took every id a peer named as a new node: a red-team node
+    pinging with a fresh id each time grew a peer's routing table by 40,842 entries (about 65 MiB a minute), and for
+    each new id hivemind walked the whole of its storage to offer the newcomer records (with 15,000 records held, the
+    peer's DHT answered 20 to 30 s late). Now a peer id holds one node id, and is offered records once in a while."""
+    import functools
+
+    import hivemind
+
+    victim = swarm.start_dht()
+    outsider = None
+    try:
+        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
+        held = outsider.run_coroutine(functools.partial(_ping_as_many, victim.peer_id))
+        entries, offers = victim.run_coroutine(_table)
+        assert victim.is_alive()
+    finally:
+        if outsider is not None:
+            outsider.shutdown()
+        swarm.stop_process(victim)
+    assert held >= 1000, held  # the records the walk would go over were there
+    assert entries <= 2 and offers is not None and offers <= 2, (entries, offers)  # was 501 node ids, and 501 walks
+
+
 def test_a_store_budget_counts_what_is_held_gives_back_what_was_refused_and_frees_what_expired():
     from coldfusion_p2p.swarm.validation import FOREIGN_RECORD_COST, StoreBudget
 
