@@ -860,13 +860,6 @@ class Contributor:
                 on_allreduce=self._allreduce_started,
             )  # long enough to still be looking when peers that waited out the last verdicts arrive
             self._report_refused_leaders(base.version)
-            if result is not None:
-                self.absentees.seen(result["group"])
-                gone = self.absentees.missed(sorted(set(expect) - set(result["group"]) - {me}), base.version)
-                if gone:
-                    self.events.emit("absent", f"{len(gone)} ready peer(s) this peer waited for were not in the group; not "
-                                     f"waiting for them for a while ({', '.join(p[:12] for p in gone[:3])}{', …' if len(gone) > 3 else ''})",
-                                     peers=gone[:64], version=base.version)
             if result is None:
                 if self._base_withdrawn:
                     return "withdrawn"
@@ -882,6 +875,12 @@ class Contributor:
                     # (not on a move: a level claimed mid-step must not bring back a member that just failed the group)
                 self._set_phase("ready", examples, redo)
                 continue
+            self.absentees.seen(result["group"])
+            gone = self.absentees.missed(sorted(set(expect) - set(result["group"]) - {me}), base.version)
+            if gone:
+                self.events.emit("absent", f"{len(gone)} ready peer(s) this peer waited for were not in the group; not "
+                                 f"waiting for them for a while ({', '.join(p[:12] for p in gone[:3])}{', …' if len(gone) > 3 else ''})",
+                                 peers=gone[:64], version=base.version)
             for peer, far in result.get("outliers", {}).items():
                 self.events.emit("outlier", f"peer {peer[:12]}'s delta is {far:g}x further from the {self.strategy.name} result than the median member's",
                                  peer=peer, distance=far)

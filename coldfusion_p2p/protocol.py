@@ -257,8 +257,7 @@ class Absentees:
         return new
 
     def waited_for(self, peer: str, version: int) -> bool:
-        misses, until = self.peers.get(peer, (0, -1))
-        return version > until
+        return version > self.peers.get(peer, (0, -1))[1]
 
     def seen(self, peers: Iterable[str]) -> None:
         for p in peers:
