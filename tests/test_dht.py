@@ -1,5 +1,6 @@
 """The DHT process survives a client that dies mid-request (hivemind 1.1.12 crashed on it)."""
 
+import contextlib
 import multiprocessing as mp
 import os
 import sys
@@ -54,6 +55,23 @@ def test_a_child_dying_while_fetching_a_handle_prints_no_traceback():
             os.close(write)
     finally:
         sys.excepthook = previous
+
+
+@contextlib.contextmanager
+def _victim_and_outsider():
+    """A peer's DHT node (``swarm.start_dht``: its validators, budgets and bounds) and a plain hivemind node joined to
+    it (hivemind's own, with fresh keys: what an outsider runs); both ended on the way out."""
+    import hivemind
+
+    victim = swarm.start_dht()
+    outsider = None
+    try:
+        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
+        yield victim, outsider
+    finally:
+        if outsider is not None:
+            outsider.shutdown()
+        swarm.stop_process(victim)
 
 
 async def _store_at(victim, _dht, node):
@@ -119,25 +137,16 @@ def test_a_plain_hivemind_node_cannot_fill_a_peers_dht_with_records_at_other_key
     such keys are refused until it expires, and the peer's DHT goes on serving its own records."""
     import functools
 
-    import hivemind
-
     from coldfusion_p2p.swarm import validation
 
     monkeypatch.setattr(validation, "FOREIGN_BYTES", 1 << 20)  # before the fork: the victim's DHT process keeps it
-    victim = swarm.start_dht()
-    outsider = None
-    try:
-        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)  # hivemind's own
+    with _victim_and_outsider() as (victim, outsider):
         said = outsider.run_coroutine(functools.partial(_store_at, victim.peer_id))
         assert victim.is_alive()
         kept = victim.run_coroutine(functools.partial(
             _kept, ["a_round.0b", "flood_0_0", "flood_7_255", "long", "whole", "before_junk", "after_junk"]))
         assert victim.store("still.here", True, swarm.dht_time() + 30, subkey=b"peer")
         assert victim.get("still.here", latest=True).value[b"peer"].value is True
-    finally:
-        if outsider is not None:
-            outsider.shutdown()
-        swarm.stop_process(victim)
     assert said["matchmaking"] == [True] and said["a day"] == said["not a bool"] == said["plain"] == [False], said
     assert said["dictionary"] == [False] and said["one more subkey"] == [False], said  # hivemind zips the columns
     taken = sum(said["flood"])
@@ -183,19 +192,10 @@ def test_a_find_request_answers_a_bounded_number_of_keys_and_each_value_once():
     now gets an empty answer, and a value asked for many times in one request is sent once."""
     import functools
 
-    import hivemind
-
-    victim = swarm.start_dht()
-    outsider = None
-    try:
-        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
+    with _victim_and_outsider() as (victim, outsider):
         assert victim.run_coroutine(_keep_locally)  # a value this node holds (its own storage: no network in the way)
         said = outsider.run_coroutine(functools.partial(_find_at, victim.peer_id, "big.one"))
         assert victim.is_alive() and victim.get("big.one", latest=True).value == b"v" * 50_000  # still served
-    finally:
-        if outsider is not None:
-            outsider.shutdown()
-        swarm.stop_process(victim)
     answers, seconds = said["90,000 random keys"]
     assert answers == [] and seconds < 5, (len(answers), seconds)
     assert said["257 keys"][0] == []
@@ -240,18 +240,9 @@ def test_a_record_sent_again_and_again_leaves_no_trace_and_an_older_copy_cuts_no
     expiration. In our DHT processes a refused store now leaves storage as it was."""
     import functools
 
-    import hivemind
-
-    victim = swarm.start_dht()
-    outsider = None
-    try:
-        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
+    with _victim_and_outsider() as (victim, outsider):
         said = outsider.run_coroutine(functools.partial(_store_again, victim.peer_id))
         heap, entries, short_held = victim.run_coroutine(_heaps)
-    finally:
-        if outsider is not None:
-            outsider.shutdown()
-        swarm.stop_process(victim)
     assert said[0] and not any(said[1:20_000]) and said[20_000] and not said[20_001], said[:3]
     assert entries <= 2 and heap <= 8, (heap, entries)  # was 20,000 entries for one record
     assert short_held  # the refused older copy did not take the record with it at its expiration
@@ -290,20 +281,11 @@ def test_answers_to_a_peers_own_lookups_at_other_keys_take_only_matchmaking_reco
     matchmaking keeps it, and hivemind drops such an answer whole."""
     import functools
 
-    import hivemind
-
-    victim = swarm.start_dht()
-    outsider = None
-    try:
-        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
+    with _victim_and_outsider() as (victim, outsider):
         assert outsider.run_coroutine(_hold_junk)
         junk = victim.get("a_round.0b", latest=True)
         honest = victim.get("b_round.0b", latest=True)
         held = victim.run_coroutine(functools.partial(_held, ["a_round.0b", "b_round.0b"]))
-    finally:
-        if outsider is not None:
-            outsider.shutdown()
-        swarm.stop_process(victim)
     assert junk is None and held["a_round.0b"] == 0, (None if junk is None else len(junk.value), held)
     assert honest is not None and honest.value[b"peer-1"].value is True  # a matchmaking record is still found
 
@@ -339,19 +321,10 @@ def test_one_peer_holds_one_place_in_a_routing_table_and_is_offered_records_once
     peer's DHT answered 20 to 30 s late). Now a peer id holds one node id, and is offered records once in a while."""
     import functools
 
-    import hivemind
-
-    victim = swarm.start_dht()
-    outsider = None
-    try:
-        outsider = hivemind.DHT(initial_peers=[str(a) for a in victim.get_visible_maddrs()], start=True)
+    with _victim_and_outsider() as (victim, outsider):
         held = outsider.run_coroutine(functools.partial(_ping_as_many, victim.peer_id))
         entries, offers = victim.run_coroutine(_table)
         assert victim.is_alive()
-    finally:
-        if outsider is not None:
-            outsider.shutdown()
-        swarm.stop_process(victim)
     assert held >= 1000, held  # the records the walk would go over were there
     assert entries <= 2 and offers is not None and offers <= 2, (entries, offers)  # was 501 node ids, and 501 walks
 
