@@ -13,7 +13,7 @@ Attacks:
   plain       plain values (no subkey) at every protocol key, expiring in ten years
   phantoms    'training' progress records from 20 identities on the current base
   verdicts    'unclean' verdicts from its identities on the current round
-  levels      'ready' progress records on the round the honest peers are in, twice a second, from 4 identities that
+  levels      'ready' progress records on the round the honest peers are in, once a second, from 4 identities that
               never join a group, each saying it looks for its group at a higher redo level each time (1 up to the
               highest that counts), and at levels past it
   manifest    a manifest for the same swarm name with a higher serial, signed by itself
@@ -257,7 +257,7 @@ class Outsider:
     def _claim_levels(self, levels: dict) -> None:
         # every honest ready peer moves up to the highest level a ready peer it waits for shows: levels that only
         # rise, to at most 2 * max_attempts - 1 (5 by default), and no further however high the record says.
-        # Ready records on the round the honest peers are in, twice a second, from keys that never join a group
+        # Ready records on the round the honest peers are in, once a second, from keys that never join a group
         dht = levels["node"]
         while True:
             with contextlib.suppress(Exception):
@@ -269,7 +269,7 @@ class Outsider:
                                                            private_key=ident), return_future=True).result(timeout=20):
                         levels["stored"] += 1
                         levels["peers"].add(peer_id_of_public_key(Identity(ident).public_key.encode()))
-            time.sleep(0.5)
+            time.sleep(1.0)  # a look a second (records last 15 s): the peers' rounds, and the other attacks, go on beside it
 
     def attack_verdicts(self, v_cur, h_cur):
         members = sorted(p for p in self.honest_bases() if p.startswith("Qm"))[:8] or [self.me]
