@@ -172,6 +172,7 @@ async def _find_at(victim, big_key, _dht, node):
 
     said = {"90,000 random keys": await find([os.urandom(20) for _ in range(90_000)])}
     said["257 keys"] = await find([DHTID.generate().to_bytes() for _ in range(257)])
+    said["a key that is no DHT ID"] = await find([DHTID.generate().to_bytes(), b"\xff" * 21])  # hivemind raised on it
     big = DHTID.generate(source=big_key).to_bytes()
     said["one value 200 times"] = await find([big] * 200 + [DHTID.generate().to_bytes()])
     return said
@@ -198,7 +199,7 @@ def test_a_find_request_answers_a_bounded_number_of_keys_and_each_value_once():
         assert victim.is_alive() and victim.get("big.one", latest=True).value == b"v" * 50_000  # still served
     answers, seconds = said["90,000 random keys"]
     assert answers == [] and seconds < 5, (len(answers), seconds)
-    assert said["257 keys"][0] == []
+    assert said["257 keys"][0] == [] and said["a key that is no DHT ID"][0] == []
     answers, _ = said["one value 200 times"]
     assert len(answers) == 201 and answers[0][0] != 0 and answers[0][1] > 50_000, answers[:2]  # found, its bytes
     assert all(t == 0 and size == 0 for t, size, _ in answers[1:]), answers[1:3]  # the repeats: not found (neighbours only)
