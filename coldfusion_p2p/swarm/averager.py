@@ -667,6 +667,9 @@ class FusionAverager(DecentralizedAverager):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         peer = peer_str(context.remote_id)
+        if not self._may_follow(peer):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
+            return
         try:
             async for response in super().rpc_join_group(request, context):
                 if response.code == averaging_pb2.ACCEPTED:  # a follower now: whom it waits for, parsed once
@@ -678,6 +681,20 @@ class FusionAverager(DecentralizedAverager):
             if self._join_expects.get(peer, (None,))[0] is request:
                 del self._join_expects[peer]
                 self._complete_for = None
+
+    def _may_follow(self, peer: str) -> bool:
+        """Whether this peer, as a leader, takes ``peer`` in: a ready peer of its round (``_expect``), or one that a
+        follower it took in waits for, where that follower is such a ready peer itself (its view is newer than this
+        peer's, which was read when the attempt began). Any peer, where this round names none (a view too long
+        for a group).
+
+        hivemind's leader takes anyone that knows the round's key, and a stranger taken in spoiled the group's
+        all-reduce for every member: its slice never averaged, or its parts never read until the reducers' timeout
+        (red team, a plain hivemind node with a fresh identity after each refusal: 17 commits a minute down to 8).
+        A follower refuses a stranger as its leader the same way (``guarded_join``)."""
+        if not self._expect or peer in self._expect:
+            return True
+        return any(peer in (seen or ()) for who, (_, seen) in list(self._join_expects.items()) if who in self._expect)
 
     async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
                                  ) -> AsyncIterator[averaging_pb2.AveragingData]:
@@ -822,6 +839,8 @@ class FusionAverager(DecentralizedAverager):
         an empty answer refuses it, and the caller sends its parts over p2pd."""
         group_id = request.metadata
         if self._lane_server is None or not 0 < len(group_id) <= 64 or peer_str(context.remote_id) in self._excluded:
+            return averaging_pb2.DownloadData()
+        if self._expect and not self._in_a_group(context.remote_id):  # a stranger's call waits for no group (red team)
             return averaging_pb2.DownloadData()
         if group_id not in self._running_groups:  # the leader's answer with the group id may still be on its way here
             with contextlib.suppress(asyncio.TimeoutError):
