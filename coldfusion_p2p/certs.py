@@ -243,6 +243,7 @@ class CertChain:
         self._signers: dict[tuple[int, str], int] = {(0, v0_hash): 0}  # linked versions -> signatures counted
         self._plain: dict[tuple[int, str], int] = {}  # -> signatures that count without any revocation line
         self._leans: dict[tuple[int, str], frozenset] = {}  # -> revoked signers counted on the strength of their line
+        self._valid: dict[tuple[int, str], frozenset[str]] = {}  # -> the members whose signatures on it are valid
         self._pending: set[tuple[int, str]] = set()  # linked, not accepted: waiting for a line's version
 
     def accepts(self, version: int, body_hash: str) -> bool:
@@ -254,6 +255,16 @@ class CertChain:
 
     def certificate(self, version: int, body_hash: str) -> Certificate | None:
         return self._certs.get((version, body_hash)) if self.accepts(version, body_hash) else None
+
+    def recent_signers(self, version: int, body_hash: str, depth: int) -> frozenset[str]:
+        """The members whose signatures are valid on (version, hash) or on its ``depth - 1`` nearest ancestors: the
+        peers that made this line lately (``protocol.Newcomers``). Empty for v0 and for a version not linked."""
+        out: set[str] = set()
+        for i, key in enumerate(self._down((version, body_hash))):
+            if i >= depth:
+                break
+            out |= self._valid.get(key, frozenset())
+        return frozenset(out)
 
     def links(self, version: int, body_hash: str) -> bool:
         """Whether (version, hash) is linked: accepted, or waiting for a revocation line's version."""
@@ -298,6 +309,7 @@ class CertChain:
         self._certs[key] = cert
         self._signers[key] = len(result.signers)
         self._plain[key] = len(result.signers) - len(leaning)
+        self._valid[key] = frozenset(result.signers)
         if leaning:
             self._leans[key] = leaning
         return None
@@ -332,6 +344,7 @@ class CertChain:
 
     def _forget(self, key: tuple[int, str]) -> None:
         del self._certs[key], self._signers[key], self._plain[key]
+        self._valid.pop(key, None)
         self._leans.pop(key, None)
         self._pending.discard(key)
 

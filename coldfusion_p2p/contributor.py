@@ -40,7 +40,8 @@ from coldfusion_p2p.certs import (
 )
 from coldfusion_p2p.fusion import body_delta, check_delta, clip_to_norm, delta_norm, round_bound, slice_digests
 from coldfusion_p2p.membership import CLOCK_SLACK, MAX_TOKEN_BYTES, Admission, TokenError, describe, parse_token, token_problem
-from coldfusion_p2p.protocol import Absentees, CommitDecision, NoShows, RoundView, VerdictView, blame, decide_commit, round_start
+from coldfusion_p2p.protocol import (NEWCOMER_DEPTH, Absentees, CommitDecision, Newcomers, NoShows, RoundView, VerdictView, blame,
+                                     decide_commit, newcomers_to_blame, round_start)
 from coldfusion_p2p.store import VersionInfo, VersionStore
 from coldfusion_p2p.sync import Held, HistorySync
 from coldfusion_p2p.training import LocalTrainer, amp_dtype_for, pick_device, round_seed
@@ -171,7 +172,7 @@ class Contributor:
         self._base_norm: tuple[str, float] | None = None
         self._body_module = None  # the body module of the last round, refilled with each new base (model.refill_body_module)
         self._first_seen: dict[tuple[int, str], dict[str, float]] = {}  # base -> peer -> when its ready record was first seen
-        self._group_mates: set[str] = set()  # peers this one ran an all-reduce with
+        self.newcomers = Newcomers()  # whether groups take peers new to the base's recent history (protocol.Newcomers)
         self._leaders_refused: tuple[int, set[str]] = (-1, set())  # (round's base version, leaders reported refused in it)
         self.token: dict | None = None  # this peer's membership token (private swarms)
         self.admission = Admission()  # who may take part; open unless the manifest says otherwise
@@ -802,6 +803,10 @@ class Contributor:
         weight, delta = self._contribution(delta, examples, bound)
         redo, failures = 0, 0
         suspects: set[str] = set()  # members this peer saw fail it in this round: left out of its redos
+        # the peers that made this base's line lately: a group's members that are not among them are newcomers
+        known = self.history.chain.recent_signers(base.version, base.hash, NEWCOMER_DEPTH) - {me}
+        mates: set[str] = set()  # members of this round's groups that no check named: their verdicts' levels count
+        told_left_out = False
         if self.admission.private:  # a revocation published since the last heartbeat applies to this round already
             try:
                 self._refresh_manifest(publish=False)
@@ -817,13 +822,24 @@ class Contributor:
                 return "withdrawn" if self._base_withdrawn else "superseded"
             # ready peers a group formed without lately: not waited for, their levels not followed (they may still join)
             expected = [p for p in expected if p == me or self.absentees.waited_for(p, base.version)]
+            # after a newcomer spoiled a group: newcomers are not waited for, taken in as a leader, or followed (their
+            # levels neither), where the known ready peers can form a group without them (protocol.Newcomers)
+            left_out = sorted(set(expected) - known - {me})
+            if left_out and not self.newcomers.admitted(base.version) and len(expected) - len(left_out) >= r.min_group_size:
+                expected = [p for p in expected if p not in left_out]
+                if not told_left_out:
+                    told_left_out = True
+                    self.events.emit("newcomers", f"leaving out {len(left_out)} ready peer(s) new to the swarm's recent history on "
+                                     f"v{base.version}: a group with a newcomer failed lately; newcomers are taken again from "
+                                     f"v{self.newcomers.until + 1}", peers=left_out[:64], until=self.newcomers.until, why="left out")
+            else:
+                left_out = []
             # a peer that arrives while the group redoes an unverified all-reduce joins it at its redo level
-            # (only the levels of peers known to be real: the base's makers and this peer's past group mates,
-            # so that verdicts from made-up identities cannot steer it to an empty key)
-            known = set(base.contributors) | self._group_mates
+            # (only the levels of peers known to be real: the base's line's recent makers and this round's group
+            # mates that no check named, so that verdicts from made-up identities cannot steer it to an empty key)
             top = self._top_level()
             levels = [min(v.redo + 1, top) for p, v in self.records.verdicts(base.version, base.hash).items()
-                      if p != me and p in known and v.redo <= top]
+                      if p != me and (p in known or p in mates) and v.redo <= top]
             # and at the level each ready peer it waits for looks for its group at (its progress record): a member
             # that never learnt it was in a group (a leader's answer lost on the way) found "no group", and so
             # stayed at the old key while the others redid at the next one, each side waiting for the other until
@@ -844,7 +860,7 @@ class Contributor:
             expect = sorted(set(expected) - excluded)
             expect = expect if len(expect) <= MAX_GROUP else []  # a view a group cannot hold: the whole time
             self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size,
-                                    rules=rules, excluded=sorted(excluded), expect=expect)
+                                    rules=rules, excluded=sorted(excluded), expect=expect, left_out=left_out)
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
                     t.copy_(d)
@@ -875,12 +891,20 @@ class Contributor:
                     # (not on a move: a level claimed mid-step must not bring back a member that just failed the group)
                 self._set_phase("ready", examples, redo)
                 continue
-            self.absentees.seen(result["group"])
             gone = self.absentees.missed(sorted(set(expect) - set(result["group"]) - {me}), base.version)
             if gone:
                 self.events.emit("absent", f"{len(gone)} ready peer(s) this peer waited for were not in the group; not "
                                  f"waiting for them for a while ({', '.join(p[:12] for p in gone[:3])}{', …' if len(gone) > 3 else ''})",
                                  peers=gone[:64], version=base.version)
+                # a newcomer's ready record that brings no peer costs every round a matchmaking time (red team: a fresh
+                # key's record each round, 12.7 commits a minute down to 7.0): a strike as a spoiled group is
+                absent_newcomers = sorted(set(gone) - known)
+                guard = self.newcomers.spoiled(base.version) if absent_newcomers else 0
+                if guard:
+                    self.events.emit("newcomers", f"{len(absent_newcomers)} newcomer(s) this peer waited for on v{base.version} never "
+                                     f"came: not waiting for newcomers for the next {guard} version(s)", peers=absent_newcomers[:64],
+                                     until=self.newcomers.until, why="absent")
+                    told_left_out = True
             for peer, far in result.get("outliers", {}).items():
                 self.events.emit("outlier", f"peer {peer[:12]}'s delta is {far:g}x further from the {self.strategy.name} result than the median member's",
                                  peer=peer, distance=far)
@@ -911,7 +935,6 @@ class Contributor:
                 new_hash = M.hash_body(new_body)
             clean = bool(result["clean"]) and check.ok
             group, group_id = result["group"], result["group_id"]
-            self._group_mates.update(set(group) - set(self.offenders))
             why_unclean = result.get("error") or (f"incomplete all-reduce (failed {result['failed_size']} values, banned {len(result['banned'])} "
                                                   f"sender(s), {len(result.get('offenders', {}))} offender(s))"
                                                   + "".join(f"; {why}" for why in list(result.get("failure_reasons", {}).values())[:1])
@@ -939,6 +962,7 @@ class Contributor:
             # a new version never counts a revoked peer's signature, whatever its line (that is for history)
             admitted = (lambda peer, token, version: self.admission.signed_by_member(peer, token)) if self.admission.private else None
             if decision.action == "commit" and check_certificate(signed, self.manifest.name, r.min_group_size, admitted).ok:
+                self.absentees.seen(group)
                 self._commit(new_body, new_hash, signed, decision, redo, result, new_norm,
                              {"gather_s": t_gather, "matchmaking_s": t_match, "allreduce_s": t_allreduce, "verify_s": t_verify,
                               "verdicts_s": t_verdicts})
@@ -956,7 +980,17 @@ class Contributor:
             dissent, silent = set(decision.dissent), set(decision.silent)
             if decision.dissent and digests:
                 dissent, silent = self._blame(redo, group, group_id, digests, new_hash, decision)
-            suspects |= (set(result.get("failed_reducers", [])) | set(result.get("banned", [])) | dissent | silent) - {me}
+            blamed = (set(result.get("failed_reducers", [])) | set(result.get("banned", [])) | dissent | silent) - {me}
+            suspects |= blamed
+            self.absentees.seen(set(group) - blamed)  # the members that came and were not to blame
+            mates |= set(group) - blamed - set(self.offenders)
+            spoilers = newcomers_to_blame(group, blamed, known, me)
+            guard = self.newcomers.spoiled(base.version) if spoilers else 0
+            if guard:  # the next attempt leaves them out (``left_out``), where the known peers can form a group alone
+                self.events.emit("newcomers", f"a group with {len(spoilers)} newcomer(s) to blame failed on v{base.version}: leaving "
+                                 f"newcomers out of this round's redos and the next {guard} version(s)", peers=spoilers[:64],
+                                 until=self.newcomers.until, why="spoiled")
+                told_left_out = True
             redo = min(redo + 1, self._top_level())  # past the top, the next attempt meets at the top key again
             failures += 1
             self._set_phase("ready", examples, redo)

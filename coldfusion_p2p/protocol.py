@@ -262,3 +262,53 @@ class Absentees:
     def seen(self, peers: Iterable[str]) -> None:
         for p in peers:
             self.peers.pop(p, None)
+
+
+NEWCOMER_DEPTH = 32  # versions back whose signers count as known peers (``CertChain.recent_signers``)
+NEWCOMER_MAX_GUARD = 16  # versions: the longest a peer leaves newcomers out after a newcomer spoiled its group
+NEWCOMER_FORGET = 16  # versions without a spoil after which one strike is forgotten
+
+
+@dataclass
+class Newcomers:
+    """Whether this peer takes *newcomers* (ready peers that signed none of the last ``NEWCOMER_DEPTH`` versions of
+    its base's line) into its groups.
+
+    In an open swarm a ready record costs its writer one key: an outsider that signed one for a fresh key on each
+    round, joined a group and stalled its all-reduce spoiled about two groups a minute (red team: 12.7 commits a
+    minute down to 4.1); leaving the stalled key out of its round's redos did not help, the next key was fresh. So a
+    group that failed where a newcomer was to blame (or where nobody could be named) is a *strike*: newcomers are
+    then left out of this version's redos and of the next 1, 4, then ``NEWCOMER_MAX_GUARD`` versions (4 ** (strikes
+    - 1)). The first version after that takes newcomers again, on probation: another spoil adds a strike. One strike
+    is forgotten per ``NEWCOMER_FORGET`` versions with none. An outsider with any number of keys so costs the swarm
+    at most one spoiled attempt per ``NEWCOMER_MAX_GUARD`` + 1 versions, and an honest swarm without spoils never
+    leaves anyone out. Its price: while an attack goes on, honest newcomers wait through the guard too."""
+
+    strikes: int = 0
+    until: int = -1  # the last version in which newcomers are left out
+    last: int = -1  # the version of the last strike
+
+    def admitted(self, version: int) -> bool:
+        return version > self.until
+
+    def spoiled(self, version: int) -> int:
+        """A group with a newcomer to blame failed at ``version``: how many versions after it newcomers are left out
+        (0 if they already are: a second failure in a guarded version adds no strike)."""
+        if not self.admitted(version):
+            return 0
+        if self.last >= 0:
+            self.strikes = max(0, self.strikes - (version - self.last) // NEWCOMER_FORGET)
+        self.strikes, self.last = self.strikes + 1, version
+        self.until = version + min(4 ** (self.strikes - 1), NEWCOMER_MAX_GUARD)
+        return self.until - version
+
+
+def newcomers_to_blame(group: Iterable[str], blamed: Iterable[str], known: set[str] | frozenset[str], me: str) -> list[str]:
+    """The newcomers of a failed group that count as a strike (``Newcomers``): those blamed for it, or every newcomer
+    in it when nobody could be named (a stall names no one where all its parts time out alike). Known peers to
+    blame are no newcomers' fault: a group that failed on them alone is no strike."""
+    newcomers = sorted(set(group) - set(known) - {me})
+    blamed = set(blamed) - {me}
+    if not blamed:
+        return newcomers
+    return sorted(blamed & set(newcomers))

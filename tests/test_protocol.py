@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coldfusion_p2p.protocol import (
-    Absentees, NoShows, RoundView, VerdictView, choose_base, decide_commit, round_start, to_verify,
+    Absentees, Newcomers, NoShows, RoundView, VerdictView, choose_base, decide_commit, newcomers_to_blame, round_start, to_verify,
 )
 
 H = {c: c * 64 for c in "abcdef0123"}
@@ -104,6 +104,31 @@ def test_ready_peers_that_never_join_are_not_waited_for_and_each_miss_lasts_four
     sybils = Absentees()
     sybils.missed((f"key{i}" for i in range(20_000)), 1)
     assert len(sybils.peers) == 10_000 and "key19999" in sybils.peers and "key0" not in sybils.peers
+
+
+def test_newcomers_are_left_out_after_each_spoil_for_longer_and_taken_again_on_probation():
+    guard = Newcomers()
+    assert all(guard.admitted(v) for v in range(100))  # a swarm where no newcomer ever spoiled leaves no one out
+    assert guard.spoiled(3) == 1 and not guard.admitted(3) and not guard.admitted(4) and guard.admitted(5)
+    assert guard.spoiled(4) == 0 and guard.strikes == 1  # a failure while they are left out is no newcomer's
+    assert guard.spoiled(5) == 4 and not guard.admitted(9) and guard.admitted(10)  # on probation at v5: spoiled again
+    assert guard.spoiled(10) == 16 and guard.spoiled(27) == 16 and guard.strikes == 3  # never longer than 16 (a strike
+    # is forgotten per 16 versions: one spoil per 17 versions holds it there)
+    # one spoiled attempt per 17 versions at most, however many keys the spoiler has
+    spoils = [v for v in range(27, 300) if guard.admitted(v) and guard.spoiled(v)]
+    assert len(spoils) <= (300 - 27) // 17 + 1 and all(b - a == 17 for a, b in zip(spoils, spoils[1:]))
+    calm = Newcomers()
+    calm.spoiled(1), calm.spoiled(3)  # two strikes: four versions
+    assert calm.strikes == 2 and calm.spoiled(3 + 16 * 2) == 1  # 32 quiet versions forget both: one version again
+
+
+def test_a_failed_group_is_a_newcomers_strike_only_where_a_newcomer_is_to_blame_or_nobody_could_be_named():
+    known = {"ann", "bob"}
+    assert newcomers_to_blame(["me", "ann", "bob", "new"], ["new"], known, "me") == ["new"]
+    assert newcomers_to_blame(["me", "ann", "bob", "new"], ["bob"], known, "me") == []  # a known member failed it
+    assert newcomers_to_blame(["me", "ann", "new", "x"], [], known, "me") == ["new", "x"]  # a stall that names no one
+    assert newcomers_to_blame(["me", "ann", "bob"], [], known, "me") == []  # no newcomer in it
+    assert newcomers_to_blame(["me", "new"], ["me", "new"], known, "me") == ["new"]  # a peer never blames itself
 
 
 def test_a_forged_early_ready_time_does_not_stretch_or_skip_the_window():

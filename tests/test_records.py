@@ -174,6 +174,20 @@ def test_chain_accepts_only_versions_whose_parent_it_accepts():
     assert [c.version for c in chain.lineage(2, H2)] == [1, 2]
 
 
+def test_the_recent_signers_of_a_line_are_its_valid_signers_within_the_depth_and_on_that_line_only():
+    chain = CertChain("s", H0, 2)
+    v1 = _cert(members=PEERS[:3], signers=(0, 1))  # peer 2 is a member that did not sign: not one of the makers
+    v1 = v1.with_signature(PEERS[3], IDS[3].public_key, sign_certificate(v1, PEERS[3], IDS[3]))  # nor a non-member that did
+    assert chain.add(v1) is None
+    assert chain.add(_cert(version=2, parent=H1, new=H2, members=(PEERS[1], PEERS[3]), signers=(1, 3))) is None
+    fork = _cert(version=2, parent=H1, new="f" * 64, members=(PEERS[0], PEERS[2]), signers=(0, 2))
+    assert chain.add(fork) is None
+    assert chain.recent_signers(2, H2, 8) == {PEERS[0], PEERS[1], PEERS[3]}
+    assert chain.recent_signers(2, H2, 1) == {PEERS[1], PEERS[3]}  # only v2's own
+    assert chain.recent_signers(2, "f" * 64, 8) == {PEERS[0], PEERS[1], PEERS[2]}  # the other branch's
+    assert chain.recent_signers(0, H0, 8) == frozenset() and chain.recent_signers(3, H2, 8) == frozenset()  # v0, unknown
+
+
 def test_max_drift_grows_with_rounds():
     assert max_drift(100.0, 0.05, 0) == 0
     assert math.isclose(max_drift(100.0, 0.05, 1), 5.0)

@@ -527,6 +527,7 @@ class FusionAverager(DecentralizedAverager):
         self._expect: frozenset[str] = frozenset()  # the ready peers this peer's round waits for (``_start_when_complete``)
         self._led_by: str | None = None  # whom this step's group followed (``guarded_join``); None: this peer led it
         self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
+        self._left_out: frozenset[str] = frozenset()  # newcomers this round leaves out (protocol.Newcomers): never taken in
         self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
         self._follower_taken: asyncio.Event | None = None  # set as a follower is taken, in the averager's process
         # leaders this peer follows no more this round (peer id -> why): one that held it past the start it had declared,
@@ -601,7 +602,7 @@ class FusionAverager(DecentralizedAverager):
                 complete = False  # a member that did not say whom it waits for: gather for the whole time
                 break
             wanted |= known[1]
-        complete = complete and wanted <= members
+        complete = complete and wanted - self._left_out <= members  # (a member's view may name newcomers this leader refuses)
         self._complete_for = (followers, complete)  # holds until the followers or their views change (rpc_join_group)
         return complete
 
@@ -691,7 +692,10 @@ class FusionAverager(DecentralizedAverager):
         hivemind's leader takes anyone that knows the round's key, and a stranger taken in spoiled the group's
         all-reduce for every member: its slice never averaged, or its parts never read until the reducers' timeout
         (red team, a plain hivemind node with a fresh identity after each refusal: 17 commits a minute down to 8).
-        A follower refuses a stranger as its leader the same way (``guarded_join``)."""
+        A follower refuses a stranger as its leader the same way (``guarded_join``). A newcomer the round leaves out
+        (``left_out``) is refused even where a follower names it; a group another leader formed with it is not."""
+        if peer in self._left_out:  # a newcomer this round leaves out, whoever names it (protocol.Newcomers)
+            return False
         if not self._expect or peer in self._expect:
             return True
         return any(peer in (seen or ()) for who, (_, seen) in list(self._join_expects.items()) if who in self._expect)
@@ -1067,20 +1071,22 @@ class FusionAverager(DecentralizedAverager):
 
     # --- per-round settings, called through the control pipe ------------------------------------
     def set_round(self, group_prefix: str, target_group_size: int | None, min_group_size: int, rules: dict | None = None,
-                  excluded: list[str] | None = None, expect: list[str] | None = None) -> None:
+                  excluded: list[str] | None = None, expect: list[str] | None = None, left_out: list[str] | None = None) -> None:
         """Move to a round's matchmaking key, with its rules (weights, part bound) and the peers to refuse.
 
         ``expect``: the ready peers this round waits for (this peer among them). As a leader, this peer
         begins once its group holds them and every member's own ``expect`` (which each member must also
-        pass in ``run_step``'s gather): see ``_start_when_complete``. Without it, the whole matchmaking time."""
+        pass in ``run_step``'s gather): see ``_start_when_complete``. Without it, the whole matchmaking time.
+        ``left_out``: newcomers this peer neither takes in as a leader nor waits for, though another member may (a
+        group that holds one is still joined: refusing it would fail the honest members' attempt too)."""
         future = MPFuture()
         self._outer_pipe.send(("_set_round", [], dict(group_prefix=group_prefix, target=target_group_size, min_size=min_group_size,
                                                       rules=rules or {}, excluded=list(excluded or ()), expect=list(expect or ()),
-                                                      future=future)))
+                                                      left_out=list(left_out or ()), future=future)))
         future.result()
 
     async def _set_round(self, group_prefix: str, target: int | None, min_size: int, rules: dict, excluded: list[str],
-                         future: MPFuture, expect: list[str] | None = None):
+                         future: MPFuture, expect: list[str] | None = None, left_out: list[str] | None = None):
         mm = self._matchmaking
         mm.group_key_manager.prefix = group_prefix
         # the leader's cap only: the key manager's copy must stay None, since hivemind 1.1.12 draws
@@ -1092,6 +1098,7 @@ class FusionAverager(DecentralizedAverager):
         self._rules, self._excluded = dict(rules), set(excluded)
         expect = list(expect or ())
         self._expect = frozenset(expect) if 0 < len(expect) <= MAX_GROUP else frozenset()
+        self._left_out = frozenset(left_out or ())
         self._join_expects, self._complete_for = {}, None
         held_round = group_prefix.rsplit("_x", 1)[0]  # the round (base) without its redo counter
         if held_round != self._held_round:
