@@ -12,6 +12,9 @@ Usage: python -m tests.fault_peers FAULT JOIN_OPTIONS_JSON
   times100 shares its honest delta times 100
   collude  shares the same noise as every other colluder (seeded by the base version), 20 times as long as
           its honest delta, cut to just inside the round's bound: bad members that agree with each other
+  stall   honest until its group's all-reduce: it joins, then sends no part and serves none of its slice for
+          ``STALL_SECONDS`` (past the members' timeouts), then fails its step (a spoiler with a ready record)
+  slow    honest, but each round's training takes ``SLOW_SECONDS`` longer (the others wait for it: it trains)
   deaf    honest, but the first group a leader hands it is lost on the way (it starts its first step 2 s late,
           so that it follows): the leader's group holds it, it never learns so, and finds "no group"
 """
@@ -80,6 +83,38 @@ def equivocate() -> None:
     A.CanonicalAllReduceRunner._accumulate_parts_streaming = equivocating  # before the averager process forks
 
 
+STALL_SECONDS = 12.0  # past the tests' reducer timeout (2 x chunk_timeout 5 s)
+
+
+def stall() -> None:
+    """Every group this peer's averager joins gets nothing from it: no part sent, its slice never reduced."""
+    import asyncio
+
+    from coldfusion_p2p.swarm import averager as A
+
+    async def stalled(self, tensors, group_info, group_id=None, **kwargs):
+        print(f"stall: holding group {(group_id or group_info.group_id).hex()[:12]} for {STALL_SECONDS}s", flush=True)
+        await asyncio.sleep(STALL_SECONDS)
+        raise RuntimeError("stalled on purpose")
+
+    A.FusionAverager._run_allreduce_inplace_ = stalled  # before the averager process forks
+
+
+SLOW_SECONDS = 6.0
+
+
+def slow() -> None:
+    from coldfusion_p2p.training import LocalTrainer
+
+    honest = LocalTrainer.train
+
+    def slow_train(self, *args, **kwargs):
+        time.sleep(SLOW_SECONDS)
+        return honest(self, *args, **kwargs)
+
+    LocalTrainer.train = slow_train
+
+
 def deaf() -> None:
     """The first BEGIN_ALLREDUCE this peer's averager gets is dropped (as if lost), without refusing its leader."""
     import asyncio
@@ -115,4 +150,8 @@ if __name__ == "__main__":
         equivocate()
     if FaultyContributor.fault == "deaf":
         deaf()
+    if FaultyContributor.fault == "stall":
+        stall()
+    if FaultyContributor.fault == "slow":
+        slow()
     FaultyContributor(JoinOptions(**json.loads(sys.argv[2]))).run()

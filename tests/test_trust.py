@@ -168,3 +168,38 @@ def test_members_with_a_weight_or_a_delta_of_their_choosing_cannot_move_the_base
     assert len({h for v, h in hashes if v == 2}) == 1
     for proc in bad.values():  # the bad members are not our concern here: stop them
         swarm.children.signal_group(proc, 15)
+
+
+def test_a_newcomer_that_joins_groups_and_stalls_them_is_left_out_after_its_first_spoil(swarm, tmp_path):
+    """A peer new to the swarm's history (a fresh key, as an outsider's) that is ready each round, joins the group and
+    stalls its all-reduce spoiled an attempt of every round it was in: the members left it out of that round's redos
+    only, and the next key was as fresh (red team: 12.7 commits a minute down to 4.1). Now a group that a newcomer
+    spoiled leaves newcomers out of the next version (then 4, then 16): that round commits at its first attempt.
+    (cy trains slowly on purpose, so that the spoiler is ready again before the next round starts.)"""
+    swarm.start_bootstrap("tiny-bert", round_window=30.0)
+    honest = {n: swarm.join(n, d, rounds=100) for n, d in (("ann", "sms_spam"), ("bob", "rotten_tomatoes"))}
+    honest["cy"] = _fault(swarm, tmp_path, "cy", "slow", "trec6", 100)
+    spoiler = _fault(swarm, tmp_path, "spoiler", "stall", "trec6", 100)
+    swarm.wait_for(lambda: all(VersionStore(tmp_path / n).read_info(2) for n in ("ann", "bob")), 240, "v2 on ann and bob")
+    assert all(p.poll() is None for p in honest.values())
+    for name, proc in honest.items():
+        swarm.children.signal_group(proc, 15)
+        assert proc.wait(30) in (0, 130) or name == "cy", swarm.log(name)  # (cy and the spoiler run without the CLI)
+    swarm.children.signal_group(spoiler, 15)
+    spoiler.wait(30)
+    spoiler_id = next(e["peer"] for e in swarm.events("spoiler") if e["event"] == "joined")
+    stalled = [line for line in swarm.log("spoiler").splitlines() if line.startswith("stall: holding group")]
+    assert stalled, swarm.log("spoiler")  # it did get into a group (v0's, where every peer is new)
+    for name in ("ann", "bob"):
+        events = swarm.events(name)
+        infos = [VersionStore(tmp_path / name).read_info(v) for v in (1, 2)]
+        assert all(spoiler_id not in i.contributors for i in infos), [i.contributors for i in infos]
+        said = [e for e in events if e["event"] == "newcomers" and spoiler_id in e.get("peers", [])]
+        assert said[0]["why"] == "spoiled" and said[0]["until"] >= 1, events  # v0's spoiled group: v1 leaves newcomers out
+        committed = {e["version"]: e for e in events if e["event"] == "committed"}
+        # on v1 the spoiler was ready (it was waited for on v0, and is again once it synced): left out, not waited for
+        left_out = [e for e in said if e["t"] > committed[1]["t"] and e["why"] == "left out"]
+        assert left_out and left_out[0]["t"] < committed[2]["t"], events
+        tries_v1 = [e for e in events if e["event"] == "averaging" and committed[1]["t"] < e["t"] < committed[2]["t"]]
+        assert [e["redo"] for e in tries_v1] == [0], tries_v1  # v2 at the first attempt
+        assert not [e for e in events if e["event"] == "unverified" and committed[1]["t"] < e["t"] < committed[2]["t"]]
