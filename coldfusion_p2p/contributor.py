@@ -40,8 +40,8 @@ from coldfusion_p2p.certs import (
 )
 from coldfusion_p2p.fusion import body_delta, check_delta, clip_to_norm, delta_norm, round_bound, slice_digests
 from coldfusion_p2p.membership import CLOCK_SLACK, MAX_TOKEN_BYTES, Admission, TokenError, describe, parse_token, token_problem
-from coldfusion_p2p.protocol import (NEWCOMER_DEPTH, Absentees, CommitDecision, Newcomers, NoShows, RoundView, VerdictView, blame,
-                                     decide_commit, newcomers_to_blame, round_start)
+from coldfusion_p2p.protocol import (DEMOTED_MAX_PEERS, NEWCOMER_DEPTH, Absentees, CommitDecision, Newcomers, NoShows, RoundView, VerdictView, blame,
+                                     decide_commit, known_peers, newcomers_to_blame, round_start)
 from coldfusion_p2p.store import VersionInfo, VersionStore
 from coldfusion_p2p.sync import Held, HistorySync
 from coldfusion_p2p.training import LocalTrainer, amp_dtype_for, pick_device, round_seed
@@ -173,6 +173,7 @@ class Contributor:
         self._body_module = None  # the body module of the last round, refilled with each new base (model.refill_body_module)
         self._first_seen: dict[tuple[int, str], dict[str, float]] = {}  # base -> peer -> when its ready record was first seen
         self.newcomers = Newcomers()  # whether groups take peers new to the base's recent history (protocol.Newcomers)
+        self._demoted: dict[str, int] = {}  # known peers this one saw fail a group -> that base's version (protocol.known_peers)
         self._leaders_refused: tuple[int, set[str]] = (-1, set())  # (round's base version, leaders reported refused in it)
         self.token: dict | None = None  # this peer's membership token (private swarms)
         self.admission = Admission()  # who may take part; open unless the manifest says otherwise
@@ -804,7 +805,7 @@ class Contributor:
         redo, failures = 0, 0
         suspects: set[str] = set()  # members this peer saw fail it in this round: left out of its redos
         # the peers that made this base's line lately: a group's members that are not among them are newcomers
-        known = self.history.chain.recent_signers(base.version, base.hash, NEWCOMER_DEPTH) - {me}
+        known = known_peers(self.history.chain.recent_signers(base.version, base.hash, NEWCOMER_DEPTH), self._demoted) - {me}
         mates: set[str] = set()  # members of this round's groups that no check named: their verdicts' levels count
         told_left_out = False
         if self.admission.private:  # a revocation published since the last heartbeat applies to this round already
@@ -985,6 +986,12 @@ class Contributor:
             self.absentees.seen(set(group) - blamed)  # the members that came and were not to blame
             mates |= set(group) - blamed - set(self.offenders)
             spoilers = newcomers_to_blame(group, blamed, known, me)
+            for peer in blamed & known:  # a newcomer from now on, until it signs a newer version
+                self._demoted.pop(peer, None)
+                self._demoted[peer] = base.version
+            while len(self._demoted) > DEMOTED_MAX_PEERS:
+                self._demoted.pop(next(iter(self._demoted)))
+            known = known - blamed
             guard = self.newcomers.spoiled(base.version) if spoilers else 0
             if guard:  # the next attempt leaves them out (``left_out``), where the known peers can form a group alone
                 self.events.emit("newcomers", f"a group with {len(spoilers)} newcomer(s) to blame failed on v{base.version}: leaving "

@@ -303,6 +303,17 @@ class Newcomers:
         return self.until - version
 
 
+DEMOTED_MAX_PEERS = 10_000  # known peers remembered as demoted (``known_peers``)
+
+
+def known_peers(signed: Mapping[str, int], demoted: Mapping[str, int]) -> frozenset[str]:
+    """The peers that are no newcomers (``Newcomers``): those that signed a recent version of the base's line
+    (``signed``: peer -> the newest version it signed) newer than the base on which this peer saw them fail a group
+    (``demoted``: peer -> that base's version). A member that behaved once and spoils from then on is known for one
+    failed attempt only, and a newcomer from the next; signing a newer version makes it known again."""
+    return frozenset(p for p, v in signed.items() if v > demoted.get(p, -1))
+
+
 def newcomers_to_blame(group: Iterable[str], blamed: Iterable[str], known: set[str] | frozenset[str], me: str) -> list[str]:
     """The newcomers of a failed group that count as a strike (``Newcomers``): those blamed for it, or every newcomer
     in it when nobody could be named (a stall names no one where all its parts time out alike). Known peers to

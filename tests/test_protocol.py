@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from coldfusion_p2p.protocol import (
-    Absentees, Newcomers, NoShows, RoundView, VerdictView, choose_base, decide_commit, newcomers_to_blame, round_start, to_verify,
+    Absentees, Newcomers, NoShows, RoundView, VerdictView, choose_base, decide_commit, known_peers, newcomers_to_blame, round_start,
+    to_verify,
 )
 
 H = {c: c * 64 for c in "abcdef0123"}
@@ -129,6 +130,14 @@ def test_a_failed_group_is_a_newcomers_strike_only_where_a_newcomer_is_to_blame_
     assert newcomers_to_blame(["me", "ann", "new", "x"], [], known, "me") == ["new", "x"]  # a stall that names no one
     assert newcomers_to_blame(["me", "ann", "bob"], [], known, "me") == []  # no newcomer in it
     assert newcomers_to_blame(["me", "new"], ["me", "new"], known, "me") == ["new"]  # a peer never blames itself
+
+
+def test_a_known_peer_that_failed_a_group_is_a_newcomer_until_it_signs_a_newer_version():
+    signed = {"ann": 7, "bob": 7, "mal": 5}
+    assert known_peers(signed, {}) == {"ann", "bob", "mal"}
+    assert known_peers(signed, {"mal": 7}) == {"ann", "bob"}  # it failed a group on v7: its v5 signature no longer counts
+    assert known_peers({**signed, "mal": 8}, {"mal": 7}) == {"ann", "bob", "mal"}  # it signed v8 since
+    assert known_peers(signed, {"bob": 6, "eve": 3}) == {"ann", "bob", "mal"}  # bob signed v7 after; eve signed nothing
 
 
 def test_a_forged_early_ready_time_does_not_stretch_or_skip_the_window():
