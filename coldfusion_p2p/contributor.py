@@ -40,8 +40,8 @@ from coldfusion_p2p.certs import (
 )
 from coldfusion_p2p.fusion import body_delta, check_delta, clip_to_norm, delta_norm, round_bound, slice_digests
 from coldfusion_p2p.membership import CLOCK_SLACK, MAX_TOKEN_BYTES, Admission, TokenError, describe, parse_token, token_problem
-from coldfusion_p2p.protocol import (DEMOTED_MAX_PEERS, NEWCOMER_DEPTH, Absentees, CommitDecision, Newcomers, NoShows, RoundView, VerdictView, blame,
-                                     decide_commit, known_peers, newcomers_to_blame, round_start)
+from coldfusion_p2p.protocol import (NEWCOMER_DEPTH, Absentees, Blamed, CommitDecision, Newcomers, NoShows, RoundView, VerdictView, blame,
+                                     decide_commit, newcomers_to_blame, round_start)
 from coldfusion_p2p.store import VersionInfo, VersionStore
 from coldfusion_p2p.sync import Held, HistorySync
 from coldfusion_p2p.training import LocalTrainer, amp_dtype_for, pick_device, round_seed
@@ -173,7 +173,7 @@ class Contributor:
         self._body_module = None  # the body module of the last round, refilled with each new base (model.refill_body_module)
         self._first_seen: dict[tuple[int, str], dict[str, float]] = {}  # base -> peer -> when its ready record was first seen
         self.newcomers = Newcomers()  # whether groups take peers new to the base's recent history (protocol.Newcomers)
-        self._demoted: dict[str, int] = {}  # known peers this one saw fail a group -> that base's version (protocol.known_peers)
+        self.blamed = Blamed()  # known peers this one saw fail a group: left out for a while from the second time (protocol.Blamed)
         self._leaders_refused: tuple[int, set[str]] = (-1, set())  # (round's base version, leaders reported refused in it)
         self.token: dict | None = None  # this peer's membership token (private swarms)
         self.admission = Admission()  # who may take part; open unless the manifest says otherwise
@@ -795,7 +795,7 @@ class Contributor:
         all-reduce and could not verify it moves on to the next redo key, all of its members
         together; a peer that found no group simply tries the same key again.
         """
-        from coldfusion_p2p.swarm import averager_prefix
+        from coldfusion_p2p.swarm import averager_prefix, dht_time
         from coldfusion_p2p.swarm.averager import MAX_GROUP
 
         r = self.manifest.round
@@ -805,7 +805,7 @@ class Contributor:
         redo, failures = 0, 0
         suspects: set[str] = set()  # members this peer saw fail it in this round: left out of its redos
         # the peers that made this base's line lately: a group's members that are not among them are newcomers
-        known = known_peers(self.history.chain.recent_signers(base.version, base.hash, NEWCOMER_DEPTH), self._demoted) - {me}
+        known = set(self.history.chain.recent_signers(base.version, base.hash, NEWCOMER_DEPTH)) - {me}
         mates: set[str] = set()  # members of this round's groups that no check named: their verdicts' levels count
         told_left_out = False
         if self.admission.private:  # a revocation published since the last heartbeat applies to this round already
@@ -825,10 +825,12 @@ class Contributor:
             expected = [p for p in expected if p == me or self.absentees.waited_for(p, base.version)]
             # after a newcomer spoiled a group: newcomers are not waited for, taken in as a leader, or followed (their
             # levels neither), where the known ready peers can form a group without them (protocol.Newcomers)
-            left_out = sorted(set(expected) - known - {me})
-            if left_out and not self.newcomers.admitted(base.version) and len(expected) - len(left_out) >= r.min_group_size:
+            # and known peers that failed groups twice lately (protocol.Blamed)
+            left_out = sorted((set(expected) - known - {me}) if not self.newcomers.admitted(base.version) else ())
+            left_out += sorted(p for p in expected if p in known and self.blamed.left_out(p, base.version))
+            if left_out and len(expected) - len(left_out) >= r.min_group_size:
                 expected = [p for p in expected if p not in left_out]
-                if not told_left_out:
+                if not told_left_out and not self.newcomers.admitted(base.version):
                     told_left_out = True
                     self.events.emit("newcomers", f"leaving out {len(left_out)} ready peer(s) new to the swarm's recent history on "
                                      f"v{base.version}: a group with a newcomer failed lately; newcomers are taken again from "
@@ -870,8 +872,10 @@ class Contributor:
             # a group forms within the matchmaking time, and a leader's answer within a request's timeout: only past both
             # does a peer look at the others' levels (a move while its leader begins would cost the group an attempt)
             looking_since, look_after = time.monotonic(), r.matchmaking_time + min(3.0, r.matchmaking_time / 2) + 1.0
+            step_began = dht_time()
             result, t_match, t_allreduce, error = self.averager.run_step(
-                weight, {"examples": examples, "expect": expect, **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
+                weight, {"examples": examples, "expect": expect, "left_out": left_out[:MAX_GROUP],
+                         **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
                 give_up=lambda: self._fatal is not None or self._base_withdrawn or self._newer_base_exists()
                 or (time.monotonic() - looking_since > look_after and self._level_above(redo, expected) > 0),
                 on_allreduce=self._allreduce_started,
@@ -899,7 +903,9 @@ class Contributor:
                                  peers=gone[:64], version=base.version)
                 # a newcomer's ready record that brings no peer costs every round a matchmaking time (red team: a fresh
                 # key's record each round, 12.7 commits a minute down to 7.0): a strike as a spoiled group is
-                absent_newcomers = sorted(set(gone) - known)
+                # (only one that was ready a matchmaking time before the step began: a late honest newcomer is no strike)
+                seen_at = self._first_seen.get((base.version, base.hash), {})
+                absent_newcomers = sorted(p for p in set(gone) - known if seen_at.get(p, step_began) <= step_began - r.matchmaking_time)
                 guard = self.newcomers.spoiled(base.version) if absent_newcomers else 0
                 if guard:
                     self.events.emit("newcomers", f"{len(absent_newcomers)} newcomer(s) this peer waited for on v{base.version} never "
@@ -986,12 +992,11 @@ class Contributor:
             self.absentees.seen(set(group) - blamed)  # the members that came and were not to blame
             mates |= set(group) - blamed - set(self.offenders)
             spoilers = newcomers_to_blame(group, blamed, known, me)
-            for peer in blamed & known:  # a newcomer from now on, until it signs a newer version
-                self._demoted.pop(peer, None)
-                self._demoted[peer] = base.version
-            while len(self._demoted) > DEMOTED_MAX_PEERS:
-                self._demoted.pop(next(iter(self._demoted)))
-            known = known - blamed
+            for peer in sorted(blamed & known):
+                out = self.blamed.blame(peer, base.version)
+                if out:
+                    self.events.emit("blamed", f"peer {peer[:12]} failed a group again on v{base.version}: leaving it out of the next "
+                                     f"{out} version(s)", peer=peer, until=base.version + out)
             guard = self.newcomers.spoiled(base.version) if spoilers else 0
             if guard:  # the next attempt leaves them out (``left_out``), where the known peers can form a group alone
                 self.events.emit("newcomers", f"a group with {len(spoilers)} newcomer(s) to blame failed on v{base.version}: leaving "

@@ -66,15 +66,18 @@ def test_hivemind_alone_looks_up_back_to_back_and_the_paced_loop_does_not():
 MATCHMAKING = 8.0  # long, so that a group that waits out the whole time is told apart from one that begins early
 
 
-def _step(averagers, expects: dict[int, list[str]], prefix: str, late: dict[int, float] | None = None):
-    """One step on every averager, each told whom its round waits for: seconds to each one's result, and its group."""
-    late = late or {}
+def _step(averagers, expects: dict[int, list[str]], prefix: str, late: dict[int, float] | None = None,
+          left_out: dict[int, list[str]] | None = None):
+    """One step on every averager, each told whom its round waits for (and leaves out): seconds to each one's result,
+    and its group."""
+    late, left_out = late or {}, left_out or {}
     for i, av in enumerate(averagers):
-        av.set_round(prefix, None, 2, expect=expects[i])
+        av.set_round(prefix, None, 2, expect=expects[i], left_out=left_out.get(i, []))
     t0, controls = time.monotonic(), {}
     for i in sorted(range(len(averagers)), key=lambda i: late.get(i, 0.0)):
         time.sleep(max(0.0, t0 + late.get(i, 0.0) - time.monotonic()))
-        controls[i] = averagers[i].step(weight=1.0, gather={"expect": expects[i]}, timeout=3 * MATCHMAKING, wait=False)
+        gather = {"expect": expects[i], "left_out": left_out.get(i, [])}
+        controls[i] = averagers[i].step(weight=1.0, gather=gather, timeout=3 * MATCHMAKING, wait=False)
     done, results = {}, {}
     while len(done) < len(controls):
         for i, c in controls.items():
@@ -134,6 +137,30 @@ def test_a_leader_takes_in_only_the_ready_peers_of_its_round_and_those_its_ready
         phantom = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
         views = {0: sorted(ids[:2] + [phantom]), 1: sorted(ids[:2]), 2: sorted(ids)}
         times, groups = _step(averagers, views, "t_stranger", late={2: 0.5})
+        assert groups[0] == groups[1] == sorted(ids[:2]), groups
+        assert groups[2] in (None, [ids[2]]), groups
+
+
+def test_a_leader_takes_in_no_peer_that_a_follower_it_took_in_leaves_out(tmp_path):
+    """A peer's guard against newcomers is its own (``protocol.Newcomers``): a leader whose guard was down took in a
+    newcomer that its guarded followers left out, and the newcomer spoiled the group (red team). A follower now says
+    whom it leaves out, and its leader takes none of them in (nor a follower that leaves out a member it took)."""
+    from tests.test_allreduce import three_averagers
+    from coldfusion_p2p.swarm.node import peer_str
+
+    inputs = [[torch.full((1000,), float(i))] for i in range(3)]
+    with three_averagers(tmp_path, inputs, "none", "t_left_out_warmup", None, matchmaking_time=4.0) as (_, averagers):
+        ids = [peer_str(av.peer_id) for av in averagers]
+        # 0 leads with its guard down and waits for everyone; 1 follows it, leaving 2 (a newcomer) out; 2 asks last
+        views = {0: sorted(ids), 1: sorted(ids[:2]), 2: sorted(ids)}
+        times, groups = _step(averagers, views, "t_left_out", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]})
+        assert groups[0] == groups[1] == sorted(ids[:2]), groups
+        assert groups[2] in (None, [ids[2]]), groups
+        assert max(times[:2]) < 4.0, times  # 2 is not waited for: the group began once it held 0 and 1
+        # 0 also waits for a peer that never comes: its group stays open, and 2 asks while it is
+        phantom = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+        views = {0: sorted(ids + [phantom]), 1: sorted(ids[:2]), 2: sorted(ids)}
+        times, groups = _step(averagers, views, "t_left_out_open", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]})
         assert groups[0] == groups[1] == sorted(ids[:2]), groups
         assert groups[2] in (None, [ids[2]]), groups
 

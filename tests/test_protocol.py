@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from coldfusion_p2p.protocol import (
-    Absentees, Newcomers, NoShows, RoundView, VerdictView, choose_base, decide_commit, known_peers, newcomers_to_blame, round_start,
-    to_verify,
+    Absentees, Blamed, Newcomers, NoShows, RoundView, VerdictView, choose_base, decide_commit, newcomers_to_blame, round_start, to_verify,
 )
 
 H = {c: c * 64 for c in "abcdef0123"}
@@ -132,12 +131,17 @@ def test_a_failed_group_is_a_newcomers_strike_only_where_a_newcomer_is_to_blame_
     assert newcomers_to_blame(["me", "new"], ["me", "new"], known, "me") == ["new"]  # a peer never blames itself
 
 
-def test_a_known_peer_that_failed_a_group_is_a_newcomer_until_it_signs_a_newer_version():
-    signed = {"ann": 7, "bob": 7, "mal": 5}
-    assert known_peers(signed, {}) == {"ann", "bob", "mal"}
-    assert known_peers(signed, {"mal": 7}) == {"ann", "bob"}  # it failed a group on v7: its v5 signature no longer counts
-    assert known_peers({**signed, "mal": 8}, {"mal": 7}) == {"ann", "bob", "mal"}  # it signed v8 since
-    assert known_peers(signed, {"bob": 6, "eve": 3}) == {"ann", "bob", "mal"}  # bob signed v7 after; eve signed nothing
+def test_a_known_peer_that_fails_groups_again_is_left_out_for_longer_each_time_and_a_signature_does_not_clear_it():
+    blamed = Blamed()
+    assert blamed.blame("mal", 10) == 0 and blamed.left_out("mal", 10) and not blamed.left_out("mal", 11)  # the redos only
+    assert blamed.blame("mal", 12) == 3 and blamed.left_out("mal", 15) and not blamed.left_out("mal", 16)  # behaved at v11
+    assert blamed.blame("mal", 16) == 15 and blamed.blame("mal", 32) == 15  # then 15 (a blame is forgotten per 16 versions)
+    # one key that spoils whenever it is let in: one spoiled attempt per 16 versions from then on
+    spoils = [v for v in range(33, 300) if not blamed.left_out("mal", v) and blamed.blame("mal", v) >= 0]
+    assert len(spoils) == len(range(48, 300, 16)) and all(b - a == 16 for a, b in zip(spoils, spoils[1:])), spoils
+    flaky = Blamed()
+    assert flaky.blame("bob", 5) == 0 and flaky.blame("bob", 5 + 16) == 0  # once per 16 versions: never left out past its round
+    assert not flaky.left_out("bob", 22) and not flaky.left_out("ann", 5)
 
 
 def test_a_forged_early_ready_time_does_not_stretch_or_skip_the_window():

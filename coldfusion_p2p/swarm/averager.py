@@ -528,6 +528,7 @@ class FusionAverager(DecentralizedAverager):
         self._led_by: str | None = None  # whom this step's group followed (``guarded_join``); None: this peer led it
         self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
         self._left_out: frozenset[str] = frozenset()  # newcomers this round leaves out (protocol.Newcomers): never taken in
+        self._join_left_outs: dict[str, frozenset[str]] = {}  # follower -> the peers it leaves out (none of them is taken in)
         self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
         self._follower_taken: asyncio.Event | None = None  # set as a follower is taken, in the averager's process
         # leaders this peer follows no more this round (peer id -> why): one that held it past the start it had declared,
@@ -584,6 +585,13 @@ class FusionAverager(DecentralizedAverager):
             return None
         return frozenset(expect)
 
+    def _left_out_in(self, gather_blob: bytes) -> frozenset[str]:
+        """The peers a member's round leaves out (newcomers, blamed peers), as it said in its join request."""
+        left_out = self._user_in(gather_blob).get("left_out")
+        if not isinstance(left_out, list) or len(left_out) > MAX_GROUP or not all(isinstance(p, str) and _PEER_RE.match(p) for p in left_out):
+            return frozenset()
+        return frozenset(left_out)
+
     def _group_complete(self) -> bool:
         """Whether this leader holds everyone its group waits for (``_start_when_complete``); worked out
         again only when its followers change."""
@@ -602,7 +610,8 @@ class FusionAverager(DecentralizedAverager):
                 complete = False  # a member that did not say whom it waits for: gather for the whole time
                 break
             wanted |= known[1]
-        complete = complete and wanted - self._left_out <= members  # (a member's view may name newcomers this leader refuses)
+        refused = self._left_out.union(*self._join_left_outs.values())  # a member's view may name peers another member leaves out
+        complete = complete and wanted - refused <= members
         self._complete_for = (followers, complete)  # holds until the followers or their views change (rpc_join_group)
         return complete
 
@@ -668,19 +677,24 @@ class FusionAverager(DecentralizedAverager):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         peer = peer_str(context.remote_id)
-        if not self._may_follow(peer):
+        theirs = self._left_out_in(request.gather)
+        # a follower that leaves out a member this leader took in already would not take part with it: the group would fail
+        # (a peer's guard against newcomers is its own, and one whose guard was down let a newcomer in: red team)
+        if not self._may_follow(peer) or theirs & {peer_str(p) for p in self._matchmaking.current_followers}:
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.NOT_LOOKING_FOR_GROUP)
             return
         try:
             async for response in super().rpc_join_group(request, context):
                 if response.code == averaging_pb2.ACCEPTED:  # a follower now: whom it waits for, parsed once
                     self._join_expects[peer], self._complete_for = (request, self._expect_in(request.gather)), None
+                    self._join_left_outs[peer] = theirs
                     if self._follower_taken is not None:
                         self._follower_taken.set()  # the group may be complete now (``_start_when_complete``)
                 yield response
         finally:  # only current followers' views are kept
             if self._join_expects.get(peer, (None,))[0] is request:
                 del self._join_expects[peer]
+                self._join_left_outs.pop(peer, None)
                 self._complete_for = None
 
     def _may_follow(self, peer: str) -> bool:
@@ -694,8 +708,8 @@ class FusionAverager(DecentralizedAverager):
         (red team, a plain hivemind node with a fresh identity after each refusal: 17 commits a minute down to 8).
         A follower refuses a stranger as its leader the same way (``guarded_join``). A newcomer the round leaves out
         (``left_out``) is refused even where a follower names it; a group another leader formed with it is not."""
-        if peer in self._left_out:  # a newcomer this round leaves out, whoever names it (protocol.Newcomers)
-            return False
+        if peer in self._left_out or any(peer in lo for lo in list(self._join_left_outs.values())):
+            return False  # a peer this round, or a follower taken in, leaves out, whoever names it (protocol.Newcomers)
         if not self._expect or peer in self._expect:
             return True
         return any(peer in (seen or ()) for who, (_, seen) in list(self._join_expects.items()) if who in self._expect)
@@ -1099,7 +1113,7 @@ class FusionAverager(DecentralizedAverager):
         expect = list(expect or ())
         self._expect = frozenset(expect) if 0 < len(expect) <= MAX_GROUP else frozenset()
         self._left_out = frozenset(left_out or ())
-        self._join_expects, self._complete_for = {}, None
+        self._join_expects, self._join_left_outs, self._complete_for = {}, {}, None
         held_round = group_prefix.rsplit("_x", 1)[0]  # the round (base) without its redo counter
         if held_round != self._held_round:
             self._held_round, self._refused_leaders, self._let_go, self._kept_waiting = held_round, {}, {}, {}
