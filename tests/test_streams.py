@@ -515,7 +515,8 @@ def test_unary_calls_a_caller_gives_up_leave_nothing_and_one_peer_has_a_bounded_
                 await p.shutdown()
 
     given_up, left, crowded, theirs, late, finally_left = asyncio.run(main())
-    assert set(given_up) == {"gave up"} and left == 0, (set(given_up), left)
+    # (past the first 4, a refusal may come back before the caller's 50 ms are up, on a fast or idle machine)
+    assert "gave up" in given_up and all(a == "gave up" or "too many calls" in a for a in given_up) and left == 0, (set(given_up), left)
     assert sorted(crowded).count("done 0.8") == 4, crowded
     assert all(a.startswith("error") and "too many calls" in a for a in crowded if a != "done 0.8"), crowded
     assert theirs == "done 0", theirs
