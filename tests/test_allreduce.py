@@ -912,3 +912,24 @@ def test_a_reducer_that_sends_one_member_other_averages_is_found_by_the_slice_di
     assert blame(victim, digests[victim], ids[1:], others(victim)) == {liar}
     for me in ids[1:3]:
         assert blame(me, digests[me], [victim], others(me), agree=[p for p in ids[1:] if p != me]) == {victim}
+
+
+def test_stopping_an_averager_while_its_groups_run_cancels_them_without_an_error():
+    """hivemind 1.1.12's shutdown calls ``finalize`` on each running group, but keeps futures of runners there, not
+    runners: a peer stopped while its group ran printed an AttributeError traceback (red team 6)."""
+    from types import SimpleNamespace
+
+    from coldfusion_p2p.swarm.averager import FusionAverager
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        finalized = []
+        runner = SimpleNamespace(finalize=lambda cancel=False: finalized.append(cancel))
+        running, waiting, failed = loop.create_future(), loop.create_future(), loop.create_future()
+        running.set_result(runner)
+        failed.set_exception(RuntimeError("its all-reduce failed"))
+        averager = SimpleNamespace(client_mode=True, _lane_server=None, _running_groups={b"a": running, b"b": waiting, b"c": failed})
+        await FusionAverager._shutdown(averager, timeout=1.0)
+        return finalized, waiting.cancelled()
+
+    assert asyncio.run(main()) == ([True], True)

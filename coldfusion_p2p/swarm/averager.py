@@ -1077,11 +1077,14 @@ class FusionAverager(DecentralizedAverager):
         if self._lane_server is not None:
             with contextlib.suppress(Exception):
                 await self._lane_server.close()
-        remaining = set()
-        for group in self._running_groups.values():
-            remaining.update(group.finalize(cancel=True))
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*remaining), timeout)
+        # hivemind 1.1.12 calls ``finalize`` on each entry here, but the entries are futures of runners, not runners:
+        # stopping a peer while its group ran printed an AttributeError traceback (red team 6)
+        for future in list(self._running_groups.values()):
+            with contextlib.suppress(Exception):
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    future.result().finalize(cancel=True)
+                else:
+                    future.cancel()
 
     # --- per-round settings, called through the control pipe ------------------------------------
     def set_round(self, group_prefix: str, target_group_size: int | None, min_group_size: int, rules: dict | None = None,
