@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -256,17 +257,11 @@ class CertChain:
     def certificate(self, version: int, body_hash: str) -> Certificate | None:
         return self._certs.get((version, body_hash)) if self.accepts(version, body_hash) else None
 
-    def recent_signers(self, version: int, body_hash: str, depth: int) -> dict[str, int]:
-        """The members whose signatures are valid on (version, hash) or on its ``depth - 1`` nearest ancestors, each
-        with the newest such version it signed: the peers that made this line lately (``protocol.known_peers``).
-        Empty for v0 and for a version not linked."""
-        out: dict[str, int] = {}
-        for i, key in enumerate(self._down((version, body_hash))):
-            if i >= depth:
-                break
-            for peer in self._valid.get(key, frozenset()):
-                out.setdefault(peer, key[0])  # newest first
-        return out
+    def recent_signers(self, version: int, body_hash: str, depth: int) -> frozenset[str]:
+        """The members whose signatures are valid on (version, hash) or on its ``depth - 1`` nearest ancestors: the
+        peers that made this line lately (``protocol.Newcomers``). Empty for v0 and for a version not linked."""
+        keys = itertools.islice(self._down((version, body_hash)), depth)
+        return frozenset().union(*(self._valid.get(key, frozenset()) for key in keys))
 
     def links(self, version: int, body_hash: str) -> bool:
         """Whether (version, hash) is linked: accepted, or waiting for a revocation line's version."""

@@ -795,7 +795,7 @@ class Contributor:
         all-reduce and could not verify it moves on to the next redo key, all of its members
         together; a peer that found no group simply tries the same key again.
         """
-        from coldfusion_p2p.swarm import averager_prefix, dht_time
+        from coldfusion_p2p.swarm import averager_prefix
         from coldfusion_p2p.swarm.averager import MAX_GROUP
 
         r = self.manifest.round
@@ -805,7 +805,7 @@ class Contributor:
         redo, failures = 0, 0
         suspects: set[str] = set()  # members this peer saw fail it in this round: left out of its redos
         # the peers that made this base's line lately: a group's members that are not among them are newcomers
-        known = set(self.history.chain.recent_signers(base.version, base.hash, NEWCOMER_DEPTH)) - {me}
+        known = self.history.chain.recent_signers(base.version, base.hash, NEWCOMER_DEPTH) - {me}
         mates: set[str] = set()  # members of this round's groups that no check named: their verdicts' levels count
         told_left_out = False
         if self.admission.private:  # a revocation published since the last heartbeat applies to this round already
@@ -826,15 +826,15 @@ class Contributor:
             # after a newcomer spoiled a group: newcomers are not waited for, taken in as a leader, or followed (their
             # levels neither), where the known ready peers can form a group without them (protocol.Newcomers)
             # and known peers that failed groups twice lately (protocol.Blamed)
-            left_out = sorted((set(expected) - known - {me}) if not self.newcomers.admitted(base.version) else ())
-            left_out += sorted(p for p in expected if p in known and self.blamed.left_out(p, base.version))
+            newcomers = sorted((set(expected) - known - {me}) if not self.newcomers.admitted(base.version) else ())
+            left_out = newcomers + sorted(p for p in expected if p in known and self.blamed.left_out(p, base.version))
             if left_out and len(expected) - len(left_out) >= r.min_group_size:
                 expected = [p for p in expected if p not in left_out]
-                if not told_left_out and not self.newcomers.admitted(base.version):
+                if newcomers and not told_left_out:
                     told_left_out = True
-                    self.events.emit("newcomers", f"leaving out {len(left_out)} ready peer(s) new to the swarm's recent history on "
+                    self.events.emit("newcomers", f"leaving out {len(newcomers)} ready peer(s) new to the swarm's recent history on "
                                      f"v{base.version}: a group with a newcomer failed lately; newcomers are taken again from "
-                                     f"v{self.newcomers.until + 1}", peers=left_out[:64], until=self.newcomers.until, why="left out")
+                                     f"v{self.newcomers.until + 1}", peers=newcomers[:64], until=self.newcomers.until, why="left out")
             else:
                 left_out = []
             # a peer that arrives while the group redoes an unverified all-reduce joins it at its redo level
@@ -872,7 +872,6 @@ class Contributor:
             # a group forms within the matchmaking time, and a leader's answer within a request's timeout: only past both
             # does a peer look at the others' levels (a move while its leader begins would cost the group an attempt)
             looking_since, look_after = time.monotonic(), r.matchmaking_time + min(3.0, r.matchmaking_time / 2) + 1.0
-            step_began = dht_time()
             result, t_match, t_allreduce, error = self.averager.run_step(
                 weight, {"examples": examples, "expect": expect, "left_out": left_out[:MAX_GROUP],
                          **({"token": self.token} if self.token else {})}, timeout=r.verify_timeout + r.matchmaking_time * 4 + 15,
@@ -903,11 +902,10 @@ class Contributor:
                                  peers=gone[:64], version=base.version)
                 # a newcomer's ready record that brings no peer costs every round a matchmaking time (red team: a fresh
                 # key's record each round, 12.7 commits a minute down to 7.0): a strike as a spoiled group is
-                # (one seen ready before the step began: it had the whole matchmaking time to join. Counting only those ready
-                # a matchmaking time earlier spared late honest newcomers, but also an attacker's freshly rotated keys,
-                # which were then waited for in 11 of 15 versions: 15.2 commits a minute down to 6.2, red team 6)
-                seen_at = self._first_seen.get((base.version, base.hash), {})
-                absent_newcomers = sorted(p for p in set(gone) - known if seen_at.get(p, step_began) < step_began)
+                # (each was seen ready before the step began, so it had the whole matchmaking time to join. Sparing those
+                # ready less than a matchmaking time before spared late honest newcomers, but also an attacker's freshly
+                # rotated keys, which were then waited for in 11 of 15 versions: 15.2 commits a minute down to 6.2, red team 6)
+                absent_newcomers = sorted(set(gone) - known)
                 guard = self.newcomers.spoiled(base.version) if absent_newcomers else 0
                 if guard:
                     self.events.emit("newcomers", f"{len(absent_newcomers)} newcomer(s) this peer waited for on v{base.version} never "

@@ -269,6 +269,14 @@ NEWCOMER_MAX_GUARD = 16  # versions: the longest a peer leaves newcomers out aft
 NEWCOMER_FORGET = 16  # versions without a spoil after which one strike is forgotten
 
 
+def _strikes_after(count: int, last: int, version: int) -> int:
+    """A strike count once one more comes at ``version``: the last one's (at version ``last``, -1 for none), less one
+    forgotten per ``NEWCOMER_FORGET`` versions since, plus this one (``Newcomers``, ``Blamed``)."""
+    if last >= 0:
+        count = max(0, count - (version - last) // NEWCOMER_FORGET)
+    return count + 1
+
+
 @dataclass
 class Newcomers:
     """Whether this peer takes *newcomers* (ready peers that signed none of the last ``NEWCOMER_DEPTH`` versions of
@@ -296,9 +304,7 @@ class Newcomers:
         (0 if they already are: a second failure in a guarded version adds no strike)."""
         if not self.admitted(version):
             return 0
-        if self.last >= 0:
-            self.strikes = max(0, self.strikes - (version - self.last) // NEWCOMER_FORGET)
-        self.strikes, self.last = self.strikes + 1, version
+        self.strikes, self.last = _strikes_after(self.strikes, self.last, version), version
         self.until = version + min(4 ** (self.strikes - 1), NEWCOMER_MAX_GUARD)
         return self.until - version
 
@@ -323,9 +329,7 @@ class Blamed:
     def blame(self, peer: str, version: int) -> int:
         """``peer`` failed a group on ``version``: how many versions after it it is left out."""
         count, until, last = self.peers.pop(peer, (0, -1, -1))
-        if last >= 0:
-            count = max(0, count - (version - last) // NEWCOMER_FORGET)
-        count += 1
+        count = _strikes_after(count, last, version)
         skip = min(4 ** (count - 1) - 1, NEWCOMER_MAX_GUARD)
         self.peers[peer] = (count, max(until, version + skip), version)  # re-inserted last: the oldest go first
         while len(self.peers) > BLAMED_MAX_PEERS:

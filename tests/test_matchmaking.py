@@ -175,6 +175,7 @@ def test_whom_a_member_waits_for_counts_only_as_a_short_list_of_ids():
     class Reader:
         serializer = S
         _user_in = FusionAverager._user_in
+        _peers_in = FusionAverager._peers_in
         _expect_in = FusionAverager._expect_in
 
     def blob(user):

@@ -182,10 +182,10 @@ def test_the_recent_signers_of_a_line_are_its_valid_signers_within_the_depth_and
     assert chain.add(_cert(version=2, parent=H1, new=H2, members=(PEERS[1], PEERS[3]), signers=(1, 3))) is None
     fork = _cert(version=2, parent=H1, new="f" * 64, members=(PEERS[0], PEERS[2]), signers=(0, 2))
     assert chain.add(fork) is None
-    assert chain.recent_signers(2, H2, 8) == {PEERS[0]: 1, PEERS[1]: 2, PEERS[3]: 2}  # each with the newest it signed
-    assert chain.recent_signers(2, H2, 1) == {PEERS[1]: 2, PEERS[3]: 2}  # only v2's own
-    assert chain.recent_signers(2, "f" * 64, 8) == {PEERS[0]: 2, PEERS[1]: 1, PEERS[2]: 2}  # the other branch's
-    assert chain.recent_signers(0, H0, 8) == {} and chain.recent_signers(3, H2, 8) == {}  # v0, a version not linked
+    assert chain.recent_signers(2, H2, 8) == {PEERS[0], PEERS[1], PEERS[3]}
+    assert chain.recent_signers(2, H2, 1) == {PEERS[1], PEERS[3]}  # only v2's own
+    assert chain.recent_signers(2, "f" * 64, 8) == {PEERS[0], PEERS[1], PEERS[2]}  # the other branch's
+    assert chain.recent_signers(0, H0, 8) == frozenset() and chain.recent_signers(3, H2, 8) == frozenset()  # v0, not linked
 
 
 def test_max_drift_grows_with_rounds():

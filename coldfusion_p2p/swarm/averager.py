@@ -578,19 +578,24 @@ class FusionAverager(DecentralizedAverager):
     def _token_in(self, gather_blob: bytes):
         return self._user_in(gather_blob).get("token")
 
+    def _peers_in(self, gather_blob: bytes, name: str) -> frozenset[str] | None:
+        """A list of at most MAX_GROUP peer ids a member put under ``name`` in its join request; None if it is not one."""
+        peers = self._user_in(gather_blob).get(name)
+        if not isinstance(peers, list) or len(peers) > MAX_GROUP or not all(isinstance(p, str) and _PEER_RE.match(p) for p in peers):
+            return None
+        return frozenset(peers)
+
     def _expect_in(self, gather_blob: bytes) -> frozenset[str] | None:
         """The peers a member's round waits for, as it said in its join request; None if it said nothing usable."""
-        expect = self._user_in(gather_blob).get("expect")
-        if not isinstance(expect, list) or not 0 < len(expect) <= MAX_GROUP or not all(isinstance(p, str) and _PEER_RE.match(p) for p in expect):
-            return None
-        return frozenset(expect)
+        return self._peers_in(gather_blob, "expect") or None  # (an empty list says nothing either)
 
     def _left_out_in(self, gather_blob: bytes) -> frozenset[str]:
         """The peers a member's round leaves out (newcomers, blamed peers), as it said in its join request."""
-        left_out = self._user_in(gather_blob).get("left_out")
-        if not isinstance(left_out, list) or len(left_out) > MAX_GROUP or not all(isinstance(p, str) and _PEER_RE.match(p) for p in left_out):
-            return frozenset()
-        return frozenset(left_out)
+        return self._peers_in(gather_blob, "left_out") or frozenset()
+
+    def _refused_as_followers(self) -> frozenset[str]:
+        """The peers this leader takes in no follower of: those its round leaves out and those a follower it took does."""
+        return self._left_out.union(*list(self._join_left_outs.values()))
 
     def _group_complete(self) -> bool:
         """Whether this leader holds everyone its group waits for (``_start_when_complete``); worked out
@@ -610,8 +615,8 @@ class FusionAverager(DecentralizedAverager):
                 complete = False  # a member that did not say whom it waits for: gather for the whole time
                 break
             wanted |= known[1]
-        refused = self._left_out.union(*self._join_left_outs.values())  # a member's view may name peers another member leaves out
-        complete = complete and wanted - refused <= members
+        # (a member's view may name peers another member leaves out)
+        complete = complete and wanted - self._refused_as_followers() <= members
         self._complete_for = (followers, complete)  # holds until the followers or their views change (rpc_join_group)
         return complete
 
@@ -708,7 +713,7 @@ class FusionAverager(DecentralizedAverager):
         (red team, a plain hivemind node with a fresh identity after each refusal: 17 commits a minute down to 8).
         A follower refuses a stranger as its leader the same way (``guarded_join``). A newcomer the round leaves out
         (``left_out``) is refused even where a follower names it; a group another leader formed with it is not."""
-        if peer in self._left_out or any(peer in lo for lo in list(self._join_left_outs.values())):
+        if peer in self._refused_as_followers():
             return False  # a peer this round, or a follower taken in, leaves out, whoever names it (protocol.Newcomers)
         if not self._expect or peer in self._expect:
             return True
