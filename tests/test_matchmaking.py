@@ -177,6 +177,7 @@ def test_whom_a_member_waits_for_counts_only_as_a_short_list_of_ids():
         _user_in = FusionAverager._user_in
         _peers_in = FusionAverager._peers_in
         _expect_in = FusionAverager._expect_in
+        _left_out_in = FusionAverager._left_out_in
 
     def blob(user):
         return S.dumps([1.0, 0, S.dumps(user)])
@@ -188,6 +189,13 @@ def test_whom_a_member_waits_for_counts_only_as_a_short_list_of_ids():
         assert reader._expect_in(blob(junk)) is None, junk
     for raw in (b"", b"\xff\x00junk", S.dumps([1.0]), S.dumps([1.0, 0, b"\xc1"])):
         assert reader._expect_in(raw) is None
+    # whom a member leaves out (``left_out``, binding its leader) is read the same way: anything else leaves out no one
+    assert reader._left_out_in(blob({"left_out": [a], "expect": [a, b]})) == {a} and reader._left_out_in(blob({})) == frozenset()
+    for junk in ({"left_out": "ab"}, {"left_out": [1]}, {"left_out": [a] * (MAX_GROUP + 1)}, {"left_out": [a, "not a peer id"]},
+                 {"left_out": {a: 1}}, [1, 2], None):
+        assert reader._left_out_in(blob(junk)) == frozenset(), junk
+    for raw in (b"", b"\xff\x00junk", S.dumps([1.0])):
+        assert reader._left_out_in(raw) == frozenset()
 
 
 HOSTILE_LEADERS = {  # case -> (whether members count it among the round's ready peers, what it does with each join)
