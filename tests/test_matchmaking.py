@@ -67,17 +67,17 @@ MATCHMAKING = 8.0  # long, so that a group that waits out the whole time is told
 
 
 def _step(averagers, expects: dict[int, list[str]], prefix: str, late: dict[int, float] | None = None,
-          left_out: dict[int, list[str]] | None = None):
+          left_out: dict[int, list[str]] | None = None, timeouts: dict[int, float] | None = None):
     """One step on every averager, each told whom its round waits for (and leaves out): seconds to each one's result,
-    and its group."""
-    late, left_out = late or {}, left_out or {}
+    and its group. ``timeouts[i]``: averager i gives up after that many seconds (3 matchmaking times unless given)."""
+    late, left_out, timeouts = late or {}, left_out or {}, timeouts or {}
     for i, av in enumerate(averagers):
         av.set_round(prefix, None, 2, expect=expects[i], left_out=left_out.get(i, []))
     t0, controls = time.monotonic(), {}
     for i in sorted(range(len(averagers)), key=lambda i: late.get(i, 0.0)):
         time.sleep(max(0.0, t0 + late.get(i, 0.0) - time.monotonic()))
         gather = {"expect": expects[i], "left_out": left_out.get(i, [])}
-        controls[i] = averagers[i].step(weight=1.0, gather=gather, timeout=3 * MATCHMAKING, wait=False)
+        controls[i] = averagers[i].step(weight=1.0, gather=gather, timeout=timeouts.get(i, 3 * MATCHMAKING), wait=False)
     done, results = {}, {}
     while len(done) < len(controls):
         for i, c in controls.items():
@@ -153,14 +153,16 @@ def test_a_leader_takes_in_no_peer_that_a_follower_it_took_in_leaves_out(tmp_pat
         ids = [peer_str(av.peer_id) for av in averagers]
         # 0 leads with its guard down and waits for everyone; 1 follows it, leaving 2 (a newcomer) out; 2 asks last
         views = {0: sorted(ids), 1: sorted(ids[:2]), 2: sorted(ids)}
-        times, groups = _step(averagers, views, "t_left_out", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]})
+        # 2 is refused, so it finds no group: it gives up after 6 s (past 0's 4 s matchmaking time, so it asks
+        # while 0's group is open) instead of waiting out three matchmaking times in each step
+        times, groups = _step(averagers, views, "t_left_out", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]}, timeouts={2: 6.0})
         assert groups[0] == groups[1] == sorted(ids[:2]), groups
         assert groups[2] in (None, [ids[2]]), groups
         assert max(times[:2]) < 4.0, times  # 2 is not waited for: the group began once it held 0 and 1
         # 0 also waits for a peer that never comes: its group stays open, and 2 asks while it is
         phantom = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
         views = {0: sorted(ids + [phantom]), 1: sorted(ids[:2]), 2: sorted(ids)}
-        times, groups = _step(averagers, views, "t_left_out_open", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]})
+        times, groups = _step(averagers, views, "t_left_out_open", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]}, timeouts={2: 6.0})
         assert groups[0] == groups[1] == sorted(ids[:2]), groups
         assert groups[2] in (None, [ids[2]]), groups
 
