@@ -863,7 +863,8 @@ class Contributor:
             expect = sorted(set(expected) - excluded)
             expect = expect if len(expect) <= MAX_GROUP else []  # a view a group cannot hold: the whole time
             self.averager.set_round(group_prefix, target_group_size=None, min_group_size=r.min_group_size,
-                                    rules=rules, excluded=sorted(excluded), expect=expect, left_out=left_out)
+                                    rules=rules, excluded=sorted(excluded), expect=expect, left_out=left_out,
+                                    known=sorted(known))
             with self.averager.get_tensors() as tensors:
                 for t, d in zip(tensors, delta):
                     t.copy_(d)

@@ -67,12 +67,14 @@ MATCHMAKING = 8.0  # long, so that a group that waits out the whole time is told
 
 
 def _step(averagers, expects: dict[int, list[str]], prefix: str, late: dict[int, float] | None = None,
-          left_out: dict[int, list[str]] | None = None, timeouts: dict[int, float] | None = None):
+          left_out: dict[int, list[str]] | None = None, timeouts: dict[int, float] | None = None,
+          known: dict[int, list[str]] | None = None):
     """One step on every averager, each told whom its round waits for (and leaves out): seconds to each one's result,
-    and its group. ``timeouts[i]``: averager i gives up after that many seconds (3 matchmaking times unless given)."""
-    late, left_out, timeouts = late or {}, left_out or {}, timeouts or {}
+    and its group. ``timeouts[i]``: averager i gives up after that many seconds (3 matchmaking times unless given);
+    ``known[i]``: the recent signers of the base's line in averager i's view (none unless given)."""
+    late, left_out, timeouts, known = late or {}, left_out or {}, timeouts or {}, known or {}
     for i, av in enumerate(averagers):
-        av.set_round(prefix, None, 2, expect=expects[i], left_out=left_out.get(i, []))
+        av.set_round(prefix, None, 2, expect=expects[i], left_out=left_out.get(i, []), known=known.get(i, []))
     t0, controls = time.monotonic(), {}
     for i in sorted(range(len(averagers)), key=lambda i: late.get(i, 0.0)):
         time.sleep(max(0.0, t0 + late.get(i, 0.0) - time.monotonic()))
@@ -165,6 +167,14 @@ def test_a_leader_takes_in_no_peer_that_a_follower_it_took_in_leaves_out(tmp_pat
         times, groups = _step(averagers, views, "t_left_out_open", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]}, timeouts={2: 6.0})
         assert groups[0] == groups[1] == sorted(ids[:2]), groups
         assert groups[2] in (None, [ids[2]]), groups
+        # but a follower's word binds its leader for newcomers only: a peer that signed the base's line lately (known
+        # to the leader) is taken in, whether it asks after the follower that leaves it out or before (a member that
+        # named every other known peer would otherwise have its leader refuse them all, and split the round)
+        everyone = {i: sorted(ids) for i in range(3)}
+        for step, late in (("t_known_after", {1: 0.3, 2: 1.0}), ("t_known_before", {2: 0.3, 1: 1.0})):
+            times, groups = _step(averagers, everyone, step, late=late, left_out={1: [ids[2]]}, known={0: ids, 1: ids, 2: ids})
+            assert groups == [sorted(ids)] * 3, (step, groups)
+            assert max(times) < 4.0, (step, times)  # one complete group, begun without waiting out the matchmaking time
 
 
 def test_whom_a_member_waits_for_counts_only_as_a_short_list_of_ids():

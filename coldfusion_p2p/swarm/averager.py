@@ -529,6 +529,7 @@ class FusionAverager(DecentralizedAverager):
         self._join_expects: dict[str, tuple[Any, frozenset[str] | None]] = {}  # follower -> (its join request, whom it waits for)
         self._left_out: frozenset[str] = frozenset()  # newcomers this round leaves out (protocol.Newcomers): never taken in
         self._join_left_outs: dict[str, frozenset[str]] = {}  # follower -> the peers it leaves out (none of them is taken in)
+        self._known: frozenset[str] = frozenset()  # the recent signers of this round's base line (protocol.Newcomers)
         self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
         self._follower_taken: asyncio.Event | None = None  # set as a follower is taken, in the averager's process
         # leaders this peer follows no more this round (peer id -> why): one that held it past the start it had declared,
@@ -682,7 +683,7 @@ class FusionAverager(DecentralizedAverager):
             yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
             return
         peer = peer_str(context.remote_id)
-        theirs = self._left_out_in(request.gather)
+        theirs = self._binding_left_out(self._left_out_in(request.gather))
         # a follower that leaves out a member this leader took in already would not take part with it: the group would fail
         # (a peer's guard against newcomers is its own, and one whose guard was down let a newcomer in: red team)
         if not self._may_follow(peer) or theirs & {peer_str(p) for p in self._matchmaking.current_followers}:
@@ -701,6 +702,17 @@ class FusionAverager(DecentralizedAverager):
                 del self._join_expects[peer]
                 self._join_left_outs.pop(peer, None)
                 self._complete_for = None
+
+    def _binding_left_out(self, theirs: frozenset[str]) -> frozenset[str]:
+        """Of the peers a follower says it leaves out, those this leader refuses for it: newcomers to this leader (no
+        recent signer of the base's line, ``_known``) and peers this leader leaves out itself.
+
+        A leader whose guard against newcomers was down took in a newcomer that its guarded followers left out, and
+        the newcomer spoiled the group (red team): so a follower's word keeps newcomers out. Not known peers: a
+        follower's list is its own word, and a member that named every other known peer in it, and asked first, had
+        the leader refuse them all (they formed another group: a split round, every round it joined). A known peer
+        that a follower blamed (``protocol.Blamed``) and this leader did not is taken in; that follower still joins."""
+        return frozenset(p for p in theirs if p not in self._known or p in self._left_out)
 
     def _may_follow(self, peer: str) -> bool:
         """Whether this peer, as a leader, takes ``peer`` in: a ready peer of its round (``_expect``), or one that a
@@ -1093,22 +1105,26 @@ class FusionAverager(DecentralizedAverager):
 
     # --- per-round settings, called through the control pipe ------------------------------------
     def set_round(self, group_prefix: str, target_group_size: int | None, min_group_size: int, rules: dict | None = None,
-                  excluded: list[str] | None = None, expect: list[str] | None = None, left_out: list[str] | None = None) -> None:
+                  excluded: list[str] | None = None, expect: list[str] | None = None, left_out: list[str] | None = None,
+                  known: list[str] | None = None) -> None:
         """Move to a round's matchmaking key, with its rules (weights, part bound) and the peers to refuse.
 
         ``expect``: the ready peers this round waits for (this peer among them). As a leader, this peer
         begins once its group holds them and every member's own ``expect`` (which each member must also
         pass in ``run_step``'s gather): see ``_start_when_complete``. Without it, the whole matchmaking time.
         ``left_out``: newcomers this peer neither takes in as a leader nor waits for, though another member may (a
-        group that holds one is still joined: refusing it would fail the honest members' attempt too)."""
+        group that holds one is still joined: refusing it would fail the honest members' attempt too).
+        ``known``: the recent signers of the round's base line; a follower's own ``left_out`` keeps none of them out
+        of this peer's group unless this peer leaves it out too (``_binding_left_out``)."""
         future = MPFuture()
         self._outer_pipe.send(("_set_round", [], dict(group_prefix=group_prefix, target=target_group_size, min_size=min_group_size,
                                                       rules=rules or {}, excluded=list(excluded or ()), expect=list(expect or ()),
-                                                      left_out=list(left_out or ()), future=future)))
+                                                      left_out=list(left_out or ()), known=list(known or ()), future=future)))
         future.result()
 
     async def _set_round(self, group_prefix: str, target: int | None, min_size: int, rules: dict, excluded: list[str],
-                         future: MPFuture, expect: list[str] | None = None, left_out: list[str] | None = None):
+                         future: MPFuture, expect: list[str] | None = None, left_out: list[str] | None = None,
+                         known: list[str] | None = None):
         mm = self._matchmaking
         mm.group_key_manager.prefix = group_prefix
         # the leader's cap only: the key manager's copy must stay None, since hivemind 1.1.12 draws
@@ -1120,7 +1136,7 @@ class FusionAverager(DecentralizedAverager):
         self._rules, self._excluded = dict(rules), set(excluded)
         expect = list(expect or ())
         self._expect = frozenset(expect) if 0 < len(expect) <= MAX_GROUP else frozenset()
-        self._left_out = frozenset(left_out or ())
+        self._left_out, self._known = frozenset(left_out or ()), frozenset(known or ())
         self._join_expects, self._join_left_outs, self._complete_for = {}, {}, None
         held_round = group_prefix.rsplit("_x", 1)[0]  # the round (base) without its redo counter
         if held_round != self._held_round:
