@@ -138,7 +138,8 @@ def test_a_leader_takes_in_only_the_ready_peers_of_its_round_and_those_its_ready
         # that waits for a made-up peer keeps the group open for the whole matchmaking time, as a stranger's view could
         phantom = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
         views = {0: sorted(ids[:2] + [phantom]), 1: sorted(ids[:2]), 2: sorted(ids)}
-        times, groups = _step(averagers, views, "t_stranger", late={2: 0.5})
+        # (it finds no group: it gives up after 6 s, once the others' 4 s matchmaking time is over)
+        times, groups = _step(averagers, views, "t_stranger", late={2: 0.5}, timeouts={2: 6.0})
         assert groups[0] == groups[1] == sorted(ids[:2]), groups
         assert groups[2] in (None, [ids[2]]), groups
 
