@@ -157,7 +157,8 @@ def test_reducers_ban_a_member_that_breaks_the_rounds_rules(tmp_path, fault):
         for av in averagers[:2]:
             av.set_round("t_r0_rules_x1", None, 2, rules=rules, excluded=[bad])
         averagers[2].set_round("t_r0_rules_x1", None, 2, rules=rules)
-        controls = [av.step(weight=1.0, gather={"i": i}, timeout=20, wait=False) for i, av in enumerate(averagers)]
+        # (the cheater, refused, finds no group: it gives up after 8 s, past the others' 5 s matchmaking time)
+        controls = [av.step(weight=1.0, gather={"i": i}, timeout=20 if i < 2 else 8, wait=False) for i, av in enumerate(averagers)]
         again = [c.result(timeout=60) if i < 2 else None for i, c in enumerate(controls)]
         with contextlib.suppress(Exception):
             controls[2].result(timeout=30)
