@@ -15,6 +15,7 @@ from typing import Callable
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.proto import dht_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -199,8 +200,6 @@ async def budgeted_store(original, protocol: DHTProtocol, request, context):
     Each record is counted, handed to hivemind alone and given back when hivemind does not keep it. hivemind
     raises on bytes it cannot parse (a key that is no DHT ID, a subkey that is not msgpack) and drops the rest
     of the request with them: handed over together, the counts of a request that stored nothing stayed taken."""
-    from hivemind.proto import dht_pb2
-
     columns = (request.keys, request.subkeys, request.values, request.expiration_time, request.in_cache)
     if len({len(c) for c in columns}) != 1:  # hivemind checks four of them and zips all five: refused here
         return dht_pb2.StoreResponse(store_ok=[False] * len(request.keys), peer=protocol.node_info)
@@ -228,8 +227,6 @@ async def bounded_find(original, protocol: DHTProtocol, request, context):
     ``FIND_VALUE_BYTES`` of values in the answer; a request past the key count, or with a key that is no DHT ID,
     gets an empty answer (the caller's hivemind takes that as no answer). hivemind answers every key of a request,
     repeated ones too, with the value found and its nearest neighbours, before a byte of it is sent."""
-    from hivemind.proto import dht_pb2
-
     keys = list(request.keys)
     if len(keys) > FIND_KEYS:
         return dht_pb2.FindResponse(results=[], peer=protocol.node_info)
