@@ -158,7 +158,7 @@ class Contributor:
         self._dht_mark: dict[str, int] = {}  # DHT load counted up to the last commit (or the first round's start)
         # what `cfp2p status` shows: swarm.metrics_record's fields that change as the peer works
         self._metrics = {"phase": "syncing", "step": 0, "total": 0, "loss": None, "examples_per_second": None,
-                         "last_round_seconds": None, "rounds": 0}
+                         "last_round_seconds": None, "rounds": 0, "lane_missed": None}
         self._device = "cpu"
         self.reach: str | None = None  # direct or client (others cannot dial it): `_reachability`
         self._identity_used: str | None = None
@@ -1059,7 +1059,9 @@ class Contributor:
         self.history.record_commit(cert)
         self.store.save(new_body, info)
         stats["store_s"] = round(time.perf_counter() - t_store, 3)
-        self._metrics.update(rounds=self._metrics["rounds"] + 1, last_round_seconds=stats["round_s"])
+        # the reducers whose lane this peer could not use (for `cfp2p status`: a lane port that others cannot reach)
+        missed = [p for p in result.get("lane_missed", []) if isinstance(p, str)][:16]
+        self._metrics.update(rounds=self._metrics["rounds"] + 1, last_round_seconds=stats["round_s"], lane_missed=missed)
         self.base = Base(info.version, new_hash, new_body, group)
         self.no_shows.seen(group)
         self.records.announce_base(self.base.version, self.base.hash)  # not waited for: the heartbeat announces it again

@@ -137,6 +137,8 @@ class MetricsRecord(_Record):
     phase: pydantic.constr(strict=True, regex=r"^(syncing|training|matchmaking|averaging|idle|serving)$")
     # direct: other peers can dial it; client: they cannot (it reduces no part); relayed: through a relay
     reach: Optional[pydantic.constr(strict=True, regex=r"^(direct|client|relayed)$")] = None
+    # the reducers of its last committed round whose direct lane it could not use (their parts went over p2pd)
+    lane_missed: Optional[pydantic.conlist(Peer, max_items=16)] = None
     step: Count
     total: Count
     loss: Optional[Seconds] = None

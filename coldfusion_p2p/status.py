@@ -8,6 +8,7 @@ and the versions they committed.
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import Any
 
@@ -100,12 +101,7 @@ class StatusView:
         choice = history.look(None)
         chain = history.chain
 
-        peers = []
-        for peer, m in rec.metrics().items():
-            if m.role == "bootstrap" and peer != self.authority:
-                continue  # only the authority is the swarm's bootstrap peer
-            peers.append({**m.dict(), "age_s": round(max(0.0, now - m.t), 1)})
-        peers.sort(key=lambda p: (p["role"] != "bootstrap", p.get("name") or "", p["peer"]))
+        peers = peer_rows({peer: m.dict() for peer, m in rec.metrics().items()}, self.authority, now)
 
         from coldfusion_p2p.certs import Certificate
 
@@ -197,6 +193,32 @@ def _progress_cell(p: dict) -> Any:
     return Text("-", style="dim")
 
 
+def peer_rows(metrics: dict[str, dict[str, Any]], authority: str | None, now: float) -> list[dict[str, Any]]:
+    """The peers' rows of the view from their checked metrics records (peer id -> the record's fields): the bootstrap
+    row only for the authority, each with its age, and with ``lane_missed_by``: how many other online peers said they
+    could not use its direct lane in their last committed round (its port closed, or no lane served: its parts then
+    went over p2pd, which is slower). Each is that peer's word, counted once per peer."""
+    peers = []
+    for peer, m in metrics.items():
+        if m["role"] == "bootstrap" and peer != authority:
+            continue  # only the authority is the swarm's bootstrap peer
+        peers.append({**m, "age_s": round(max(0.0, now - m["t"]), 1)})
+    peers.sort(key=lambda p: (p["role"] != "bootstrap", p.get("name") or "", p["peer"]))
+    missed_by = collections.Counter(p for q in peers for p in set(q.get("lane_missed") or ()) if p != q["peer"])
+    for p in peers:
+        p["lane_missed_by"] = missed_by.get(p["peer"], 0)
+    return peers
+
+
+def _reach_cell(p: dict[str, Any]) -> Text:
+    """direct, client or relayed; with ", no lane ×N" where N online peers said they could not use its direct lane in
+    their last committed round (its lane port cannot be reached: open it, or choose one with ``--lane-port``)."""
+    cell = Text(p.get("reach") or "-", style="yellow" if p.get("reach") == "client" else "")
+    if p.get("lane_missed_by"):
+        cell.append(f", no lane ×{p['lane_missed_by']}", style="yellow")
+    return cell
+
+
 def render(snap: dict[str, Any]) -> Group:
     """The live view: a header, the peers, the version history."""
     newest = snap.get("newest")
@@ -228,7 +250,7 @@ def render(snap: dict[str, Any]) -> Group:
     for p in snap["peers"]:
         stale = newest is not None and p["version"] < newest["version"]
         peers.add_row(  # names and devices are other peers' words: Text, never markup
-            Text(p.get("name") or "-"), Text(p["peer"][:12]), Text(p.get("reach") or "-", style="yellow" if p.get("reach") == "client" else ""),
+            Text(p.get("name") or "-"), Text(p["peer"][:12]), _reach_cell(p),
             Text(p["phase"], style=PHASE_STYLE.get(p["phase"], "")),
             Text(f"v{p['version']}", style="yellow" if stale else ""), _progress_cell(p),
             f"{p['loss']:.4f}" if p.get("loss") is not None else "-",

@@ -242,6 +242,8 @@ def test_a_member_without_a_lane_takes_part_over_p2pd_and_the_result_is_the_same
         assert r["clean"] and r["failed_size"] == 0 and len(r["group"]) == 3 and r["reduced_parts"] > 0, r
     assert results[0]["lanes"] == []
     assert results[1]["lanes"] == [ids[2]] and results[2]["lanes"] == [ids[1]], (ids, [r["lanes"] for r in results])
+    # each member that uses lanes says whose it could not use (`cfp2p status` counts them); 0 tried none
+    assert results[0]["lane_missed"] == [] and results[1]["lane_missed"] == results[2]["lane_missed"] == [ids[0]], results
     expected = mean_delta(inputs)
     for out in outputs:
         for got, want in zip(out, expected):

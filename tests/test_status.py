@@ -41,13 +41,14 @@ def test_status_reads_a_live_four_peer_swarm_and_forgets_peers_that_left(swarm, 
     assert set(peers) == {"bootstrap", *names}, peers.keys()
     assert snap["peers_online"] == 4 and snap["contributors_online"] == 3
     for name, p in peers.items():
-        assert R.parse(R.KINDS[R.METRICS_KEY], {k: v for k, v in p.items() if k != "age_s"}).peer == p["peer"]  # the schema
+        assert R.parse(R.KINDS[R.METRICS_KEY], {k: v for k, v in p.items() if k not in ("age_s", "lane_missed_by")}).peer == p["peer"]
         assert 0 <= p["age_s"] < METRICS_TTL and p["uptime"] > 0
     for n in names:
         p = peers[n]
         assert p["peer"] == _joined_peer(swarm, n) and p["role"] == "contributor" and p["device"] == "cpu"
         assert p["phase"] in ("training", "matchmaking", "averaging", "idle", "syncing") and p["version"] >= 1
         assert p["rounds"] >= 1 and p["last_round_seconds"] > 0  # it committed v1
+        assert p["lane_missed"] == [] and p["lane_missed_by"] == 0  # every member's lane reached over loopback
         assert VersionStore(tmp_path / n).read_info(p["version"]).hash == p["hash"]
     assert peers["bootstrap"]["role"] == "bootstrap" and peers["bootstrap"]["phase"] == "serving"
     newest = snap["newest"]
@@ -162,8 +163,30 @@ def test_the_status_view_shows_the_swarm_at_a_glance():
     assert "NVIDIA H100" in lines["ada"] and "10.0m" in lines["ada"] and "41s" in lines["ada"]
     assert "serving" in lines["bootstrap"] and "2.0h" in lines["bootstrap"]
     assert "syncing" in lines["-"] and "v2" in lines["-"]  # the peer with no display name, behind the newest base
+    assert "no lane" not in text  # no one says it could not use a peer's lane
     history = [c for c in cells if c.startswith(("v3 ", "v2 "))]
     assert "cdcdcdcdcdcd" in history[0] and "46s" in history[0] and "1.5h" in history[1]
+
+
+def test_status_counts_the_peers_that_could_not_use_a_peers_lane(tmp_path):
+    """Each contributor says in its metrics whose lane it could not use in its last committed round; the view counts
+    them for each peer (once per saying peer, its own word about itself ignored), so that a lane port others cannot
+    reach shows before anyone reads a log."""
+    from coldfusion_p2p.status import peer_rows
+
+    ada, ben, boot = (SNAPSHOT["peers"][i]["peer"] for i in (1, 2, 0))
+    metrics = {
+        ada: {**SNAPSHOT["peers"][1], "lane_missed": [ben, ben, ada]},
+        ben: {**SNAPSHOT["peers"][2], "rounds": 2, "lane_missed": []},
+        boot: {**SNAPSHOT["peers"][0], "lane_missed": None},
+    }
+    peers = peer_rows(metrics, boot, now=1_800_000_001.0)
+    by = {p["peer"]: p["lane_missed_by"] for p in peers}
+    assert by == {ada: 0, ben: 1, boot: 0}, by
+    console = Console(record=True, width=150, color_system=None)
+    console.print(render({**SNAPSHOT, "peers": peers}))
+    lines = [line for line in console.export_text().splitlines() if "no lane" in line]
+    assert len(lines) == 1 and "no lane ×1" in lines[0] and "syncing" in lines[0], lines  # ben's row (no name: "-")
 
 
 def test_other_peers_words_are_never_read_as_markup():

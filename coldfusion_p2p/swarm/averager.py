@@ -1002,6 +1002,10 @@ class FusionAverager(DecentralizedAverager):
             "reduced_parts": runner.tensor_part_container.num_parts_by_peer[group_info.peer_ids.index(self.peer_id)] if runner is not None else 0,
             "leader": self._led_by or peer_str(self.peer_id),  # who formed the group: a member's word, for the logs
             "lanes": sorted(peer_str(p) for p in runner.lane_peers) if runner is not None else [],
+            # reducers of a slice whose lane this member, using lanes, could not use: their port is closed, or they serve none
+            "lane_missed": sorted(peer_str(p) for p, n in zip(runner.ordered_peer_ids, runner.slice_values)
+                                  if n > 0 and p != self.peer_id and p not in runner.lane_peers)
+            if runner is not None and self._lane_on else [],
             "part_bytes": runner.tensor_part_container.part_size_bytes if runner is not None else 0,
             "slices": [[peer_str(p), n] for p, n in zip(runner.ordered_peer_ids, runner.slice_values)] if runner is not None else [],
             "error": error,

@@ -208,7 +208,7 @@ def authority_of(initial_peers: list[str], explicit: str | None) -> str | None:
 def metrics_record(*, swarm: str, peer: str, role: str, version: int, hash: str, phase: str, uptime: float,
                    name: str | None = None, device: str = "-", step: int = 0, total: int = 0, loss: float | None = None,
                    examples_per_second: float | None = None, last_round_seconds: float | None = None, rounds: int = 0,
-                   reach: str | None = None) -> dict:
+                   reach: str | None = None, lane_missed: list[str] | None = None) -> dict:
     """A MetricsRecord with every field present and the exact types the schema wants (no conversions)."""
 
     def real(x):
@@ -218,5 +218,5 @@ def metrics_record(*, swarm: str, peer: str, role: str, version: int, hash: str,
         "swarm": swarm, "peer": peer, "name": name[:40] if name else None, "role": role, "version": int(version), "hash": hash,
         "phase": phase, "step": int(step), "total": int(total), "loss": real(loss), "examples_per_second": real(examples_per_second),
         "device": device[:80], "uptime": float(uptime), "last_round_seconds": real(last_round_seconds), "rounds": int(rounds),
-        "reach": reach, "t": float(dht_time()),
+        "reach": reach, "lane_missed": None if lane_missed is None else [str(p) for p in lane_missed][:16], "t": float(dht_time()),
     }
