@@ -168,11 +168,22 @@ def test_the_status_view_shows_the_swarm_at_a_glance():
     assert "cdcdcdcdcdcd" in history[0] and "46s" in history[0] and "1.5h" in history[1]
 
 
-def test_status_counts_the_peers_that_could_not_use_a_peers_lane(tmp_path):
+def test_status_counts_the_peers_that_could_not_use_a_peers_lane():
     """Each contributor says in its metrics whose lane it could not use in its last committed round; the view counts
     them for each peer (once per saying peer, its own word about itself ignored), so that a lane port others cannot
     reach shows before anyone reads a log."""
     from coldfusion_p2p.status import peer_rows
+    from coldfusion_p2p.swarm import metrics_record
+
+    def record(lane_missed):
+        return R.parse(R.KINDS[R.METRICS_KEY], metrics_record(swarm="s", peer=SNAPSHOT["peers"][1]["peer"], role="contributor",
+                                                              version=1, hash="a" * 64, phase="idle", uptime=1.0, lane_missed=lane_missed))
+
+    ids = [p["peer"] for p in SNAPSHOT["peers"]]
+    assert record(ids).lane_missed == ids and record(None).lane_missed is None  # the schema takes peer ids, at most 16
+    assert record(["not a peer"]) is None and record(ids * 6).lane_missed == (ids * 6)[:16]  # the writer keeps 16
+    too_long = {**record(ids).dict(), "lane_missed": ids * 6}
+    assert R.parse(R.KINDS[R.METRICS_KEY], too_long) is None  # a reader refuses more
 
     ada, ben, boot = (SNAPSHOT["peers"][i]["peer"] for i in (1, 2, 0))
     metrics = {
