@@ -147,33 +147,41 @@ def test_a_leader_takes_in_only_the_ready_peers_of_its_round_and_those_its_ready
 def test_a_leader_takes_in_no_peer_that_a_follower_it_took_in_leaves_out(tmp_path):
     """A peer's guard against newcomers is its own (``protocol.Newcomers``): a leader whose guard was down took in a
     newcomer that its guarded followers left out, and the newcomer spoiled the group (red team). A follower now says
-    whom it leaves out, and its leader takes none of them in (nor a follower that leaves out a member it took)."""
+    whom it leaves out, and its leader takes none of the newcomers among them in (nor a follower that leaves out a
+    member it took); but not two rounds in a row, not where the known ready peers cannot form a group alone (v0),
+    and never a known peer: a member that named every other ready peer and asked first split rounds (red team)."""
     from tests.test_allreduce import three_averagers
     from coldfusion_p2p.swarm.node import peer_str
 
     inputs = [[torch.full((1000,), float(i))] for i in range(3)]
     with three_averagers(tmp_path, inputs, "none", "t_left_out_warmup", None, matchmaking_time=4.0) as (_, averagers):
         ids = [peer_str(av.peer_id) for av in averagers]
+        two_known = {i: ids[:2] for i in range(3)}  # 0 and 1 signed the base's line lately; 2 is a newcomer
         # 0 leads with its guard down and waits for everyone; 1 follows it, leaving 2 (a newcomer) out; 2 asks last
         views = {0: sorted(ids), 1: sorted(ids[:2]), 2: sorted(ids)}
         # 2 is refused, so it finds no group: it gives up after 6 s (past 0's 4 s matchmaking time, so it asks
         # while 0's group is open) instead of waiting out three matchmaking times in each step
-        times, groups = _step(averagers, views, "t_left_out", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]}, timeouts={2: 6.0})
+        times, groups = _step(averagers, views, "t_left_out_x0", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]},
+                              timeouts={2: 6.0}, known=two_known)
         assert groups[0] == groups[1] == sorted(ids[:2]), groups
         assert groups[2] in (None, [ids[2]]), groups
         assert max(times[:2]) < 4.0, times  # 2 is not waited for: the group began once it held 0 and 1
-        # 0 also waits for a peer that never comes: its group stays open, and 2 asks while it is
+        # the round's redo: 0 also waits for a peer that never comes; its group stays open, and 2 asks while it is
         phantom = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
         views = {0: sorted(ids + [phantom]), 1: sorted(ids[:2]), 2: sorted(ids)}
-        times, groups = _step(averagers, views, "t_left_out_open", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]}, timeouts={2: 6.0})
+        times, groups = _step(averagers, views, "t_left_out_x1", late={1: 0.3, 2: 1.0}, left_out={1: [ids[2]]},
+                              timeouts={2: 6.0}, known=two_known)
         assert groups[0] == groups[1] == sorted(ids[:2]), groups
         assert groups[2] in (None, [ids[2]]), groups
-        # but a follower's word binds its leader for newcomers only: a peer that signed the base's line lately (known
-        # to the leader) is taken in, whether it asks after the follower that leaves it out or before (a member that
-        # named every other known peer would otherwise have its leader refuse them all, and split the round)
         everyone = {i: sorted(ids) for i in range(3)}
-        for step, late in (("t_known_after", {1: 0.3, 2: 1.0}), ("t_known_before", {2: 0.3, 1: 1.0})):
-            times, groups = _step(averagers, everyone, step, late=late, left_out={1: [ids[2]]}, known={0: ids, 1: ids, 2: ids})
+        # the next round: kept out on a follower's word in the round before, 2 is taken in (a member that left a
+        # newcomer out of every round would keep it from ever signing a version, so a newcomer for ever)
+        # where no peer is known (v0), no follower's word keeps anyone out: the known ready peers could form no group alone
+        # and a known peer is taken in, whether it asks after the follower that leaves it out or before
+        for step, late, known in (("t_next_x0", {1: 0.3, 2: 1.0}, two_known), ("t_v0_x0", {1: 0.3, 2: 1.0}, {}),
+                                  ("t_known_after_x0", {1: 0.3, 2: 1.0}, {i: ids for i in range(3)}),
+                                  ("t_known_before_x0", {2: 0.3, 1: 1.0}, {i: ids for i in range(3)})):
+            times, groups = _step(averagers, everyone, step, late=late, left_out={1: [ids[2]]}, known=known)
             assert groups == [sorted(ids)] * 3, (step, groups)
             assert max(times) < 4.0, (step, times)  # one complete group, begun without waiting out the matchmaking time
 

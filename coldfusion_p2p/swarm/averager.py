@@ -530,6 +530,9 @@ class FusionAverager(DecentralizedAverager):
         self._left_out: frozenset[str] = frozenset()  # newcomers this round leaves out (protocol.Newcomers): never taken in
         self._join_left_outs: dict[str, frozenset[str]] = {}  # follower -> the peers it leaves out (none of them is taken in)
         self._known: frozenset[str] = frozenset()  # the recent signers of this round's base line (protocol.Newcomers)
+        # newcomers kept out on a follower's word alone, in this round and in the one before (``_binding_left_out``)
+        self._word_kept_out: set[str] = set()
+        self._word_kept_out_before: frozenset[str] = frozenset()
         self._complete_for: tuple[tuple, bool] | None = None  # (followers, whether complete): ``_group_complete``'s last answer
         self._follower_taken: asyncio.Event | None = None  # set as a follower is taken, in the averager's process
         # leaders this peer follows no more this round (peer id -> why): one that held it past the start it had declared,
@@ -694,6 +697,7 @@ class FusionAverager(DecentralizedAverager):
                 if response.code == averaging_pb2.ACCEPTED:  # a follower now: whom it waits for, parsed once
                     self._join_expects[peer], self._complete_for = (request, self._expect_in(request.gather)), None
                     self._join_left_outs[peer] = theirs
+                    self._word_kept_out |= theirs - self._left_out
                     if self._follower_taken is not None:
                         self._follower_taken.set()  # the group may be complete now (``_start_when_complete``)
                 yield response
@@ -711,8 +715,19 @@ class FusionAverager(DecentralizedAverager):
         the newcomer spoiled the group (red team): so a follower's word keeps newcomers out. Not known peers: a
         follower's list is its own word, and a member that named every other known peer in it, and asked first, had
         the leader refuse them all (they formed another group: a split round, every round it joined). A known peer
-        that a follower blamed (``protocol.Blamed``) and this leader did not is taken in; that follower still joins."""
-        return frozenset(p for p in theirs if p not in self._known or p in self._left_out)
+        that a follower blamed (``protocol.Blamed``) and this leader did not is taken in; that follower still joins.
+
+        Newcomers on a follower's word alone, only where this leader's known ready peers (and itself) can form a group
+        without them, as an honest follower's own guard does: on v0, where everyone is new, a member that named every
+        other ready peer and asked first split each round (red team). And not in two rounds in a row: a member that
+        keeps a newcomer out of every round keeps it from ever signing a version, so a newcomer for ever. Past one
+        round the newcomer is taken in, and if it spoils the group this leader's own guard goes up."""
+        own = frozenset(p for p in theirs if p in self._left_out)
+        me = peer_str(self.peer_id)
+        known_ready = {me} | (self._expect & self._known if self._expect else self._known)
+        if len(known_ready) < max(2, self._matchmaking.min_group_size):
+            return own
+        return own | frozenset(p for p in theirs if p not in self._known and p not in self._word_kept_out_before and p != me)
 
     def _may_follow(self, peer: str) -> bool:
         """Whether this peer, as a leader, takes ``peer`` in: a ready peer of its round (``_expect``), or one that a
@@ -1145,6 +1160,7 @@ class FusionAverager(DecentralizedAverager):
         held_round = group_prefix.rsplit("_x", 1)[0]  # the round (base) without its redo counter
         if held_round != self._held_round:
             self._held_round, self._refused_leaders, self._let_go, self._kept_waiting = held_round, {}, {}, {}
+            self._word_kept_out_before, self._word_kept_out = frozenset(self._word_kept_out), set()
         if not getattr(mm, "_cfp2p_guarded", False):  # never follow a leader this peer caught breaking the rules
             join_leader = mm._request_join_group
 
